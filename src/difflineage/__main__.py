@@ -1,0 +1,3 @@
+from difflineage.cli import main
+
+raise SystemExit(main())

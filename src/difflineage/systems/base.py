@@ -1,0 +1,91 @@
+"""The interface every system of the lineage implements, so one trainer, one sampler command and
+one evaluator serve all of them."""
+
+from __future__ import annotations
+
+import abc
+from pathlib import Path
+from typing import Any, ClassVar, Optional, Union
+
+import torch
+import torch.nn as nn
+
+from difflineage.config import Config
+from difflineage.data import Batch, ImageDataset
+
+Condition = Union[None, int, torch.Tensor, list[str]]
+
+
+class System(nn.Module, abc.ABC):
+    """Networks + objective + sampling of one system.
+
+    ``forward(batch)`` is ``loss(batch)``, so DistributedDataParallel can wrap a system as it is.
+    Subclasses set ``name`` (the key in ``SYSTEMS``) and ``Config`` (their model dataclass).
+    """
+
+    name: ClassVar[str]
+    Config: ClassVar[type]
+
+    def __init__(self, config: Config):
+        super().__init__()
+        self.config = config
+
+    @classmethod
+    def from_config(cls, config: Config) -> "System":
+        """Build the networks (random weights) from a typed config; data fields must be resolved."""
+        return cls(config)
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return self.loss(batch)
+
+    @abc.abstractmethod
+    def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The training objective on one batch: a scalar loss and detached scalar metrics."""
+
+    @abc.abstractmethod
+    def sample(self, n: int, condition: Condition = None, generator: Optional[torch.Generator] = None,
+               **options: Any) -> torch.Tensor:
+        """Draw ``n`` images in [-1, 1], (n, C, H, W). ``condition``: class labels (an int or a
+        (n,) tensor), captions, or None (conditional systems then spread over the classes)."""
+
+    # Optional hooks -------------------------------------------------------------------------
+
+    def prepare(self, dataset: ImageDataset) -> None:
+        """Called once before training with the training data (e.g. to measure a latent scale)."""
+
+    def evaluate(self, dataset: ImageDataset, generator: Optional[torch.Generator] = None,
+                 **options: Any) -> dict[str, float]:
+        """System-specific scores on a held-out split (likelihoods, reconstruction error)."""
+        return {}
+
+    def pictures(self, dataset: ImageDataset, out_dir: Path, generator: Optional[torch.Generator] = None) -> dict[str, Path]:
+        """System-specific pictures (reconstructions, interpolations); returns name -> PNG path."""
+        return {}
+
+    # Helpers ---------------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def num_classes(self) -> int:
+        return self.config.data.num_classes or 0
+
+    def labels_for(self, n: int, condition: Condition) -> Optional[torch.Tensor]:
+        """Class labels for ``n`` samples: as given, or cycling through the classes (0, 1, ..., K-1, 0, ...),
+        so that a grid K images wide shows one class per column)."""
+        if condition is None:
+            if not self.num_classes:
+                return None
+            return (torch.arange(n) % self.num_classes).to(self.device)
+        if isinstance(condition, int):
+            condition = torch.full((n,), condition, dtype=torch.long)
+        if isinstance(condition, list):
+            raise ValueError(f"the {self.name} system is conditioned on class labels, not captions")
+        labels = torch.as_tensor(condition, dtype=torch.long).to(self.device)
+        if labels.shape != (n,):
+            raise ValueError(f"expected {n} labels, got shape {tuple(labels.shape)}")
+        if self.num_classes and (labels.min() < 0 or labels.max() >= self.num_classes):
+            raise ValueError(f"labels must lie in 0..{self.num_classes - 1}, got {labels.min().item()}..{labels.max().item()}")
+        return labels

@@ -1,0 +1,177 @@
+"""Checkpoint directories: safetensors for weights, YAML for the config, nothing pickled.
+
+    step_001000/
+      config.yaml          the full, resolved config (rebuilds the system without the training code)
+      model.safetensors    the trained weights
+      ema.safetensors      the EMA weights (what sampling uses by default)
+      training_state.pt    optimizer, step, RNG and data-order state (tensors and plain types only,
+                           read with torch.load(weights_only=True))
+      checksums.sha256     sha256sum-format digests of the four files above
+
+A checkpoint is written under ``.tmp-<name>`` and renamed when complete, so a directory named
+``step_*`` is never half-written. Loading verifies the digests and refuses, naming the file, a
+checkpoint that is truncated, corrupt or does not fit the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+import yaml
+
+from difflineage.config import Config, ConfigError, from_dict
+
+FILES = ("config.yaml", "model.safetensors", "ema.safetensors", "training_state.pt")
+CHECKSUMS = "checksums.sha256"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the file and what to do."""
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    config: Config
+    model: dict[str, torch.Tensor]
+    ema: Optional[dict[str, torch.Tensor]]
+    training_state: Optional[dict[str, Any]]
+
+    @property
+    def step(self) -> int:
+        return int(self.training_state["step"]) if self.training_state else -1
+
+
+def save_checkpoint(path: Path, config: Config, model: dict[str, torch.Tensor], ema: Optional[dict[str, torch.Tensor]],
+                    training_state: dict[str, Any]) -> Path:
+    """Write a checkpoint directory atomically (temporary name, then rename)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tmp = path.parent / f".tmp-{path.name}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    meta = {"format": "pt", "producer": "difflineage", "system": config.system, "step": str(training_state.get("step", ""))}
+    (tmp / "config.yaml").write_text(config.to_yaml())
+    save_file(_plain_tensors(model), str(tmp / "model.safetensors"), metadata=meta)
+    save_file(_plain_tensors(ema if ema is not None else model), str(tmp / "ema.safetensors"), metadata=meta)
+    torch.save(training_state, tmp / "training_state.pt")
+    (tmp / CHECKSUMS).write_text("".join(f"{_sha256(tmp / f)}  {f}\n" for f in FILES))
+    for f in tmp.iterdir():  # make the files durable before the rename publishes them
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", training_state: bool = True,
+                    verify: bool = True) -> Checkpoint:
+    """Read a checkpoint directory (or the latest checkpoint of a run directory)."""
+    from safetensors.torch import load_file
+
+    path = resolve_checkpoint(path)
+    if verify:
+        verify_checksums(path)
+    cfg_file = path / "config.yaml"
+    try:
+        raw = yaml.safe_load(cfg_file.read_text())
+        config = from_dict(raw)
+    except (OSError, yaml.YAMLError, ConfigError) as exc:
+        raise CheckpointError(f"{cfg_file} cannot be read as a difflineage config ({exc})") from None
+
+    def tensors(name: str) -> dict[str, torch.Tensor]:
+        f = path / name
+        try:
+            return load_file(str(f), device=str(map_location))
+        except Exception as exc:  # safetensors raises its own error types
+            raise CheckpointError(f"{f} is corrupt or truncated ({exc}); use another checkpoint of the run") from None
+
+    model = tensors("model.safetensors")
+    ema = tensors("ema.safetensors") if (path / "ema.safetensors").exists() else None
+    state = None
+    if training_state:
+        f = path / "training_state.pt"
+        try:
+            state = torch.load(f, map_location=map_location, weights_only=True)
+        except FileNotFoundError:
+            raise CheckpointError(f"{f} is missing; this checkpoint can be sampled from but not resumed") from None
+        except Exception as exc:
+            raise CheckpointError(f"{f} is corrupt, truncated or holds more than tensors and plain values ({exc}); "
+                                  "it is not loaded, since that would run pickled code") from None
+    return Checkpoint(path=path, config=config, model=model, ema=ema, training_state=state)
+
+
+def verify_checksums(path: Path) -> None:
+    """Compare each file with the digest written beside it; raise naming the first that differs."""
+    listing = path / CHECKSUMS
+    if not listing.exists():
+        return  # a checkpoint assembled by hand or by another tool: the loaders still check every file
+    for line in listing.read_text().splitlines():
+        digest, _, name = line.partition("  ")
+        f = path / name
+        if not f.exists():
+            if name == "training_state.pt":
+                continue  # allowed: exported checkpoints may drop the training state
+            raise CheckpointError(f"{f} is missing from the checkpoint")
+        if _sha256(f) != digest:
+            raise CheckpointError(f"{f} is corrupt: its sha256 differs from the one recorded in {listing}; "
+                                  "use another checkpoint of the run (checkpoints/step_*)")
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """Accept a checkpoint directory, or a run directory (its latest checkpoint)."""
+    path = Path(path)
+    if (path / "config.yaml").exists() and (path / "model.safetensors").exists():
+        return path
+    if (path / "checkpoints").is_dir():
+        latest = latest_checkpoint(path)
+        if latest is not None:
+            return latest
+        raise CheckpointError(f"run directory '{path}' holds no complete checkpoint yet (checkpoints/step_*)")
+    if not path.exists():
+        raise CheckpointError(f"no checkpoint at '{path}'; give a checkpoint directory (…/checkpoints/step_001000) or a run directory")
+    raise CheckpointError(f"'{path}' is not a checkpoint: it lacks config.yaml and model.safetensors")
+
+
+def latest_checkpoint(run_dir: Path) -> Optional[Path]:
+    steps = sorted((run_dir / "checkpoints").glob("step_*"))
+    return steps[-1] if steps else None
+
+
+def load_state_dict_strict(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load ``state`` into ``module``, refusing with every missing, unexpected or misshapen key named."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = sorted(f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+                    for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or shapes:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
+            if keys:
+                parts.append(f"{label} ({len(keys)}): " + ", ".join(keys[:8]) + (" ..." if len(keys) > 8 else ""))
+        raise CheckpointError(f"{source} does not fit the model: " + "; ".join(parts))
+    module.load_state_dict(state, strict=True)
+
+
+def _plain_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # safetensors refuses tensors that share memory; a copy per tensor keeps every file self-contained.
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

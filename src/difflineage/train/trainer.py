@@ -1,0 +1,340 @@
+"""One trainer for every system: AdamW, clipping, EMA, bf16 autocast, checkpoints, exact resume,
+and torchrun DistributedDataParallel.
+
+The same code runs alone or under ``torchrun --nproc_per_node N``: each process takes
+``batch_size / N`` images of every global batch through a DistributedSampler, DDP averages the
+gradients, and rank 0 logs, draws and writes checkpoints. A global batch is the same set of images
+whatever N is, so N processes follow the single-process run (up to the order of floating-point sums).
+
+Run directory::
+
+    config.yaml  metrics.jsonl  loss.png  samples.png  samples/step_*.png  checkpoints/step_*/
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.utils.data import DistributedSampler
+from tqdm.auto import tqdm
+
+from difflineage.config import Config, ConfigError
+from difflineage.data import ImageDataset, load_dataset
+from difflineage.images import save_grid
+from difflineage.systems import SYSTEMS, System
+from difflineage.train.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    load_state_dict_strict,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from difflineage.train.distributed import DistInfo, all_gather_objects, barrier, cleanup, init_distributed
+from difflineage.train.plots import plot_metrics
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient stopped being a finite number."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    status: str  # "finished", "interrupted" (signal) or "stopped" (stop_at reached)
+    checkpoint: Optional[Path]
+    samples: Optional[Path]
+
+
+def resolve_data(config: Config, dataset: ImageDataset) -> Config:
+    """Fill the data fields that come from the files (channels, number of classes) into the config,
+    so that the checkpoint can rebuild the system without the data."""
+    data = config.data
+    channels = dataset.shape[0]
+    if data.num_classes is not None and dataset.num_classes is not None and data.num_classes < dataset.num_classes:
+        raise ConfigError(f"data.num_classes={data.num_classes} but {data.source} has {dataset.num_classes} classes; "
+                          f"set data.num_classes={dataset.num_classes} or leave it null")
+    return replace(config, data=replace(data, channels=channels,
+                                        num_classes=data.num_classes if data.num_classes is not None else dataset.num_classes))
+
+
+def build_system(config: Config) -> System:
+    return SYSTEMS[config.system].from_config(config)
+
+
+def lr_at(step: int, cfg) -> float:
+    """Learning rate for optimizer step ``step`` (0-based): linear warm-up, then constant or cosine."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "cosine":
+        span = max(1, cfg.steps - cfg.warmup_steps)
+        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - cfg.warmup_steps) / span)))
+    return cfg.lr
+
+
+class Trainer:
+    """Train ``config`` into ``run_dir``; ``resume`` is True (latest checkpoint of run_dir) or a path."""
+
+    def __init__(self, config: Optional[Config], run_dir: str | Path, resume: bool | str | Path | None = None,
+                 stop_at: Optional[int] = None, progress: bool = True):
+        self.run_dir = Path(run_dir)
+        self.progress = progress
+        self.stop_at = stop_at
+        self.resume_from: Optional[Path] = None
+        if resume:
+            self.resume_from = resolve_checkpoint(self.run_dir if resume is True else resume)
+        if config is None and self.resume_from is None:
+            raise ConfigError("give a config to train, or --resume a checkpoint")
+        self.config = config
+        self._stop_signal: Optional[str] = None
+
+    # ------------------------------------------------------------------------------------------
+    def fit(self) -> TrainResult:
+        info = init_distributed(self.config.train.device if self.config else "auto")
+        old_handlers = self._install_signal_handlers()
+        try:
+            return self._fit(info)
+        finally:
+            for sig, handler in old_handlers.items():
+                signal.signal(sig, handler)
+            cleanup(info)
+
+    def _fit(self, info: DistInfo) -> TrainResult:
+        ckpt = load_checkpoint(self.resume_from, map_location="cpu") if self.resume_from else None
+        config = self.config or ckpt.config
+        if ckpt is not None and self.config is not None:
+            _check_same_model(self.config, ckpt.config, self.resume_from)
+        tc = config.train
+        if tc.batch_size % info.world_size:
+            raise ConfigError(f"train.batch_size={tc.batch_size} does not split over {info.world_size} processes; "
+                              f"use a multiple of {info.world_size}")
+        per_rank = tc.batch_size // info.world_size
+
+        dataset = load_dataset(config.data, "train")
+        config = resolve_data(config, dataset)
+        if len(dataset) < tc.batch_size:
+            raise ConfigError(f"train.batch_size={tc.batch_size} exceeds the {len(dataset)} training images of "
+                              f"{config.data.source}; lower train.batch_size")
+        device = info.device
+        torch.manual_seed(tc.seed)  # the same initial weights on every rank
+        system = build_system(config).to(device)
+        system.prepare(dataset)
+        params = [p for p in system.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
+        ema = AveragedModel(system, multi_avg_fn=get_ema_multi_avg_fn(tc.ema_decay), use_buffers=True)
+
+        sampler = DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True,
+                                     seed=tc.seed, drop_last=True)
+        batches_per_epoch = len(sampler) // per_rank
+        step, epoch, position = 0, 0, 0
+        torch.manual_seed(tc.seed + 1 + info.rank)  # the noise each process draws during training
+        if ckpt is not None:
+            load_state_dict_strict(system, ckpt.model, f"{ckpt.path}/model.safetensors")
+            load_state_dict_strict(ema.module, ckpt.ema, f"{ckpt.path}/ema.safetensors")
+            st = ckpt.training_state
+            ema.n_averaged.fill_(int(st["ema_n_averaged"]))
+            opt.load_state_dict(st["optimizer"])
+            step, epoch, position = int(st["step"]), int(st["epoch"]), int(st["position"])
+            rng = st["rng"]
+            if len(rng) == info.world_size:
+                _set_rng(rng[info.rank], device)
+            elif info.is_main:
+                print(f"note: resuming a {len(rng)}-process run with {info.world_size} processes; "
+                      "random streams restart, so the continuation is not bit-exact")
+        model = system
+        if info.enabled:
+            model = DistributedDataParallel(system, device_ids=[device.index] if device.type == "cuda" else None,
+                                            find_unused_parameters=tc.find_unused_parameters)
+
+        if info.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(config.to_yaml())
+            _truncate_metrics(self.run_dir / "metrics.jsonl", step)
+        run = _RunState(info=info, config=config, system=system, ema=ema, opt=opt, run_dir=self.run_dir)
+
+        order: list[int] = []
+        sampler.set_epoch(epoch)
+        order = list(sampler)
+        bar = tqdm(total=tc.steps, initial=step, desc=f"train {config.system}", disable=not (self.progress and info.is_main),
+                   dynamic_ncols=True)
+        window: dict[str, float] = {}
+        window_steps, window_start = 0, time.perf_counter()
+        last_ckpt = latest_checkpoint(self.run_dir) if (self.run_dir / "checkpoints").is_dir() else None
+        status = "finished"
+        try:
+            while step < tc.steps:
+                if position >= batches_per_epoch:
+                    epoch, position = epoch + 1, 0
+                    sampler.set_epoch(epoch)
+                    order = list(sampler)
+                idx = order[position * per_rank : (position + 1) * per_rank]
+                batch = dataset.batch(idx, device)
+
+                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=tc.bf16):
+                    loss, metrics = model(batch)
+                # One small all-reduce per step: the mean loss, and whether any process saw a non-finite
+                # loss or was asked to stop, so that every process takes the same branch.
+                flags = torch.tensor([loss.detach().float().item(), 0.0 if torch.isfinite(loss).item() else 1.0,
+                                      1.0 if self._stop_signal else 0.0], device=device)
+                if info.enabled:
+                    dist.all_reduce(flags)
+                mean_loss, nonfinite, stop = flags[0].item() / info.world_size, flags[1].item(), flags[2].item()
+                if nonfinite:
+                    raise TrainingDiverged(_diverged_message("loss", step + 1, mean_loss, last_ckpt))
+
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else float("inf"))
+                if not torch.isfinite(grad_norm):
+                    raise TrainingDiverged(_diverged_message("gradient norm", step + 1, grad_norm.item(), last_ckpt))
+                lr = lr_at(step, tc)
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                opt.step()
+                ema.update_parameters(system)
+                step, position = step + 1, position + 1
+
+                window["loss"] = window.get("loss", 0.0) + mean_loss
+                window["grad_norm"] = window.get("grad_norm", 0.0) + grad_norm.item()
+                for k, v in metrics.items():
+                    window[k] = window.get(k, 0.0) + float(v)
+                window_steps += 1
+                bar.update(1)
+                if info.is_main and (step % tc.log_every == 0 or step == tc.steps):
+                    elapsed = time.perf_counter() - window_start
+                    row = {"step": step, "epoch": epoch, "lr": lr,
+                           **{k: v / window_steps for k, v in window.items()},
+                           "images_per_s": window_steps * tc.batch_size / max(elapsed, 1e-9)}
+                    with open(self.run_dir / "metrics.jsonl", "a") as fh:
+                        fh.write(json.dumps(row) + "\n")
+                    bar.set_postfix(loss=f"{row['loss']:.4g}", img_s=f"{row['images_per_s']:.0f}")
+                    window, window_steps, window_start = {}, 0, time.perf_counter()
+
+                done = step == tc.steps
+                if tc.sample_every and step % tc.sample_every == 0 or done:
+                    run.draw(step)
+                if stop or (self.stop_at is not None and step >= self.stop_at):
+                    status = "interrupted" if stop else "stopped"
+                    last_ckpt = run.checkpoint(step, epoch, position)
+                    if info.is_main:
+                        bar.write(f"{status} at step {step}; checkpoint saved to {last_ckpt}. "
+                                  f"Continue with: difflineage train --resume {self.run_dir}")
+                    break
+                if (tc.checkpoint_every and step % tc.checkpoint_every == 0) or done:
+                    last_ckpt = run.checkpoint(step, epoch, position)
+        finally:
+            bar.close()
+        samples = self.run_dir / "samples.png"
+        return TrainResult(run_dir=self.run_dir, step=step, status=status, checkpoint=last_ckpt,
+                           samples=samples if samples.exists() else None)
+
+    # ------------------------------------------------------------------------------------------
+    def _install_signal_handlers(self) -> dict:
+        """SIGINT / SIGTERM: finish the current step, write a checkpoint, stop. A second signal stops at once."""
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def handler(signum, frame):
+            if self._stop_signal is not None:
+                raise KeyboardInterrupt
+            self._stop_signal = signal.Signals(signum).name
+
+        old = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            old[sig] = signal.getsignal(sig)
+            signal.signal(sig, handler)
+        return old
+
+
+@dataclass
+class _RunState:
+    """What checkpointing and drawing need, gathered in one place."""
+
+    info: DistInfo
+    config: Config
+    system: System
+    ema: AveragedModel
+    opt: torch.optim.Optimizer
+    run_dir: Path
+
+    def checkpoint(self, step: int, epoch: int, position: int) -> Path:
+        rng = all_gather_objects(_get_rng(self.info.device), self.info)  # every process's random state
+        path = self.run_dir / "checkpoints" / f"step_{step:07d}"
+        if self.info.is_main:
+            state = {"step": step, "epoch": epoch, "position": position, "world_size": self.info.world_size,
+                     "ema_n_averaged": int(self.ema.n_averaged.item()), "optimizer": self.opt.state_dict(), "rng": rng}
+            save_checkpoint(path, self.config, self.system.state_dict(), self.ema.module.state_dict(), state)
+            keep = self.config.train.keep_checkpoints
+            if keep:
+                for old in sorted((self.run_dir / "checkpoints").glob("step_*"))[:-keep]:
+                    import shutil
+
+                    shutil.rmtree(old)
+        barrier(self.info)
+        return path
+
+    def draw(self, step: int) -> None:
+        """Sample grid from the EMA weights (a fixed seed, so grids of different steps compare) and loss curve."""
+        if not self.info.is_main:
+            return
+        tc = self.config.train
+        model = self.ema.module
+        was_training = model.training
+        model.eval()
+        k = model.num_classes
+        n = tc.sample_n if not k else max(k, round(tc.sample_n / k) * k)
+        cond = (torch.arange(n) % k) if k else None
+        images = model.sample(n, condition=cond, generator=torch.Generator().manual_seed(tc.seed))
+        model.train(was_training)
+        grid = save_grid(images, self.run_dir / "samples" / f"step_{step:07d}.png", nrow=k or None, scale=2)
+        (self.run_dir / "samples.png").write_bytes(grid.read_bytes())
+        plot_metrics(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png", title=f"{self.config.system} training")
+
+
+def _get_rng(device: torch.device) -> dict[str, Any]:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"].cpu())
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """On resume, forget the lines written after the checkpoint, so the log matches the weights."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def _check_same_model(new: Config, old: Config, where: Path) -> None:
+    for section in ("system", "model"):
+        a, b = getattr(new, section), getattr(old, section)
+        if a != b:
+            raise ConfigError(f"the config's {section} differs from the checkpoint's ({where}/config.yaml): "
+                              f"{a} vs {b}; resume with the checkpoint's config (omit CONFIG) or start a new run")
+    if new.data.source != old.data.source or new.data.image_size != old.data.image_size:
+        raise ConfigError(f"the config's data differs from the checkpoint's ({where}/config.yaml); resume with the same data")
+
+
+def _diverged_message(what: str, step: int, value: float, last: Optional[Path]) -> str:
+    where = f"the last good checkpoint, {last}, is intact" if last else "no checkpoint had been written yet"
+    return (f"{what} became {value} at step {step}; training stopped and nothing was saved for this step: {where}. "
+            "Lower train.lr, keep train.grad_clip on (e.g. 1.0) or turn off train.bf16, then resume with --resume.")
