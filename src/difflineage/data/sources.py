@@ -171,7 +171,7 @@ def _pil_to_array(im, channels: Optional[int]) -> np.ndarray:
         im = im.convert("RGBA" if "A" in im.mode else "RGB") if im.mode != "P" else im.convert("RGB")
         if im.mode == "RGBA":
             im = im.convert("RGB")
-    a = np.asarray(im, dtype=np.uint8)
+    a = np.array(im, dtype=np.uint8)  # a writable copy
     return a[None] if a.ndim == 2 else a.transpose(2, 0, 1).copy()
 
 

@@ -69,8 +69,14 @@ class System(nn.Module, abc.ABC):
         return next(self.parameters()).device
 
     @property
+    def uses_labels(self) -> bool:
+        """Whether the networks are conditioned on class labels (systems override this)."""
+        return bool(self.config.data.num_classes)
+
+    @property
     def num_classes(self) -> int:
-        return self.config.data.num_classes or 0
+        """Classes a sample can be asked for: 0 for an unconditional system."""
+        return (self.config.data.num_classes or 0) if self.uses_labels else 0
 
     def labels_for(self, n: int, condition: Condition) -> Optional[torch.Tensor]:
         """Class labels for ``n`` samples: as given, or cycling through the classes (0, 1, ..., K-1, 0, ...),

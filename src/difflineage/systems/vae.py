@@ -42,6 +42,10 @@ class VAESystem(System):
         self.vae = VAE(config.model, image_channels=d.channels or 1, image_size=d.image_size, num_classes=d.num_classes)
         self.dims = (d.channels or 1) * d.image_size**2
 
+    @property
+    def uses_labels(self) -> bool:
+        return self.config.model.conditional
+
     # -- the likelihood terms -------------------------------------------------------------------
 
     def observe(self, image: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:

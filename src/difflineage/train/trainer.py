@@ -161,6 +161,7 @@ class Trainer:
             (self.run_dir / "config.yaml").write_text(config.to_yaml())
             _truncate_metrics(self.run_dir / "metrics.jsonl", step)
         run = _RunState(info=info, config=config, system=system, ema=ema, opt=opt, run_dir=self.run_dir)
+        self.system, self.ema, self.optimizer, self.config = system, ema, opt, config  # for callers and tests
 
         order: list[int] = []
         sampler.set_epoch(epoch)

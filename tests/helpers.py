@@ -1,0 +1,90 @@
+"""Tiny systems and configs shared by the tests (importable from subprocess workers too)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from difflineage.config import from_dict
+from difflineage.systems import SYSTEMS, System
+
+
+@dataclass
+class TinyConfig:
+    """A deterministic denoiser: with no random draws in its loss, N processes must follow 1 exactly."""
+
+    hidden: int = 8
+    nan_at_call: int = 0  # from this call of loss() on, the loss is NaN (0: never)
+
+
+class TinyRegression(System):
+    name = "tiny"
+    Config = TinyConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        c = config.data.channels or 1
+        self.net = nn.Sequential(nn.Conv2d(c, config.model.hidden, 3, padding=1), nn.SiLU(),
+                                 nn.Conv2d(config.model.hidden, c, 3, padding=1))
+        self.calls = 0
+
+    def loss(self, batch):
+        self.calls += 1
+        x = batch["image"]
+        target = torch.roll(x, shifts=1, dims=-1)
+        loss = F.mse_loss(self.net(x).float(), target)
+        if self.config.model.nan_at_call and self.calls >= self.config.model.nan_at_call:
+            loss = loss * float("nan")
+        return loss, {"mse": loss.detach()}
+
+    @torch.no_grad()
+    def sample(self, n, condition=None, generator=None, **options):
+        c, s = self.config.data.channels or 1, self.config.data.image_size
+        noise = torch.rand(n, c, s, s, generator=generator).to(self.device) * 2 - 1
+        return self.net(noise).clamp(-1, 1)
+
+
+def register() -> None:
+    SYSTEMS.setdefault(TinyRegression.name, TinyRegression)
+
+
+def tiny_vae_dict(**train) -> dict:
+    """A VAE small enough to train a few steps in well under a second, on scikit-learn's 8x8 digits."""
+    return {
+        "system": "vae",
+        "data": {"source": "digits", "image_size": 8, "channels": 1},
+        "model": {"latent_dim": 4, "channels": [8], "hidden": 32},
+        "train": {"steps": 8, "batch_size": 16, "lr": 1e-3, "log_every": 2, "sample_every": 0,
+                  "checkpoint_every": 0, "sample_n": 10, "ema_decay": 0.9, **train},
+    }
+
+
+def tiny_vae(**train):
+    return from_dict(tiny_vae_dict(**train))
+
+
+def tiny_regression_dict(**train) -> dict:
+    register()
+    return {
+        "system": "tiny",
+        "data": {"source": "digits", "image_size": 8, "channels": 1},
+        "model": {"hidden": 8},
+        "train": {"steps": 6, "batch_size": 32, "lr": 1e-2, "log_every": 1, "sample_every": 0,
+                  "checkpoint_every": 0, "sample_n": 4, "ema_decay": 0.9, **train},
+    }
+
+
+def state_equal(a: dict, b: dict, atol: float = 0.0) -> list[str]:
+    """Names of the tensors that differ (beyond atol) between two state dicts; [] when all match."""
+    assert a.keys() == b.keys(), (sorted(set(a) ^ set(b)))
+    bad = []
+    for k in a:
+        if atol == 0.0:
+            if not torch.equal(a[k], b[k]):
+                bad.append(k)
+        elif not torch.allclose(a[k].float(), b[k].float(), atol=atol, rtol=0):
+            bad.append(k)
+    return bad

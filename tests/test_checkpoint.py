@@ -1,0 +1,93 @@
+import pytest
+import torch
+
+import difflineage
+from difflineage.train import CheckpointError, Trainer, load_checkpoint, load_state_dict_strict
+from helpers import state_equal, tiny_vae
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    run = tmp_path_factory.mktemp("run")
+    Trainer(tiny_vae(steps=4, checkpoint_every=2), run, progress=False).fit()
+    return run
+
+
+def test_checkpoint_directory_layout(trained):
+    ckpts = sorted((trained / "checkpoints").glob("step_*"))
+    assert [c.name for c in ckpts] == ["step_0000002", "step_0000004"]
+    files = sorted(p.name for p in ckpts[-1].iterdir())
+    assert files == ["checksums.sha256", "config.yaml", "ema.safetensors", "model.safetensors", "training_state.pt"]
+    assert not list((trained / "checkpoints").glob(".tmp-*"))
+    for name in ("metrics.jsonl", "loss.png", "samples.png", "config.yaml"):
+        assert (trained / name).exists(), name
+
+
+def test_round_trip_rebuilds_the_same_system(trained):
+    ckpt = load_checkpoint(trained)  # a run directory resolves to its latest checkpoint
+    assert ckpt.path.name == "step_0000004" and ckpt.step == 4
+    system = difflineage.load(trained)
+    assert state_equal(system.state_dict(), ckpt.ema) == []
+    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    again = difflineage.load(ckpt.path)
+    assert torch.equal(system.sample(4, generator=g()), again.sample(4, generator=g()))
+    raw = difflineage.load(ckpt.path, use_ema=False)
+    assert state_equal(raw.state_dict(), ckpt.model) == []
+    assert state_equal(raw.state_dict(), system.state_dict()) != []  # EMA differs from the raw weights
+
+
+def _copy(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_corrupt_file_is_refused_by_name(trained, tmp_path):
+    ck = _copy(trained / "checkpoints" / "step_0000004", tmp_path / "ck")
+    f = ck / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-5] ^= 0xFF  # one flipped byte inside a weight
+    f.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=f"{f} is corrupt"):
+        difflineage.load(ck)
+
+
+def test_truncated_file_is_refused_by_name_even_without_checksums(trained, tmp_path):
+    ck = _copy(trained / "checkpoints" / "step_0000004", tmp_path / "ck")
+    (ck / "checksums.sha256").unlink()
+    f = ck / "ema.safetensors"
+    f.write_bytes(f.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=f"{f} is corrupt or truncated"):
+        difflineage.load(ck)
+
+
+def test_training_state_never_unpickles_code(trained, tmp_path):
+    ck = _copy(trained / "checkpoints" / "step_0000004", tmp_path / "ck")
+    (ck / "checksums.sha256").unlink()
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pickled code ran",))
+
+    torch.save({"step": 1, "payload": Evil()}, ck / "training_state.pt")
+    with pytest.raises(CheckpointError, match="training_state.pt is corrupt, truncated or holds more than tensors"):
+        load_checkpoint(ck)
+
+
+def test_strict_loading_names_every_problem():
+    net = torch.nn.Linear(3, 2)
+    bad = {"weight": torch.zeros(2, 4), "extra.bias": torch.zeros(1)}
+    with pytest.raises(CheckpointError) as err:
+        load_state_dict_strict(net, bad, "other.safetensors")
+    msg = str(err.value)
+    assert "missing (1): bias" in msg and "unexpected (1): extra.bias" in msg
+    assert "weight: file (2, 4) vs model (2, 3)" in msg
+
+
+def test_missing_checkpoint_message(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint at"):
+        difflineage.load(tmp_path / "nothing")
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(CheckpointError, match="holds no complete checkpoint yet"):
+        difflineage.load(tmp_path / "run")

@@ -1,0 +1,136 @@
+import gzip
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from difflineage.config import DataConfig
+from difflineage.data import DataError, load_dataset
+
+
+def test_mnist5k_fixed_split_from_the_installed_package():
+    train = load_dataset(DataConfig(source="mnist5k", image_size=28), "train")
+    held = load_dataset(DataConfig(source="mnist5k", image_size=28), "heldout")
+    assert len(train) == 4500 and len(held) == 500
+    assert torch.bincount(train.labels).tolist() == [450] * 10
+    assert torch.bincount(held.labels).tolist() == [50] * 10
+    # The two splits share no image, and the split is the same every time.
+    tr = {bytes(x.numpy()) for x in train.images}
+    assert not any(bytes(x.numpy()) in tr for x in held.images)
+    again = load_dataset(DataConfig(source="mnist5k", image_size=28), "heldout")
+    assert torch.equal(again.images, held.images)
+
+
+def test_mnist5k_pad_and_resize_to_32():
+    native = load_dataset(DataConfig(source="mnist5k", image_size=28), "heldout")
+    padded = load_dataset(DataConfig(source="mnist5k", image_size=32, resize="pad"), "heldout")
+    resized = load_dataset(DataConfig(source="mnist5k", image_size=32, resize="resize"), "heldout")
+    assert padded.shape == resized.shape == (1, 32, 32)
+    assert torch.equal(padded.images[:, :, 2:30, 2:30], native.images)  # centred, 2-pixel zero border
+    assert padded.images[:, :, :2].sum() == 0
+    assert not torch.equal(resized.images, padded.images)
+
+
+def test_batch_layout_and_captions():
+    ds = load_dataset(DataConfig(source="mnist5k", image_size=32), "heldout")
+    b = ds.batch([0, 499])
+    assert b["image"].shape == (2, 1, 32, 32) and b["image"].dtype == torch.float32
+    assert b["image"].min() >= -1 and b["image"].max() <= 1 and b["image"].min() == -1
+    assert b["label"].dtype == torch.long and b["label"].tolist() == [0, 9]
+    assert b["caption"] == ["a handwritten digit zero", "a handwritten digit nine"]
+
+
+def test_digits():
+    ds = load_dataset(DataConfig(source="digits", image_size=8), "train")
+    held = load_dataset(DataConfig(source="digits", image_size=8), "heldout")
+    assert len(ds) + len(held) == 1797 and ds.shape == (1, 8, 8)
+    assert ds.images.max() == 255 and ds.num_classes == 10
+
+
+def _png(path, mode="L", size=(12, 10), value=128):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, value if mode == "L" else (value, 0, 0)).save(path)
+
+
+def test_folder_with_classes_and_captions(tmp_path):
+    for cls in ("cat", "dog"):
+        for i in range(10):
+            _png(tmp_path / cls / f"{i}.png", value=50 if cls == "cat" else 200)
+    rows = [{"file": f"{c}/{i}.png", "caption": f"{c} number {i}"} for c in ("cat", "dog") for i in range(10)]
+    (tmp_path / "captions.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    cfg = DataConfig(source=f"folder:{tmp_path}", image_size=8, channels=None)
+    train, held = load_dataset(cfg, "train"), load_dataset(cfg, "heldout")
+    assert len(train) == 18 and len(held) == 2
+    assert train.class_names == ("cat", "dog") and train.shape == (1, 8, 8)
+    assert held.captions == ["cat number 9", "dog number 9"]
+    assert held.labels.tolist() == [0, 1]
+    assert held.images[0].float().mean() == pytest.approx(50, abs=1) and held.images[1].float().mean() == pytest.approx(200, abs=1)
+
+
+def test_flat_folder_is_unlabelled_and_rgb_kept(tmp_path):
+    for i in range(10):
+        _png(tmp_path / f"{i}.jpg", mode="RGB")
+    ds = load_dataset(DataConfig(source=f"folder:{tmp_path}", image_size=6, channels=None), "train")
+    assert ds.labels is None and ds.captions is None and ds.shape == (3, 6, 6)
+    assert ds.batch([0])["label"] is None
+
+
+def test_folder_errors_name_the_path_and_the_fix(tmp_path):
+    with pytest.raises(DataError, match=f"'{tmp_path / 'missing'}' does not exist"):
+        load_dataset(DataConfig(source=f"folder:{tmp_path / 'missing'}"), "train")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="has no images.*png"):
+        load_dataset(DataConfig(source=f"folder:{tmp_path / 'empty'}"), "train")
+
+
+def test_unreadable_files_are_listed_not_dropped(tmp_path):
+    for i in range(10):
+        _png(tmp_path / f"{i}.png")
+    (tmp_path / "3.png").write_bytes(b"not a png at all")
+    (tmp_path / "5.png").write_bytes(b"")
+    with pytest.raises(DataError) as err:
+        load_dataset(DataConfig(source=f"folder:{tmp_path}", image_size=8), "train")
+    msg = str(err.value)
+    assert "2 file(s)" in msg and str(tmp_path / "3.png") in msg and str(tmp_path / "5.png") in msg
+
+
+def test_mixed_channels_error_and_fix(tmp_path):
+    for i in range(10):
+        _png(tmp_path / f"{i}.png", mode="L" if i % 2 else "RGB")
+    with pytest.raises(DataError, match="mixes channel counts.*data.channels=1"):
+        load_dataset(DataConfig(source=f"folder:{tmp_path}", image_size=8, channels=None), "train")
+    ds = load_dataset(DataConfig(source=f"folder:{tmp_path}", image_size=8, channels=1), "train")
+    assert ds.shape == (1, 8, 8)
+
+
+def _idx(path, array, gz):
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    data = header + array.astype(np.uint8).tobytes()
+    path.write_bytes(gzip.compress(data) if gz else data)
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_mnist_idx(tmp_path, gz):
+    rng = np.random.default_rng(0)
+    suffix = ".gz" if gz else ""
+    for prefix, n in (("train", 12), ("t10k", 5)):
+        _idx(tmp_path / f"{prefix}-images-idx3-ubyte{suffix}", rng.integers(0, 256, (n, 28, 28)), gz)
+        _idx(tmp_path / f"{prefix}-labels-idx1-ubyte{suffix}", rng.integers(0, 10, (n,)), gz)
+    cfg = DataConfig(source=f"mnist-idx:{tmp_path}", image_size=28)
+    train, held = load_dataset(cfg, "train"), load_dataset(cfg, "heldout")
+    assert len(train) == 12 and len(held) == 5 and train.shape == (1, 28, 28)
+    raw = np.frombuffer((gzip.decompress if gz else bytes)((tmp_path / f"t10k-images-idx3-ubyte{suffix}").read_bytes())[16:], np.uint8)
+    assert torch.equal(held.images.flatten(), torch.from_numpy(raw.copy()))
+
+
+def test_mnist_idx_errors(tmp_path):
+    with pytest.raises(DataError, match="has no train-images-idx file"):
+        load_dataset(DataConfig(source=f"mnist-idx:{tmp_path}"), "train")
+    _idx(tmp_path / "train-images-idx3-ubyte", np.zeros((4, 28, 28)), False)
+    _idx(tmp_path / "train-labels-idx1-ubyte", np.zeros((4,)), False)
+    f = tmp_path / "train-images-idx3-ubyte"
+    f.write_bytes(f.read_bytes()[:-10])
+    with pytest.raises(DataError, match=f"'{f}' is truncated"):
+        load_dataset(DataConfig(source=f"mnist-idx:{tmp_path}"), "train")

@@ -1,0 +1,116 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from difflineage.config import ConfigError, from_dict
+from difflineage.train import Trainer, TrainingDiverged, load_checkpoint, lr_at
+from helpers import state_equal, tiny_regression_dict, tiny_vae, tiny_vae_dict
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_resume_continues_exactly(tmp_path):
+    """K steps, stop, resume to 2K == 2K straight through: weights, EMA, optimizer moments and the log.
+    The VAE's loss draws random noise and random binarisations, and the schedule is cosine with
+    warm-up, so the RNG, data-order, EMA and optimizer state all have to come back exactly."""
+    cfg = tiny_vae(steps=12, warmup_steps=3, lr_schedule="cosine", log_every=1)
+    straight = Trainer(cfg, tmp_path / "a", progress=False)
+    straight.fit()
+    first = Trainer(cfg, tmp_path / "b", stop_at=6, progress=False).fit()
+    assert first.status == "stopped" and first.step == 6
+    resumed = Trainer(None, tmp_path / "b", resume=True, progress=False)
+    result = resumed.fit()
+    assert result.status == "finished" and result.step == 12
+    assert state_equal(straight.system.state_dict(), resumed.system.state_dict()) == []
+    assert state_equal(straight.ema.module.state_dict(), resumed.ema.module.state_dict()) == []
+    a, b = straight.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
+    assert all(torch.equal(a[i]["exp_avg_sq"], b[i]["exp_avg_sq"]) for i in a)
+    log = lambda d: [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert [r["loss"] for r in log(tmp_path / "a")] == [r["loss"] for r in log(tmp_path / "b")]
+
+
+def test_signal_saves_a_checkpoint_and_resume_is_exact(tmp_path):
+    """SIGTERM mid-run: the process writes a checkpoint and exits 130; resuming reaches the same
+    weights as an uninterrupted run."""
+    d = tiny_vae_dict(steps=3000, log_every=1, batch_size=32)
+    d["model"]["hidden"] = 256
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(yaml.safe_dump(d))
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # same float sums as this process
+    proc = subprocess.Popen([sys.executable, "-m", "difflineage", "train", str(cfg_file), "--out", str(run), "--no-progress"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out
+    ckpt = load_checkpoint(run)
+    stopped_at = ckpt.step
+    assert 3 <= stopped_at < 3000, out
+    assert "Continue with: difflineage train --resume" in out
+
+    total = stopped_at + 20
+    cfg = from_dict(d, [f"train.steps={total}"])
+    resumed = Trainer(cfg, run, resume=True, progress=False)
+    resumed.fit()
+    straight = Trainer(cfg, tmp_path / "straight", progress=False)
+    straight.fit()
+    assert state_equal(straight.system.state_dict(), resumed.system.state_dict()) == []
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    cfg = from_dict(tiny_regression_dict(steps=10, checkpoint_every=2), ["model.nan_at_call=6"])
+    with pytest.raises(TrainingDiverged) as err:
+        Trainer(cfg, tmp_path, progress=False).fit()
+    msg = str(err.value)
+    assert "loss became nan at step 6" in msg and "step_0000004" in msg and "is intact" in msg
+    ckpt = load_checkpoint(tmp_path)  # still loads, checksums and all
+    assert ckpt.step == 4
+    assert not (tmp_path / "checkpoints" / "step_0000006").exists()
+
+
+def test_cli_reports_divergence_with_status_1(tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(yaml.safe_dump(tiny_vae_dict(lr=1e30, steps=50)))
+    proc = subprocess.run([sys.executable, "-m", "difflineage", "train", str(cfg_file), "--out", str(tmp_path / "r"),
+                           "--no-progress", "--set", "train.grad_clip=0"], capture_output=True, text=True)
+    assert proc.returncode == 1 and "became" in proc.stderr and "Lower train.lr" in proc.stderr
+
+
+def test_resume_refuses_a_different_model(tmp_path):
+    Trainer(tiny_vae(steps=2), tmp_path, progress=False).fit()
+    other = from_dict(tiny_vae_dict(steps=4), ["model.latent_dim=5"])
+    with pytest.raises(ConfigError, match="model differs from the checkpoint's"):
+        Trainer(other, tmp_path, resume=True, progress=False).fit()
+
+
+def test_batch_larger_than_data_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="exceeds the .* training images"):
+        Trainer(tiny_vae(batch_size=5000), tmp_path, progress=False).fit()
+
+
+def test_lr_schedule():
+    cfg = tiny_vae(steps=10, warmup_steps=2, lr_schedule="cosine", lr=1.0).train
+    assert lr_at(0, cfg) == pytest.approx(0.5) and lr_at(1, cfg) == pytest.approx(1.0)
+    assert lr_at(2, cfg) == pytest.approx(1.0) and lr_at(6, cfg) == pytest.approx(0.5) and lr_at(10, cfg) == pytest.approx(0.0)
+
+
+def test_bf16_autocast_trains_and_stays_close_to_fp32(tmp_path):
+    a = Trainer(tiny_vae(steps=4), tmp_path / "fp32", progress=False)
+    a.fit()
+    b = Trainer(tiny_vae(steps=4, bf16=True), tmp_path / "bf16", progress=False)
+    b.fit()
+    la = [json.loads(x)["loss"] for x in (tmp_path / "fp32" / "metrics.jsonl").read_text().splitlines()]
+    lb = [json.loads(x)["loss"] for x in (tmp_path / "bf16" / "metrics.jsonl").read_text().splitlines()]
+    assert all(abs(x - y) / x < 0.02 for x, y in zip(la, lb)), (la, lb)
