@@ -19,7 +19,9 @@ def plot_metrics(metrics_file: Path, out: Path, title: str = "training", keys: t
     import matplotlib.pyplot as plt
 
     skip = {"step", "epoch", "lr", "loss", "images_per_s", "grad_norm"}
-    extra = list(keys) or [k for k in rows[-1] if k not in skip][:3]
+    loss = [r.get("loss") for r in rows]
+    # Extra panels: the system's own metrics, leaving out any that repeat the loss (the VAE's -ELBO).
+    extra = list(keys) or [k for k in rows[-1] if k not in skip and [r.get(k) for r in rows] != loss][:3]
     panels = ["loss", *extra]
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3), squeeze=False)
     steps = [r["step"] for r in rows]
