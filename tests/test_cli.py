@@ -36,6 +36,11 @@ def test_sample_writes_grid_and_adm_npz(run, tmp_path, capsys):
     assert arr.shape == (6, 8, 8, 1) and arr.dtype == np.uint8
 
 
+def test_sample_writes_the_systems_pictures(run, tmp_path):
+    assert main(["sample", str(run), "--n", "4", "--out", str(tmp_path / "g.png"), "--pictures", str(tmp_path / "pics")]) == 0
+    assert (tmp_path / "pics" / "reconstructions.png").exists() and (tmp_path / "pics" / "interpolations.png").exists()
+
+
 def test_sample_label_on_unconditional_checkpoint_is_refused(run, tmp_path, capsys):
     assert main(["sample", str(run), "--label", "3", "--out", str(tmp_path / "g.png")]) == 2
     assert "unconditional" in capsys.readouterr().err

@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     s.add_argument("--temperature", type=float, default=None, help="scale of the prior noise (systems that support it)")
     s.add_argument("--no-ema", action="store_true", help="sample from the raw weights instead of the EMA")
+    s.add_argument("--pictures", type=Path, default=None, metavar="DIR",
+                   help="also write the system's own pictures into DIR (VAE: reconstructions of held-out images, "
+                        "interpolations, and the latent manifold when the latent is 2-D)")
     s.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     s.set_defaults(func=cmd_sample)
 
@@ -179,6 +182,9 @@ def cmd_sample(args) -> int:
         args.npz.parent.mkdir(parents=True, exist_ok=True)
         np.savez(args.npz, arr_0=to_uint8(images))
         print(f"wrote {args.npz} (arr_0: uint8 {args.n} x H x W x C)")
+    if args.pictures:
+        for name, p in system.pictures(_heldout(system), args.pictures, torch.Generator().manual_seed(args.seed)).items():
+            print(f"wrote {name}: {p}")
     return 0
 
 
