@@ -34,6 +34,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except TrainingDiverged as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("stopped at once by a second interrupt; the last checkpoint written is intact", file=sys.stderr)
+        return 130
 
 
 def build_parser() -> argparse.ArgumentParser:
