@@ -169,7 +169,7 @@ class Trainer:
         bar = tqdm(total=tc.steps, initial=step, desc=f"train {config.system}", disable=not (self.progress and info.is_main),
                    dynamic_ncols=True)
         window: dict[str, float] = {}
-        window_steps, window_start = 0, time.perf_counter()
+        window_steps, window_time = 0, 0.0  # throughput counts training steps only, not drawing or saving
         last_ckpt = latest_checkpoint(self.run_dir) if (self.run_dir / "checkpoints").is_dir() else None
         status = "finished"
         try:
@@ -178,6 +178,7 @@ class Trainer:
                     epoch, position = epoch + 1, 0
                     sampler.set_epoch(epoch)
                     order = list(sampler)
+                step_start = time.perf_counter()
                 idx = order[position * per_rank : (position + 1) * per_rank]
                 batch = dataset.batch(idx, device)
 
@@ -210,16 +211,16 @@ class Trainer:
                 for k, v in metrics.items():
                     window[k] = window.get(k, 0.0) + float(v)
                 window_steps += 1
+                window_time += time.perf_counter() - step_start
                 bar.update(1)
                 if info.is_main and (step % tc.log_every == 0 or step == tc.steps):
-                    elapsed = time.perf_counter() - window_start
                     row = {"step": step, "epoch": epoch, "lr": lr,
                            **{k: v / window_steps for k, v in window.items()},
-                           "images_per_s": window_steps * tc.batch_size / max(elapsed, 1e-9)}
+                           "images_per_s": window_steps * tc.batch_size / max(window_time, 1e-9)}
                     with open(self.run_dir / "metrics.jsonl", "a") as fh:
                         fh.write(json.dumps(row) + "\n")
                     bar.set_postfix(loss=f"{row['loss']:.4g}", img_s=f"{row['images_per_s']:.0f}")
-                    window, window_steps, window_start = {}, 0, time.perf_counter()
+                    window, window_steps, window_time = {}, 0, 0.0
 
                 done = step == tc.steps
                 if tc.sample_every and step % tc.sample_every == 0 or done:
