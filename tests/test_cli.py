@@ -48,10 +48,45 @@ def test_sample_label_on_unconditional_checkpoint_is_refused(run, tmp_path, caps
 
 def test_evaluate_writes_metrics(run, tmp_path):
     out = tmp_path / "m.json"
-    assert main(["evaluate", str(run), "--k", "4", "--out", str(out)]) == 0
+    assert main(["evaluate", str(run), "--n", "40", "--k", "4", "--out", str(out), "--npz", str(tmp_path / "s.npz"),
+                 "--no-progress"]) == 0
     m = json.loads(out.read_text())
     assert m["split"] == "heldout" and m["iw_samples"] == 4 and m["nll_iw_nats"] <= m["neg_elbo_nats"]
+    assert m["samples"] == 40 and m["feature_network"] == "MNIST features" and m["real_baseline_images"] == 40
+    for key in ("fid", "fid_real", "kid", "kid_real", "inception_score", "precision", "recall"):
+        assert isinstance(m[key], float), key
+    assert np.load(tmp_path / "s.npz")["arr_0"].shape == (40, 8, 8, 1)
     assert "machine" in m
+
+
+def test_evaluate_refuses_options_the_system_lacks(run, tmp_path, capsys):
+    assert main(["evaluate", str(run), "--n", "10", "--guidance", "2", "--out", str(tmp_path / "m.json"),
+                 "--no-progress"]) == 2
+    assert "does not take these sampling options" in capsys.readouterr().err
+
+
+def test_evaluate_spreads_sampling_over_torchrun_processes(run, tmp_path):
+    import os
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = ["-m", "difflineage", "evaluate", str(run), "--num-samples", "30", "--batch-size", "7", "--k", "2", "--no-progress"]
+    one = subprocess.run([sys.executable, *cmd, "--npz", str(tmp_path / "one.npz"), "--out", str(tmp_path / "one.json")],
+                         env=env, capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", *cmd,
+                          "--npz", str(tmp_path / "two.npz"), "--out", str(tmp_path / "two.json")],
+                         env=env, capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr
+    a, b = np.load(tmp_path / "one.npz")["arr_0"], np.load(tmp_path / "two.npz")["arr_0"]
+    assert a.shape == (30, 8, 8, 1) and np.array_equal(a, b)  # the same samples, whatever the process count
+    assert json.loads((tmp_path / "two.json").read_text())["fid"] == pytest.approx(json.loads((tmp_path / "one.json").read_text())["fid"], rel=1e-6)
+
+
+def test_info_reports_arithmetic(run, capsys):
+    assert main(["info", str(run), "--json"]) == 0
+    flops = json.loads(capsys.readouterr().out)["forward_passes"]
+    dec = flops["sampling: decoder (one image)"]
+    assert dec["flops"] == 2 * dec["macs"] and dec["macs"] > 0
 
 
 def test_info(run, capsys):
@@ -70,7 +105,7 @@ def test_bad_config_key_is_a_clear_error(tmp_path, capsys):
 
 
 def test_quickstart_runs_end_to_end(tmp_path, capsys):
-    code = main(["quickstart", "--out", str(tmp_path), "--no-progress", "--eval-k", "2", "--set", "train.steps=3",
+    code = main(["quickstart", "--out", str(tmp_path), "--no-progress", "--eval-k", "2", "--eval-n", "30", "--set", "train.steps=3",
                  "train.sample_every=0", "train.checkpoint_every=0"])
     assert code == 0
     out = capsys.readouterr().out

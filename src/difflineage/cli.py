@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
                    help="override recipe values, e.g. train.steps=500")
     q.add_argument("--eval-k", type=int, default=200, help="importance samples per image for the held-out NLL (default 200)")
+    q.add_argument("--eval-n", type=int, default=1000, help="samples scored with FID/KID/IS/precision/recall (default 1000)")
     q.add_argument("--no-progress", action="store_true", help="no progress bars")
     q.set_defaults(func=cmd_quickstart)
 
@@ -87,16 +88,32 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     s.set_defaults(func=cmd_sample)
 
-    e = sub.add_parser("evaluate", help="score a checkpoint on held-out data, write metrics.json",
-                       description="Score a checkpoint on its data source's held-out split and write metrics JSON. "
-                                   "For the VAE: the ELBO and the importance-weighted NLL bound, in nats and bits/dim.")
+    e = sub.add_parser("evaluate", help="score a checkpoint: FID/KID/IS/precision/recall, class accuracy, likelihood",
+                       description="Draw --n samples (in batches; spread over processes under torchrun), score them "
+                                   "against the held-out split with FID, KID, Inception Score and precision/recall on a "
+                                   "feature network, each beside its real-vs-real value at the same count; add the class "
+                                   "accuracy of conditional samples and the system's own held-out scores (VAE: ELBO and "
+                                   "importance-weighted NLL). Writes metrics.json.")
     e.add_argument("checkpoint", type=Path, help="checkpoint directory or run directory")
-    e.add_argument("--split", default="heldout", choices=["heldout", "train"], help="which split (default heldout)")
-    e.add_argument("--k", type=int, default=1000, help="importance samples per image for the NLL bound (default 1000)")
+    e.add_argument("--n", "--num-samples", dest="n", type=int, default=1000,
+                   help="samples to draw and score (default 1000; 0 skips sample metrics). Under torchrun write "
+                        "--num-samples: torchrun reads --n as one of its own options")
+    e.add_argument("--features", default="auto", choices=["auto", "mnist", "inception"],
+                   help="feature network: the MNIST classifier (1-channel data, the auto choice) or InceptionV3")
+    e.add_argument("--inception-weights", type=Path, default=None, metavar="FILE",
+                   help="the standard FID weights file pt_inception-2015-12-05-6726825d.pth (nothing is downloaded)")
+    e.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (systems that have it)")
+    e.add_argument("--steps", type=int, default=None, help="sampling steps (systems that have them)")
+    e.add_argument("--temperature", type=float, default=None, help="sampling temperature (systems that have it)")
+    e.add_argument("--batch-size", type=int, default=250, help="samples per sampling batch (default 250)")
+    e.add_argument("--npz", type=Path, default=None, help="also save the samples as ADM's samples.npz (arr_0, uint8 NHWC)")
+    e.add_argument("--split", default="heldout", choices=["heldout", "train"], help="reference split (default heldout)")
+    e.add_argument("--k", type=int, default=1000, help="VAE: importance samples per image for the NLL bound (default 1000)")
     e.add_argument("--out", type=Path, default=None, help="metrics JSON to write (default: CHECKPOINT/metrics.json)")
     e.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     e.add_argument("--no-ema", action="store_true", help="score the raw weights instead of the EMA")
     e.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    e.add_argument("--no-progress", action="store_true", help="no progress bars")
     e.set_defaults(func=cmd_evaluate)
 
     i = sub.add_parser("info", help="show a checkpoint's config, parameter count and steps trained")
@@ -146,7 +163,7 @@ def cmd_quickstart(args) -> int:
         return 130
     system = load(result.checkpoint)
     pictures = system.pictures(_heldout(system), run_dir)
-    metrics = evaluate_system(system, k=args.eval_k, progress=not args.no_progress, out=run_dir / "metrics.json")
+    metrics = evaluate_system(system, n=args.eval_n, k=args.eval_k, progress=not args.no_progress, out=run_dir / "metrics.json")
     print(f"\nquickstart ({args.system}) finished: {result.step} steps in {run_dir}/")
     print(f"  samples:     {result.samples}")
     for name, path in pictures.items():
@@ -154,8 +171,7 @@ def cmd_quickstart(args) -> int:
     print(f"  loss curve:  {run_dir / 'loss.png'}")
     print(f"  metrics:     {run_dir / 'metrics.json'}")
     print(f"  checkpoint:  {result.checkpoint}")
-    shown = {k: round(v, 3) if isinstance(v, float) else v for k, v in metrics.items() if k.endswith(("nats", "dim"))}
-    print(f"  held-out:    {shown}")
+    print(format_metrics(metrics))
     return 0
 
 
@@ -194,13 +210,50 @@ def cmd_sample(args) -> int:
 def cmd_evaluate(args) -> int:
     from difflineage import load
     from difflineage.eval import evaluate_system
+    from difflineage.train.distributed import cleanup, init_distributed
 
-    system = load(args.checkpoint, use_ema=not args.no_ema, device=args.device)
-    out = args.out or Path(system.checkpoint_path) / "metrics.json"
-    metrics = evaluate_system(system, split=args.split, seed=args.seed, out=out, k=args.k)
-    print(json.dumps(metrics, indent=2))
-    print(f"wrote {out}")
+    if args.n < 0:
+        print("error: --n must be 0 or more", file=sys.stderr)
+        return 2
+    info = init_distributed(args.device if args.device != "cpu" else "cpu")
+    try:
+        device = str(info.device) if info.enabled else args.device
+        system = load(args.checkpoint, use_ema=not args.no_ema, device=device)
+        out = args.out or Path(system.checkpoint_path) / "metrics.json"
+        options = {k: v for k, v in (("guidance", args.guidance), ("steps", args.steps),
+                                     ("temperature", args.temperature)) if v is not None}
+        try:
+            metrics = evaluate_system(system, split=args.split, n=args.n, features=args.features,
+                                      inception_weights=args.inception_weights, seed=args.seed,
+                                      progress=not args.no_progress, out=out, npz=args.npz, batch_size=args.batch_size,
+                                      sample_options=options, k=args.k)
+        except (FileNotFoundError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    finally:
+        cleanup(info)
+    if info.is_main:
+        print(format_metrics(metrics))
+        print(f"wrote {out}")
     return 0
+
+
+def format_metrics(m: dict) -> str:
+    """The headline numbers of metrics.json, each beside its real-vs-real value."""
+    lines = []
+    if "fid" in m:
+        lines.append(f"{m['samples']} samples scored on {m['feature_network']} against {m['reference_images']} "
+                     f"{m['split']} images (real-vs-real: {m['real_baseline_images']} training images):")
+        pairs = [("FID", "fid", "fid_real"), ("KID", "kid", "kid_real"), ("Inception Score", "inception_score",
+                 "inception_score_real"), ("precision", "precision", "precision_real"), ("recall", "recall", "recall_real"),
+                 ("class accuracy", "class_accuracy", "class_accuracy_real")]
+        for label, key, real in pairs:
+            if key in m:
+                lines.append(f"  {label:<16}{m[key]:>10.4f}   real-vs-real {m[real]:.4f}")
+    for key in ("neg_elbo_nats", "nll_iw_nats", "nll_iw_bits_per_dim"):
+        if key in m:
+            lines.append(f"  {key:<16}{m[key]:>10.4f}")
+    return "\n".join(lines)
 
 
 def cmd_info(args) -> int:
@@ -210,14 +263,21 @@ def cmd_info(args) -> int:
     path = resolve_checkpoint(args.checkpoint)
     system = load(path)
     step = _checkpoint_step(path)
+    from difflineage.eval.flops import count_flops
+
     n_params = sum(p.numel() for p in system.parameters())
+    flops = {name: count_flops(fn).as_dict() for name, fn in system.forward_passes().items()}
     info = {"checkpoint": str(path), "system": system.config.system, "steps_trained": step,
-            "parameters": n_params, "config": system.config.to_dict()}
+            "parameters": n_params, "forward_passes": flops, "config": system.config.to_dict()}
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
     print(f"checkpoint:    {path}\nsystem:        {info['system']}\nsteps trained: {step}\n"
-          f"parameters:    {n_params:,} ({n_params / 1e6:.2f}M)\nconfig:")
+          f"parameters:    {n_params:,} ({n_params / 1e6:.2f}M)")
+    print("arithmetic per forward (MACs = multiply-accumulates, the DiT paper's 'Gflops'; FLOPs = 2 x MACs):")
+    for name, f in flops.items():
+        print(f"  {name:<42} {f['macs'] / 1e6:>10.3f} M MACs  {f['flops'] / 1e6:>10.3f} M FLOPs")
+    print("config:")
     print("  " + system.config.to_yaml().replace("\n", "\n  ").rstrip())
     return 0
 

@@ -1,39 +1,145 @@
-"""Evaluation: scores of a trained system on a held-out split, written as metrics.json.
+"""Evaluation: sample quality the way the field measures it, and likelihood where a system has one.
 
-Likelihood-based systems (the VAE) report their held-out bounds through ``System.evaluate``.
+``evaluate_system`` draws n samples (in batches, spread over processes under torchrun), scores them
+against the data's held-out split with FID, KID, Inception Score and precision/recall on a feature network
+(the MNIST classifier for digits, InceptionV3 for natural images), reports each beside its real-vs-real
+value at the same count, adds the class accuracy of conditional samples and the system's own held-out
+scores (the VAE's ELBO and importance-weighted NLL), and writes metrics.json.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
 import platform
 import time
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from difflineage.data import load_dataset
+from difflineage.data import ImageDataset, load_dataset
+from difflineage.eval.features import FeatureNetwork, feature_network
+from difflineage.eval.metrics import frechet_distance, inception_score, kernel_inception_distance, precision_recall
 
 
-def evaluate_system(system, split: str = "heldout", seed: int = 0, progress: bool = True,
-                    out: Optional[Path] = None, **options: Any) -> dict[str, Any]:
-    """Score ``system`` on ``split`` of its own data source; optionally write ``out`` (JSON)."""
+def generate(system, n: int, batch_size: int = 250, seed: int = 0, progress: bool = True,
+             **options: Any) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Draw ``n`` samples as uint8 (n, C, H, W), with the labels asked for (conditional systems: the
+    classes in turn). Batch b always uses seed (seed, b), so the samples are the same whatever the number
+    of processes; under torchrun the batches are dealt round-robin and gathered on every process."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    k = system.num_classes
+    mine = []
+    batches = range(rank, math.ceil(n / batch_size), world)
+    for b in tqdm(batches, desc=f"sampling {n}", disable=not (progress and rank == 0), leave=False):
+        m = min(batch_size, n - b * batch_size)
+        labels = torch.arange(b * batch_size, b * batch_size + m) % k if k else None
+        g = torch.Generator().manual_seed(seed * 1_000_003 + b)
+        try:
+            images = system.sample(m, condition=labels, generator=g, **options)
+        except TypeError as exc:
+            raise ValueError(f"the {system.config.system} system does not take these sampling options: {exc}") from None
+        mine.append((b, quantise(images), labels))
+    if world > 1:
+        everything: list = [None] * world
+        dist.all_gather_object(everything, mine)
+        mine = [item for part in everything for item in part]
+    mine.sort(key=lambda item: item[0])
+    images = torch.cat([item[1] for item in mine])
+    labels = torch.cat([item[2] for item in mine]) if k else None
+    return images, labels
+
+
+def quantise(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] floats -> uint8 (N, C, H, W): what an image file (and ADM's npz) holds, and what is scored."""
+    return ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def to_unit(images_uint8: torch.Tensor) -> torch.Tensor:
+    return images_uint8.float() / 127.5 - 1.0
+
+
+def score_samples(images: torch.Tensor, labels: Optional[torch.Tensor], reference: ImageDataset, train: ImageDataset,
+                  net: FeatureNetwork, seed: int = 0, progress: bool = True) -> dict[str, Any]:
+    """Score uint8 samples against ``reference`` (the held-out split), each metric beside the value that
+    ``len(images)`` real training images get against the same reference."""
+    n = len(images)
+    g = torch.Generator().manual_seed(seed)
+    n_real = min(n, len(train))
+    real_pick = torch.randperm(len(train), generator=g)[:n_real]
+    f_ref, _ = net.extract(to_unit(reference.images), progress=progress, desc="features: held-out")
+    f_fake, l_fake = net.extract(to_unit(images), progress=progress, desc="features: samples")
+    f_real, l_real = net.extract(to_unit(train.images[real_pick]), progress=progress, desc="features: real baseline")
+    out: dict[str, Any] = {"feature_network": net.name, "samples": n, "reference_images": len(reference),
+                           "real_baseline_images": n_real}
+    out["fid"] = frechet_distance(f_ref, f_fake)
+    out["fid_real"] = frechet_distance(f_ref, f_real)
+    out["kid"], out["kid_std"] = kernel_inception_distance(f_ref, f_fake, seed=seed)
+    out["kid_real"], out["kid_real_std"] = kernel_inception_distance(f_ref, f_real, seed=seed)
+    splits = min(10, n)
+    out["inception_score"], out["inception_score_std"] = inception_score(l_fake, splits=splits, seed=seed)
+    out["inception_score_real"], _ = inception_score(l_real, splits=min(10, n_real), seed=seed)
+    out["precision"], out["recall"] = precision_recall(f_ref, f_fake)
+    out["precision_real"], out["recall_real"] = precision_recall(f_ref, f_real)
+    if labels is not None and net.kind == "mnist":
+        predicted = l_fake.argmax(1)
+        out["class_accuracy"] = (predicted == labels).double().mean().item()
+        out["class_accuracy_per_class"] = [(predicted[labels == c] == c).double().mean().item()
+                                           for c in range(int(labels.max()) + 1)]
+        ref_pred = net.extract(to_unit(reference.images))[1].argmax(1)
+        out["class_accuracy_real"] = (ref_pred == reference.labels).double().mean().item()
+    return out
+
+
+def evaluate_system(system, split: str = "heldout", n: int = 1000, features: str = "auto",
+                    inception_weights: Optional[str | Path] = None, seed: int = 0, progress: bool = True,
+                    out: Optional[Path] = None, npz: Optional[Path] = None, batch_size: int = 250,
+                    sample_options: Optional[dict] = None, **system_options: Any) -> dict[str, Any]:
+    """Sample-quality metrics (``n`` > 0) and the system's own held-out scores; rank 0 writes ``out``.
+
+    ``sample_options`` go to ``system.sample`` (guidance, steps, temperature, ...); ``system_options`` to
+    ``system.evaluate`` (the VAE's ``k``).
+    """
+    import torch.distributed as dist
+
     cfg = system.config
-    dataset = load_dataset(cfg.data, split)
     start = time.perf_counter()
-    scores = system.evaluate(dataset, generator=torch.Generator().manual_seed(seed), progress=progress, **options)
-    result = {
-        "system": cfg.system,
-        "checkpoint": str(getattr(system, "checkpoint_path", "")),
-        "data": cfg.data.source,
-        "split": split,
-        "images": len(dataset),
-        "seed": seed,
-        **scores,
-        "seconds": round(time.perf_counter() - start, 2),
-        "machine": machine_description(),
-    }
+    result: dict[str, Any] = {"system": cfg.system, "checkpoint": str(getattr(system, "checkpoint_path", "")),
+                              "data": cfg.data.source, "split": split, "seed": seed}
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    net = None
+    if n > 0:
+        # Build the feature network (and train the MNIST classifier if this machine has none) before sampling,
+        # so a missing weights file stops the run before any time is spent.
+        if rank == 0:
+            net = feature_network(features, channels=cfg.data.channels or 1, inception_weights=inception_weights,
+                                  progress=progress, device=system.device)
+        images, labels = generate(system, n, batch_size=batch_size, seed=seed, progress=progress, **(sample_options or {}))
+        if rank != 0:
+            return {}
+        if npz is not None:
+            Path(npz).parent.mkdir(parents=True, exist_ok=True)
+            np.savez(npz, arr_0=images.permute(0, 2, 3, 1).numpy())
+            result["npz"] = str(npz)
+        if sample_options:
+            result["sample_options"] = sample_options
+        reference = load_dataset(cfg.data, split)
+        train = load_dataset(cfg.data, "train")
+        result.update(score_samples(images, labels, reference, train, net, seed=seed, progress=progress))
+    elif rank != 0:
+        return {}
+    dataset = load_dataset(cfg.data, split)
+    result.update(system.evaluate(dataset, generator=torch.Generator().manual_seed(seed), progress=progress,
+                                  **system_options))
+    result["seconds"] = round(time.perf_counter() - start, 2)
+    result["machine"] = machine_description()
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(result, indent=2) + "\n")
@@ -42,8 +148,6 @@ def evaluate_system(system, split: str = "heldout", seed: int = 0, progress: boo
 
 def machine_description() -> str:
     """One line naming the machine a number came from."""
-    import os
-
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
     cpu = platform.processor() or platform.machine()
@@ -55,3 +159,6 @@ def machine_description() -> str:
     except OSError:
         pass
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+
+
+__all__ = ["evaluate_system", "generate", "score_samples", "quantise", "machine_description", "feature_network"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import abc
 from pathlib import Path
-from typing import Any, ClassVar, Optional, Union
+from typing import Any, Callable, ClassVar, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -61,6 +61,14 @@ class System(nn.Module, abc.ABC):
     def pictures(self, dataset: ImageDataset, out_dir: Path, generator: Optional[torch.Generator] = None) -> dict[str, Path]:
         """System-specific pictures (reconstructions, interpolations); returns name -> PNG path."""
         return {}
+
+    def forward_passes(self) -> dict[str, Callable[[], Any]]:
+        """Named one-image forward passes whose arithmetic ``difflineage info`` reports (eval.flops).
+        The default is the training objective on one blank image; systems name their own networks."""
+        d = self.config.data
+        image = torch.zeros(1, d.channels or 1, d.image_size, d.image_size, device=self.device)
+        label = torch.zeros(1, dtype=torch.long, device=self.device) if self.num_classes else None
+        return {"training objective (one image)": lambda: self.loss({"image": image, "label": label, "caption": None})}
 
     # Helpers ---------------------------------------------------------------------------------
 

@@ -148,6 +148,14 @@ class VAESystem(System):
             out["latent_manifold"] = save_grid(self.latent_manifold(20), out_dir / "latent_manifold.png", nrow=20)
         return out
 
+    def forward_passes(self):
+        d, m = self.config.data, self.config.model
+        image = torch.zeros(1, d.channels or 1, d.image_size, d.image_size, device=self.device)
+        z = torch.zeros(1, m.latent_dim, device=self.device)
+        label = torch.zeros(1, dtype=torch.long, device=self.device) if self.num_classes else None
+        return {"sampling: decoder (one image)": lambda: self.vae.decode(z, label),
+                "training: encoder + decoder (one image)": lambda: self.vae.decode(self.vae.encode(image, label)[0], label)}
+
     # -- evaluation -------------------------------------------------------------------------------
 
     @torch.no_grad()

@@ -1,0 +1,97 @@
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from difflineage.eval import generate, quantise
+from difflineage.eval.flops import count_flops
+from difflineage.eval.metrics import frechet_distance, inception_score, kernel_inception_distance, precision_recall
+
+
+def test_frechet_distance_by_hand_on_small_gaussians():
+    # Four points with mean 0, unbiased variances 4/3 and 16/3, no covariance; the second set is the
+    # first doubled and shifted by (3, 0): mean (3, 0), variances 16/3 and 64/3.
+    real = torch.tensor([[-1.0, -2.0], [1.0, 2.0], [-1.0, 2.0], [1.0, -2.0]])
+    fake = real * 2 + torch.tensor([3.0, 0.0])
+    # |mu_r - mu_f|^2 = 9; for diagonal covariances the trace term is sum (sqrt(a) - sqrt(b))^2
+    hand = 9 + (math.sqrt(4 / 3) - math.sqrt(16 / 3)) ** 2 + (math.sqrt(16 / 3) - math.sqrt(64 / 3)) ** 2
+    assert frechet_distance(real, fake) == pytest.approx(hand, rel=1e-9)
+
+
+def test_frechet_distance_matches_the_formula_with_full_covariances():
+    from scipy import linalg
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(400, 5, generator=g, dtype=torch.float64) @ torch.randn(5, 5, generator=g, dtype=torch.float64)
+    b = torch.randn(300, 5, generator=g, dtype=torch.float64) @ torch.randn(5, 5, generator=g, dtype=torch.float64) + 0.5
+    mu1, mu2 = a.mean(0).numpy(), b.mean(0).numpy()
+    s1, s2 = np.cov(a.numpy(), rowvar=False), np.cov(b.numpy(), rowvar=False)
+    hand = ((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * linalg.sqrtm(s1 @ s2).real)
+    assert frechet_distance(a, b) == pytest.approx(hand, rel=1e-6)
+
+
+def test_fid_of_identical_sets_is_zero():
+    x = torch.randn(500, 16)
+    assert abs(frechet_distance(x, x)) < 1e-6
+    assert frechet_distance(x, x + 0.1) > 0.1
+
+
+def test_kid_near_zero_for_the_same_distribution_and_large_for_another():
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(600, 8, generator=g), torch.randn(600, 8, generator=g)
+    same, _ = kernel_inception_distance(a, b, subsets=20, subset_size=300)
+    shifted, _ = kernel_inception_distance(a, b + 1.0, subsets=20, subset_size=300)
+    assert abs(same) < 0.05 and shifted > 20 * abs(same) and shifted > 0.5
+
+
+def test_inception_score_bounds():
+    assert inception_score(torch.zeros(100, 10), splits=5)[0] == pytest.approx(1.0)  # no confidence: IS = 1
+    confident = torch.eye(10).repeat(10, 1) * 50  # sure of each of 10 classes, equally often
+    assert inception_score(confident, splits=1)[0] == pytest.approx(10.0, rel=1e-3)  # one split: p(y) uniform
+
+
+def test_precision_recall_on_constructed_point_clouds():
+    g = torch.Generator().manual_seed(0)
+    real = torch.randn(500, 2, generator=g)
+    assert precision_recall(real, real) == (1.0, 1.0)
+    far = torch.randn(500, 2, generator=g) + 100
+    assert precision_recall(real, far) == (0.0, 0.0)
+    # Mode collapse: every sample sits near the real points closest to the centre: realistic, not diverse.
+    near_centre = real[real.norm(dim=1).argsort()[:50]]
+    collapsed = near_centre.repeat(10, 1) + 0.01 * torch.randn(500, 2, generator=g)
+    p, r = precision_recall(real, collapsed)
+    assert p > 0.95 and r < 0.3
+
+
+def test_flop_counter_linear_and_conv_by_hand():
+    linear = torch.nn.Linear(7, 5)
+    # (3 x 7) @ (7 x 5): 3 * 7 * 5 multiply-accumulates
+    c = count_flops(linear, torch.randn(3, 7))
+    assert c.macs == 105 and c.flops == 210
+    conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+    # every output value (4 x 8 x 8) sums 3 x 3 x 3 products
+    assert count_flops(conv, torch.randn(1, 3, 8, 8)).macs == 4 * 8 * 8 * 3 * 3 * 3
+    strided = torch.nn.Conv2d(2, 6, 4, stride=2, padding=1)  # output 6 x 4 x 4, each 2 x 4 x 4 products
+    assert count_flops(strided, torch.randn(2, 2, 8, 8)).macs == 2 * 6 * 4 * 4 * 2 * 4 * 4
+
+
+def test_generate_is_deterministic_and_balances_classes():
+    from difflineage.systems import VAESystem
+    from helpers import tiny_vae_dict
+    from difflineage.config import from_dict
+
+    d = tiny_vae_dict()
+    d["data"]["num_classes"] = 10
+    d["model"]["conditional"] = True
+    vae = VAESystem(from_dict(d)).eval()
+    a, la = generate(vae, 23, batch_size=5, seed=3, progress=False)
+    b, lb = generate(vae, 23, batch_size=5, seed=3, progress=False)
+    assert a.dtype == torch.uint8 and a.shape == (23, 1, 8, 8) and torch.equal(a, b)
+    assert la.tolist() == [i % 10 for i in range(23)]
+    assert torch.equal(quantise(torch.tensor([-1.0, 0.0, 1.0])), torch.tensor([0, 128, 255], dtype=torch.uint8))
+    with pytest.raises(ValueError, match="does not take these sampling options"):
+        generate(vae, 4, guidance=2.0, progress=False)
