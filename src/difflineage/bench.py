@@ -1,0 +1,102 @@
+"""The benchmark harness: time callables with warm-up and the median of repeats, compare implementations
+side by side in one run, and record results as JSON and as a table in docs/benchmarks.md.
+
+Speeds are compared as ratios measured in the same run, with the candidates' repeats interleaved
+(A, B, A, B, ...), so that a noisy, shared machine slows every candidate alike.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+DOCS = REPO / "docs" / "benchmarks.md"
+RESULTS = REPO / "benchmarks" / "results"
+
+
+@dataclass
+class Timing:
+    name: str
+    median_s: float
+    q25_s: float
+    q75_s: float
+    repeats: int
+
+    @property
+    def spread(self) -> float:
+        """Interquartile range relative to the median."""
+        return (self.q75_s - self.q25_s) / self.median_s if self.median_s else 0.0
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def side_by_side(cases: dict[str, Callable[[], Any]], warmup: int = 3, repeats: int = 10) -> dict[str, Timing]:
+    """Time every case ``repeats`` times after ``warmup`` calls, interleaving the cases."""
+    for fn in cases.values():
+        for _ in range(warmup):
+            fn()
+    _sync()
+    samples: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(repeats):
+        for name, fn in cases.items():
+            start = time.perf_counter()
+            fn()
+            _sync()
+            samples[name].append(time.perf_counter() - start)
+    out = {}
+    for name, xs in samples.items():
+        q = statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
+        out[name] = Timing(name=name, median_s=statistics.median(xs), q25_s=q[0], q75_s=q[2], repeats=len(xs))
+    return out
+
+
+def record(name: str, title: str, rows: list[dict[str, Any]], notes: str = "", command: str = "",
+           docs: Path = DOCS, results: Path = RESULTS) -> Path:
+    """Write ``benchmarks/results/NAME.json`` and replace NAME's section of docs/benchmarks.md with a table."""
+    from difflineage.eval import machine_description
+
+    machine = machine_description()
+    results.mkdir(parents=True, exist_ok=True)
+    out = results / f"{name}.json"
+    payload = {"name": name, "title": title, "machine": machine, "command": command,
+               "date": time.strftime("%Y-%m-%d"), "rows": rows}
+    out.write_text(json.dumps(payload, indent=2, default=_plain) + "\n")
+
+    columns = list(rows[0]) if rows else []
+    lines = [f"## {title}", "", f"Machine: {machine}. Date: {payload['date']}. Command: `{command}`", ""]
+    if notes:
+        lines += [notes, ""]
+    lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(r.get(c)) for c in columns) + " |" for r in rows]
+    section = "\n".join(lines) + "\n"
+    begin, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
+    text = docs.read_text() if docs.exists() else "# Benchmarks\n\nEvery table here is written by a script in benchmarks/; rerun it to refresh.\n"
+    block = f"{begin}\n{section}{end}"
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    docs.write_text(text)
+    return out
+
+
+def _cell(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.0f}"
+    return "" if v is None else str(v)
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, Timing):
+        return asdict(v)
+    return str(v)

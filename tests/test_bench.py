@@ -1,0 +1,25 @@
+import json
+import time
+
+from difflineage.bench import record, side_by_side
+
+
+def test_side_by_side_times_every_case_and_ranks_them():
+    t = side_by_side({"fast": lambda: None, "slow": lambda: time.sleep(0.01)}, warmup=1, repeats=5)
+    assert set(t) == {"fast", "slow"} and t["slow"].repeats == 5
+    assert t["slow"].median_s >= 0.01 > t["fast"].median_s
+    assert t["slow"].q25_s <= t["slow"].median_s <= t["slow"].q75_s
+
+
+def test_record_writes_json_and_replaces_its_own_docs_section(tmp_path):
+    docs = tmp_path / "benchmarks.md"
+    docs.write_text("# Benchmarks\n\nintro\n")
+    record("demo", "Demo", [{"what": "x", "ms": 1.5}], notes="n", command="python demo.py", docs=docs, results=tmp_path)
+    record("other", "Other", [{"what": "y", "ms": 2.0}], docs=docs, results=tmp_path)
+    record("demo", "Demo", [{"what": "x", "ms": 3.25}], docs=docs, results=tmp_path)  # rerun: replaced, not appended
+    text = docs.read_text()
+    assert text.startswith("# Benchmarks\n\nintro") and text.count("<!-- bench:demo -->") == 1
+    assert "| x | 3.25 |" in text and "| x | 1.5 |" not in text and "| y | 2 |" in text
+    assert "Machine:" in text
+    data = json.loads((tmp_path / "demo.json").read_text())
+    assert data["rows"] == [{"what": "x", "ms": 3.25}] and data["machine"]
