@@ -17,6 +17,11 @@ def gaussian_kl_standard(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tens
     return 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar)
 
 
+def gaussian_kl(mean1: torch.Tensor, logvar1: torch.Tensor, mean2: torch.Tensor, logvar2: torch.Tensor) -> torch.Tensor:
+    """KL( N(mean1, exp(logvar1)) || N(mean2, exp(logvar2)) ) per dimension."""
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2).pow(2) * torch.exp(-logvar2))
+
+
 def gaussian_log_density(x: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """log N(x; mean, exp(logvar)) per dimension."""
     return -0.5 * (math.log(2 * math.pi) + logvar + (x - mean).pow(2) * torch.exp(-logvar))
