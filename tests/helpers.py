@@ -88,3 +88,28 @@ def state_equal(a: dict, b: dict, atol: float = 0.0) -> list[str]:
         elif not torch.allclose(a[k].float(), b[k].float(), atol=atol, rtol=0):
             bad.append(k)
     return bad
+
+
+def tiny_ddpm_dict(condition: str = "class", **train) -> dict:
+    """A DDPM small enough to train a few steps in a second, on 8x8 digits."""
+    return {
+        "system": "ddpm",
+        "data": {"source": "digits", "image_size": 8, "channels": 1},
+        "model": {"condition": condition,
+                  "unet": {"channels": 8, "channel_mult": [1, 2], "attention_resolutions": [4], "heads": 2,
+                           "norm_groups": 4},
+                  "text": {"width": 16, "depth": 1, "heads": 2, "max_length": 32},
+                  "diffusion": {"timesteps": 100, "sample_steps": 5, "guidance": 2.0}},
+        "train": {"steps": 4, "batch_size": 16, "lr": 1e-3, "log_every": 2, "sample_every": 0,
+                  "checkpoint_every": 0, "sample_n": 10, "ema_decay": 0.9, **train},
+    }
+
+
+def tiny_autoencoder_dict(**train) -> dict:
+    return {
+        "system": "autoencoder_kl",
+        "data": {"source": "digits", "image_size": 8, "channels": 1},
+        "model": {"channels": [8, 8], "latent_channels": 2, "norm_groups": 4, "kl_weight": 1e-4},
+        "train": {"steps": 3, "batch_size": 16, "lr": 1e-3, "log_every": 1, "sample_every": 0,
+                  "checkpoint_every": 0, "sample_n": 4, "ema_decay": 0.9, **train},
+    }

@@ -13,7 +13,13 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-QUICKSTART_RECIPES = {"vae": "vae-mnist"}
+# Each system's quickstart: its stages in order, as (recipe, run sub-directory or "" for the run itself).
+# A later stage that needs an earlier one's checkpoint gets it as model.first_stage.
+QUICKSTART_RECIPES = {
+    "vae": [("vae-mnist", "")],
+    "ddpm": [("ddpm-mnist", "")],
+    "ldm": [("autoencoder-mnist", "autoencoder"), ("ldm-mnist", "")],
+}
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -48,12 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a system's ready-made recipe on the embedded mnist5k digits, write a sample "
                                    "grid, pictures and held-out metrics, and print where they are. Re-running resumes "
                                    "an interrupted quickstart.")
-    q.add_argument("--system", default="vae", choices=sorted(QUICKSTART_RECIPES), help="which system (default: vae)")
+    q.add_argument("--system", default="vae", choices=list(QUICKSTART_RECIPES), help="which system (default: vae)")
     q.add_argument("--out", type=Path, default=None, help="run directory (default: runs/quickstart-SYSTEM)")
     q.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
                    help="override recipe values, e.g. train.steps=500")
     q.add_argument("--eval-k", type=int, default=200, help="importance samples per image for the held-out NLL (default 200)")
-    q.add_argument("--eval-n", type=int, default=1000, help="samples scored with FID/KID/IS/precision/recall (default 1000)")
+    q.add_argument("--eval-n", type=int, default=500, help="samples scored with FID/KID/IS/precision/recall (default 500)")
     q.add_argument("--no-progress", action="store_true", help="no progress bars")
     q.set_defaults(func=cmd_quickstart)
 
@@ -109,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--npz", type=Path, default=None, help="also save the samples as ADM's samples.npz (arr_0, uint8 NHWC)")
     e.add_argument("--split", default="heldout", choices=["heldout", "train"], help="reference split (default heldout)")
     e.add_argument("--k", type=int, default=1000, help="VAE: importance samples per image for the NLL bound (default 1000)")
+    e.add_argument("--bpd-images", type=int, default=100,
+                   help="diffusion: held-out images for the bits/dim bound (default 100; 0 skips it)")
+    e.add_argument("--bpd-steps", type=int, default=None,
+                   help="diffusion: steps of the chain for the bound (default: all T; fewer gives that chain's bound)")
     e.add_argument("--out", type=Path, default=None, help="metrics JSON to write (default: CHECKPOINT/metrics.json)")
     e.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     e.add_argument("--no-ema", action="store_true", help="score the raw weights instead of the EMA")
@@ -152,18 +162,26 @@ def cmd_quickstart(args) -> int:
     from difflineage.train import Trainer
     from difflineage.train.checkpoint import latest_checkpoint
 
-    recipe = QUICKSTART_RECIPES[args.system]
-    config = load_config(recipe, args.overrides)
     run_dir = args.out or Path("runs") / f"quickstart-{args.system}"
-    resume = (run_dir / "checkpoints").is_dir() and latest_checkpoint(run_dir) is not None
-    if resume:
-        print(f"resuming the quickstart run in {run_dir}")
-    result = Trainer(config, run_dir, resume=resume or None, progress=not args.no_progress).fit()
-    if result.status != "finished":
-        return 130
+    first_stage = None
+    for recipe, sub in QUICKSTART_RECIPES[args.system]:
+        overrides = list(args.overrides) if not sub else []  # --set applies to the final stage
+        if first_stage is not None:
+            overrides.insert(0, f"model.first_stage={first_stage}")
+        config = load_config(recipe, overrides)
+        stage_dir = run_dir / sub if sub else run_dir
+        resume = (stage_dir / "checkpoints").is_dir() and latest_checkpoint(stage_dir) is not None
+        if resume:
+            print(f"resuming the quickstart run in {stage_dir}")
+        print(f"training {recipe} into {stage_dir}")
+        result = Trainer(config, stage_dir, resume=resume or None, progress=not args.no_progress).fit()
+        if result.status != "finished":
+            return 130
+        first_stage = result.checkpoint
     system = load(result.checkpoint)
     pictures = system.pictures(_heldout(system), run_dir)
-    metrics = evaluate_system(system, n=args.eval_n, k=args.eval_k, progress=not args.no_progress, out=run_dir / "metrics.json")
+    metrics = evaluate_system(system, n=args.eval_n, k=args.eval_k, bpd_images=20, progress=not args.no_progress,
+                              out=run_dir / "metrics.json")
     print(f"\nquickstart ({args.system}) finished: {result.step} steps in {run_dir}/")
     print(f"  samples:     {result.samples}")
     for name, path in pictures.items():
@@ -226,7 +244,8 @@ def cmd_evaluate(args) -> int:
             metrics = evaluate_system(system, split=args.split, n=args.n, features=args.features,
                                       inception_weights=args.inception_weights, seed=args.seed,
                                       progress=not args.no_progress, out=out, npz=args.npz, batch_size=args.batch_size,
-                                      sample_options=options, k=args.k)
+                                      sample_options=options, k=args.k, bpd_images=args.bpd_images,
+                                      bpd_steps=args.bpd_steps)
         except (FileNotFoundError, ValueError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
@@ -250,7 +269,7 @@ def format_metrics(m: dict) -> str:
         for label, key, real in pairs:
             if key in m:
                 lines.append(f"  {label:<16}{m[key]:>10.4f}   real-vs-real {m[real]:.4f}")
-    for key in ("neg_elbo_nats", "nll_iw_nats", "nll_iw_bits_per_dim"):
+    for key in ("neg_elbo_nats", "nll_iw_nats", "nll_iw_bits_per_dim", "bits_per_dim", "recon_l1", "recon_psnr_db"):
         if key in m:
             lines.append(f"  {key:<16}{m[key]:>10.4f}")
     return "\n".join(lines)

@@ -16,12 +16,14 @@ class DataError(ValueError):
 class Batch(TypedDict):
     """What ``System.loss`` receives.
 
-    image: float in [-1, 1], (N, C, H, W); label: long (N,) or None; caption: N strings or None.
+    image: float in [-1, 1], (N, C, H, W); label: long (N,) or None; caption: N strings or None;
+    index: the images' positions in their dataset (lets a system look up per-image caches, e.g. latents).
     """
 
     image: torch.Tensor
     label: Optional[torch.Tensor]
     caption: Optional[list[str]]
+    index: torch.Tensor
 
 
 @dataclass
@@ -68,7 +70,7 @@ class ImageDataset:
         image = self.images[idx].to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
         label = self.labels[idx].to(device) if self.labels is not None else None
         caption = [self.captions[i] for i in idx.tolist()] if self.captions is not None else None
-        return {"image": image, "label": label, "caption": caption}
+        return {"image": image, "label": label, "caption": caption, "index": idx}
 
     def subset(self, indices: Sequence[int] | torch.Tensor) -> "ImageDataset":
         idx = torch.as_tensor(indices, dtype=torch.long)

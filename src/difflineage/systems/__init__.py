@@ -1,8 +1,11 @@
 """The systems of the lineage, by name. Each is a ``System`` (see ``systems/base.py``)."""
 
+from difflineage.systems.autoencoder import AutoencoderKLSystem
 from difflineage.systems.base import System
+from difflineage.systems.ddpm import DDPMSystem
+from difflineage.systems.ldm import LDMSystem
 from difflineage.systems.vae import VAESystem
 
-SYSTEMS: dict[str, type[System]] = {cls.name: cls for cls in (VAESystem,)}
+SYSTEMS: dict[str, type[System]] = {cls.name: cls for cls in (VAESystem, DDPMSystem, AutoencoderKLSystem, LDMSystem)}
 
-__all__ = ["SYSTEMS", "System", "VAESystem"]
+__all__ = ["SYSTEMS", "System", "VAESystem", "DDPMSystem", "AutoencoderKLSystem", "LDMSystem"]

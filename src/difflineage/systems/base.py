@@ -31,6 +31,12 @@ class System(nn.Module, abc.ABC):
         self.config = config
 
     @classmethod
+    def resolve_config(cls, config: Config) -> Config:
+        """Fill in what a config leaves to be read from elsewhere (e.g. a first stage's architecture from
+        its checkpoint), before the system is built for training. The result is what the checkpoint stores."""
+        return config
+
+    @classmethod
     def from_config(cls, config: Config) -> "System":
         """Build the networks (random weights) from a typed config; data fields must be resolved."""
         return cls(config)

@@ -121,7 +121,7 @@ class Trainer:
         per_rank = tc.batch_size // info.world_size
 
         dataset = load_dataset(config.data, "train")
-        config = resolve_data(config, dataset)
+        config = SYSTEMS[config.system].resolve_config(resolve_data(config, dataset))
         if len(dataset) < tc.batch_size:
             raise ConfigError(f"train.batch_size={tc.batch_size} exceeds the {len(dataset)} training images of "
                               f"{config.data.source}; lower train.batch_size")

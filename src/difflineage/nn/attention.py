@@ -1,0 +1,47 @@
+"""Multi-head attention through torch.nn.functional.scaled_dot_product_attention (fused kernels on CPU
+and GPU), used by every attention layer of the project."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Attention(nn.Module):
+    """Self-attention (context None) or cross-attention to ``context`` (N, L, context_dim).
+
+    Self-attention keeps q, k and v in one stacked projection (``qkv``, as timm and DiT name it);
+    cross-attention has ``q`` from the input and ``kv`` from the context.
+    """
+
+    def __init__(self, dim: int, heads: int, context_dim: Optional[int] = None, bias: bool = True):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"attention width {dim} does not split into {heads} heads")
+        self.heads = heads
+        self.cross = context_dim is not None
+        if self.cross:
+            self.q = nn.Linear(dim, dim, bias=bias)
+            self.kv = nn.Linear(context_dim, 2 * dim, bias=bias)
+        else:
+            self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
+        self.proj = nn.Linear(dim, dim, bias=bias)
+
+    def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None,
+                context_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x (N, T, D) -> (N, T, D). ``context_mask`` (N, L) is True where a context token may be attended."""
+        n, t, d = x.shape
+        h = self.heads
+        if self.cross:
+            if context is None:
+                raise ValueError("cross-attention needs a context")
+            q = self.q(x).view(n, t, h, d // h).transpose(1, 2)  # (N, h, T, d/h)
+            k, v = self.kv(context).view(n, context.shape[1], 2, h, d // h).permute(2, 0, 3, 1, 4)  # (N, h, L, d/h)
+        else:
+            q, k, v = self.qkv(x).view(n, t, 3, h, d // h).permute(2, 0, 3, 1, 4)  # each (N, h, T, d/h)
+        mask = context_mask[:, None, None, :] if context_mask is not None else None
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (N, h, T, d/h)
+        return self.proj(out.transpose(1, 2).reshape(n, t, d))

@@ -1,0 +1,174 @@
+"""Latent diffusion (Rombach et al. 2022), Stable Diffusion's design: diffusion in the latent space of a
+separately trained KL autoencoder, with text entering the UNet through cross-attention.
+
+Three parts: the first stage (``model.first_stage``: an ``autoencoder_kl`` checkpoint of this project, or a
+Stable Diffusion VAE file as ``sd-vae:PATH``), frozen; the text encoder (trained with the UNet, as LDM's own
+text-to-image models were); the UNet over latents. Latents are scaled by 1 / std measured on the training
+data (LDM's ``scale_by_std``; SD's 0.18215 is that number for its VAE), and the scale is a buffer, so the
+checkpoint carries it. The posterior moments of every training image are computed once before training
+(``model.cache_latents``) and each step draws z from them, as encoding would.
+
+A checkpoint holds all three parts, so it samples without the first stage's own files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, Optional
+
+import torch
+
+from difflineage.config import Config, ConfigError
+from difflineage.data import Batch, ImageDataset
+from difflineage.models.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig
+from difflineage.systems.ddpm import DDPMConfig, DDPMSystem
+
+
+@dataclass
+class LDMConfig(DDPMConfig):
+    """:param first_stage: the frozen autoencoder: a checkpoint (or run) directory of an ``autoencoder_kl``
+    system, or ``sd-vae:PATH`` for Stable Diffusion VAE weights (LDM or diffusers layout).
+    :param autoencoder: its architecture; filled in from ``first_stage`` when training starts.
+    :param sd_vae_norm_groups: GroupNorm groups of an SD VAE file (not stored in the weights; 32 for SD)."""
+
+    first_stage: str = ""
+    autoencoder: Optional[AutoencoderKLConfig] = None
+    sd_vae_norm_groups: int = 32
+    cache_latents: bool = True
+
+
+class LDMSystem(DDPMSystem):
+    name = "ldm"
+    Config = LDMConfig
+
+    def __init__(self, config: Config):
+        if config.model.autoencoder is None:
+            raise ConfigError("model.autoencoder is not set: name the first stage with model.first_stage "
+                              "(an autoencoder_kl checkpoint or sd-vae:PATH); training fills the architecture in")
+        self._ae_cfg = config.model.autoencoder
+        super().__init__(config)
+        self.first_stage = AutoencoderKL(config.model.autoencoder, image_channels=config.data.channels or 1)
+        self.first_stage.requires_grad_(False)
+        self.register_buffer("latent_scale", torch.tensor(1.0))
+        self._cache: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+
+    # -- resolving and loading the first stage ---------------------------------------------------
+
+    @classmethod
+    def resolve_config(cls, config: Config) -> Config:
+        """Read the first stage's architecture from its checkpoint or file into model.autoencoder."""
+        m = config.model
+        if not m.first_stage:
+            if m.autoencoder is None:
+                raise ConfigError("model.first_stage is empty: train an autoencoder first "
+                                  "(difflineage train autoencoder-mnist) and set model.first_stage=RUN_DIR, "
+                                  "or give a Stable Diffusion VAE as model.first_stage=sd-vae:PATH")
+            return config
+        ae_cfg, channels = _first_stage_architecture(m.first_stage, m.sd_vae_norm_groups)
+        if channels != (config.data.channels or 1):
+            raise ConfigError(f"the first stage {m.first_stage} reads {channels}-channel images but data.channels="
+                              f"{config.data.channels}; make them agree")
+        if m.autoencoder is not None and m.autoencoder != ae_cfg:
+            raise ConfigError(f"model.autoencoder differs from the architecture of {m.first_stage}; leave it unset")
+        return replace(config, model=replace(m, autoencoder=ae_cfg))
+
+    def prepare(self, dataset: ImageDataset) -> None:
+        """Load the frozen first stage, cache the training images' posterior moments, measure the latent scale."""
+        if not self.config.model.first_stage:
+            raise ConfigError("model.first_stage is empty: nothing to load the autoencoder from")
+        state = _first_stage_weights(self.config.model.first_stage, self.config.model.sd_vae_norm_groups)
+        from difflineage.train.checkpoint import load_state_dict_strict
+
+        load_state_dict_strict(self.first_stage, state, self.config.model.first_stage)
+        means, logvars = [], []
+        with torch.no_grad():
+            for s in range(0, len(dataset), 250):
+                x = dataset.batch(range(s, min(s + 250, len(dataset))), self.device)["image"]
+                mean, logvar = self.first_stage.encode(x)
+                means.append(mean.float())
+                logvars.append(logvar.float())
+        mean, logvar = torch.cat(means), torch.cat(logvars)
+        z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=torch.Generator().manual_seed(0)).to(mean.device)
+        self.latent_scale.fill_(1.0 / z.std().item())
+        self._cache = (mean, logvar) if self.config.model.cache_latents else None
+
+    # -- the latent space -------------------------------------------------------------------------
+
+    def model_space(self) -> tuple[int, int]:
+        f = 2 ** (len(self._ae_cfg.channels) - 1)
+        if self.config.data.image_size % f:
+            raise ConfigError(f"data.image_size={self.config.data.image_size} is not divisible by the first stage's "
+                              f"downsampling factor {f}")
+        return self._ae_cfg.latent_channels, self.config.data.image_size // f
+
+    def to_model_space(self, batch: Batch) -> torch.Tensor:
+        """z ~ q(z|x), scaled: from the cache while training on the prepared data, by encoding otherwise."""
+        if self._cache is not None and self.training and batch.get("index") is not None:
+            idx = batch["index"].to(self._cache[0].device)
+            mean, logvar = self._cache[0][idx], self._cache[1][idx]
+        else:
+            with torch.no_grad():
+                mean, logvar = (t.float() for t in self.first_stage.encode(batch["image"]))
+        return (mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)) * self.latent_scale
+
+    def to_images(self, z: torch.Tensor) -> torch.Tensor:
+        return self.first_stage.decode(z / self.latent_scale).float().clamp(-1, 1)
+
+    def pictures(self, dataset: ImageDataset, out_dir, generator: Optional[torch.Generator] = None) -> dict:
+        """Held-out images beside their first-stage reconstructions (what the diffusion model can reach at best)."""
+        from pathlib import Path
+
+        from difflineage.images import save_grid
+
+        x = dataset.batch(range(min(32, len(dataset))), self.device)["image"]
+        with torch.no_grad():
+            mean, _ = self.first_stage.encode(x)
+            recon = self.first_stage.decode(mean).float().clamp(-1, 1)
+        pairs = torch.stack([x.cpu(), recon.cpu()], 1).flatten(0, 1)
+        return {"first-stage reconstructions": save_grid(pairs, Path(out_dir) / "reconstructions.png", nrow=16, scale=2)}
+
+    def bpd_space(self) -> str:
+        return "latents (the bound of the latent model; not comparable with pixel bits/dim)"
+
+    def forward_passes(self):
+        passes = super().forward_passes()
+        z = torch.zeros(1, self.channels, self.side, self.side, device=self.device)
+        passes["sampling: first-stage decoder (one image, once)"] = lambda: self.first_stage.decode(z)
+        return passes
+
+
+def _first_stage_architecture(spec: str, norm_groups: int) -> tuple[AutoencoderKLConfig, int]:
+    if spec.startswith("sd-vae:"):
+        from difflineage.interop.sd_vae import load_sd_vae
+
+        vae = load_sd_vae(_existing(spec.split(":", 1)[1]), norm_groups=norm_groups)
+        return vae.cfg, vae.image_channels
+    from difflineage.train.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(spec, training_state=False)
+    if ckpt.config.system != "autoencoder_kl":
+        raise ConfigError(f"model.first_stage={spec} is a {ckpt.config.system} checkpoint; it must be an autoencoder_kl "
+                          "one (or sd-vae:PATH)")
+    return ckpt.config.model, ckpt.config.data.channels or 1
+
+
+def _first_stage_weights(spec: str, norm_groups: int) -> dict[str, torch.Tensor]:
+    if spec.startswith("sd-vae:"):
+        from difflineage.interop.sd_vae import load_sd_vae
+
+        return load_sd_vae(_existing(spec.split(":", 1)[1]), norm_groups=norm_groups).state_dict()
+    from difflineage.train.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(spec, training_state=False)
+    weights = ckpt.ema if ckpt.ema is not None else ckpt.model
+    return {k[len("ae."):]: v for k, v in weights.items() if k.startswith("ae.")}
+
+
+def _existing(path: str):
+    from pathlib import Path
+
+    from difflineage.train.checkpoint import CheckpointError
+
+    if not Path(path).is_file():
+        raise CheckpointError(f"no Stable Diffusion VAE file at '{path}' (model.first_stage=sd-vae:PATH)")
+    return Path(path)

@@ -1,0 +1,86 @@
+import pytest
+import torch
+import yaml
+
+import difflineage
+from difflineage.config import ConfigError, from_dict
+from difflineage.config import DataConfig
+from difflineage.data import load_dataset
+from difflineage.train import CheckpointError, Trainer
+from helpers import tiny_autoencoder_dict, tiny_ddpm_dict
+
+
+@pytest.fixture(scope="module")
+def first_stage(tmp_path_factory):
+    run = tmp_path_factory.mktemp("ae")
+    Trainer(from_dict(tiny_autoencoder_dict()), run, progress=False).fit()
+    return run
+
+
+def ldm_dict(first_stage, **train):
+    d = tiny_ddpm_dict(**train)
+    d["system"] = "ldm"
+    d["model"]["first_stage"] = str(first_stage)
+    d["model"]["unet"]["channel_mult"] = [1]
+    d["model"]["unet"]["attention_resolutions"] = [4]
+    return d
+
+
+def test_autoencoder_system_trains_and_reports_reconstruction(first_stage):
+    ae = difflineage.load(first_stage)
+    assert ae.ae.downsampling_factor == 2
+    held = load_dataset(DataConfig(source="digits", image_size=8), "heldout")
+    r = ae.evaluate(held)
+    assert 0 < r["recon_l1"] < 1 and r["recon_psnr_db"] > 0
+
+
+def test_ldm_trains_in_latent_space_and_carries_its_first_stage(first_stage, tmp_path):
+    trainer = Trainer(from_dict(ldm_dict(first_stage)), tmp_path, progress=False)
+    trainer.fit()
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert saved["model"]["autoencoder"]["latent_channels"] == 2  # the architecture was read from the first stage
+    system = difflineage.load(tmp_path)
+    assert (system.channels, system.side) == (2, 4)
+    # scale_by_std: the scale is 1 / std of the training latents, and the checkpoint carries it
+    assert system.latent_scale.item() == pytest.approx(trainer.system.latent_scale.item())
+    assert system.latent_scale.item() != 1.0
+    # the frozen first stage is the one trained above
+    ae = difflineage.load(first_stage)
+    assert torch.equal(system.first_stage.decoder.conv_out.weight, ae.ae.decoder.conv_out.weight)
+    assert all(not p.requires_grad for p in trainer.system.first_stage.parameters())
+    x = system.sample(3, condition=2, generator=torch.Generator().manual_seed(0))
+    assert x.shape == (3, 1, 8, 8) and x.min() >= -1 and x.max() <= 1
+
+
+def test_latent_cache_holds_the_encoders_posterior(first_stage, tmp_path):
+    trainer = Trainer(from_dict(ldm_dict(first_stage, steps=1)), tmp_path, progress=False)
+    trainer.fit()
+    data = load_dataset(DataConfig(source="digits", image_size=8), "train")
+    mean, logvar = trainer.system.first_stage.encode(data.batch(range(5))["image"])
+    assert torch.allclose(trainer.system._cache[0][:5], mean, atol=1e-5)
+
+
+def test_ldm_over_a_stable_diffusion_vae_file(tmp_path):
+    from difflineage.interop import save_sd_vae
+    from difflineage.models.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig
+
+    vae = AutoencoderKL(AutoencoderKLConfig(channels=(8, 8), latent_channels=3, norm_groups=4), image_channels=1)
+    path = save_sd_vae(vae, tmp_path / "vae.safetensors", layout="diffusers")
+    d = ldm_dict(f"sd-vae:{path}", steps=1)
+    d["model"]["sd_vae_norm_groups"] = 4
+    Trainer(from_dict(d), tmp_path / "run", progress=False).fit()
+    system = difflineage.load(tmp_path / "run")
+    assert system.channels == 3 and torch.equal(system.first_stage.encoder.conv_in.weight, vae.encoder.conv_in.weight)
+
+
+def test_first_stage_errors(tmp_path):
+    with pytest.raises(ConfigError, match="model.first_stage is empty"):
+        Trainer(from_dict(ldm_dict("")), tmp_path / "a", progress=False).fit()
+    vae_run = tmp_path / "vae"
+    from helpers import tiny_vae
+
+    Trainer(tiny_vae(steps=1), vae_run, progress=False).fit()
+    with pytest.raises(ConfigError, match="is a vae checkpoint; it must be an autoencoder_kl"):
+        Trainer(from_dict(ldm_dict(vae_run)), tmp_path / "b", progress=False).fit()
+    with pytest.raises(CheckpointError, match="no Stable Diffusion VAE file"):
+        Trainer(from_dict(ldm_dict("sd-vae:/nonexistent.safetensors")), tmp_path / "c", progress=False).fit()
