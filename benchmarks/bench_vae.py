@@ -67,9 +67,6 @@ def main() -> None:
              f"-ELBO {l32:.3f} nats (fp32) vs {l16:.3f} (bf16 autocast), relative difference {abs(l16 - l32) / l32:.2e}.")
     path = record("vae", "VAE: training step and sampling, fp32 vs bf16 autocast", rows, notes,
                   command="python benchmarks/bench_vae.py")
-    print(notes)
-    for r in rows:
-        print(r)
     print(f"wrote {path}")
 
 

@@ -111,3 +111,8 @@ def test_quickstart_runs_end_to_end(tmp_path, capsys):
     out = capsys.readouterr().out
     for name in ("samples.png", "reconstructions.png", "interpolations.png", "metrics.json", "loss.png"):
         assert (tmp_path / name).exists() and name in out
+
+
+def test_sample_refuses_options_the_system_lacks(run, tmp_path, capsys):
+    assert main(["sample", str(run), "--n", "2", "--guidance", "3", "--out", str(tmp_path / "g.png")]) == 2
+    assert "guidance" in capsys.readouterr().err

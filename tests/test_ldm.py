@@ -84,3 +84,13 @@ def test_first_stage_errors(tmp_path):
         Trainer(from_dict(ldm_dict(vae_run)), tmp_path / "b", progress=False).fit()
     with pytest.raises(CheckpointError, match="no Stable Diffusion VAE file"):
         Trainer(from_dict(ldm_dict("sd-vae:/nonexistent.safetensors")), tmp_path / "c", progress=False).fit()
+
+
+def test_latent_sampler_does_not_clip_to_the_pixel_range(first_stage, tmp_path):
+    """Scaled latents have unit variance; clipping the x_0 estimate to [-1, 1], right for pixels, would cut
+    them (and gave broken strokes). With a network that predicts no noise, x_0 = x_t / sqrt(abar) is large."""
+    Trainer(from_dict(ldm_dict(first_stage, steps=1)), tmp_path, progress=False).fit()
+    system = difflineage.load(tmp_path)
+    system.to_images = lambda z: z  # look at the latents themselves
+    z = system.sample(4, condition=1, generator=torch.Generator().manual_seed(0), guidance=1.0)
+    assert z.abs().max() > 1.5

@@ -87,6 +87,7 @@ def record(name: str, title: str, rows: list[dict[str, Any]], notes: str = "", c
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     docs.write_text(text)
+    print(section)  # the same table on the terminal
     return out
 
 

@@ -87,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--nrow", type=int, default=None, help="images per grid row (default: number of classes, or square)")
     s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     s.add_argument("--temperature", type=float, default=None, help="scale of the prior noise (systems that support it)")
+    s.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (diffusion systems)")
+    s.add_argument("--steps", type=int, default=None, help="sampling steps (diffusion systems; respaced chain)")
+    s.add_argument("--sampler", choices=["ddpm", "ddim"], default=None, help="diffusion sampler (default: the recipe's)")
+    s.add_argument("--caption", default=None, help="caption to draw (caption-conditioned systems)")
     s.add_argument("--no-ema", action="store_true", help="sample from the raw weights instead of the EMA")
     s.add_argument("--pictures", type=Path, default=None, metavar="DIR",
                    help="also write the system's own pictures into DIR (VAE: reconstructions of held-out images, "
@@ -201,9 +205,8 @@ def cmd_sample(args) -> int:
     from difflineage.images import save_grid, to_uint8
 
     system = load(args.checkpoint, use_ema=not args.no_ema, device=args.device)
-    options = {}
-    if args.temperature is not None:
-        options["temperature"] = args.temperature
+    options = {k: v for k, v in (("temperature", args.temperature), ("guidance", args.guidance),
+                                 ("steps", args.steps), ("sampler", args.sampler)) if v is not None}
     if args.label is not None and not system.num_classes:
         print(f"error: --label needs a class-conditional checkpoint; {args.checkpoint} is unconditional "
               "(train with model.conditional=true)", file=sys.stderr)
@@ -211,7 +214,12 @@ def cmd_sample(args) -> int:
     if args.n < 1:
         print("error: --n must be at least 1", file=sys.stderr)
         return 2
-    images = system.sample(args.n, condition=args.label, generator=torch.Generator().manual_seed(args.seed), **options)
+    condition = [args.caption] * args.n if args.caption is not None else args.label
+    try:
+        images = system.sample(args.n, condition=condition, generator=torch.Generator().manual_seed(args.seed), **options)
+    except (TypeError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     nrow = args.nrow or (system.num_classes if system.num_classes and args.label is None else None)
     path = save_grid(images, args.out, nrow=nrow, scale=2)
     print(f"wrote {args.n} samples to {path}")

@@ -218,7 +218,7 @@ class GaussianDiffusion:
 
     @torch.no_grad()
     def bits_per_dim(self, model_fn: ModelFn, x0: torch.Tensor, generator: Optional[torch.Generator] = None,
-                     progress: bool = False) -> dict[str, torch.Tensor]:
+                     progress: bool = False, clip_denoised: bool = True) -> dict[str, torch.Tensor]:
         """The full variational bound per image in bits/dim over this chain: prior + sum of the t terms."""
         total = self.prior_bpd(x0)
         prior = total.clone()
@@ -226,7 +226,7 @@ class GaussianDiffusion:
             t = torch.full((len(x0),), i, device=x0.device, dtype=torch.long)
             noise = torch.randn(x0.shape, generator=generator).to(x0.device)
             xt = self.q_sample(x0, t, noise)
-            total = total + self.vb_terms_bpd(model_fn(xt, self.model_timesteps(t)), x0, xt, t, clip_denoised=True)
+            total = total + self.vb_terms_bpd(model_fn(xt, self.model_timesteps(t)), x0, xt, t, clip_denoised=clip_denoised)
         return {"bits_per_dim": total, "prior_bits_per_dim": prior}
 
     # -- samplers -------------------------------------------------------------------------------

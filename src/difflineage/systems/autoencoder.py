@@ -36,8 +36,9 @@ class AutoencoderKLSystem(System):
         return False
 
     def prepare(self, dataset: ImageDataset) -> None:
-        """Keep 32 training images to show reconstructions of in the training grids."""
-        self.preview = dataset.batch(range(min(32, len(dataset))), self.device)["image"]
+        """Keep 32 training images spread over the set (the files are sorted by class) for the training grids."""
+        pick = torch.linspace(0, len(dataset) - 1, min(32, len(dataset))).long()
+        self.preview = dataset.batch(pick, self.device)["image"]
 
     def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x = batch["image"]
@@ -64,7 +65,7 @@ class AutoencoderKLSystem(System):
         return self.reconstruct(self.preview[idx])
 
     def pictures(self, dataset: ImageDataset, out_dir: Path, generator: Optional[torch.Generator] = None) -> dict[str, Path]:
-        x = dataset.batch(range(min(32, len(dataset))), self.device)["image"]
+        x = dataset.batch(torch.linspace(0, len(dataset) - 1, min(32, len(dataset))).long(), self.device)["image"]
         pairs = torch.stack([x.cpu(), self.reconstruct(x).cpu()], 1).flatten(0, 1)
         return {"reconstructions": save_grid(pairs, Path(out_dir) / "reconstructions.png", nrow=16, scale=2)}
 

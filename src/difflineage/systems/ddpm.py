@@ -58,6 +58,9 @@ class DDPMSystem(System):
 
     # -- the space the diffusion runs in (pixels here; latents in LDM) ---------------------------
 
+    # Pixels live in [-1, 1], so the sampler may clip its x_0 estimate there; latents do not.
+    clip_denoised = True
+
     def model_space(self) -> tuple[int, int]:
         d = self.config.data
         return d.channels or 1, d.image_size
@@ -155,7 +158,7 @@ class DDPMSystem(System):
             else (lambda x, t: self.unet(x, t))
         x = self.chain(steps).sample(fn, (n, self.channels, self.side, self.side), sampler=sampler or dc.sampler,
                                      eta=dc.eta if eta is None else eta, generator=generator, device=self.device,
-                                     progress=progress)
+                                     clip_denoised=self.clip_denoised, progress=progress)
         return self.to_images(x)
 
     # -- evaluation -----------------------------------------------------------------------------
@@ -174,7 +177,8 @@ class DDPMSystem(System):
             batch = sub.batch(range(s, min(s + 50, len(sub))), self.device)
             cond = self.condition_kwargs(batch["label"], batch["caption"]) if self.config.model.condition != "none" else {}
             x0 = self.to_model_space(batch)
-            r = chain.bits_per_dim(lambda x, t: self.unet(x, t, **cond), x0, generator=generator, progress=progress)
+            r = chain.bits_per_dim(lambda x, t: self.unet(x, t, **cond), x0, generator=generator, progress=progress,
+                                   clip_denoised=self.clip_denoised)
             total.append(r["bits_per_dim"])
             prior.append(r["prior_bits_per_dim"])
         return {"bits_per_dim": torch.cat(total).mean().item(), "prior_bits_per_dim": torch.cat(prior).mean().item(),

@@ -94,6 +94,8 @@ class LDMSystem(DDPMSystem):
 
     # -- the latent space -------------------------------------------------------------------------
 
+    clip_denoised = False  # scaled latents have unit variance, not a [-1, 1] range: clipping would cut them
+
     def model_space(self) -> tuple[int, int]:
         f = 2 ** (len(self._ae_cfg.channels) - 1)
         if self.config.data.image_size % f:
@@ -120,7 +122,7 @@ class LDMSystem(DDPMSystem):
 
         from difflineage.images import save_grid
 
-        x = dataset.batch(range(min(32, len(dataset))), self.device)["image"]
+        x = dataset.batch(torch.linspace(0, len(dataset) - 1, min(32, len(dataset))).long(), self.device)["image"]
         with torch.no_grad():
             mean, _ = self.first_stage.encode(x)
             recon = self.first_stage.decode(mean).float().clamp(-1, 1)
