@@ -79,6 +79,14 @@ def test_flop_counter_linear_and_conv_by_hand():
     assert count_flops(strided, torch.randn(2, 2, 8, 8)).macs == 2 * 6 * 4 * 4 * 2 * 4 * 4
 
 
+def test_flop_counter_counts_attention_on_the_cpu():
+    import torch.nn.functional as F
+
+    q = k = v = torch.randn(1, 2, 16, 8)  # 2 heads, 16 tokens, 8 channels per head
+    # scores q k^T: 16 x 16 dot products of length 8; weighted sum of v: 16 x 8 outputs of length 16 (per head)
+    assert count_flops(F.scaled_dot_product_attention, q, k, v).macs == 2 * (16 * 16 * 8 + 16 * 8 * 16)
+
+
 def test_generate_is_deterministic_and_balances_classes():
     from difflineage.systems import VAESystem
     from helpers import tiny_vae_dict

@@ -44,7 +44,11 @@ class FlopCount:
 @torch.no_grad()
 def count_flops(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> FlopCount:
     """Run ``fn(*args, **kwargs)`` once under FlopCounterMode and return what it computed."""
-    with FlopCounterMode(display=False, depth=1) as counter:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    # FlopCounterMode knows the CUDA attention kernels but not the CPU flash kernel; the math backend spells
+    # attention out as two batched matrix products, which it counts (same arithmetic, any device).
+    with sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False, depth=1) as counter:
         fn(*args, **kwargs)
     total = counter.get_total_flops()
     per_module = {}

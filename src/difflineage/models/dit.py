@@ -1,0 +1,230 @@
+"""DiT (Peebles & Xie, 2023): a transformer over patchified (latent) images, conditioned on the diffusion
+timestep and a class label through one of four block designs of the paper:
+
+- ``adaln_zero`` (the default and the paper's best): the condition regresses per-channel shift, scale and a
+  gate for the attention and MLP branches; the regressor's output layer starts at zero, so every block
+  starts as the identity.
+- ``adaln``: shift and scale only (no gates), regressor initialised like any linear layer.
+- ``cross_attention``: t and y embeddings form a two-token sequence that the image tokens attend to, in an
+  extra cross-attention layer after self-attention.
+- ``in_context``: t and y embeddings are appended to the image tokens as two more tokens, and the blocks are
+  plain ViT blocks; the two tokens are dropped after the last block.
+
+Parameter names follow the official code (timm names), so its checkpoints load with no renaming:
+``pos_embed``, ``x_embedder.proj``, ``t_embedder.mlp.{0,2}``, ``y_embedder.embedding_table``,
+``blocks.N.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2,adaLN_modulation.1}``,
+``final_layer.{linear,adaLN_modulation.1}``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from difflineage.config import ConfigError
+from difflineage.nn.attention import Attention
+from difflineage.nn.embeddings import LabelEmbedder, TimestepEmbedder
+
+# The paper's configurations: depth, hidden size, heads (patch size is the /N suffix).
+DIT_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
+DIT_CONFIGS = {f"DiT-{s}/{p}": (*DIT_SIZES[s], p) for s in DIT_SIZES for p in (2, 4, 8)}
+BLOCK_TYPES = ("adaln_zero", "adaln", "cross_attention", "in_context")
+
+
+@dataclass
+class DiTConfig:
+    """:param name: a named configuration (``DiT-XL/2`` ...) or ``custom`` to use depth/hidden/heads/patch.
+    :param block: the conditioning block design (see the module docstring).
+    :param learn_sigma: predict the variance interpolation too (2C output channels), as DiT does."""
+
+    name: str = "custom"
+    depth: int = 6
+    hidden: int = 128
+    heads: int = 4
+    patch: int = 2
+    mlp_ratio: float = 4.0
+    block: Literal["adaln_zero", "adaln", "cross_attention", "in_context"] = "adaln_zero"
+    learn_sigma: bool = True
+    class_dropout: float = 0.1
+    grad_checkpointing: bool = False
+
+    def resolved(self) -> tuple[int, int, int, int]:
+        """(depth, hidden, heads, patch) of this config."""
+        return DIT_CONFIGS[self.name] if self.name != "custom" else (self.depth, self.hidden, self.heads, self.patch)
+
+    def check(self) -> None:
+        if self.name != "custom" and self.name not in DIT_CONFIGS:
+            raise ConfigError(f"model.dit.name={self.name!r} is not a DiT configuration; choose custom or one of "
+                              f"{', '.join(DIT_CONFIGS)}")
+        depth, hidden, heads, patch = self.resolved()
+        if hidden % heads or hidden % 4:
+            raise ConfigError(f"DiT hidden={hidden} must be divisible by heads={heads} and by 4 (2-D positions)")
+        if min(depth, patch) < 1 or not 0 <= self.class_dropout < 1:
+            raise ConfigError("DiT depth and patch must be at least 1, class_dropout in [0, 1)")
+
+
+def sincos_pos_embed_2d(dim: int, grid: int) -> np.ndarray:
+    """Fixed 2-D sine-cosine positions (MAE / DiT): half the channels encode the row, half the column,
+    each as [sin, cos] of 1 / 10000^(2i / (dim / 2)) frequencies. Returns (grid * grid, dim), float64."""
+
+    def one_axis(d: int, pos: np.ndarray) -> np.ndarray:
+        omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
+        out = np.einsum("m,d->md", pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    coords = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64))  # (w, h) order
+    return np.concatenate([one_axis(dim // 2, coords[0]), one_axis(dim // 2, coords[1])], axis=1)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class PatchEmbed(nn.Module):
+    """(N, C, H, W) -> (N, T, D) with a p x p stride-p convolution (``x_embedder.proj``)."""
+
+    def __init__(self, channels: int, hidden: int, patch: int):
+        super().__init__()
+        self.proj = nn.Conv2d(channels, hidden, patch, stride=patch)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class Mlp(nn.Module):
+    """fc1 - GELU (tanh approximation, as DiT) - fc2."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class DiTBlock(nn.Module):
+    """One transformer block with the chosen conditioning. LayerNorms have no affine parameters, eps 1e-6."""
+
+    def __init__(self, hidden: int, heads: int, mlp_ratio: float, block: str):
+        super().__init__()
+        self.block = block
+        self.norm1 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden, heads)
+        self.norm2 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden, int(hidden * mlp_ratio))
+        if block in ("adaln_zero", "adaln"):
+            n = 6 if block == "adaln_zero" else 4  # shift, scale, (gate) for attention, then for the MLP
+            self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, n * hidden))
+        if block == "cross_attention":
+            self.norm_cross = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+            self.cross_attn = Attention(hidden, heads, context_dim=hidden)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, cond_tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x (N, T, D); c (N, D) the condition vector; cond_tokens (N, 2, D) for cross-attention."""
+        if self.block == "adaln_zero":
+            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+            x = x + gate_msa[:, None] * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+            return x + gate_mlp[:, None] * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        if self.block == "adaln":
+            shift_msa, scale_msa, shift_mlp, scale_mlp = self.adaLN_modulation(c).chunk(4, dim=1)
+            x = x + self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+            return x + self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        x = x + self.attn(self.norm1(x))
+        if self.block == "cross_attention":
+            x = x + self.cross_attn(self.norm_cross(x), cond_tokens)
+        return x + self.mlp(self.norm2(x))
+
+
+class FinalLayer(nn.Module):
+    """LayerNorm (adaLN-modulated for the adaLN blocks) and a linear map to p * p * C_out per token."""
+
+    def __init__(self, hidden: int, patch: int, out_channels: int, adaptive: bool):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden, patch * patch * out_channels)
+        self.adaptive = adaptive
+        if adaptive:
+            self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        x = self.norm_final(x)
+        if self.adaptive:
+            shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+            x = modulate(x, shift, scale)
+        return self.linear(x)
+
+
+class DiT(nn.Module):
+    """(x (N, C, S, S), t (N,), y (N,) labels with ``num_classes`` as the null class) -> (N, C_out, S, S)."""
+
+    def __init__(self, cfg: DiTConfig, in_channels: int, input_size: int, num_classes: int):
+        super().__init__()
+        depth, hidden, heads, patch = cfg.resolved()
+        if input_size % patch:
+            raise ConfigError(f"DiT patch {patch} does not divide the input side {input_size}")
+        self.cfg = cfg
+        self.in_channels = in_channels
+        self.out_channels = in_channels * 2 if cfg.learn_sigma else in_channels
+        self.patch = patch
+        self.grid = input_size // patch
+        self.x_embedder = PatchEmbed(in_channels, hidden, patch)
+        self.t_embedder = TimestepEmbedder(hidden)
+        self.y_embedder = LabelEmbedder(num_classes, hidden, cfg.class_dropout)
+        pos = torch.from_numpy(sincos_pos_embed_2d(hidden, self.grid)).float()[None].to(self.x_embedder.proj.weight.device)
+        self.pos_embed = nn.Parameter(pos, requires_grad=False)  # fixed, but in the state dict as DiT keeps it
+        self.blocks = nn.ModuleList([DiTBlock(hidden, heads, cfg.mlp_ratio, cfg.block) for _ in range(depth)])
+        self.final_layer = FinalLayer(hidden, patch, self.out_channels, adaptive=cfg.block in ("adaln_zero", "adaln"))
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """The official initialisation: xavier-uniform linears with zero biases, the patch projection like a
+        linear, N(0, 0.02) for the label table and the timestep MLP; zero for every adaLN-Zero modulation
+        output and for the final linear layer."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        w = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        if self.cfg.block == "adaln_zero":
+            for block in self.blocks:
+                nn.init.zeros_(block.adaLN_modulation[-1].weight)
+                nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        if self.final_layer.adaptive:
+            nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+            nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, T, p * p * C) -> (N, C, S, S)."""
+        n, p, g, c = x.shape[0], self.patch, self.grid, self.out_channels
+        x = x.view(n, g, g, p, p, c)
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(n, c, g * p, g * p)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        tokens = self.x_embedder(x) + self.pos_embed  # (N, T, D)
+        t_emb, y_emb = self.t_embedder(t), self.y_embedder(labels)  # (N, D) each
+        c = t_emb + y_emb
+        cond_tokens = torch.stack([t_emb, y_emb], dim=1)  # (N, 2, D) for the token-based designs
+        n_image = tokens.shape[1]
+        if self.cfg.block == "in_context":
+            tokens = torch.cat([tokens, cond_tokens], dim=1)  # (N, T + 2, D)
+        for block in self.blocks:
+            if self.cfg.grad_checkpointing and self.training:
+                tokens = torch.utils.checkpoint.checkpoint(block, tokens, c, cond_tokens, use_reentrant=False)
+            else:
+                tokens = block(tokens, c, cond_tokens)
+        tokens = tokens[:, :n_image]  # (N, T, D)
+        return self.unpatchify(self.final_layer(tokens, c))  # (N, C_out, S, S)
