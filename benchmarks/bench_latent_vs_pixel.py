@@ -70,7 +70,7 @@ def main() -> None:
 
             cases[f"{name} train {label}"], cases[f"{name} sample {label}"] = step, sample
         passes = system.forward_passes()
-        macs[name] = sum(count_flops(fn).macs for key, fn in passes.items() if "UNet" in key)
+        macs[name] = sum(count_flops(fn).macs for key, fn in passes.items() if "unet" in key)
     t = side_by_side(cases, warmup=1, repeats=args.repeats)
     rows = []
     for label in precisions:

@@ -3,9 +3,10 @@
 from difflineage.systems.autoencoder import AutoencoderKLSystem
 from difflineage.systems.base import System
 from difflineage.systems.ddpm import DDPMSystem
+from difflineage.systems.dit import DiTSystem
 from difflineage.systems.ldm import LDMSystem
 from difflineage.systems.vae import VAESystem
 
-SYSTEMS: dict[str, type[System]] = {cls.name: cls for cls in (VAESystem, DDPMSystem, AutoencoderKLSystem, LDMSystem)}
+SYSTEMS: dict[str, type[System]] = {cls.name: cls for cls in (VAESystem, DDPMSystem, AutoencoderKLSystem, LDMSystem, DiTSystem)}
 
-__all__ = ["SYSTEMS", "System", "VAESystem", "DDPMSystem", "AutoencoderKLSystem", "LDMSystem"]
+__all__ = ["SYSTEMS", "System", "VAESystem", "DDPMSystem", "AutoencoderKLSystem", "LDMSystem", "DiTSystem"]

@@ -50,11 +50,25 @@ class DDPMSystem(System):
         self.channels, self.side = self.model_space()
         self.text = TextEncoder(m.text) if m.condition == "caption" else None
         out_channels = self.channels * (2 if m.diffusion.variance == "learned_range" else 1)
-        self.unet = UNet(m.unet, self.channels, out_channels, self.side,
-                         num_classes=(d.num_classes or 0) if m.condition == "class" else 0,
-                         context_dim=m.text.width if self.text is not None else None, class_drop=m.cond_drop)
+        setattr(self, self.network_name, self.build_network(
+            out_channels, num_classes=(d.num_classes or 0) if m.condition == "class" else 0,
+            context_dim=m.text.width if self.text is not None else None))
         self.diffusion = m.diffusion.build()
         self._respaced: dict[Any, GaussianDiffusion] = {}
+
+    # -- the denoising network (a UNet here; DiT in systems/dit.py) -------------------------------
+
+    network_name = "unet"  # the attribute, and so the checkpoint key prefix, of the network
+
+    def build_network(self, out_channels: int, num_classes: int, context_dim: Optional[int]) -> torch.nn.Module:
+        m = self.config.model
+        return UNet(m.unet, self.channels, out_channels, self.side, num_classes=num_classes, context_dim=context_dim,
+                    class_drop=m.cond_drop)
+
+    @property
+    def net(self) -> torch.nn.Module:
+        """The denoiser: (x_t, t, **condition) -> prediction (and variance channels)."""
+        return getattr(self, self.network_name)
 
     # -- the space the diffusion runs in (pixels here; latents in LDM) ---------------------------
 
@@ -90,7 +104,7 @@ class DDPMSystem(System):
         """The UNet's conditioning inputs; in training, the condition is dropped with prob. cond_drop."""
         m = self.config.model
         if m.condition == "class":
-            return {"labels": self.unet.y_embedder.drop(labels) if train else labels}
+            return {"labels": self.net.y_embedder.drop(labels) if train else labels}
         if m.condition == "caption":
             if captions is None:
                 raise ValueError("this model is caption-conditioned: the data must carry captions")
@@ -104,7 +118,7 @@ class DDPMSystem(System):
     def null_kwargs(self, n: int) -> dict[str, Any]:
         m = self.config.model
         if m.condition == "class":
-            return {"labels": torch.full((n,), self.unet.y_embedder.num_classes, dtype=torch.long, device=self.device)}
+            return {"labels": torch.full((n,), self.net.y_embedder.num_classes, dtype=torch.long, device=self.device)}
         if m.condition == "caption":
             return self.condition_kwargs(None, [""] * n)
         return {}
@@ -115,7 +129,7 @@ class DDPMSystem(System):
         x0 = self.to_model_space(batch)
         t = torch.randint(0, self.diffusion.num_timesteps, (len(x0),), device=x0.device)
         cond = self.condition_kwargs(batch["label"], batch["caption"], train=True)
-        terms = self.diffusion.training_losses(lambda xt, tt: self.unet(xt, tt, **cond), x0, t)
+        terms = self.diffusion.training_losses(lambda xt, tt: self.net(xt, tt, **cond), x0, t)
         metrics = {"mse": terms["mse"].mean().detach()}
         if "vb" in terms:
             metrics["vb"] = terms["vb"].mean().detach()
@@ -154,12 +168,15 @@ class DDPMSystem(System):
                     raise ValueError("give captions (a list of strings) to sample from a caption-conditioned model")
                 captions = self.captions_for(labels)
         cond = self.condition_kwargs(labels, captions) if self.config.model.condition != "none" else {}
-        fn = guided(self.unet, guidance, cond, self.null_kwargs(n), guide_channels=self.channels) if cond \
-            else (lambda x, t: self.unet(x, t))
+        fn = self.guide(guidance, cond, self.null_kwargs(n)) if cond else (lambda x, t: self.net(x, t))
         x = self.chain(steps).sample(fn, (n, self.channels, self.side, self.side), sampler=sampler or dc.sampler,
                                      eta=dc.eta if eta is None else eta, generator=generator, device=self.device,
                                      clip_denoised=self.clip_denoised, progress=progress)
         return self.to_images(x)
+
+    def guide(self, scale: float, cond: dict[str, Any], null: dict[str, Any]):
+        """Classifier-free guidance on the prediction channels (the variance channels follow the condition)."""
+        return guided(self.net, scale, cond, null, guide_channels=self.channels)
 
     # -- evaluation -----------------------------------------------------------------------------
 
@@ -177,7 +194,7 @@ class DDPMSystem(System):
             batch = sub.batch(range(s, min(s + 50, len(sub))), self.device)
             cond = self.condition_kwargs(batch["label"], batch["caption"]) if self.config.model.condition != "none" else {}
             x0 = self.to_model_space(batch)
-            r = chain.bits_per_dim(lambda x, t: self.unet(x, t, **cond), x0, generator=generator, progress=progress,
+            r = chain.bits_per_dim(lambda x, t: self.net(x, t, **cond), x0, generator=generator, progress=progress,
                                    clip_denoised=self.clip_denoised)
             total.append(r["bits_per_dim"])
             prior.append(r["prior_bits_per_dim"])
@@ -193,4 +210,4 @@ class DDPMSystem(System):
         labels = torch.zeros(1, dtype=torch.long, device=self.device)
         cond = self.condition_kwargs(labels, self.captions_for(labels) if self.num_classes else [""]) \
             if self.config.model.condition != "none" else {}
-        return {"sampling: UNet (one image, one step)": lambda: self.unet(x, t, **cond)}
+        return {f"sampling: {self.network_name} (one image, one step)": lambda: self.net(x, t, **cond)}
