@@ -69,3 +69,9 @@ def test_yaml_round_trip_and_recipe_by_name():
     assert again == cfg
     with pytest.raises(ConfigError, match="no config file 'nope' and no recipe of that name; recipes: .*vae-mnist"):
         load_config("nope")
+
+
+@pytest.mark.parametrize("recipe", sorted(p.stem for p in __import__("difflineage.config", fromlist=["CONFIG_DIR"]).CONFIG_DIR.glob("*.yaml")))
+def test_every_recipe_is_a_valid_config(recipe):
+    cfg = load_config(recipe)
+    assert cfg.system in recipe.replace("-", "_") or cfg.system in recipe
