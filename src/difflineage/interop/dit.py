@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import pickle
 import re
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -185,33 +184,11 @@ def _build(state: StateDict, source: str, heads: Optional[int], learn_sigma: Opt
 
 
 def _read(path: Path) -> dict:
-    from difflineage.train.checkpoint import CheckpointError
+    from difflineage.train.checkpoint import read_weights
 
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        try:
-            return load_file(str(path), device="cpu")
-        except Exception as exc:  # SafetensorError, OSError, ...
-            raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
     # The official training checkpoints keep their argparse.Namespace under "args": plain attributes,
     # no code runs to rebuild it, so it is the one class allowed beyond tensors and containers.
-    safe = getattr(torch.serialization, "safe_globals", None)
-    try:
-        if safe is not None:
-            with safe([argparse.Namespace]):
-                obj = torch.load(path, map_location="cpu", weights_only=True)
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise CheckpointError(f"{path}: refused: torch.load(weights_only=True) failed because the file holds "
-                              "pickled objects other than tensors and plain containers; difflineage never "
-                              "unpickles code. Convert it to .safetensors from a trusted environment. "
-                              f"({str(exc).splitlines()[0]})") from exc
-    except Exception as exc:
-        raise CheckpointError(f"{path}: could not be read with torch.load(weights_only=True): {exc}") from exc
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, expected a state dict of DiT weights")
-    return obj
+    return read_weights(path, "DiT weights", safe_classes=(argparse.Namespace,))
 
 
 def _pick_weights(raw: dict, source: str) -> tuple[StateDict, str]:

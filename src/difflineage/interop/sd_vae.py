@@ -14,7 +14,6 @@ Files are read without unpickling code: safetensors, or ``torch.load(weights_onl
 
 from __future__ import annotations
 
-import pickle
 import re
 from pathlib import Path
 from typing import Callable, Literal
@@ -156,26 +155,9 @@ def infer_sd_vae_config(state: dict[str, torch.Tensor], norm_groups: int = 32,
 
 
 def _read(path: Path) -> dict:
-    from difflineage.train.checkpoint import CheckpointError
+    from difflineage.train.checkpoint import read_weights
 
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        try:
-            return load_file(str(path), device="cpu")
-        except Exception as exc:  # SafetensorError, OSError, ...
-            raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise CheckpointError(f"{path}: refused: torch.load(weights_only=True) failed because the file holds "
-                              "pickled objects other than tensors and plain containers; difflineage never "
-                              f"unpickles code. Convert it to .safetensors from a trusted environment. "
-                              f"({str(exc).splitlines()[0]})") from exc
-    except Exception as exc:
-        raise CheckpointError(f"{path}: could not be read with torch.load(weights_only=True): {exc}") from exc
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, expected a state dict of VAE weights")
-    return obj
+    return read_weights(path, "VAE weights")
 
 
 def _vae_weights(state: dict) -> dict[str, torch.Tensor]:

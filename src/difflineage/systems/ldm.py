@@ -14,7 +14,7 @@ A checkpoint holds all three parts, so it samples without the first stage's own 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 

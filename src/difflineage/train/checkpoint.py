@@ -164,6 +164,34 @@ def load_state_dict_strict(module: nn.Module, state: dict[str, torch.Tensor], so
     module.load_state_dict(state, strict=True)
 
 
+def read_weights(path: Path, what: str, safe_classes: tuple = ()) -> dict:
+    """Read a weights file from another project: safetensors, or a torch file with weights_only=True (plus
+    ``safe_classes``, plain-data classes that need no code to rebuild). Anything else is refused by name."""
+    import pickle
+
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as exc:  # SafetensorError, OSError, ...
+            raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
+    try:
+        with torch.serialization.safe_globals(list(safe_classes)):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(f"{path}: refused: torch.load(weights_only=True) failed because the file holds "
+                              "pickled objects other than tensors and plain containers; difflineage never "
+                              "unpickles code. Convert it to .safetensors from a trusted environment. "
+                              f"({str(exc).splitlines()[0]})") from exc
+    except Exception as exc:
+        raise CheckpointError(f"{path}: could not be read with torch.load(weights_only=True): {exc}") from exc
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, expected a state dict of {what}")
+    return obj
+
+
 def _plain_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     # safetensors refuses tensors that share memory; a copy per tensor keeps every file self-contained.
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
