@@ -2,8 +2,7 @@ import pytest
 import torch
 
 import difflineage
-from difflineage.config import ConfigError, DataConfig, from_dict
-from difflineage.data import load_dataset
+from difflineage.config import ConfigError, from_dict
 from difflineage.train import Trainer
 from helpers import tiny_autoencoder_dict
 
