@@ -94,3 +94,11 @@ def test_latent_sampler_does_not_clip_to_the_pixel_range(first_stage, tmp_path):
     system.to_images = lambda z: z  # look at the latents themselves
     z = system.sample(4, condition=1, generator=torch.Generator().manual_seed(0), guidance=1.0)
     assert z.abs().max() > 1.5
+
+
+def test_ldm_resumes_from_its_config(first_stage, tmp_path):
+    """The config names only the first stage; the checkpoint's has the architecture filled in. Resuming
+    with the config (as a re-run quickstart does) must see them as the same model."""
+    Trainer(from_dict(ldm_dict(first_stage, steps=2)), tmp_path, progress=False).fit()
+    result = Trainer(from_dict(ldm_dict(first_stage, steps=3)), tmp_path, resume=True, progress=False).fit()
+    assert result.step == 3 and result.status == "finished"

@@ -112,8 +112,6 @@ class Trainer:
     def _fit(self, info: DistInfo) -> TrainResult:
         ckpt = load_checkpoint(self.resume_from, map_location="cpu") if self.resume_from else None
         config = self.config or ckpt.config
-        if ckpt is not None and self.config is not None:
-            _check_same_model(self.config, ckpt.config, self.resume_from)
         tc = config.train
         if tc.batch_size % info.world_size:
             raise ConfigError(f"train.batch_size={tc.batch_size} does not split over {info.world_size} processes; "
@@ -122,6 +120,8 @@ class Trainer:
 
         dataset = load_dataset(config.data, "train")
         config = SYSTEMS[config.system].resolve_config(resolve_data(config, dataset))
+        if ckpt is not None and self.config is not None:  # compare once both are resolved (first stage filled in)
+            _check_same_model(config, ckpt.config, self.resume_from)
         if len(dataset) < tc.batch_size:
             raise ConfigError(f"train.batch_size={tc.batch_size} exceeds the {len(dataset)} training images of "
                               f"{config.data.source}; lower train.batch_size")
