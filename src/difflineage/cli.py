@@ -241,7 +241,7 @@ def cmd_evaluate(args) -> int:
     if args.n < 0:
         print("error: --n must be 0 or more", file=sys.stderr)
         return 2
-    info = init_distributed(args.device if args.device != "cpu" else "cpu")
+    info = init_distributed(args.device)
     try:
         device = str(info.device) if info.enabled else args.device
         system = load(args.checkpoint, use_ema=not args.no_ema, device=device)

@@ -179,20 +179,14 @@ class FIDInceptionV3(nn.Module):
 
 def load_fid_inception(path: str | Path | None) -> FIDInceptionV3:
     """Build the network and load the FID weights file, strictly (every key named on a mismatch)."""
-    from difflineage.train.checkpoint import CheckpointError, load_state_dict_strict
+    from difflineage.train.checkpoint import load_state_dict_strict, read_weights
 
     if path is None:
         raise FileNotFoundError(WEIGHTS_HELP)
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no InceptionV3 weights at '{path}'. {WEIGHTS_HELP}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"'{path}' cannot be read as a weights file without running pickled code ({exc}). "
-                              f"{WEIGHTS_HELP}") from None
-    if not isinstance(state, dict):
-        raise CheckpointError(f"'{path}' holds a {type(state).__name__}, not a state dict of tensors")
+    state = read_weights(path, "InceptionV3 weights")  # safetensors or weights_only: never runs pickled code
     model = FIDInceptionV3()
     # Old files lack BatchNorm's step counters; the auxiliary classifier is not part of the FID network.
     own = model.state_dict()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import signal
 import time
 from dataclasses import dataclass, replace
@@ -163,7 +164,6 @@ class Trainer:
         run = _RunState(info=info, config=config, system=system, ema=ema, opt=opt, run_dir=self.run_dir)
         self.system, self.ema, self.optimizer, self.config = system, ema, opt, config  # for callers and tests
 
-        order: list[int] = []
         sampler.set_epoch(epoch)
         order = list(sampler)
         bar = tqdm(total=tc.steps, initial=step, desc=f"train {config.system}", disable=not (self.progress and info.is_main),
@@ -281,8 +281,6 @@ class _RunState:
             keep = self.config.train.keep_checkpoints
             if keep:
                 for old in sorted((self.run_dir / "checkpoints").glob("step_*"))[:-keep]:
-                    import shutil
-
                     shutil.rmtree(old)
         barrier(self.info)
         return path
