@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-SYSTEM ?= vae
+SYSTEM ?= dit
 # The CPU build of torch that lies on this machine's disk; installed only when no torch is importable.
 TORCH_PIN ?= torch==2.13.0
 

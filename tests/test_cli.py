@@ -105,12 +105,29 @@ def test_bad_config_key_is_a_clear_error(tmp_path, capsys):
 
 
 def test_quickstart_runs_end_to_end(tmp_path, capsys):
-    code = main(["quickstart", "--out", str(tmp_path), "--no-progress", "--eval-k", "2", "--eval-n", "30", "--set", "train.steps=3",
-                 "train.sample_every=0", "train.checkpoint_every=0"])
+    code = main(["quickstart", "--system", "vae", "--out", str(tmp_path), "--no-progress", "--eval-k", "2", "--eval-n", "30",
+                 "--set", "train.steps=3", "train.sample_every=0", "train.checkpoint_every=0"])
     assert code == 0
     out = capsys.readouterr().out
     for name in ("samples.png", "reconstructions.png", "interpolations.png", "metrics.json", "loss.png"):
         assert (tmp_path / name).exists() and name in out
+
+
+def test_default_quickstart_is_the_dit_with_its_first_stage(tmp_path, capsys):
+    """The flagship quickstart trains the autoencoder, then the latent DiT (steps cut down here per stage)."""
+    code = main(["quickstart", "--out", str(tmp_path), "--no-progress", "--eval-n", "20",
+                 "--set", "autoencoder-mnist:train.steps=2", "autoencoder-mnist:train.sample_every=0",
+                 "train.steps=2", "train.sample_every=0", "train.checkpoint_every=0", "model.dit.depth=1",
+                 "model.diffusion.sample_steps=5", "train.batch_size=16"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "quickstart (dit)" in out and "class accuracy" in out
+    for name in ("samples.png", "reconstructions.png", "metrics.json", "autoencoder/checkpoints"):
+        assert (tmp_path / name).exists()
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["system"] == "dit"
+    assert yaml.safe_load((tmp_path / "autoencoder" / "config.yaml").read_text())["train"]["steps"] == 2
+    assert main(["quickstart", "--out", str(tmp_path / "x"), "--set", "ldm-mnist:train.steps=1"]) == 2
+    assert "not a stage of the dit quickstart" in capsys.readouterr().err
 
 
 def test_sample_refuses_options_the_system_lacks(run, tmp_path, capsys):

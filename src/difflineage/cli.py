@@ -13,13 +13,16 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-# Each system's quickstart: its stages in order, as (recipe, run sub-directory or "" for the run itself).
-# A later stage that needs an earlier one's checkpoint gets it as model.first_stage.
+# Each system's quickstart: its stages in order, as (recipe, run sub-directory or "" for the run itself,
+# overrides of that stage). A later stage that needs an earlier one's checkpoint gets it as model.first_stage.
+# The first entry is the default system (the flagship).
 QUICKSTART_RECIPES = {
-    "vae": [("vae-mnist", "")],
-    "ddpm": [("ddpm-mnist", "")],
-    "ldm": [("autoencoder-mnist", "autoencoder"), ("ldm-mnist", "")],
+    "dit": [("autoencoder-mnist", "autoencoder", ["train.steps=800"]), ("dit-mnist", "", [])],
+    "vae": [("vae-mnist", "", [])],
+    "ddpm": [("ddpm-mnist", "", [])],
+    "ldm": [("autoencoder-mnist", "autoencoder", []), ("ldm-mnist", "", [])],
 }
+DEFAULT_SYSTEM = next(iter(QUICKSTART_RECIPES))
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -54,10 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a system's ready-made recipe on the embedded mnist5k digits, write a sample "
                                    "grid, pictures and held-out metrics, and print where they are. Re-running resumes "
                                    "an interrupted quickstart.")
-    q.add_argument("--system", default="vae", choices=list(QUICKSTART_RECIPES), help="which system (default: vae)")
+    q.add_argument("--system", default=DEFAULT_SYSTEM, choices=list(QUICKSTART_RECIPES),
+                   help=f"which system (default: {DEFAULT_SYSTEM}, the flagship)")
     q.add_argument("--out", type=Path, default=None, help="run directory (default: runs/quickstart-SYSTEM)")
     q.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="override recipe values, e.g. train.steps=500")
+                   help="override recipe values of the final stage, e.g. train.steps=500, or of a named "
+                        "earlier stage, e.g. autoencoder-mnist:train.steps=400")
     q.add_argument("--eval-k", type=int, default=200, help="importance samples per image for the held-out NLL (default 200)")
     q.add_argument("--eval-n", type=int, default=500, help="samples scored with FID/KID/IS/precision/recall (default 500)")
     q.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -80,11 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sample", help="draw samples from a checkpoint into a grid PNG",
                        description="Draw samples from a checkpoint (or a run directory's latest one).")
     s.add_argument("checkpoint", type=Path, help="checkpoint directory or run directory")
-    s.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
+    s.add_argument("--n", type=int, default=64,
+                   help="number of samples (default 64; without --label, a whole number per class, one row each)")
     s.add_argument("--label", type=int, default=None, help="class to draw (class-conditional systems); default: all classes in turn")
     s.add_argument("--out", type=Path, default=Path("samples.png"), help="grid PNG to write (default samples.png)")
     s.add_argument("--npz", type=Path, default=None, help="also write the samples as uint8 N x H x W x C (arr_0), ADM's layout")
-    s.add_argument("--nrow", type=int, default=None, help="images per grid row (default: number of classes, or square)")
+    s.add_argument("--nrow", type=int, default=None, help="images per grid row (default: one row per class, or square)")
     s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     s.add_argument("--temperature", type=float, default=None, help="scale of the prior noise (systems that support it)")
     s.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (diffusion systems)")
@@ -168,8 +174,18 @@ def cmd_quickstart(args) -> int:
 
     run_dir = args.out or Path("runs") / f"quickstart-{args.system}"
     first_stage = None
-    for recipe, sub in QUICKSTART_RECIPES[args.system]:
-        overrides = list(args.overrides) if not sub else []  # --set applies to the final stage
+    stages = QUICKSTART_RECIPES[args.system]
+    known = {recipe for recipe, _, _ in stages}
+    for o in args.overrides:
+        if ":" in o.split("=", 1)[0] and o.split(":", 1)[0] not in known:
+            print(f"error: --set {o}: {o.split(':', 1)[0]!r} is not a stage of the {args.system} quickstart "
+                  f"({', '.join(sorted(known))})", file=sys.stderr)
+            return 2
+    for recipe, sub, stage_overrides in stages:
+        # --set KEY=VALUE applies to the final stage, --set RECIPE:KEY=VALUE to that stage
+        mine = [o.split(":", 1)[1] for o in args.overrides if o.startswith(recipe + ":")]
+        plain = [o for o in args.overrides if ":" not in o.split("=", 1)[0]]
+        overrides = stage_overrides + (plain if not sub else []) + mine
         if first_stage is not None:
             overrides.insert(0, f"model.first_stage={first_stage}")
         config = load_config(recipe, overrides)
@@ -215,12 +231,17 @@ def cmd_sample(args) -> int:
         print("error: --n must be at least 1", file=sys.stderr)
         return 2
     condition = [args.caption] * args.n if args.caption is not None else args.label
+    per_class = None
+    if condition is None and system.num_classes and args.n >= system.num_classes:
+        per_class = args.n // system.num_classes  # one row per class
+        args.n = per_class * system.num_classes
+        condition = torch.arange(system.num_classes).repeat_interleave(per_class)
     try:
         images = system.sample(args.n, condition=condition, generator=torch.Generator().manual_seed(args.seed), **options)
     except (TypeError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    nrow = args.nrow or (system.num_classes if system.num_classes and args.label is None else None)
+    nrow = args.nrow or per_class
     path = save_grid(images, args.out, nrow=nrow, scale=2)
     print(f"wrote {args.n} samples to {path}")
     if args.npz:

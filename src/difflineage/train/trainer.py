@@ -294,11 +294,12 @@ class _RunState:
         was_training = model.training
         model.eval()
         k = model.num_classes
-        n = tc.sample_n if not k else max(k, round(tc.sample_n / k) * k)
-        cond = (torch.arange(n) % k) if k else None
+        per_class = max(1, round(tc.sample_n / k)) if k else 0
+        n = k * per_class if k else tc.sample_n
+        cond = torch.arange(k).repeat_interleave(per_class) if k else None  # one row per class
         images = model.sample(n, condition=cond, generator=torch.Generator().manual_seed(tc.seed))
         model.train(was_training)
-        grid = save_grid(images, self.run_dir / "samples" / f"step_{step:07d}.png", nrow=k or None, scale=2)
+        grid = save_grid(images, self.run_dir / "samples" / f"step_{step:07d}.png", nrow=per_class or None, scale=2)
         (self.run_dir / "samples.png").write_bytes(grid.read_bytes())
         plot_metrics(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png", title=f"{self.config.system} training")
 

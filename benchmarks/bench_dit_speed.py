@@ -1,0 +1,123 @@
+"""DiT speed against diffusers' DiTTransformer2DModel with the same weights, side by side in one run.
+
+    python benchmarks/bench_dit_speed.py                      # DiT-S/2 and DiT-B/2, 32x32x4 latents, batch 8
+    python benchmarks/bench_dit_speed.py --configs DiT-XL/2 --batch 32 --device cuda --name dit_speed_gpu
+
+For each config: forward passes and training steps (forward, backward, AdamW) of diffusers in fp32 and under
+bf16 autocast, ours in fp32 and bf16, and our fast path (bf16 autocast with the network compiled by
+torch.compile, as ``train.compile=true`` does). The candidates' repeats are interleaved, so the ratios
+hold on a noisy machine. The max difference of each candidate's output from diffusers' fp32 output is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+
+import torch
+
+from difflineage.bench import record, side_by_side
+from difflineage.interop.dit import diffusers_dit_config, diffusers_to_dit, dit_to_diffusers, match_paper_numerics
+from difflineage.models.dit import DiT, DiTConfig
+
+
+def build_pair(name: str, side: int, device: torch.device):
+    """Our DiT with random (non-zero) weights and diffusers' model holding the same weights."""
+    import diffusers
+
+    torch.manual_seed(0)
+    ours = DiT(DiTConfig(name=name), in_channels=4, input_size=side, num_classes=1000)
+    with torch.no_grad():  # the official init zeroes the adaLN and final layers; give every weight a value
+        for p in ours.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.02)
+    theirs = match_paper_numerics(diffusers.DiTTransformer2DModel(**diffusers_dit_config(ours)))
+    theirs.load_state_dict(dit_to_diffusers(ours.state_dict()), strict=True)
+    back = diffusers_to_dit(theirs.state_dict(), sample_size=side)
+    assert all(torch.equal(back[k], v) for k, v in ours.state_dict().items())
+    return ours.to(device), theirs.to(device)
+
+
+def forward_fn(model, diffusers_model: bool, x, t, y, bf16: bool):
+    def run():
+        with torch.no_grad(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+            if diffusers_model:
+                return model(hidden_states=x, timestep=t, class_labels=y).sample
+            return model(x, t, y)
+    return run
+
+
+def train_fn(model, diffusers_model: bool, x, t, y, bf16: bool):
+    model = copy.deepcopy(model).train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    target = torch.randn(x.shape[0], 8, *x.shape[2:], device=x.device)
+
+    def run():
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+            out = model(hidden_states=x, timestep=t, class_labels=y).sample if diffusers_model else model(x, t, y)
+        loss = (out.float() - target).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return run, model
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--configs", nargs="+", default=["DiT-S/2", "DiT-B/2"])
+    ap.add_argument("--side", type=int, default=32, help="latent side (32: 256x256 images)")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--no-compile", action="store_true", help="leave out the compiled fast path")
+    ap.add_argument("--name", default="dit_speed", help="results name (benchmarks/results/NAME.json)")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    rows = []
+    for name in args.configs:
+        ours, theirs = build_pair(name, args.side, device)
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(args.batch, 4, args.side, args.side, generator=g).to(device)
+        t = torch.randint(0, 1000, (args.batch,), generator=g).to(device)
+        y = torch.randint(0, 1000, (args.batch,), generator=g).to(device)
+        fast = copy.deepcopy(ours)
+        if not args.no_compile:
+            fast.compile()
+        candidates = {"diffusers fp32": (theirs, True, False), "diffusers bf16": (theirs, True, True),
+                      "ours fp32": (ours, False, False), "ours bf16": (ours, False, True)}
+        if not args.no_compile:
+            candidates["ours fast (bf16 + compile)"] = (fast, False, True)
+        reference = forward_fn(theirs, True, x, t, y, False)().float()
+        diffs = {k: (forward_fn(m, d, x, t, y, b)().float() - reference).abs().max().item()
+                 for k, (m, d, b) in candidates.items()}
+        print(f"{name}: timing forward passes", file=sys.stderr)
+        fwd = side_by_side({k: forward_fn(m, d, x, t, y, b) for k, (m, d, b) in candidates.items()},
+                           warmup=2, repeats=args.repeats)
+        print(f"{name}: timing training steps", file=sys.stderr)
+        trains = {}
+        for k, (m, d, b) in candidates.items():
+            run, copy_ = train_fn(m, d, x, t, y, b)
+            if k.startswith("ours fast"):
+                copy_.compile()
+            trains[k] = run
+        step = side_by_side(trains, warmup=2, repeats=args.repeats)
+        base_f, base_s = fwd["diffusers bf16"].median_s, step["diffusers bf16"].median_s
+        for k in candidates:
+            rows.append({"config": name, "batch": args.batch, "candidate": k,
+                         "forward (ms)": round(fwd[k].median_s * 1e3, 1),
+                         "train step (ms)": round(step[k].median_s * 1e3, 1),
+                         "forward speed vs diffusers bf16": f"{base_f / fwd[k].median_s:.2f}x",
+                         "train speed vs diffusers bf16": f"{base_s / step[k].median_s:.2f}x",
+                         "max |out - diffusers fp32|": f"{diffs[k]:.1e}"})
+    notes = (f"{args.side}x{args.side}x4 latents (256x256 images), 1000 classes, random weights shared by both "
+             "implementations (converted with difflineage.interop.dit, diffusers patched to the paper's timestep "
+             "frequencies). Median of interleaved repeats; a train step is forward, backward and AdamW. "
+             "'ours fast' is bf16 autocast with the network compiled by torch.compile (train.compile=true).")
+    cmd = "python benchmarks/bench_dit_speed.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
+    record(args.name, f"DiT speed against diffusers ({', '.join(args.configs)}, {args.device})", rows, notes,
+           command=cmd.strip())
+
+
+if __name__ == "__main__":
+    main()
