@@ -36,7 +36,7 @@ def build_pair(name: str, side: int, device: torch.device):
     theirs.load_state_dict(dit_to_diffusers(ours.state_dict()), strict=True)
     back = diffusers_to_dit(theirs.state_dict(), sample_size=side)
     assert all(torch.equal(back[k], v) for k, v in ours.state_dict().items())
-    return ours.to(device), theirs.to(device)
+    return ours.to(device).eval(), theirs.to(device).eval()  # eval: diffusers drops labels in train mode
 
 
 def forward_fn(model, diffusers_model: bool, x, t, y, bf16: bool):

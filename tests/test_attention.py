@@ -2,12 +2,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from difflineage.nn.attention import SHORT_SEQUENCE, Attention, attention
+from difflineage.nn.attention import SMALL_SCORES, Attention, attention
 
 
-@pytest.mark.parametrize("tokens", [16, SHORT_SEQUENCE])
+@pytest.mark.parametrize("tokens", [16, 256])
 def test_low_precision_cpu_path_matches_the_fused_kernel(tokens):
-    """Short bf16 sequences on the CPU take the explicit product (fp32 softmax): same result as SDPA."""
+    """Short bf16 sequences on the CPU take the explicit product: as close to the fp32 result as SDPA in bf16."""
+    assert 2 * 3 * tokens * tokens <= SMALL_SCORES
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, tokens, 32, generator=g) for _ in range(3))
     mask = torch.rand(2, 1, 1, tokens, generator=g) > 0.3

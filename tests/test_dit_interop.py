@@ -190,3 +190,49 @@ def test_diffusers_weights_give_the_papers_dit_and_back(tmp_path):
     assert settings["heads"] == 2 and settings["input_size"] == 8
     with torch.no_grad():
         torch.testing.assert_close(loaded(x, t, y), mine(x, t, y), rtol=0, atol=1e-6)
+
+
+def test_convert_between_the_three_layouts(tmp_path, capsys):
+    """official file -> difflineage checkpoint (over an SD VAE file) -> diffusers folder -> official file:
+    the same weights at every stage, and the checkpoint samples through the CLI."""
+    from difflineage import load
+    from difflineage.cli import main
+    from difflineage.interop import save_sd_vae
+    from difflineage.models.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig
+
+    model = small_dit()
+    official = save_official_dit(model, tmp_path / "dit.pt")
+    vae = AutoencoderKL(AutoencoderKLConfig(channels=(8, 8, 8, 8), latent_channels=4, norm_groups=4), image_channels=1)
+    vae_file = save_sd_vae(vae, tmp_path / "vae.safetensors")
+    ckpt = tmp_path / "ckpt"
+    assert main(["convert", str(official), str(ckpt), "--to", "difflineage", "--heads", "2", "--vae", str(vae_file),
+                 "--vae-norm-groups", "4", "--data", "digits"]) == 0
+    assert "read a official DiT" in capsys.readouterr().out
+    system = load(ckpt)
+    x, t, y = inputs()
+    with torch.no_grad():
+        assert torch.equal(system.dit(x, t, y), model(x, t, y))
+    assert system.latent_scale.item() == pytest.approx(0.18215) and system.config.data.image_size == 64
+    assert system.config.model.guidance_channels == 3 and system.config.model.diffusion.sample_steps == 250
+    assert main(["sample", str(ckpt), "--n", "2", "--label", "3", "--steps", "2", "--out", str(tmp_path / "s.png")]) == 0
+
+    assert main(["convert", str(ckpt), str(tmp_path / "hf"), "--to", "diffusers"]) == 0
+    assert (tmp_path / "hf" / "config.json").is_file()
+    back, _ = load_diffusers_dit(tmp_path / "hf")
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "again.pt"), "--to", "official"]) == 0
+    again, _ = load_official_dit(tmp_path / "again.pt", heads=2)
+    for k, v in model.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v) and torch.equal(again.state_dict()[k], v)
+
+
+def test_convert_names_what_it_cannot_write(tmp_path, capsys):
+    from difflineage.cli import main
+
+    model = randomise(DiT(DiTConfig(**{**SMALL, "block": "adaln"}), in_channels=4, input_size=8, num_classes=10))
+    assert main(["convert", str(tmp_path / "missing.pt"), str(tmp_path / "x"), "--to", "official"]) == 2
+    assert "missing.pt: no such file" in capsys.readouterr().err
+    vae_less = save_official_dit(small_dit(), tmp_path / "dit.pt")
+    assert main(["convert", str(vae_less), str(tmp_path / "c"), "--to", "difflineage", "--heads", "2"]) == 2
+    assert "give the VAE file" in capsys.readouterr().err  # 4 input channels: a latent DiT needs its --vae
+    with pytest.raises(ValueError, match="only adaLN-Zero"):
+        save_official_dit(model, tmp_path / "adaln.pt")

@@ -3,6 +3,7 @@ import torch
 
 import difflineage
 from difflineage.config import ConfigError, from_dict
+from difflineage.data import load_dataset
 from difflineage.train import Trainer
 from helpers import tiny_autoencoder_dict
 
@@ -60,8 +61,50 @@ def test_official_guidance_touches_only_the_first_channels():
     assert out[0, 0, 0, 0] == pytest.approx(10 + 2 * (4 - 10)) and out[0, 1, 0, 0] == 4 and out[0, 3, 0, 0] == 4
 
 
-def test_dit_system_is_class_conditional():
+def test_dit_system_needs_a_condition():
     d = tiny_dit_dict()
-    d["model"]["condition"] = "caption"
-    with pytest.raises(ConfigError, match="class-conditional"):
+    d["model"]["condition"] = "none"
+    with pytest.raises(ConfigError, match="class or a caption"):
         from_dict(d)
+
+
+def _caption_dit(block: str):
+    from difflineage.train import build_system
+
+    d = tiny_dit_dict()
+    d["data"]["num_classes"] = 10
+    d["model"].update(condition="caption", text={"width": 16, "depth": 1, "heads": 2, "max_length": 32})
+    d["model"]["dit"]["block"] = block
+    system = build_system(from_dict(d)).eval()
+    with torch.no_grad():  # wake the zero-initialised output layers so the condition shows
+        for p in system.dit.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return system
+
+
+@pytest.mark.parametrize("block", ["adaln_zero", "adaln", "cross_attention", "in_context"])
+def test_caption_conditioned_dit_reads_the_text(block):
+    system = _caption_dit(block)
+    assert not hasattr(system.dit, "y_embedder") and hasattr(system.dit, "text_pooled")
+    assert hasattr(system.dit, "text_tokens") == (block == "cross_attention")
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    a = system.sample(2, condition=["a handwritten digit one"] * 2, generator=g())
+    b = system.sample(2, condition=["a handwritten digit two"] * 2, generator=g())
+    assert a.shape == (2, 1, 8, 8) and not torch.allclose(a, b)
+    assert torch.equal(system.sample(2, condition=1, generator=g()), a)  # a label becomes its caption
+    loss, _ = system.train().loss(load_dataset(system.config.data, "train").batch(range(4)))
+    loss.backward()  # the text encoder trains with the DiT
+    assert system.dit.text_pooled.weight.grad.abs().sum() > 0
+    assert all(p.grad is not None for p in system.text.parameters())
+
+
+def test_cross_attention_ignores_padding_tokens():
+    system = _caption_dit("cross_attention")
+    cond = system.condition_kwargs(None, ["a handwritten digit one"])
+    x, t = torch.randn(1, 1, 8, 8), torch.tensor([10])
+    out = system.dit(x, t, **cond)
+    padded = dict(cond, context=cond["context"].clone())
+    padded["context"][~cond["context_mask"]] = 100.0  # garbage where the mask says padding
+    assert torch.allclose(system.dit(x, t, **padded), out, atol=1e-6)
+    padded["context"][cond["context_mask"]] += 1.0
+    assert not torch.allclose(system.dit(x, t, **padded), out, atol=1e-4)

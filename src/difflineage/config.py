@@ -90,6 +90,8 @@ class TrainConfig:
         the averaged copy then equals the trained weights).
     :param bf16: run the forward pass under bfloat16 autocast (a real speed-up on CPUs with
         AVX-512 bf16 and on recent GPUs).
+    :param compile: compile the denoising network with torch.compile (fuses element-wise work; pays off on
+        GPUs and in long runs; needs a C++ compiler on the CPU; see docs/dit.md for measurements).
     :param device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
     :param log_every: steps between lines of metrics.jsonl and loss-curve updates.
     :param sample_every: steps between sample grids (0: only at the end).
@@ -108,6 +110,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     bf16: bool = False
+    compile: bool = False
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     log_every: int = 50

@@ -382,3 +382,96 @@ def load_diffusers_dit(path_or_state: Union[str, Path, StateDict], heads: Option
         source = str(path)
     official = diffusers_to_dit(state, sample_size=sample_size)
     return _build(official, source, heads=heads, learn_sigma=learn_sigma, weights=which)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Whole-model conversion (difflineage convert)
+
+
+def read_any_dit(path: Union[str, Path], heads: Optional[int] = None) -> tuple[DiT, str]:
+    """A DiT from any of the three layouts: a difflineage checkpoint or run directory (its EMA weights), a
+    diffusers model folder or weights file, or an official DiT checkpoint. Returns (model, layout name)."""
+    from difflineage.train.checkpoint import CheckpointError
+
+    path = Path(path)
+    if path.is_dir() and ((path / "config.yaml").is_file() or (path / "checkpoints").is_dir()):
+        from difflineage import load
+
+        system = load(path)
+        if system.config.system != "dit":
+            raise CheckpointError(f"{path}: a {system.config.system} checkpoint; convert reads DiT checkpoints")
+        return system.dit, "difflineage"
+    if path.is_dir():
+        return load_diffusers_dit(path, heads=heads)[0], "diffusers"
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file or directory")
+    state, _ = _pick_weights(_read(path), str(path))
+    if any(k.startswith("transformer_blocks.") for k in state):
+        return load_diffusers_dit(state, heads=heads)[0], "diffusers"
+    return _build(state, str(path), heads=heads, learn_sigma=None, weights="state_dict")[0], "official"
+
+
+def save_diffusers_dit(model: DiT, folder: Union[str, Path]) -> Path:
+    """Write a diffusers model folder: ``config.json`` for ``DiTTransformer2DModel`` and
+    ``diffusion_pytorch_model.safetensors`` (loadable with ``DiTTransformer2DModel.from_pretrained``; note that
+    diffusers' forward differs from the paper's in its timestep frequencies, see :func:`match_paper_numerics`)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"_class_name": "DiTTransformer2DModel", **diffusers_dit_config(model)}
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    state = {k: v.detach().cpu().contiguous() for k, v in dit_to_diffusers(model.state_dict()).items()}
+    save_file(state, str(folder / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+    return folder
+
+
+def save_as_checkpoint(model: DiT, out: Union[str, Path], vae: Optional[Union[str, Path]] = None,
+                       data_source: str = "folder:data", latent_scale: float = 0.18215,
+                       vae_norm_groups: int = 32) -> Path:
+    """Write a difflineage checkpoint (safetensors + config.yaml) of a DiT system around ``model``, so that
+    ``difflineage sample`` / ``evaluate`` / ``info`` work on it. With ``vae`` (a Stable Diffusion VAE file) the
+    DiT runs on its latents scaled by ``latent_scale`` (0.18215, as the official DiT); without, in pixel space.
+    The sampling defaults are the official sample.py's: 250 DDPM steps, guidance 4 on the first 3 channels."""
+    from difflineage.config import from_dict
+    from difflineage.systems.dit import DiTSystem
+    from difflineage.train.checkpoint import load_state_dict_strict, save_checkpoint
+
+    from difflineage.systems.ldm import _first_stage_architecture, _first_stage_weights
+
+    depth, hidden, heads, patch = model.cfg.resolved()
+    latent = vae is not None
+    channels, factor = model.in_channels, 1
+    if latent:
+        ae_cfg, channels = _first_stage_architecture(f"sd-vae:{vae}", vae_norm_groups)
+        factor = 2 ** (len(ae_cfg.channels) - 1)
+        if ae_cfg.latent_channels != model.in_channels:
+            raise ValueError(f"the DiT reads {model.in_channels} latent channels but the VAE {vae} makes "
+                             f"{ae_cfg.latent_channels}")
+    elif channels not in (1, 3):
+        raise ValueError(f"this DiT reads {channels}-channel inputs, so it works over a VAE's latents: give the VAE "
+                         "file (vae=..., difflineage convert --vae FILE)")
+    side = model.grid * patch * factor
+    if model.captions:
+        raise ValueError("caption-conditioned DiTs are converted through their own difflineage checkpoints")
+    config = from_dict({
+        "system": "dit",
+        "data": {"source": data_source, "image_size": side, "channels": channels,
+                 "num_classes": model.y_embedder.num_classes},
+        "model": {"first_stage": f"sd-vae:{vae}" if latent else "", "condition": "class", "cache_latents": False,
+                  "sd_vae_norm_groups": vae_norm_groups,
+                  "guidance_channels": 3 if latent else 0,
+                  "dit": {"name": model.cfg.name, "depth": depth, "hidden": hidden, "heads": heads, "patch": patch,
+                          "mlp_ratio": model.cfg.mlp_ratio, "block": model.cfg.block},
+                  "diffusion": {"variance": "learned_range" if model.cfg.learn_sigma else "fixed_small",
+                                "sampler": "ddpm", "sample_steps": 250, "guidance": 4.0}},
+    })
+    config = DiTSystem.resolve_config(config)
+    system = DiTSystem(config)
+    load_state_dict_strict(system.dit, model.state_dict(), "the converted DiT")
+    if latent:
+        load_state_dict_strict(system.first_stage, _first_stage_weights(config.model.first_stage,
+                                                                        config.model.sd_vae_norm_groups), str(vae))
+        system.latent_scale.fill_(latent_scale)
+    state = system.state_dict()
+    return save_checkpoint(Path(out), config, state, state, {"step": 0, "converted_from_layout": "dit"})

@@ -10,6 +10,10 @@ timestep and a class label through one of four block designs of the paper:
 - ``in_context``: t and y embeddings are appended to the image tokens as two more tokens, and the blocks are
   plain ViT blocks; the two tokens are dropped after the last block.
 
+Caption conditioning (for text-conditioned DiT): the pooled text embedding, projected (``text_pooled``), takes the
+label's place in the condition vector (adaLN) and in the two condition tokens (in-context, cross-attention), and
+the cross-attention block attends to the projected text tokens (``text_tokens``) as well.
+
 Parameter names follow the official code (timm names), so its checkpoints load with no renaming:
 ``pos_embed``, ``x_embedder.proj``, ``t_embedder.mlp.{0,2}``, ``y_embedder.embedding_table``,
 ``blocks.N.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2,adaLN_modulation.1}``,
@@ -82,7 +86,8 @@ def sincos_pos_embed_2d(dim: int, grid: int) -> np.ndarray:
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return x * (1 + scale[:, None]) + shift[:, None]
+    """x * (1 + scale) + shift per sample, in one fused kernel."""
+    return torch.addcmul(shift[:, None], x, 1 + scale[:, None])
 
 
 class PatchEmbed(nn.Module):
@@ -125,19 +130,21 @@ class DiTBlock(nn.Module):
             self.norm_cross = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
             self.cross_attn = Attention(hidden, heads, context_dim=hidden)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, cond_tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x (N, T, D); c (N, D) the condition vector; cond_tokens (N, 2, D) for cross-attention."""
+    def forward(self, x: torch.Tensor, c: torch.Tensor, cond_tokens: Optional[torch.Tensor] = None,
+                cond_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x (N, T, D); c (N, D) the condition vector; cond_tokens (N, L, D) for cross-attention, with
+        ``cond_mask`` (N, L) True where a token may be attended (None: all)."""
         if self.block == "adaln_zero":
             shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-            x = x + gate_msa[:, None] * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
-            return x + gate_mlp[:, None] * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+            x = torch.addcmul(x, gate_msa[:, None], self.attn(modulate(self.norm1(x), shift_msa, scale_msa)))
+            return torch.addcmul(x, gate_mlp[:, None], self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
         if self.block == "adaln":
             shift_msa, scale_msa, shift_mlp, scale_mlp = self.adaLN_modulation(c).chunk(4, dim=1)
             x = x + self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
             return x + self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         x = x + self.attn(self.norm1(x))
         if self.block == "cross_attention":
-            x = x + self.cross_attn(self.norm_cross(x), cond_tokens)
+            x = x + self.cross_attn(self.norm_cross(x), cond_tokens, cond_mask)
         return x + self.mlp(self.norm2(x))
 
 
@@ -161,9 +168,14 @@ class FinalLayer(nn.Module):
 
 
 class DiT(nn.Module):
-    """(x (N, C, S, S), t (N,), y (N,) labels with ``num_classes`` as the null class) -> (N, C_out, S, S)."""
+    """(x (N, C, S, S), t (N,), y (N,) labels with ``num_classes`` as the null class) -> (N, C_out, S, S).
 
-    def __init__(self, cfg: DiTConfig, in_channels: int, input_size: int, num_classes: int):
+    With ``context_dim`` (a text encoder's width) the model is caption-conditioned instead: it takes
+    ``context`` (N, L, context_dim), ``context_mask`` (N, L) and ``pooled`` (N, context_dim) in place of labels.
+    """
+
+    def __init__(self, cfg: DiTConfig, in_channels: int, input_size: int, num_classes: int,
+                 context_dim: Optional[int] = None):
         super().__init__()
         depth, hidden, heads, patch = cfg.resolved()
         if input_size % patch:
@@ -175,7 +187,13 @@ class DiT(nn.Module):
         self.grid = input_size // patch
         self.x_embedder = PatchEmbed(in_channels, hidden, patch)
         self.t_embedder = TimestepEmbedder(hidden)
-        self.y_embedder = LabelEmbedder(num_classes, hidden, cfg.class_dropout)
+        self.captions = context_dim is not None
+        if self.captions:
+            self.text_pooled = nn.Linear(context_dim, hidden)
+            if cfg.block == "cross_attention":
+                self.text_tokens = nn.Linear(context_dim, hidden)
+        else:
+            self.y_embedder = LabelEmbedder(num_classes, hidden, cfg.class_dropout)
         pos = torch.from_numpy(sincos_pos_embed_2d(hidden, self.grid)).float()[None].to(self.x_embedder.proj.weight.device)
         self.pos_embed = nn.Parameter(pos, requires_grad=False)  # fixed, but in the state dict as DiT keeps it
         self.blocks = nn.ModuleList([DiTBlock(hidden, heads, cfg.mlp_ratio, cfg.block) for _ in range(depth)])
@@ -194,7 +212,8 @@ class DiT(nn.Module):
         w = self.x_embedder.proj.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.x_embedder.proj.bias)
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        if not self.captions:
+            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         if self.cfg.block == "adaln_zero":
@@ -213,18 +232,32 @@ class DiT(nn.Module):
         x = x.view(n, g, g, p, p, c)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(n, c, g * p, g * p)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                context: Optional[torch.Tensor] = None, context_mask: Optional[torch.Tensor] = None,
+                pooled: Optional[torch.Tensor] = None) -> torch.Tensor:
         tokens = self.x_embedder(x) + self.pos_embed  # (N, T, D)
-        t_emb, y_emb = self.t_embedder(t), self.y_embedder(labels)  # (N, D) each
+        t_emb = self.t_embedder(t)  # (N, D)
+        if self.captions:
+            if pooled is None or context is None:
+                raise ValueError("this DiT is caption-conditioned: give context, context_mask and pooled text embeddings")
+            y_emb = self.text_pooled(pooled)
+        else:
+            if labels is None:
+                raise ValueError("this DiT is class-conditional: give labels (the null class for unconditional)")
+            y_emb = self.y_embedder(labels)
         c = t_emb + y_emb
-        cond_tokens = torch.stack([t_emb, y_emb], dim=1)  # (N, 2, D) for the token-based designs
+        cond_tokens, cond_mask = torch.stack([t_emb, y_emb], dim=1), None  # (N, 2, D) for the token-based designs
+        if self.captions and self.cfg.block == "cross_attention":  # the text tokens join the attended sequence
+            cond_tokens = torch.cat([cond_tokens, self.text_tokens(context)], dim=1)
+            if context_mask is not None:
+                cond_mask = torch.cat([torch.ones_like(context_mask[:, :2]), context_mask.bool()], dim=1)
         n_image = tokens.shape[1]
         if self.cfg.block == "in_context":
             tokens = torch.cat([tokens, cond_tokens], dim=1)  # (N, T + 2, D)
         for block in self.blocks:
             if self.cfg.grad_checkpointing and self.training:
-                tokens = torch.utils.checkpoint.checkpoint(block, tokens, c, cond_tokens, use_reentrant=False)
+                tokens = torch.utils.checkpoint.checkpoint(block, tokens, c, cond_tokens, cond_mask, use_reentrant=False)
             else:
-                tokens = block(tokens, c, cond_tokens)
+                tokens = block(tokens, c, cond_tokens, cond_mask)
         tokens = tokens[:, :n_image]  # (N, T, D)
         return self.unpatchify(self.final_layer(tokens, c))  # (N, C_out, S, S)

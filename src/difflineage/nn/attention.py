@@ -1,6 +1,6 @@
 """Multi-head attention, used by every attention layer of the project: through
 torch.nn.functional.scaled_dot_product_attention (fused kernels on GPU and for long sequences), or, for short
-sequences in bf16/fp16 on the CPU, as two batched matrix products around an fp32 softmax, which measures 3-5x
+sequences in bf16/fp16 on the CPU, as two batched matrix products around a softmax, which measures 2-5x
 faster there in training (the CPU's fused kernel is slow in its backward pass at these sizes; see
 docs/dit.md)."""
 
@@ -50,16 +50,20 @@ class Attention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(n, t, d))
 
 
-# Longest query length for which the explicit product is used on the CPU in low precision (measured: faster
-# for 64-128 tokens, slower than the fused kernel from a few hundred on).
-SHORT_SEQUENCE = 128
+# Largest attention-score tensor (batch x heads x queries x keys elements) for which the explicit product is
+# used on the CPU in low precision. Measured on an AVX-512 bf16 CPU: 2-5x faster than the fused kernel in
+# training at 64-256 tokens (batch 8-128), slower once the fp32 scores outgrow the caches (DiT-XL/2 at batch
+# 32: 8.4M+ elements; 512+ tokens).
+SMALL_SCORES = 8 * 2**20
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """softmax(q k^T / sqrt(d) + mask) v over (N, h, T, d) tensors; ``mask`` boolean, True = may attend."""
-    if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-2] <= SHORT_SEQUENCE:
-        scores = torch.matmul(q, k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
+    if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and \
+            q.shape[:-2].numel() * q.shape[-2] * k.shape[-2] <= SMALL_SCORES:
+        # the scale is folded into q; the CPU softmax kernel accumulates bf16/fp16 in fp32 internally
+        scores = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-1, -2))
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
-        return torch.matmul(scores.softmax(-1).to(v.dtype), v)
+        return torch.matmul(scores.softmax(-1), v)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)

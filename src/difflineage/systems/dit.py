@@ -1,7 +1,8 @@
 """DiT as a system: the Gaussian diffusion of DDPM / improved-diffusion (learned-range variance and the hybrid
 loss by default, as DiT trains) with a DiT denoiser, in the latent space of a frozen first stage (as the paper
 does over the Stable Diffusion VAE, ``model.first_stage=sd-vae:PATH``, or over an ``autoencoder_kl`` run of
-this project) or, with no first stage, in pixel space. Class-conditional, with classifier-free guidance
+this project) or, with no first stage, in pixel space. Class- or caption-conditional (the text encoder of the
+LDM system: pooled embedding into adaLN, tokens into the cross-attention blocks), with classifier-free guidance
 applied to every prediction channel or, as the official sampler does, to the first three only
 (``model.guidance_channels=3``, kept to reproduce its FIDs)."""
 
@@ -30,8 +31,9 @@ class DiTSystemConfig(LDMConfig):
 
     def check(self) -> None:
         super().check()
-        if self.condition != "class":
-            raise ConfigError(f"model.condition={self.condition!r}: the DiT system is class-conditional (condition: class)")
+        if self.condition == "none":
+            raise ConfigError("model.condition=none: the DiT system is conditioned on a class or a caption "
+                              "(condition: class or caption)")
         if self.guidance_channels < 0:
             raise ConfigError("model.guidance_channels must be 0 (all) or a positive count")
 
@@ -58,7 +60,7 @@ class DiTSystem(LDMSystem):
         m = self.config.model
         learn_sigma = out_channels == 2 * self.channels
         cfg = replace(m.dit, learn_sigma=learn_sigma, class_dropout=m.cond_drop)
-        return DiT(cfg, self.channels, self.side, num_classes)
+        return DiT(cfg, self.channels, self.side, num_classes, context_dim=context_dim)
 
     # pixel space falls back to DDPM's behaviour
     clip_denoised = property(lambda self: not self.latent)  # type: ignore[assignment]

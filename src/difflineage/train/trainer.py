@@ -133,6 +133,8 @@ class Trainer:
         params = [p for p in system.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
         ema = AveragedModel(system, multi_avg_fn=get_ema_multi_avg_fn(tc.ema_decay), use_buffers=True)
+        if tc.compile:  # in place: parameter names (and so checkpoints) stay as they are
+            getattr(system, "net", system).compile()
 
         sampler = DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True,
                                      seed=tc.seed, drop_last=True)
