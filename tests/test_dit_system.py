@@ -108,3 +108,20 @@ def test_cross_attention_ignores_padding_tokens():
     assert torch.allclose(system.dit(x, t, **padded), out, atol=1e-6)
     padded["context"][cond["context_mask"]] += 1.0
     assert not torch.allclose(system.dit(x, t, **padded), out, atol=1e-4)
+
+
+def test_bf16_sampling_stays_close_to_fp32(tmp_path, capsys):
+    from difflineage.cli import main
+    from difflineage.eval import bf16_autocast
+
+    system = _caption_dit("adaln_zero")
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    exact = system.sample(4, condition=2, generator=g())
+    with bf16_autocast("cpu"):
+        fast = system.sample(4, condition=2, generator=g()).float()
+    assert fast.dtype == torch.float32 and 0 < (fast - exact).abs().max() < 0.1
+    Trainer(from_dict(tiny_dit_dict(steps=2)), tmp_path, progress=False).fit()
+    assert main(["evaluate", str(tmp_path), "--n", "20", "--bf16", "--bpd-images", "0", "--no-progress",
+                 "--features", "mnist", "--out", str(tmp_path / "m.json")]) == 0
+    assert '"sampled_in": "bf16 autocast"' in (tmp_path / "m.json").read_text()
+    assert main(["sample", str(tmp_path), "--n", "10", "--bf16", "--out", str(tmp_path / "s.png")]) == 0

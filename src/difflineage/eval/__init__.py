@@ -26,11 +26,12 @@ from difflineage.eval.features import FeatureNetwork, feature_network
 from difflineage.eval.metrics import frechet_distance, inception_score, kernel_inception_distance, precision_recall
 
 
-def generate(system, n: int, batch_size: int = 250, seed: int = 0, progress: bool = True,
+def generate(system, n: int, batch_size: int = 250, seed: int = 0, progress: bool = True, bf16: bool = False,
              **options: Any) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Draw ``n`` samples as uint8 (n, C, H, W), with the labels asked for (conditional systems: the
     classes in turn). Batch b always uses seed (seed, b), so the samples are the same whatever the number
-    of processes; under torchrun the batches are dealt round-robin and gathered on every process."""
+    of processes; under torchrun the batches are dealt round-robin and gathered on every process.
+    ``bf16`` samples under bfloat16 autocast (faster on CPUs with AVX-512 bf16 and on recent GPUs)."""
     import torch.distributed as dist
 
     world = dist.get_world_size() if dist.is_initialized() else 1
@@ -43,7 +44,8 @@ def generate(system, n: int, batch_size: int = 250, seed: int = 0, progress: boo
         labels = torch.arange(b * batch_size, b * batch_size + m) % k if k else None
         g = torch.Generator().manual_seed(seed * 1_000_003 + b)
         try:
-            images = system.sample(m, condition=labels, generator=g, **options)
+            with bf16_autocast(system.device, bf16):
+                images = system.sample(m, condition=labels, generator=g, **options).float()
         except TypeError as exc:
             raise ValueError(f"the {system.config.system} system does not take these sampling options: {exc}") from None
         mine.append((b, quantise(images), labels))
@@ -55,6 +57,11 @@ def generate(system, n: int, batch_size: int = 250, seed: int = 0, progress: boo
     images = torch.cat([item[1] for item in mine])
     labels = torch.cat([item[2] for item in mine]) if k else None
     return images, labels
+
+
+def bf16_autocast(device: torch.device | str, enabled: bool = True):
+    """bfloat16 autocast on ``device``'s type (a no-op context when not enabled)."""
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=enabled)
 
 
 def quantise(images: torch.Tensor) -> torch.Tensor:
@@ -101,8 +108,9 @@ def score_samples(images: torch.Tensor, labels: Optional[torch.Tensor], referenc
 def evaluate_system(system, split: str = "heldout", n: int = 1000, features: str = "auto",
                     inception_weights: Optional[str | Path] = None, seed: int = 0, progress: bool = True,
                     out: Optional[Path] = None, npz: Optional[Path] = None, batch_size: int = 250,
-                    sample_options: Optional[dict] = None, **system_options: Any) -> dict[str, Any]:
+                    sample_options: Optional[dict] = None, bf16: bool = False, **system_options: Any) -> dict[str, Any]:
     """Sample-quality metrics (``n`` > 0) and the system's own held-out scores; rank 0 writes ``out``.
+    ``bf16`` draws the samples under bfloat16 autocast (the held-out scores stay in fp32).
 
     ``sample_options`` go to ``system.sample`` (guidance, steps, temperature, ...); ``system_options`` to
     ``system.evaluate`` (the VAE's ``k``).
@@ -121,7 +129,10 @@ def evaluate_system(system, split: str = "heldout", n: int = 1000, features: str
         if rank == 0:
             net = feature_network(features, channels=cfg.data.channels or 1, inception_weights=inception_weights,
                                   progress=progress, device=system.device)
-        images, labels = generate(system, n, batch_size=batch_size, seed=seed, progress=progress, **(sample_options or {}))
+        images, labels = generate(system, n, batch_size=batch_size, seed=seed, progress=progress, bf16=bf16,
+                                  **(sample_options or {}))
+        if bf16:
+            result["sampled_in"] = "bf16 autocast"
         if rank != 0:
             return {}
         if npz is not None:
