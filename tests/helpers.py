@@ -22,7 +22,7 @@ class TinyConfig:
 
 class TinyRegression(System):
     name = "tiny"
-    Config = TinyConfig
+    ModelConfig = TinyConfig
 
     def __init__(self, config):
         super().__init__(config)

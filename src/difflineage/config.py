@@ -167,7 +167,7 @@ def model_config_class(system: str) -> type:
 
     if system not in SYSTEMS:
         raise ConfigError(_unknown("system", system, sorted(SYSTEMS)))
-    return SYSTEMS[system].Config
+    return SYSTEMS[system].ModelConfig
 
 
 def from_dict(raw: dict, overrides: Optional[list[str]] = None) -> Config:

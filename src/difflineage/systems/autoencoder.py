@@ -24,7 +24,7 @@ from difflineage.systems.base import Condition, System
 
 class AutoencoderKLSystem(System):
     name = "autoencoder_kl"
-    Config = AutoencoderKLConfig
+    ModelConfig = AutoencoderKLConfig
 
     def __init__(self, config: Config):
         super().__init__(config)

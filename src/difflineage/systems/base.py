@@ -20,11 +20,11 @@ class System(nn.Module, abc.ABC):
     """Networks + objective + sampling of one system.
 
     ``forward(batch)`` is ``loss(batch)``, so DistributedDataParallel can wrap a system as it is.
-    Subclasses set ``name`` (the key in ``SYSTEMS``) and ``Config`` (their model dataclass).
+    Subclasses set ``name`` (the key in ``SYSTEMS``) and ``ModelConfig`` (their model dataclass).
     """
 
     name: ClassVar[str]
-    Config: ClassVar[type]
+    ModelConfig: ClassVar[type]
 
     def __init__(self, config: Config):
         super().__init__()

@@ -39,7 +39,7 @@ class DDPMConfig:
 
 class DDPMSystem(System):
     name = "ddpm"
-    Config = DDPMConfig
+    ModelConfig = DDPMConfig
 
     def __init__(self, config: Config):
         super().__init__(config)

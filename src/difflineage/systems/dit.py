@@ -40,7 +40,7 @@ class DiTSystemConfig(LDMConfig):
 
 class DiTSystem(LDMSystem):
     name = "dit"
-    Config = DiTSystemConfig
+    ModelConfig = DiTSystemConfig
     network_name = "dit"
 
     def __init__(self, config: Config):

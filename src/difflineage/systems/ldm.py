@@ -39,7 +39,7 @@ class LDMConfig(DDPMConfig):
 
 class LDMSystem(DDPMSystem):
     name = "ldm"
-    Config = LDMConfig
+    ModelConfig = LDMConfig
 
     def __init__(self, config: Config):
         if config.model.autoencoder is None:

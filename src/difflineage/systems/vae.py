@@ -34,7 +34,7 @@ EVAL_BINARIZE_SEED = 1234  # the one fixed Bernoulli draw of the held-out images
 
 class VAESystem(System):
     name = "vae"
-    Config = VAEConfig
+    ModelConfig = VAEConfig
 
     def __init__(self, config: Config):
         super().__init__(config)
