@@ -405,10 +405,10 @@ def read_any_dit(path: Union[str, Path], heads: Optional[int] = None) -> tuple[D
         return load_diffusers_dit(path, heads=heads)[0], "diffusers"
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file or directory")
-    state, _ = _pick_weights(_read(path), str(path))
+    state, which = _pick_weights(_read(path), str(path))
     if any(k.startswith("transformer_blocks.") for k in state):
         return load_diffusers_dit(state, heads=heads)[0], "diffusers"
-    return _build(state, str(path), heads=heads, learn_sigma=None, weights="state_dict")[0], "official"
+    return _build(state, str(path), heads=heads, learn_sigma=None, weights=which)[0], "official"
 
 
 def save_diffusers_dit(model: DiT, folder: Union[str, Path]) -> Path:
