@@ -254,9 +254,8 @@ def cmd_sample(args) -> int:
     condition = [args.caption] * args.n if args.caption is not None else args.label
     per_class = None
     if condition is None and system.num_classes and args.n >= system.num_classes:
-        per_class = args.n // system.num_classes  # one row per class
-        args.n = per_class * system.num_classes
-        condition = torch.arange(system.num_classes).repeat_interleave(per_class)
+        condition, per_class = system.grid_labels(args.n)  # one row per class
+        args.n = len(condition)
     try:
         with bf16_autocast(system.device, args.bf16):
             images = system.sample(args.n, condition=condition, generator=torch.Generator().manual_seed(args.seed),

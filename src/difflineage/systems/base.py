@@ -92,6 +92,14 @@ class System(nn.Module, abc.ABC):
         """Classes a sample can be asked for: 0 for an unconditional system."""
         return (self.config.data.num_classes or 0) if self.uses_labels else 0
 
+    def grid_labels(self, n: int) -> tuple[Optional[torch.Tensor], int]:
+        """Labels for a grid of about ``n`` samples with one row per class, and the row length: a whole number
+        per class (at least one). Unconditional systems: (None, 0) and the caller keeps ``n``."""
+        if not self.num_classes:
+            return None, 0
+        per_class = max(1, round(n / self.num_classes))
+        return torch.arange(self.num_classes).repeat_interleave(per_class), per_class
+
     def labels_for(self, n: int, condition: Condition) -> Optional[torch.Tensor]:
         """Class labels for ``n`` samples: as given, or cycling through the classes (0, 1, ..., K-1, 0, ...),
         so that a grid K images wide shows one class per column)."""

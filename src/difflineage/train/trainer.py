@@ -295,10 +295,8 @@ class _RunState:
         model = self.ema.module
         was_training = model.training
         model.eval()
-        k = model.num_classes
-        per_class = max(1, round(tc.sample_n / k)) if k else 0
-        n = k * per_class if k else tc.sample_n
-        cond = torch.arange(k).repeat_interleave(per_class) if k else None  # one row per class
+        cond, per_class = model.grid_labels(tc.sample_n)  # one row per class
+        n = len(cond) if cond is not None else tc.sample_n
         images = model.sample(n, condition=cond, generator=torch.Generator().manual_seed(tc.seed))
         model.train(was_training)
         grid = save_grid(images, self.run_dir / "samples" / f"step_{step:07d}.png", nrow=per_class or None, scale=2)
