@@ -4,8 +4,9 @@
     python benchmarks/bench_dit_speed.py --configs DiT-XL/2 --batch 32 --device cuda --name dit_speed_gpu
 
 For each config: forward passes and training steps (forward, backward, AdamW) of diffusers in fp32 and under
-bf16 autocast, ours in fp32 and bf16, and our fast path (bf16 autocast with the network compiled by
-torch.compile, as ``train.compile=true`` does). The candidates' repeats are interleaved, so the ratios
+bf16 autocast, ours in fp32 and bf16, and our fast path: bf16 autocast with the network compiled by
+torch.compile; for inference with inductor's freezing (the weights become constants of the compiled graph, cast
+to bf16 and packed once), for training as ``train.compile=true`` does. The candidates' repeats are interleaved, so the ratios
 hold on a noisy machine. The max difference of each candidate's output from diffusers' fp32 output is reported.
 """
 
@@ -39,9 +40,12 @@ def build_pair(name: str, side: int, device: torch.device):
     return ours.to(device).eval(), theirs.to(device).eval()  # eval: diffusers drops labels in train mode
 
 
-def forward_fn(model, diffusers_model: bool, x, t, y, bf16: bool):
+def forward_fn(model, diffusers_model: bool, x, t, y, bf16: bool, freeze: bool = False):
     def run():
-        with torch.no_grad(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        # freeze: inductor folds the (no-grad) weights into the compiled graph as constants, so their bf16
+        # copies are made and packed once instead of cast on every call under autocast
+        with torch.no_grad(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16), \
+                torch._inductor.config.patch(freezing=freeze):
             if diffusers_model:
                 return model(hidden_states=x, timestep=t, class_labels=y).sample
             return model(x, t, y)
@@ -83,23 +87,26 @@ def main(argv=None) -> None:
         y = torch.randint(0, 1000, (args.batch,), generator=g).to(device)
         fast = copy.deepcopy(ours)
         if not args.no_compile:
-            fast.compile()
+            # static shapes, and a fresh compiler cache per config: a recompilation for the second config's
+            # sizes would otherwise turn them into symbolic (dynamic-shape) kernels, which run slower
+            torch._dynamo.reset()
+            fast.compile(dynamic=False)
         candidates = {"diffusers fp32": (theirs, True, False), "diffusers bf16": (theirs, True, True),
                       "ours fp32": (ours, False, False), "ours bf16": (ours, False, True)}
+        fast_name = "ours fast (bf16 + compile)"
         if not args.no_compile:
-            candidates["ours fast (bf16 + compile)"] = (fast, False, True)
+            candidates[fast_name] = (fast, False, True)
+        forwards = {k: forward_fn(m, d, x, t, y, b, freeze=k == fast_name) for k, (m, d, b) in candidates.items()}
         reference = forward_fn(theirs, True, x, t, y, False)().float()
-        diffs = {k: (forward_fn(m, d, x, t, y, b)().float() - reference).abs().max().item()
-                 for k, (m, d, b) in candidates.items()}
+        diffs = {k: (run().float() - reference).abs().max().item() for k, run in forwards.items()}
         print(f"{name}: timing forward passes", file=sys.stderr)
-        fwd = side_by_side({k: forward_fn(m, d, x, t, y, b) for k, (m, d, b) in candidates.items()},
-                           warmup=2, repeats=args.repeats)
+        fwd = side_by_side(forwards, warmup=2, repeats=args.repeats)
         print(f"{name}: timing training steps", file=sys.stderr)
         trains = {}
         for k, (m, d, b) in candidates.items():
             run, copy_ = train_fn(m, d, x, t, y, b)
-            if k.startswith("ours fast"):
-                copy_.compile()
+            if k == fast_name:
+                copy_.compile(dynamic=False)
             trains[k] = run
         step = side_by_side(trains, warmup=2, repeats=args.repeats)
         base_f, base_s = fwd["diffusers bf16"].median_s, step["diffusers bf16"].median_s
@@ -113,7 +120,9 @@ def main(argv=None) -> None:
     notes = (f"{args.side}x{args.side}x4 latents (256x256 images), 1000 classes, random weights shared by both "
              "implementations (converted with difflineage.interop.dit, diffusers patched to the paper's timestep "
              "frequencies). Median of interleaved repeats; a train step is forward, backward and AdamW. "
-             "'ours fast' is bf16 autocast with the network compiled by torch.compile (train.compile=true).")
+             "'ours fast' is bf16 autocast with the network compiled by torch.compile: for the forward pass (inference) "
+             "with inductor's freezing (torch._inductor.config.freezing, weights folded in as constants), for the "
+             "training step as train.compile=true does.")
     cmd = "python benchmarks/bench_dit_speed.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
     record(args.name, f"DiT speed against diffusers ({', '.join(args.configs)}, {args.device})", rows, notes,
            command=cmd.strip())
