@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, default=None, help="sampling steps (diffusion systems; respaced chain)")
     s.add_argument("--sampler", choices=["ddpm", "ddim"], default=None, help="diffusion sampler (default: the recipe's)")
     s.add_argument("--caption", default=None, help="caption to draw (caption-conditioned systems)")
+    s.add_argument("--mode", choices=["fast", "masked", "full"], default=None,
+                   help="DyDiT: fast (default: sliced weights, active tokens only), masked (every unit computed, switched-off ones zeroed, as the released code) or full (routers off)")
     s.add_argument("--no-ema", action="store_true", help="sample from the raw weights instead of the EMA")
     s.add_argument("--pictures", type=Path, default=None, metavar="DIR",
                    help="also write the system's own pictures into DIR (VAE: reconstructions of held-out images, "
@@ -122,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (systems that have it)")
     e.add_argument("--steps", type=int, default=None, help="sampling steps (systems that have them)")
     e.add_argument("--temperature", type=float, default=None, help="sampling temperature (systems that have it)")
+    e.add_argument("--mode", choices=["fast", "masked", "full"], default=None,
+                   help="DyDiT: fast (default: sliced weights, active tokens only), masked (every unit computed, switched-off ones zeroed, as the released code) or full (routers off)")
     e.add_argument("--batch-size", type=int, default=250, help="samples per sampling batch (default 250)")
     e.add_argument("--npz", type=Path, default=None, help="also save the samples as ADM's samples.npz (arr_0, uint8 NHWC)")
     e.add_argument("--split", default="heldout", choices=["heldout", "train"], help="reference split (default heldout)")
@@ -243,7 +247,7 @@ def cmd_sample(args) -> int:
 
     system = load(args.checkpoint, use_ema=not args.no_ema, device=args.device)
     options = {k: v for k, v in (("temperature", args.temperature), ("guidance", args.guidance),
-                                 ("steps", args.steps), ("sampler", args.sampler)) if v is not None}
+                                 ("steps", args.steps), ("sampler", args.sampler), ("mode", args.mode)) if v is not None}
     if args.label is not None and not system.num_classes:
         print(f"error: --label needs a class-conditional checkpoint; {args.checkpoint} is unconditional "
               "(train with model.conditional=true)", file=sys.stderr)
@@ -290,7 +294,7 @@ def cmd_evaluate(args) -> int:
         system = load(args.checkpoint, use_ema=not args.no_ema, device=device)
         out = args.out or Path(system.checkpoint_path) / "metrics.json"
         options = {k: v for k, v in (("guidance", args.guidance), ("steps", args.steps),
-                                     ("temperature", args.temperature)) if v is not None}
+                                     ("temperature", args.temperature), ("mode", args.mode)) if v is not None}
         try:
             metrics = evaluate_system(system, split=args.split, n=args.n, features=args.features,
                                       inception_weights=args.inception_weights, seed=args.seed,
@@ -361,6 +365,8 @@ def cmd_info(args) -> int:
     flops = {name: count_flops(fn).as_dict() for name, fn in system.forward_passes().items()}
     info = {"checkpoint": str(path), "system": system.config.system, "steps_trained": step,
             "parameters": n_params, "forward_passes": flops, "config": system.config.to_dict()}
+    if hasattr(getattr(system, "net", None), "flops_ratio"):  # a dynamic network (DyDiT): per timestep
+        info["sampling_flops"] = _dynamic_flops(system)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -369,9 +375,37 @@ def cmd_info(args) -> int:
     print("arithmetic per forward (MACs = multiply-accumulates, the DiT paper's 'Gflops'; FLOPs = 2 x MACs):")
     for name, f in flops.items():
         print(f"  {name:<42} {f['macs'] / 1e6:>10.3f} M MACs  {f['flops'] / 1e6:>10.3f} M FLOPs")
+    if "sampling_flops" in info:
+        sf = info["sampling_flops"]
+        print(f"network arithmetic per image on the sampling path ({sf['images']} images, {sf['sampler']}, "
+              f"guidance {sf['guidance']}), counted:")
+        for row in sf["per_step"]:
+            print(f"  t={row['t']:>4}  {row['macs'] / 1e6:>10.3f} M MACs  {row['ratio']:.3f} of the full network")
+        print(f"  average {sf['mean_macs'] / 1e6:.3f} M MACs per step: {sf['ratio']:.3f} of the full network's "
+              f"{sf['full_macs'] / 1e6:.3f} M")
     print("config:")
     print("  " + system.config.to_yaml().replace("\n", "\n  ").rstrip())
     return 0
+
+
+def _dynamic_flops(system, images: int = 4) -> dict:
+    """Counted network MACs per image at each step of a real sampling run, against the full network's."""
+    import torch
+
+    from difflineage.eval.flops import flops_per_call
+
+    dc = system.config.model.diffusion
+    labels = torch.arange(images) % system.num_classes if system.num_classes else None
+    counts = {}
+    for mode in ("fast", "full"):
+        with flops_per_call(system.net) as calls:
+            system.sample(images, condition=labels, generator=torch.Generator().manual_seed(0), mode=mode)
+        counts[mode] = [(c["t"], c["macs"] / c["batch"]) for c in calls]
+    full = sum(m for _, m in counts["full"]) / len(counts["full"])
+    per_step = [{"t": t, "macs": int(m), "ratio": round(m / full, 4)} for t, m in counts["fast"]]
+    mean = sum(r["macs"] for r in per_step) / len(per_step)
+    return {"images": images, "sampler": f"{dc.sampler} {dc.sample_steps} steps", "guidance": dc.guidance,
+            "per_step": per_step, "mean_macs": int(mean), "full_macs": int(full), "ratio": round(mean / full, 4)}
 
 
 # --------------------------------------------------------------------------------------------

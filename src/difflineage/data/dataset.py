@@ -13,17 +13,19 @@ class DataError(ValueError):
     """A data source that cannot be read; the message names the path and the fix."""
 
 
-class Batch(TypedDict):
+class Batch(TypedDict, total=False):
     """What ``System.loss`` receives.
 
     image: float in [-1, 1], (N, C, H, W); label: long (N,) or None; caption: N strings or None;
-    index: the images' positions in their dataset (lets a system look up per-image caches, e.g. latents).
+    index: the images' positions in their dataset (lets a system look up per-image caches, e.g. latents);
+    step: optimizer steps done before this batch, set by the trainer (for schedules inside a loss).
     """
 
     image: torch.Tensor
     label: Optional[torch.Tensor]
     caption: Optional[list[str]]
     index: torch.Tensor
+    step: int
 
 
 @dataclass

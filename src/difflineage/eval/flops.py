@@ -12,8 +12,9 @@ Only the operations FlopCounterMode knows are counted: matrix products, convolut
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -56,3 +57,36 @@ def count_flops(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> FlopCount:
         if name != "Global" and name.count(".") == 1:  # "Module.child": the first level below the root
             per_module[name.split(".", 1)[1]] = int(sum(ops.values()))
     return FlopCount(flops=int(total), by_module=per_module)
+
+
+@contextmanager
+def flops_per_call(module: torch.nn.Module) -> Iterator[list[dict[str, int]]]:
+    """Count the arithmetic of every call of ``module`` while the context is open; yields a list that gets
+    one entry per call: ``t`` (the first timestep of the call's second positional argument, when it has one),
+    ``batch`` (the first argument's length) and ``macs`` (for the whole batch). For a dynamic network (DyDiT)
+    this is what each sampler step really computed."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    records: list[dict[str, int]] = []
+    open_: list = []
+
+    def before(mod, args):
+        ctx = (sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False, depth=None))
+        for c in ctx:
+            c.__enter__()
+        open_.append(ctx)
+
+    def after(mod, args, out):
+        kernel, counter = open_.pop()
+        counter.__exit__(None, None, None)
+        kernel.__exit__(None, None, None)
+        t = args[1] if len(args) > 1 and isinstance(args[1], torch.Tensor) and args[1].numel() else None
+        records.append({"t": int(t.flatten()[0]) if t is not None else -1, "batch": len(args[0]),
+                        "macs": counter.get_total_flops() // 2})
+
+    handles = [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
+    try:
+        yield records
+    finally:
+        for h in handles:
+            h.remove()

@@ -23,7 +23,7 @@ Parameter names follow the official code (timm names), so its checkpoints load w
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 import numpy as np
 import torch
@@ -232,9 +232,12 @@ class DiT(nn.Module):
         x = x.view(n, g, g, p, p, c)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(n, c, g * p, g * p)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: Optional[torch.Tensor] = None,
-                context: Optional[torch.Tensor] = None, context_mask: Optional[torch.Tensor] = None,
-                pooled: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def embed(self, x: torch.Tensor, t: torch.Tensor, labels: Optional[torch.Tensor] = None,
+              context: Optional[torch.Tensor] = None, context_mask: Optional[torch.Tensor] = None,
+              pooled: Optional[torch.Tensor] = None) -> dict[str, Any]:
+        """The inputs of the block stack: ``tokens`` (N, T, D), the timestep embedding ``t_emb`` (N, D), the
+        condition vector ``c`` (N, D), ``cond_tokens`` / ``cond_mask`` for the token-based designs, and
+        ``n_image`` (the image tokens, which lead the sequence)."""
         tokens = self.x_embedder(x) + self.pos_embed  # (N, T, D)
         t_emb = self.t_embedder(t)  # (N, D)
         if self.captions:
@@ -245,7 +248,6 @@ class DiT(nn.Module):
             if labels is None:
                 raise ValueError("this DiT is class-conditional: give labels (the null class for unconditional)")
             y_emb = self.y_embedder(labels)
-        c = t_emb + y_emb
         cond_tokens, cond_mask = torch.stack([t_emb, y_emb], dim=1), None  # (N, 2, D) for the token-based designs
         if self.captions and self.cfg.block == "cross_attention":  # the text tokens join the attended sequence
             cond_tokens = torch.cat([cond_tokens, self.text_tokens(context)], dim=1)
@@ -254,10 +256,21 @@ class DiT(nn.Module):
         n_image = tokens.shape[1]
         if self.cfg.block == "in_context":
             tokens = torch.cat([tokens, cond_tokens], dim=1)  # (N, T + 2, D)
+        return {"tokens": tokens, "t_emb": t_emb, "c": t_emb + y_emb, "cond_tokens": cond_tokens,
+                "cond_mask": cond_mask, "n_image": n_image}
+
+    def head(self, tokens: torch.Tensor, c: torch.Tensor, n_image: int) -> torch.Tensor:
+        """The final layer over the image tokens, unpatchified: (N, C_out, S, S)."""
+        return self.unpatchify(self.final_layer(tokens[:, :n_image], c))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                context: Optional[torch.Tensor] = None, context_mask: Optional[torch.Tensor] = None,
+                pooled: Optional[torch.Tensor] = None) -> torch.Tensor:
+        e = self.embed(x, t, labels, context, context_mask, pooled)
+        tokens, c, cond_tokens, cond_mask = e["tokens"], e["c"], e["cond_tokens"], e["cond_mask"]
         for block in self.blocks:
             if self.cfg.grad_checkpointing and self.training:
                 tokens = torch.utils.checkpoint.checkpoint(block, tokens, c, cond_tokens, cond_mask, use_reentrant=False)
             else:
                 tokens = block(tokens, c, cond_tokens, cond_mask)
-        tokens = tokens[:, :n_image]  # (N, T, D)
-        return self.unpatchify(self.final_layer(tokens, c))  # (N, C_out, S, S)
+        return self.head(tokens, c, e["n_image"])  # (N, C_out, S, S)

@@ -4,9 +4,12 @@ from difflineage.systems.autoencoder import AutoencoderKLSystem
 from difflineage.systems.base import System
 from difflineage.systems.ddpm import DDPMSystem
 from difflineage.systems.dit import DiTSystem
+from difflineage.systems.dydit import DyDiTSystem
 from difflineage.systems.ldm import LDMSystem
 from difflineage.systems.vae import VAESystem
 
-SYSTEMS: dict[str, type[System]] = {cls.name: cls for cls in (VAESystem, DDPMSystem, AutoencoderKLSystem, LDMSystem, DiTSystem)}
+SYSTEMS: dict[str, type[System]] = {cls.name: cls for cls in (VAESystem, DDPMSystem, AutoencoderKLSystem, LDMSystem, DiTSystem,
+                                                    DyDiTSystem)}
 
-__all__ = ["SYSTEMS", "System", "VAESystem", "DDPMSystem", "AutoencoderKLSystem", "LDMSystem", "DiTSystem"]
+__all__ = ["SYSTEMS", "System", "VAESystem", "DDPMSystem", "AutoencoderKLSystem", "LDMSystem", "DiTSystem",
+           "DyDiTSystem"]

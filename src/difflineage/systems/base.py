@@ -56,6 +56,11 @@ class System(nn.Module, abc.ABC):
 
     # Optional hooks -------------------------------------------------------------------------
 
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The trainable parameters as optimizer groups; a group's ``lr_scale`` multiplies the learning rate
+        (e.g. routers that must move faster than the weights they route)."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad], "lr_scale": 1.0}]
+
     def prepare(self, dataset: ImageDataset) -> None:
         """Called once before training with the training data (e.g. to measure a latent scale)."""
 

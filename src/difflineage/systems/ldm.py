@@ -80,6 +80,11 @@ class LDMSystem(DDPMSystem):
         from difflineage.train.checkpoint import load_state_dict_strict
 
         load_state_dict_strict(self.first_stage, state, self.config.model.first_stage)
+        self.cache_posteriors(dataset, measure_scale=True)
+
+    def cache_posteriors(self, dataset: ImageDataset, measure_scale: bool) -> None:
+        """Encode the training images once: keep their posterior moments (``model.cache_latents``) and, with
+        ``measure_scale``, set the latent scale to 1 / std of one draw of the latents."""
         means, logvars = [], []
         with torch.no_grad():
             for s in range(0, len(dataset), 250):
@@ -88,8 +93,9 @@ class LDMSystem(DDPMSystem):
                 means.append(mean.float())
                 logvars.append(logvar.float())
         mean, logvar = torch.cat(means), torch.cat(logvars)
-        z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=torch.Generator().manual_seed(0)).to(mean.device)
-        self.latent_scale.fill_(1.0 / z.std().item())
+        if measure_scale:
+            z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=torch.Generator().manual_seed(0)).to(mean.device)
+            self.latent_scale.fill_(1.0 / z.std().item())
         self._cache = (mean, logvar) if self.config.model.cache_latents else None
 
     # -- the latent space -------------------------------------------------------------------------

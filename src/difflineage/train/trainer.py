@@ -130,11 +130,12 @@ class Trainer:
         torch.manual_seed(tc.seed)  # the same initial weights on every rank
         system = build_system(config).to(device)
         system.prepare(dataset)
-        params = [p for p in system.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
+        groups = system.param_groups()
+        params = [p for g in groups for p in g["params"]]
+        opt = torch.optim.AdamW(groups, lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
         ema = AveragedModel(system, multi_avg_fn=get_ema_multi_avg_fn(tc.ema_decay), use_buffers=True)
         if tc.compile:  # in place: parameter names (and so checkpoints) stay as they are
-            getattr(system, "net", system).compile()
+            getattr(system, "net", system).compile(dynamic=False)  # every training batch has one shape
 
         sampler = DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True,
                                      seed=tc.seed, drop_last=True)
@@ -183,6 +184,7 @@ class Trainer:
                 step_start = time.perf_counter()
                 idx = order[position * per_rank : (position + 1) * per_rank]
                 batch = dataset.batch(idx, device)
+                batch["step"] = step  # steps done before this one (schedules inside a system's loss)
 
                 with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=tc.bf16):
                     loss, metrics = model(batch)
@@ -203,7 +205,7 @@ class Trainer:
                     raise TrainingDiverged(_diverged_message("gradient norm", step + 1, grad_norm.item(), last_ckpt))
                 lr = lr_at(step, tc)
                 for group in opt.param_groups:
-                    group["lr"] = lr
+                    group["lr"] = lr * group.get("lr_scale", 1.0)
                 opt.step()
                 ema.update_parameters(system)
                 step, position = step + 1, position + 1

@@ -1,0 +1,193 @@
+"""DyDiT fine-tuned from the flagship mnist5k DiT at several FLOPs targets: the FLOPs ratio reached, sampling
+time against the DiT it came from (side by side in one run), FID (MNIST features) and class accuracy; plus the
+pictures of docs/dydit.md (active heads and MLP groups per layer against the timestep; token masks).
+
+    make quickstart                                   # the flagship DiT, in runs/quickstart-dit
+    python benchmarks/dydit_mnist.py --base runs/quickstart-dit
+
+Each target's fine-tuning run goes to ``--out``/lambda-X (reused when complete; ``--retrain`` redoes it).
+Every model samples with its recipe's sampler (DDIM 50 steps, guidance 3): the same for all. The FLOPs ratio
+is counted (torch's FlopCounterMode, whole network) on the sampling path itself, per image and step, against the
+DiT's; the speed-up is the DiT's sampling time over the DyDiT's, repeats interleaved, in fp32 and under bf16
+autocast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+import difflineage
+from difflineage.bench import record, side_by_side
+from difflineage.config import load_config
+from difflineage.eval import bf16_autocast, evaluate_system
+from difflineage.eval.flops import flops_per_call
+from difflineage.train import Trainer
+from difflineage.train.checkpoint import latest_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+IMAGES = REPO / "docs" / "images"
+PAPER = {0.7: "DiT-XL: 71% of DiT's FLOPs, FID 2.12 vs 2.27", 0.5: "DiT-S: 52% FLOPs, 1.54x; DiT-XL: 49%, FID 2.07, 1.73x",
+         0.3: "-"}
+
+
+def fine_tune(base: str, target: float, run_dir: Path, steps: int, retrain: bool) -> Path:
+    done = run_dir / "checkpoints"
+    if not retrain and done.is_dir() and latest_checkpoint(run_dir) is not None and \
+            json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])["step"] >= steps:
+        print(f"reusing {run_dir}", file=sys.stderr)
+        return run_dir
+    cfg = load_config("dydit-mnist", [f"model.base={base}", f"model.target={target}", f"train.steps={steps}"])
+    Trainer(cfg, run_dir).fit()
+    return run_dir
+
+
+def sampling_macs(system, n: int, seed: int = 0) -> tuple[float, list[dict]]:
+    """Network MACs per image per sampler step on the real sampling path (guided: both halves counted)."""
+    with flops_per_call(system.net) as calls:
+        system.sample(n, condition=torch.arange(n) % 10, generator=torch.Generator().manual_seed(seed))
+    per_image = [c["macs"] / c["batch"] for c in calls]
+    return sum(per_image) / len(per_image), calls
+
+
+def width_picture(system, path: Path) -> Path:
+    """Heads and MLP groups on, per layer, against the timestep (the paper's Figure 5 style)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    net = system.net
+    ts = torch.arange(0, 1000, 5)
+    with torch.no_grad():
+        t_emb = net.t_embedder(ts)
+        masks = [blk.width_masks(t_emb, train=False) for blk in net.blocks]
+    heads = torch.stack([m[0].sum(1) for m in masks]).numpy()  # (layers, timesteps)
+    groups = torch.stack([m[1].sum(1) for m in masks]).numpy()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.2), sharey=True)
+    for ax, data, what in zip(axes, (heads, groups), ("attention heads on", "MLP channel groups on")):
+        im = ax.imshow(data, aspect="auto", cmap="viridis", vmin=0, vmax=net.blocks[0].heads,
+                       extent=(0, 1000, len(net.blocks) - 0.5, -0.5), interpolation="nearest")
+        ax.set_xlabel("timestep t (0 = clean image)")
+        ax.set_title(what)
+        fig.colorbar(im, ax=ax, fraction=0.04)
+    axes[0].set_ylabel("layer")
+    fig.suptitle(f"DyDiT lambda={system.config.model.target}: width per layer and timestep")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def token_picture(system, path: Path, n: int = 8, shown_steps: int = 6) -> Path:
+    """Where the token routers send tokens through the MLP (share of layers), over the final samples,
+    at several timesteps of the sampling run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    net = system.net
+    record: list = []
+    for blk in net.blocks:
+        blk.token_record = record
+    calls: list = []
+    hook = net.register_forward_hook(lambda mod, args, out: calls.append((int(args[1][0]), len(record))))
+    try:
+        images = system.sample(n, condition=torch.arange(n) % 10, generator=torch.Generator().manual_seed(3))
+    finally:
+        hook.remove()
+        for blk in net.blocks:
+            blk.token_record = None
+    depth, grid = len(net.blocks), net.grid
+    per_call, start = [], 0
+    for t, end in calls:
+        keeps = torch.stack(record[start:end])  # (depth, 2n, T): both guidance halves
+        per_call.append((t, keeps[:, :n].float().mean(0).view(n, grid, grid)))
+        start = end
+    picks = [per_call[i] for i in torch.linspace(0, len(per_call) - 1, shown_steps).round().long().tolist()]
+    fig, axes = plt.subplots(len(picks), n, figsize=(1.3 * n, 1.4 * len(picks)))
+    for r, (t, share) in enumerate(picks):
+        for c in range(n):
+            ax = axes[r, c]
+            ax.imshow(images[c, 0].cpu().numpy(), cmap="gray", vmin=-1, vmax=1)
+            side = images.shape[-1]
+            ax.imshow(share[c].numpy(), cmap="magma", alpha=0.55, vmin=0, vmax=1, extent=(-0.5, side - 0.5, side - 0.5, -0.5),
+                      interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c == 0:
+                ax.set_ylabel(f"t={t}", fontsize=8)
+    fig.suptitle(f"DyDiT lambda={system.config.model.target}: share of layers whose MLP each token goes through "
+                 f"(bright = more), over the final samples; {depth} layers", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--base", default="runs/quickstart-dit", help="the flagship DiT run (difflineage quickstart)")
+    ap.add_argument("--targets", type=float, nargs="+", default=[0.7, 0.5, 0.3])
+    ap.add_argument("--steps", type=int, default=400, help="fine-tuning steps per target")
+    ap.add_argument("--out", default="runs/dydit-mnist")
+    ap.add_argument("--retrain", action="store_true")
+    ap.add_argument("--n", type=int, default=1000, help="samples for FID and class accuracy")
+    ap.add_argument("--batch", type=int, default=100, help="images per sampling call in the timing")
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    runs = {t: fine_tune(args.base, t, out / f"lambda-{t}", args.steps, args.retrain) for t in args.targets}
+    dit = difflineage.load(args.base)
+    models = {"DiT": dit, **{f"DyDiT lambda={t}": difflineage.load(d) for t, d in runs.items()}}
+
+    print("counting FLOPs on the sampling path", file=sys.stderr)
+    macs = {k: sampling_macs(m, 20)[0] for k, m in models.items()}
+    print("timing sampling side by side", file=sys.stderr)
+    labels = torch.arange(args.batch) % 10
+    timings = {}
+    for precision in ("fp32", "bf16"):
+        def job(m, bf16=precision == "bf16"):
+            def run():
+                with bf16_autocast(m.device, bf16):
+                    m.sample(args.batch, condition=labels, generator=torch.Generator().manual_seed(0))
+            return run
+        timings[precision] = side_by_side({k: job(m) for k, m in models.items()}, warmup=1, repeats=args.repeats)
+    scores = {}
+    for k, m in models.items():
+        print(f"scoring {k}", file=sys.stderr)
+        scores[k] = evaluate_system(m, n=args.n, features="mnist", progress=False, bpd_images=0)
+
+    rows = []
+    for k in models:
+        t = models[k].config.model.target if k != "DiT" else None
+        rows.append({"model": k, "FLOPs ratio (counted)": f"{macs[k] / macs['DiT']:.3f}",
+                     "MMACs per image-step": round(macs[k] / 1e6, 2),
+                     "sampling fp32 (s)": round(timings["fp32"][k].median_s, 2),
+                     "speed-up fp32": f"{timings['fp32']['DiT'].median_s / timings['fp32'][k].median_s:.2f}x",
+                     "sampling bf16 (s)": round(timings["bf16"][k].median_s, 2),
+                     "speed-up bf16": f"{timings['bf16']['DiT'].median_s / timings['bf16'][k].median_s:.2f}x",
+                     "FID": round(scores[k]["fid"], 1), "FID / DiT's": f"{scores[k]['fid'] / scores['DiT']['fid']:.2f}",
+                     "class accuracy": f"{100 * scores[k]['class_accuracy']:.1f}%",
+                     "paper (ImageNet 256)": PAPER.get(t, "") if t is not None else "DiT-XL/2: 118.7 GFLOPs, FID 2.27"})
+    real = scores["DiT"]["fid_real"]
+    notes = (f"mnist5k, fine-tuned {args.steps} steps from `{args.base}` (configs/dydit-mnist.yaml). Sampling: DDIM 50 "
+             f"steps, guidance 3 (both halves in one batch), {args.batch} images per call, median of {args.repeats} "
+             f"interleaved repeats. FID and accuracy on {args.n} samples (MNIST-classifier features; real-vs-real FID "
+             f"at this count: {real:.1f}).")
+    cmd = "python benchmarks/dydit_mnist.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    record("dydit_mnist", "DyDiT fine-tuned from the mnist5k DiT: FLOPs, sampling speed, FID", rows, notes, command=cmd.strip())
+    IMAGES.mkdir(parents=True, exist_ok=True)
+    middle = min(runs, key=lambda t: abs(t - 0.5))
+    width_picture(models[f"DyDiT lambda={middle}"], IMAGES / "dydit_width.png")
+    token_picture(models[f"DyDiT lambda={middle}"], IMAGES / "dydit_tokens.png")
+    print(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,228 @@
+"""DyDiT as a system: a trained DiT fine-tuned with DyDiT's routers toward a FLOPs target (Zhao et al. 2025).
+
+``model.base`` names the DiT to start from: a ``dit`` checkpoint or run of this project (its architecture,
+first stage, diffusion and conditioning are taken over from it, so the recipe names only what is DyDiT's), or an
+official DiT file (``.pt`` / ``.safetensors``, the architecture inferred from its shapes; the recipe then names
+the first stage and data). A released DyDiT file (DiT keys plus routers) is accepted too: its routers are kept.
+
+Before fine-tuning, every block's heads and MLP channels are reordered by weight magnitude (no change to the
+function), so the always-on unit 0 is the most important one; the routers start with every unit on.
+
+The loss (the paper's): the diffusion loss of the dynamic model, plus the FLOPs loss 2 (mean ratio - target)^2
+where the ratio is the share of the blocks' attention and MLP arithmetic the routers kept, plus, during the
+``router_warmup`` steps, the diffusion loss of the complete model (routers off, same weights); the target
+is annealed from 1 to ``target`` (lambda) over the warm-up. ``stratified`` spreads each batch's timesteps
+over four equal buckets of the chain.
+
+Sampling uses the fast path (sliced weights per timestep, MLP on the active tokens only); ``mode=masked``
+(the released code's way) and ``mode=full`` (routers off) are there for comparison.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from difflineage.config import Config, ConfigError
+from difflineage.data import Batch, ImageDataset
+from difflineage.models.dit import DiTConfig
+from difflineage.models.dydit import MODES, DyDiT, DyDiTConfig, is_router_key, router_keys_of
+from difflineage.systems.base import Condition
+from difflineage.systems.dit import DiTSystem, DiTSystemConfig
+from difflineage.systems.ldm import LDMSystem
+
+
+@dataclass
+class DyDiTSystemConfig(DiTSystemConfig):
+    """:param base: the DiT to fine-tune (a dit checkpoint or run directory, or an official DiT / DyDiT file).
+    :param dydit: which routers (width, tokens) and the Gumbel temperature.
+    :param target: lambda, the FLOPs ratio the fine-tuning aims at (1 = DiT's).
+    :param router_warmup: steps over which the target falls from 1 to ``target`` and the complete model's
+        diffusion loss is added.
+    :param stratified: draw each batch's timesteps from four equal buckets of the chain.
+    :param router_lr_scale: the routers' learning rate relative to train.lr (they start far on the "on"
+        side, bias 15 / 35, and must cross to "off" within a short fine-tuning)."""
+
+    base: str = ""
+    dydit: DyDiTConfig = field(default_factory=DyDiTConfig)
+    target: float = 0.5
+    router_warmup: int = 0
+    stratified: bool = False
+    router_lr_scale: float = 1.0
+
+    def check(self) -> None:
+        super().check()
+        if not 0 < self.target <= 1:
+            raise ConfigError(f"model.target={self.target} must lie in (0, 1]: the FLOPs ratio to aim at")
+        if self.router_lr_scale <= 0:
+            raise ConfigError("model.router_lr_scale must be positive")
+        if self.router_warmup < 0:
+            raise ConfigError("model.router_warmup must be 0 or more steps")
+        if self.dit.block != "adaln_zero":
+            raise ConfigError(f"DyDiT makes adaLN-Zero blocks dynamic; model.dit.block={self.dit.block!r} is not one")
+
+
+DYDIT_FIELDS = {f.name for f in fields(DyDiTSystemConfig)} - {f.name for f in fields(DiTSystemConfig)}
+
+
+class DyDiTSystem(DiTSystem):
+    name = "dydit"
+    ModelConfig = DyDiTSystemConfig
+
+    def build_network(self, out_channels: int, num_classes: int, context_dim: Optional[int]) -> torch.nn.Module:
+        m = self.config.model
+        cfg = replace(m.dit, learn_sigma=out_channels == 2 * self.channels, class_dropout=m.cond_drop)
+        return DyDiT(cfg, self.channels, self.side, num_classes, context_dim=context_dim, dynamic=m.dydit)
+
+    # -- the base DiT ------------------------------------------------------------------------------
+
+    @classmethod
+    def resolve_config(cls, config: Config) -> Config:
+        """Take the DiT's architecture, first stage, diffusion and conditioning from ``model.base``."""
+        m = config.model
+        if not m.base:
+            if m.autoencoder is None and not m.first_stage:
+                raise ConfigError("model.base is empty: name the DiT to fine-tune (a dit checkpoint or run "
+                                  "directory, e.g. runs/quickstart-dit/dit, or an official DiT .pt file)")
+            return super().resolve_config(config)
+        base = Path(m.base)
+        if base.is_dir():
+            from difflineage.train.checkpoint import load_checkpoint
+
+            ckpt = load_checkpoint(base, training_state=False)
+            if ckpt.config.system not in ("dit", "dydit"):
+                raise ConfigError(f"model.base={m.base} is a {ckpt.config.system} checkpoint; DyDiT fine-tunes a dit one")
+            b = ckpt.config
+            if (b.data.image_size, b.data.channels, b.data.num_classes) != \
+                    (config.data.image_size, config.data.channels, config.data.num_classes):
+                raise ConfigError(f"model.base={m.base} was trained on {b.data.image_size}px, {b.data.channels}-channel "
+                                  f"data with {b.data.num_classes} classes; data.* must match it")
+            inherited = {f.name: getattr(b.model, f.name) for f in fields(DiTSystemConfig)}
+            own = {k: getattr(m, k) for k in DYDIT_FIELDS}
+            return replace(config, model=DyDiTSystemConfig(**inherited, **own))
+        if not base.is_file():
+            raise ConfigError(f"model.base={m.base}: no such checkpoint directory or file")
+        from difflineage.interop.dit import infer_dit_settings
+        from difflineage.interop.dydit import read_dydit_state
+
+        state, _ = read_dydit_state(base)
+        s = infer_dit_settings(state, str(base), heads=_heads_of(state, m.dit))
+        dit = replace(m.dit, name=s["name"], depth=s["depth"], hidden=s["hidden"], heads=s["heads"], patch=s["patch"],
+                      mlp_ratio=s["mlp_ratio"], block="adaln_zero")
+        return super().resolve_config(replace(config, model=replace(m, dit=dit)))
+
+    def prepare(self, dataset: ImageDataset) -> None:
+        """Load the base DiT (and its first stage), rank units by importance, cache the training latents."""
+        m = self.config.model
+        if not m.base:
+            raise ConfigError("model.base is empty: nothing to fine-tune from")
+        base = Path(m.base)
+        if base.is_dir():
+            from difflineage.train.checkpoint import load_checkpoint, load_state_dict_strict
+
+            ckpt = load_checkpoint(base, training_state=False)
+            weights = ckpt.ema if ckpt.ema is not None else ckpt.model
+            prefix = f"{self.network_name}."
+            net_state = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+            others = {k: v for k, v in weights.items() if not k.startswith(prefix)}  # first stage, text, scale
+            own_net = {k: v for k, v in self.state_dict().items() if k.startswith(prefix)}
+            load_state_dict_strict(self, {**others, **own_net}, str(base))
+            self._load_net(net_state, str(base))
+            if self.latent:
+                self.cache_posteriors(dataset, measure_scale=False)
+        else:
+            from difflineage.interop.dydit import read_dydit_state
+
+            if self.latent:
+                LDMSystem.prepare(self, dataset)  # the first stage from model.first_stage
+            state, _ = read_dydit_state(base)
+            self._load_net(state, str(base))
+
+    def _load_net(self, state: dict[str, torch.Tensor], source: str) -> None:
+        if router_keys_of(state):  # a DyDiT already: weights and routers as they are
+            from difflineage.train.checkpoint import load_state_dict_strict
+
+            load_state_dict_strict(self.net, state, source)
+        else:
+            self.net.load_dit_weights(state, source)
+            self.net.rank_units_by_importance()
+
+    # -- training ------------------------------------------------------------------------------------
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        routers, rest = [], []
+        for name, p in self.named_parameters():
+            if p.requires_grad:
+                (routers if is_router_key(name) else rest).append(p)
+        return [{"params": rest, "lr_scale": 1.0},
+                {"params": routers, "lr_scale": self.config.model.router_lr_scale}]
+
+    def flops_target(self, step: Optional[int]) -> float:
+        """lambda, annealed linearly from 1 over the router warm-up (step None: after it)."""
+        m = self.config.model
+        if not m.router_warmup or step is None:
+            return m.target
+        return 1.0 - (1.0 - m.target) * min(step / m.router_warmup, 1.0)
+
+    def draw_timesteps(self, n: int, device: torch.device) -> torch.Tensor:
+        T = self.diffusion.num_timesteps
+        if not self.config.model.stratified:
+            return torch.randint(0, T, (n,), device=device)
+        bucket = torch.arange(n, device=device) % 4  # four equal buckets of the chain, in turn
+        return (bucket * T + torch.randint(0, T, (n,), device=device)) // 4
+
+    def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        x0 = self.to_model_space(batch)
+        t = self.draw_timesteps(len(x0), x0.device)
+        cond = self.condition_kwargs(batch["label"], batch["caption"], train=True)
+        noise = torch.randn_like(x0)
+        step = batch.get("step")
+        target = self.flops_target(None if step is None else int(step))
+        seen: dict[str, Any] = {}
+
+        def dynamic(xt, tt):
+            out, seen["usage"] = self.net(xt, tt, **cond, mode="masked", return_usage=True)
+            return out
+
+        terms = self.diffusion.training_losses(dynamic, x0, t, noise)
+        usage = seen["usage"]
+        ratio = self.net.flops_ratio(usage)
+        loss_flops = 2.0 * (ratio.mean() - target) ** 2
+        loss = terms["loss"].mean() + loss_flops
+        metrics = {"mse": terms["mse"].mean().detach(), "flops_ratio": ratio.mean().detach(),
+                   "flops_target": torch.tensor(target), "loss_flops": loss_flops.detach(),
+                   **{f"{k}_on": v.mean().detach() for k, v in usage.items()}}
+        if "vb" in terms:
+            metrics["vb"] = terms["vb"].mean().detach()
+        if step is not None and int(step) < self.config.model.router_warmup:
+            full = self.diffusion.training_losses(lambda xt, tt: self.net(xt, tt, **cond, mode="full"), x0, t, noise)
+            loss = loss + full["loss"].mean()
+            metrics["mse_full"] = full["mse"].mean().detach()
+        return loss, metrics
+
+    # -- sampling ------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def sample(self, n: int, condition: Condition = None, generator: Optional[torch.Generator] = None,
+               mode: Optional[str] = None, **options: Any) -> torch.Tensor:
+        """As DiT's; ``mode``: fast (default: sliced weights, active tokens only), masked (the released
+        code's multiply-by-zero) or full (routers off: every unit, as the DiT before fine-tuning)."""
+        if mode is not None and mode not in MODES:
+            raise ValueError(f"unknown DyDiT mode {mode!r}; choose one of {', '.join(MODES)}")
+        old = self.net.inference_mode
+        self.net.inference_mode = mode or old
+        try:
+            return super().sample(n, condition, generator, **options)
+        finally:
+            self.net.inference_mode = old
+
+
+def _heads_of(state: dict[str, torch.Tensor], dit: DiTConfig) -> Optional[int]:
+    """Heads recorded by a DyDiT file's head router (H - 1 outputs), else the recipe's custom value."""
+    w = state.get("blocks.0.attn_rate.router.weight")
+    if w is not None:
+        return int(w.shape[0]) + 1
+    return dit.heads if dit.name == "custom" else None

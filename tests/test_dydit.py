@@ -1,0 +1,178 @@
+import json
+
+import pytest
+import torch
+
+import difflineage
+from difflineage.config import ConfigError, from_dict
+from difflineage.eval.flops import count_flops
+from difflineage.models.dit import DiT, DiTConfig
+from difflineage.models.dydit import DyDiT, DyDiTConfig, route
+from difflineage.train import Trainer
+from difflineage.train.checkpoint import CheckpointError
+from test_dit_system import tiny_dit_dict
+
+
+def random_dydit(tokens: bool = True, width: bool = True, std: float = 0.05, seed: int = 0) -> DyDiT:
+    """depth 3, hidden 64, 4 heads, 16 tokens; every weight random, so routers switch units on and off."""
+    torch.manual_seed(seed)
+    m = DyDiT(DiTConfig(depth=3, hidden=64, heads=4, patch=2), 4, 8, 10, dynamic=DyDiTConfig(width=width, tokens=tokens))
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.requires_grad:
+                p.normal_(0, std)
+    return m.eval()
+
+
+def inputs(n: int = 6, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 4, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+def test_router_shapes_follow_the_released_layout():
+    m = random_dydit()
+    state = m.state_dict()
+    assert state["blocks.0.attn_rate.router.weight"].shape == (3, 64)  # H - 1 heads routed
+    assert state["blocks.2.mlp_rate.router.bias"].shape == (3,)
+    assert state["blocks.1.token_selection.mlp_head.0.weight"].shape == (4, 64)  # D / 16
+    assert state["blocks.1.token_selection.mlp_head.2.weight"].shape == (1, 4)
+    fresh = DyDiT(DiTConfig(depth=2, hidden=64, heads=4, patch=2), 4, 8, 10)
+    x, y = inputs()
+    _, usage = fresh.eval()(x, torch.full((6,), 500), y, return_usage=True)
+    assert all(bool((v == 1).all()) for v in usage.values())  # routers start with every unit on
+    assert usage["heads"].shape == (6, 2)
+
+
+def test_straight_through_gradient_is_the_soft_relaxations():
+    logits = torch.tensor([[-3.0, -0.2, 0.1, 4.0]], requires_grad=True)
+    torch.manual_seed(7)
+    hard = route(logits, tau=5.0, train=True)
+    torch.manual_seed(7)  # the same noise, by hand
+    u = torch.rand((2, 1, 4)).clamp_(1e-10, 1 - 1e-7)
+    g = -torch.log(-torch.log(u))
+    soft = torch.sigmoid((logits.detach() + g[0] - g[1]) / 5.0)
+    assert torch.equal(hard.detach(), (soft > 0.5).float())  # forward: hard decisions
+    hard.sum().backward()
+    assert torch.allclose(logits.grad, soft * (1 - soft) / 5.0, atol=1e-7)  # backward: the sigmoid's slope
+    assert torch.equal(route(logits.detach(), 5.0, train=False), torch.tensor([[0.0, 0.0, 1.0, 1.0]]))
+
+
+def test_flops_ratio_matches_a_hand_count_and_the_counter():
+    m = random_dydit()
+    t_tok, d, mlp = 16, 64, 256
+    attn_macs, mlp_macs = 4 * t_tok * d * d + 2 * t_tok * t_tok * d, 2 * t_tok * d * mlp
+    assert m.block_macs() == (attn_macs, mlp_macs)
+    # the counter agrees on one plain DiT block (attention + MLP; the adaLN regression is not routed)
+    dit = DiT(DiTConfig(depth=1, hidden=64, heads=4, patch=2), 4, 8, 10)
+    x = torch.randn(1, 16, 64)
+    counted = count_flops(lambda: dit.blocks[0].attn(x)).macs + count_flops(lambda: dit.blocks[0].mlp(x)).macs
+    assert counted == attn_macs + mlp_macs
+    # the rest of the network (embedders, adaLN regressions, final layer), against the counter on the full model
+    static = m.static_macs()
+    assert static + 3 * (attn_macs + mlp_macs) == count_flops(lambda: m(*_one(), mode="full")).macs
+    usage = {"heads": torch.tensor([[1.0, 0.5, 0.25]]), "groups": torch.tensor([[1.0, 0.75, 0.25]]),
+             "tokens": torch.tensor([[1.0, 0.5, 1.0]])}
+    kept = attn_macs * (1 + 0.5 + 0.25) + mlp_macs * (1 * 1 + 0.75 * 0.5 + 0.25 * 1)
+    expected = (static + kept) / (static + 3 * (attn_macs + mlp_macs))
+    assert m.flops_ratio(usage).item() == pytest.approx(expected, rel=1e-6)
+
+
+def _one():
+    x, y = inputs(1)
+    return x, torch.tensor([10]), y
+
+
+def test_ranking_units_by_importance_changes_nothing():
+    m = random_dydit()
+    x, y = inputs()
+    t = torch.tensor([3, 3, 400, 400, 999, 3])
+    before = m(x, t, y, mode="full")
+    m.rank_units_by_importance()
+    assert torch.allclose(m(x, t, y, mode="full"), before, atol=1e-6)
+    blk = m.blocks[0]
+    head_mag = blk.attn.qkv.weight.abs().view(3, 4, 16, 64).sum(dim=(0, 2, 3)) + \
+        blk.attn.proj.weight.abs().view(64, 4, 16).sum(dim=(0, 2))
+    assert int(head_mag.argmax()) == 0  # the always-on head is the most important one
+    ch = blk.mlp.fc1.weight.abs().sum(1) + blk.mlp.fc2.weight.abs().sum(0)
+    assert bool((ch[:-1] >= ch[1:]).all())  # channels sorted: group 0 holds the strongest
+
+
+@pytest.mark.parametrize("tokens", [True, False])
+def test_fast_path_equals_the_masked_reference(tokens):
+    m = random_dydit(tokens=tokens)
+    x, y = inputs()
+    t = torch.tensor([5, 5, 900, 900, 300, 5])  # three timesteps in one batch: grouped by timestep
+    with torch.no_grad():
+        ref, u_ref = m(x, t, y, mode="masked", return_usage=True)
+        fast, u_fast = m(x, t, y, mode="fast", return_usage=True)
+    assert (fast - ref).abs().max().item() < 1e-5
+    for k in u_ref:
+        assert torch.allclose(u_fast[k], u_ref[k])
+    assert 0.2 < m.flops_ratio(u_ref).mean().item() < 0.9  # the check runs with units really off
+    # and the fast path really computes less: counted arithmetic against the masked path
+    same_t = torch.full((6,), 5)
+    assert count_flops(lambda: m(x, same_t, y, mode="fast")).macs < 0.9 * count_flops(lambda: m(x, same_t, y, mode="masked")).macs
+
+
+def test_released_layout_loads_strictly(tmp_path):
+    from difflineage.interop.dit import save_official_dit
+    from difflineage.interop.dydit import load_official_dydit
+
+    m = random_dydit()
+    path = tmp_path / "DyDiT.pt"
+    torch.save({k: v.clone() for k, v in m.state_dict().items()}, path)
+    loaded, info = load_official_dydit(path, )
+    assert info["heads"] == 4 and info["width"] and info["tokens"]
+    x, y = inputs()
+    t = torch.full((6,), 250)
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t, y), m(x, t, y))
+    broken = {k: v for k, v in m.state_dict().items() if k != "blocks.1.token_selection.mlp_head.2.bias"}
+    torch.save(broken, tmp_path / "broken.pt")
+    with pytest.raises(CheckpointError, match="blocks.1.token_selection.mlp_head.2.bias"):
+        load_official_dydit(tmp_path / "broken.pt")
+    dit = DiT(DiTConfig(depth=3, hidden=64, heads=4, patch=2), 4, 8, 10)
+    save_official_dit(dit, tmp_path / "dit.pt")
+    with pytest.raises(CheckpointError, match="no DyDiT routers"):
+        load_official_dydit(tmp_path / "dit.pt")
+
+
+def tiny_dydit_dict(base: str, **model) -> dict:
+    return {"system": "dydit", "data": {"source": "digits", "image_size": 8, "channels": 1},
+            "model": {"base": base, "target": 0.3, "router_warmup": 10, **model},
+            "train": {"steps": 40, "batch_size": 32, "lr": 2e-2, "log_every": 1, "sample_every": 0,
+                      "checkpoint_every": 0, "sample_n": 10, "ema_decay": 0.0}}
+
+
+def test_fine_tuning_moves_the_flops_ratio_toward_its_target(tmp_path):
+    d = tiny_dit_dict(steps=10)
+    d["model"]["dit"].update(hidden=64, heads=4)
+    Trainer(from_dict(d), tmp_path / "dit", progress=False).fit()
+    Trainer(from_dict(tiny_dydit_dict(str(tmp_path / "dit"))), tmp_path / "dydit", progress=False).fit()
+    log = [json.loads(x) for x in (tmp_path / "dydit" / "metrics.jsonl").read_text().splitlines()]
+    assert log[0]["flops_ratio"] == 1.0 and "mse_full" in log[0]  # starts as the DiT; warm-up adds its loss
+    assert log[-1]["flops_target"] == pytest.approx(0.3) and "mse_full" not in log[-1]
+    for r in log[::7]:  # one step per row: the FLOPs loss is 2 (ratio - target)^2 of that step
+        assert r["loss_flops"] == pytest.approx(2 * (r["flops_ratio"] - r["flops_target"]) ** 2, rel=1e-4, abs=1e-7)
+    assert log[5]["flops_target"] == pytest.approx(1 - 0.7 * 5 / 10)  # annealed from 1 over the warm-up
+    last = sum(r["flops_ratio"] for r in log[-5:]) / 5
+    assert last < 0.8  # moved from 1 toward 0.3
+    system = difflineage.load(tmp_path / "dydit")
+    assert system.config.model.dit.hidden == 64  # the architecture came from the base
+    g = torch.Generator().manual_seed(0)
+    images = system.sample(4, condition=2, generator=g)
+    assert images.shape == (4, 1, 8, 8)
+    full = system.sample(4, condition=2, generator=torch.Generator().manual_seed(0), mode="full")
+    masked = system.sample(4, condition=2, generator=torch.Generator().manual_seed(0), mode="masked")
+    assert torch.allclose(images, masked, atol=1e-4) and not torch.allclose(images, full, atol=1e-3)
+
+
+def test_dydit_config_errors_name_the_fix(tmp_path):
+    with pytest.raises(ConfigError, match="model.base"):
+        Trainer(from_dict(tiny_dydit_dict("")), tmp_path / "a", progress=False).fit()
+    with pytest.raises(ConfigError, match="no such checkpoint"):
+        Trainer(from_dict(tiny_dydit_dict(str(tmp_path / "missing"))), tmp_path / "b", progress=False).fit()
+    with pytest.raises(ConfigError, match="target"):
+        from_dict(tiny_dydit_dict("x", target=1.5))
+    with pytest.raises(ConfigError, match="adaLN-Zero"):
+        DyDiT(DiTConfig(depth=1, hidden=32, heads=2, block="adaln"), 4, 8, 10)
