@@ -165,6 +165,20 @@ def test_fine_tuning_moves_the_flops_ratio_toward_its_target(tmp_path):
     full = system.sample(4, condition=2, generator=torch.Generator().manual_seed(0), mode="full")
     masked = system.sample(4, condition=2, generator=torch.Generator().manual_seed(0), mode="masked")
     assert torch.allclose(images, masked, atol=1e-4) and not torch.allclose(images, full, atol=1e-3)
+    return tmp_path / "dydit"
+
+
+def test_info_and_sample_commands_serve_dydit(tmp_path, capsys):
+    from difflineage.cli import main
+
+    run = test_fine_tuning_moves_the_flops_ratio_toward_its_target(tmp_path)
+    capsys.readouterr()
+    assert main(["info", str(run), "--json"]) == 0
+    sf = json.loads(capsys.readouterr().out)["sampling_flops"]
+    assert len(sf["per_step"]) == 5  # the recipe's 5 sampler steps, each counted
+    assert sf["ratio"] < 0.95 and sf["mean_macs"] < sf["full_macs"]
+    assert main(["sample", str(run), "--n", "10", "--mode", "masked", "--out", str(tmp_path / "s.png")]) == 0
+    assert (tmp_path / "s.png").is_file()
 
 
 def test_dydit_config_errors_name_the_fix(tmp_path):
@@ -176,3 +190,35 @@ def test_dydit_config_errors_name_the_fix(tmp_path):
         from_dict(tiny_dydit_dict("x", target=1.5))
     with pytest.raises(ConfigError, match="adaLN-Zero"):
         DyDiT(DiTConfig(depth=1, hidden=32, heads=2, block="adaln"), 4, 8, 10)
+
+
+def test_fine_tuning_starts_from_an_official_dit_file(tmp_path):
+    from difflineage.data import load_dataset
+    from difflineage.interop.dit import save_official_dit
+    from difflineage.systems import SYSTEMS
+    from difflineage.train import build_system
+    from difflineage.train.trainer import resolve_data
+
+    torch.manual_seed(0)
+    dit = DiT(DiTConfig(depth=2, hidden=64, heads=4, patch=2), in_channels=1, input_size=8, num_classes=10).eval()
+    with torch.no_grad():
+        for p in dit.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.05)
+    save_official_dit(dit, tmp_path / "DiT-tiny.pt")
+    d = tiny_dydit_dict(str(tmp_path / "DiT-tiny.pt"))
+    d["model"]["dit"] = {"heads": 4}  # no tensor records the heads of a custom-size DiT
+    config = from_dict(d)
+    data = load_dataset(config.data, "train")
+    config = SYSTEMS["dydit"].resolve_config(resolve_data(config, data))
+    m = config.model
+    assert (m.dit.depth, m.dit.hidden, m.dit.heads, m.dit.patch) == (2, 64, 4, 2)  # read from the file
+    system = build_system(config)
+    system.prepare(data)  # loads the file, reorders units by importance
+    x, t, y = torch.randn(3, 1, 8, 8), torch.full((3,), 40), torch.tensor([1, 2, 3])
+    with torch.no_grad():
+        assert torch.allclose(system.dit.eval()(x, t, y, mode="full"), dit(x, t, y), atol=1e-5)
+        assert not torch.equal(system.dit.blocks[0].mlp.fc1.weight, dit.blocks[0].mlp.fc1.weight)  # reordered
+    d["train"]["steps"] = 2
+    Trainer(from_dict(d), tmp_path / "dydit", progress=False).fit()  # and it trains from there
+    assert difflineage.load(tmp_path / "dydit").config.model.dit.hidden == 64
