@@ -139,7 +139,8 @@ def test_released_layout_loads_strictly(tmp_path):
 
 def tiny_dydit_dict(base: str, **model) -> dict:
     return {"system": "dydit", "data": {"source": "digits", "image_size": 8, "channels": 1},
-            "model": {"base": base, "target": 0.3, "router_warmup": 10, **model},
+            "model": {"base": base, "target": 0.3, "router_warmup": 10,
+                      "diffusion": {"sample_steps": 5, "guidance": 2.0}, **model},
             "train": {"steps": 40, "batch_size": 32, "lr": 2e-2, "log_every": 1, "sample_every": 0,
                       "checkpoint_every": 0, "sample_n": 10, "ema_decay": 0.0}}
 
@@ -222,3 +223,39 @@ def test_fine_tuning_starts_from_an_official_dit_file(tmp_path):
     d["train"]["steps"] = 2
     Trainer(from_dict(d), tmp_path / "dydit", progress=False).fit()  # and it trains from there
     assert difflineage.load(tmp_path / "dydit").config.model.dit.hidden == 64
+
+
+def test_an_official_file_of_a_paper_size_gets_the_papers_heads(tmp_path):
+    from difflineage.interop.dit import save_official_dit
+    from difflineage.systems import SYSTEMS
+
+    with torch.device("meta"):
+        dit = DiT(DiTConfig(name="DiT-S/8"), in_channels=1, input_size=32, num_classes=10)
+    state = {k: torch.zeros(v.shape) for k, v in dit.state_dict().items()}
+    save_official_dit(state, tmp_path / "DiT-S-8.pt")
+    d = tiny_dydit_dict(str(tmp_path / "DiT-S-8.pt"))  # the recipe leaves model.dit at its defaults (4 heads)
+    d["data"]["image_size"] = 32
+    config = from_dict(d)
+    from difflineage.data import load_dataset
+    from difflineage.train.trainer import resolve_data
+
+    config = SYSTEMS["dydit"].resolve_config(resolve_data(config, load_dataset(config.data, "train")))
+    assert (config.model.dit.depth, config.model.dit.hidden, config.model.dit.heads) == (12, 384, 6)
+
+
+def test_the_slice_cache_follows_weight_updates():
+    m = random_dydit()
+    x, y = inputs()
+    t = torch.full((6,), 5)
+    with torch.no_grad():
+        m(x, t, y, mode="fast")  # fills the cache
+    opt = torch.optim.SGD(m.parameters(), lr=0.5)
+    m.train()
+    out, _ = m(x, t, y, return_usage=True)
+    out.pow(2).mean().backward()
+    opt.step()
+    m.eval()
+    with torch.no_grad():
+        assert (m(x, t, y, mode="fast") - m(x, t, y, mode="masked")).abs().max().item() < 1e-5
+        m.load_state_dict(random_dydit(seed=3).state_dict())
+        assert (m(x, t, y, mode="fast") - m(x, t, y, mode="masked")).abs().max().item() < 1e-5

@@ -114,6 +114,14 @@ class DyDiTBlock(DiTBlock):
         self._slices: Optional[tuple] = None  # (key, sliced weights) of the last width mask (fast path)
         self.token_record: Optional[list] = None  # a list to append the fast path's (N, T) token decisions to
 
+    def train(self, mode: bool = True):
+        self._slices = None  # weights are about to change (or were loaded): slice again
+        return super().train(mode)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._slices = None
+        return super()._load_from_state_dict(*args, **kwargs)
+
     # -- masks -----------------------------------------------------------------------------------
 
     def width_masks(self, t_emb: torch.Tensor, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -275,7 +283,10 @@ class DyDiT(DiT):
         usage: list[dict[str, torch.Tensor]] = []
         if mode == "full":
             for block in self.blocks:
-                tokens = DiTBlock.forward(block, tokens, c)
+                if self.cfg.grad_checkpointing and self.training:
+                    tokens = torch.utils.checkpoint.checkpoint(DiTBlock.forward, block, tokens, c, use_reentrant=False)
+                else:
+                    tokens = DiTBlock.forward(block, tokens, c)
             ones = tokens.new_ones(len(tokens))
             usage = [{"heads": ones, "groups": ones, "tokens": ones}] * len(self.blocks)
         elif mode == "masked":

@@ -1,7 +1,7 @@
 """DyDiT as a system: a trained DiT fine-tuned with DyDiT's routers toward a FLOPs target (Zhao et al. 2025).
 
-``model.base`` names the DiT to start from: a ``dit`` checkpoint or run of this project (its architecture,
-first stage, diffusion and conditioning are taken over from it, so the recipe names only what is DyDiT's), or an
+``model.base`` names the DiT to start from: a ``dit`` checkpoint or run of this project (what its weights define
+is taken over from it: see :func:`inherit_from_base`), or an
 official DiT file (``.pt`` / ``.safetensors``, the architecture inferred from its shapes; the recipe then names
 the first stage and data). A released DyDiT file (DiT keys plus routers) is accepted too: its routers are kept.
 
@@ -9,7 +9,9 @@ Before fine-tuning, every block's heads and MLP channels are reordered by weight
 function), so the always-on unit 0 is the most important one; the routers start with every unit on.
 
 The loss (the paper's): the diffusion loss of the dynamic model, plus the FLOPs loss 2 (mean ratio - target)^2
-where the ratio is the share of the blocks' attention and MLP arithmetic the routers kept, plus, during the
+where the ratio is the share of the whole network's arithmetic computed with the routers' decisions (the paper
+counts the blocks' attention and MLP only; here the parts no router touches count as always on, so that lambda is
+the ratio a FLOPs counter measures), plus, during the
 ``router_warmup`` steps, the diffusion loss of the complete model (routers off, same weights); the target
 is annealed from 1 to ``target`` (lambda) over the warm-up. ``stratified`` spreads each batch's timesteps
 over four equal buckets of the chain.
@@ -20,7 +22,7 @@ Sampling uses the fast path (sliced weights per timestep, MLP on the active toke
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -28,7 +30,6 @@ import torch
 
 from difflineage.config import Config, ConfigError
 from difflineage.data import Batch, ImageDataset
-from difflineage.models.dit import DiTConfig
 from difflineage.models.dydit import MODES, DyDiT, DyDiTConfig, is_router_key, router_keys_of
 from difflineage.systems.base import Condition
 from difflineage.systems.dit import DiTSystem, DiTSystemConfig
@@ -65,8 +66,6 @@ class DyDiTSystemConfig(DiTSystemConfig):
             raise ConfigError(f"DyDiT makes adaLN-Zero blocks dynamic; model.dit.block={self.dit.block!r} is not one")
 
 
-DYDIT_FIELDS = {f.name for f in fields(DyDiTSystemConfig)} - {f.name for f in fields(DiTSystemConfig)}
-
 
 class DyDiTSystem(DiTSystem):
     name = "dydit"
@@ -100,19 +99,28 @@ class DyDiTSystem(DiTSystem):
                     (config.data.image_size, config.data.channels, config.data.num_classes):
                 raise ConfigError(f"model.base={m.base} was trained on {b.data.image_size}px, {b.data.channels}-channel "
                                   f"data with {b.data.num_classes} classes; data.* must match it")
-            inherited = {f.name: getattr(b.model, f.name) for f in fields(DiTSystemConfig)}
-            own = {k: getattr(m, k) for k in DYDIT_FIELDS}
-            return replace(config, model=DyDiTSystemConfig(**inherited, **own))
+            return replace(config, model=inherit_from_base(m, b.model))
         if not base.is_file():
             raise ConfigError(f"model.base={m.base}: no such checkpoint directory or file")
         from difflineage.interop.dit import infer_dit_settings
         from difflineage.interop.dydit import read_dydit_state
 
+        from difflineage.train.checkpoint import CheckpointError
+
         state, _ = read_dydit_state(base)
-        s = infer_dit_settings(state, str(base), heads=_heads_of(state, m.dit))
+        heads = _router_heads(state) or (m.dit.resolved()[2] if m.dit.name != "custom" else None)
+        try:  # a paper size records its heads in the table; a custom size takes the recipe's model.dit.heads
+            s = infer_dit_settings(state, str(base), heads=heads)
+        except CheckpointError as exc:
+            if heads is not None or "none of the paper's DiT sizes" not in str(exc):
+                raise
+            s = infer_dit_settings(state, str(base), heads=m.dit.heads)
         dit = replace(m.dit, name=s["name"], depth=s["depth"], hidden=s["hidden"], heads=s["heads"], patch=s["patch"],
                       mlp_ratio=s["mlp_ratio"], block="adaln_zero")
-        return super().resolve_config(replace(config, model=replace(m, dit=dit)))
+        variance = "learned_range" if s["learn_sigma"] else \
+            (m.diffusion.variance if m.diffusion.variance != "learned_range" else "fixed_small")
+        diffusion = replace(m.diffusion, variance=variance)  # the file's output layer says whether sigma is learned
+        return super().resolve_config(replace(config, model=replace(m, dit=dit, diffusion=diffusion)))
 
     def prepare(self, dataset: ImageDataset) -> None:
         """Load the base DiT (and its first stage), rank units by importance, cache the training latents."""
@@ -212,17 +220,29 @@ class DyDiTSystem(DiTSystem):
         code's multiply-by-zero) or full (routers off: every unit, as the DiT before fine-tuning)."""
         if mode is not None and mode not in MODES:
             raise ValueError(f"unknown DyDiT mode {mode!r}; choose one of {', '.join(MODES)}")
-        old = self.net.inference_mode
-        self.net.inference_mode = mode or old
+        old_mode, was_training = self.net.inference_mode, self.net.training
+        self.net.inference_mode = mode or old_mode
+        self.net.eval()  # in training mode the routers would draw Gumbel noise
         try:
             return super().sample(n, condition, generator, **options)
         finally:
-            self.net.inference_mode = old
+            self.net.inference_mode = old_mode
+            self.net.train(was_training)
 
 
-def _heads_of(state: dict[str, torch.Tensor], dit: DiTConfig) -> Optional[int]:
-    """Heads recorded by a DyDiT file's head router (H - 1 outputs), else the recipe's custom value."""
+def _router_heads(state: dict[str, torch.Tensor]) -> Optional[int]:
+    """Heads recorded by a DyDiT file's head router (H - 1 outputs); None for a plain DiT file."""
     w = state.get("blocks.0.attn_rate.router.weight")
-    if w is not None:
-        return int(w.shape[0]) + 1
-    return dit.heads if dit.name == "custom" else None
+    return int(w.shape[0]) + 1 if w is not None else None
+
+
+def inherit_from_base(recipe: DyDiTSystemConfig, base: DiTSystemConfig) -> DyDiTSystemConfig:
+    """The recipe with what the base DiT's weights define taken from the base: the transformer's
+    architecture, the first stage, the conditioning and text encoder, and the diffusion process the network
+    was trained for (schedule, timesteps, prediction, variance). Run-time choices stay the recipe's: gradient
+    checkpointing, condition dropout, latent caching, guidance channels, loss weighting and sampling defaults."""
+    dit = replace(base.dit, grad_checkpointing=recipe.dit.grad_checkpointing)
+    bd, rd = base.diffusion, recipe.diffusion
+    diffusion = replace(rd, schedule=bd.schedule, timesteps=bd.timesteps, prediction=bd.prediction, variance=bd.variance)
+    return replace(recipe, dit=dit, diffusion=diffusion, first_stage=base.first_stage, autoencoder=base.autoencoder,
+                   sd_vae_norm_groups=base.sd_vae_norm_groups, text=base.text, condition=base.condition)
