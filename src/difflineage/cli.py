@@ -21,6 +21,7 @@ QUICKSTART_RECIPES = {
     "vae": [("vae-mnist", "", [])],
     "ddpm": [("ddpm-mnist", "", [])],
     "ldm": [("autoencoder-mnist", "autoencoder", []), ("ldm-mnist", "", [])],
+    "vqvae": [("vqvae-mnist", "autoencoder", []), ("vqvae-prior-mnist", "", [])],
 }
 DEFAULT_SYSTEM = next(iter(QUICKSTART_RECIPES))
 

@@ -7,9 +7,10 @@ from difflineage.systems.dit import DiTSystem
 from difflineage.systems.dydit import DyDiTSystem
 from difflineage.systems.ldm import LDMSystem
 from difflineage.systems.vae import VAESystem
+from difflineage.systems.vqvae import VQVAESystem
 
 SYSTEMS: dict[str, type[System]] = {cls.name: cls for cls in (VAESystem, DDPMSystem, AutoencoderKLSystem, LDMSystem, DiTSystem,
-                                                    DyDiTSystem)}
+                                                    DyDiTSystem, VQVAESystem)}
 
 __all__ = ["SYSTEMS", "System", "VAESystem", "DDPMSystem", "AutoencoderKLSystem", "LDMSystem", "DiTSystem",
-           "DyDiTSystem"]
+           "DyDiTSystem", "VQVAESystem"]

@@ -1,0 +1,40 @@
+import json
+
+import pytest
+import torch
+
+import difflineage
+from difflineage.config import ConfigError, load_config
+from difflineage.data import load_dataset
+from difflineage.train import Trainer
+
+TINY = ["data.source=digits", "data.image_size=8", "train.batch_size=32", "train.log_every=1", "train.sample_every=0",
+        "train.warmup_steps=0",
+        "train.checkpoint_every=0"]
+
+
+def test_two_stages_train_sample_and_score(tmp_path):
+    ae_cfg = load_config("vqvae-mnist", TINY + ["train.steps=30", "model.vq.downsample=1", "model.vq.channels=16",
+                                                 "model.vq.codes=16", "model.vq.code_dim=8", "model.vq.restart_after=5"])
+    Trainer(ae_cfg, tmp_path / "ae", progress=False).fit()
+    log = [json.loads(x) for x in (tmp_path / "ae" / "metrics.jsonl").read_text().splitlines()]
+    assert log[-1]["mse"] < 0.7 * log[0]["mse"]  # reconstruction improves
+    assert {"perplexity", "codes_used"} <= set(log[-1]) and 1 <= log[-1]["codes_used"] <= 16
+    prior_cfg = load_config("vqvae-prior-mnist", TINY + ["train.steps=20", f"model.first_stage={tmp_path / 'ae'}",
+                                                          "model.prior.channels=16", "model.prior.layers=2"])
+    Trainer(prior_cfg, tmp_path / "prior", progress=False).fit()
+    plog = [json.loads(x) for x in (tmp_path / "prior" / "metrics.jsonl").read_text().splitlines()]
+    assert plog[-1]["nll_bits_per_code"] < plog[0]["nll_bits_per_code"]  # the prior learns the codes
+    system = difflineage.load(tmp_path / "prior")
+    assert system.config.model.vq.codes == 16  # the first stage's architecture was read into the config
+    g = torch.Generator().manual_seed(0)
+    x = system.sample(6, condition=torch.tensor([0, 1, 2, 3, 4, 5]), generator=g, temperature=0.5)
+    assert x.shape == (6, 1, 8, 8) and x.min() >= -1 and x.max() <= 1
+    scores = system.evaluate(load_dataset(system.config.data, "heldout"))
+    assert scores["prior_nll_bits_per_code"] > 0 and 1 <= scores["codes_used"] <= 16
+    assert scores["prior_nll_bits_per_dim"] == pytest.approx(scores["prior_nll_bits_per_code"] * 16 / 64)
+
+
+def test_prior_stage_needs_an_autoencoder_run(tmp_path):
+    with pytest.raises(ConfigError, match="model.first_stage"):
+        Trainer(load_config("vqvae-prior-mnist", TINY), tmp_path, progress=False).fit()
