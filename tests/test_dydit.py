@@ -145,12 +145,19 @@ def tiny_dydit_dict(base: str, **model) -> dict:
                       "checkpoint_every": 0, "sample_n": 10, "ema_decay": 0.0}}
 
 
-def test_fine_tuning_moves_the_flops_ratio_toward_its_target(tmp_path):
+@pytest.fixture(scope="module")
+def tuned_run(tmp_path_factory):
+    """A tiny pixel DiT (10 steps), then a DyDiT fine-tuned from it toward lambda 0.3 (40 steps)."""
+    root = tmp_path_factory.mktemp("dydit")
     d = tiny_dit_dict(steps=10)
     d["model"]["dit"].update(hidden=64, heads=4)
-    Trainer(from_dict(d), tmp_path / "dit", progress=False).fit()
-    Trainer(from_dict(tiny_dydit_dict(str(tmp_path / "dit"))), tmp_path / "dydit", progress=False).fit()
-    log = [json.loads(x) for x in (tmp_path / "dydit" / "metrics.jsonl").read_text().splitlines()]
+    Trainer(from_dict(d), root / "dit", progress=False).fit()
+    Trainer(from_dict(tiny_dydit_dict(str(root / "dit"))), root / "dydit", progress=False).fit()
+    return root / "dydit"
+
+
+def test_fine_tuning_moves_the_flops_ratio_toward_its_target(tuned_run):
+    log = [json.loads(x) for x in (tuned_run / "metrics.jsonl").read_text().splitlines()]
     assert log[0]["flops_ratio"] == 1.0 and "mse_full" in log[0]  # starts as the DiT; warm-up adds its loss
     assert log[-1]["flops_target"] == pytest.approx(0.3) and "mse_full" not in log[-1]
     for r in log[::7]:  # one step per row: the FLOPs loss is 2 (ratio - target)^2 of that step
@@ -158,7 +165,7 @@ def test_fine_tuning_moves_the_flops_ratio_toward_its_target(tmp_path):
     assert log[5]["flops_target"] == pytest.approx(1 - 0.7 * 5 / 10)  # annealed from 1 over the warm-up
     last = sum(r["flops_ratio"] for r in log[-5:]) / 5
     assert last < 0.8  # moved from 1 toward 0.3
-    system = difflineage.load(tmp_path / "dydit")
+    system = difflineage.load(tuned_run)
     assert system.config.model.dit.hidden == 64  # the architecture came from the base
     g = torch.Generator().manual_seed(0)
     images = system.sample(4, condition=2, generator=g)
@@ -166,14 +173,12 @@ def test_fine_tuning_moves_the_flops_ratio_toward_its_target(tmp_path):
     full = system.sample(4, condition=2, generator=torch.Generator().manual_seed(0), mode="full")
     masked = system.sample(4, condition=2, generator=torch.Generator().manual_seed(0), mode="masked")
     assert torch.allclose(images, masked, atol=1e-4) and not torch.allclose(images, full, atol=1e-3)
-    return tmp_path / "dydit"
 
 
-def test_info_and_sample_commands_serve_dydit(tmp_path, capsys):
+def test_info_and_sample_commands_serve_dydit(tuned_run, tmp_path, capsys):
     from difflineage.cli import main
 
-    run = test_fine_tuning_moves_the_flops_ratio_toward_its_target(tmp_path)
-    capsys.readouterr()
+    run = tuned_run
     assert main(["info", str(run), "--json"]) == 0
     sf = json.loads(capsys.readouterr().out)["sampling_flops"]
     assert len(sf["per_step"]) == 5  # the recipe's 5 sampler steps, each counted
