@@ -38,3 +38,25 @@ def test_two_stages_train_sample_and_score(tmp_path):
 def test_prior_stage_needs_an_autoencoder_run(tmp_path):
     with pytest.raises(ConfigError, match="model.first_stage"):
         Trainer(load_config("vqvae-prior-mnist", TINY), tmp_path, progress=False).fit()
+
+
+def test_vqvae2_two_levels_train_sample_and_score(tmp_path):
+    ae = load_config("vqvae2-mnist", TINY + ["train.steps=20", "data.image_size=16", "model.vq.downsample=1",
+                                              "model.vq.channels=16", "model.vq.codes=16", "model.vq.code_dim=8"])
+    Trainer(ae, tmp_path / "ae", progress=False).fit()
+    log = [json.loads(x) for x in (tmp_path / "ae" / "metrics.jsonl").read_text().splitlines()]
+    assert {"perplexity_top", "perplexity_bottom", "codes_used_top", "codes_used_bottom"} <= set(log[-1])
+    prior = load_config("vqvae2-prior-mnist", TINY + ["train.steps=10", "data.image_size=16", f"model.first_stage={tmp_path / 'ae'}",
+                                                      "model.prior.channels=16", "model.prior.layers=2"])
+    Trainer(prior, tmp_path / "prior", progress=False).fit()
+    system = difflineage.load(tmp_path / "prior")
+    top, bottom = system.vqvae.encode(torch.zeros(2, 1, 16, 16))
+    assert top.shape == (2, 4, 4) and bottom.shape == (2, 8, 8)  # top codes at half the bottom's side
+    x = system.sample(3, condition=torch.tensor([1, 2, 3]), generator=torch.Generator().manual_seed(0))
+    assert x.shape == (3, 1, 16, 16)
+    # the bottom prior reads the top codes: changing them changes its predictions
+    cond_a, cond_b = system.top_cond(top), system.top_cond((top + 1) % 16)
+    assert not torch.equal(system.prior_bottom(bottom, torch.tensor([1, 1]), cond_a),
+                           system.prior_bottom(bottom, torch.tensor([1, 1]), cond_b))
+    scores = system.evaluate(load_dataset(system.config.data, "heldout"))
+    assert scores["prior_nll_bits_per_dim"] > 0 and scores["codes_used_top"] >= 1

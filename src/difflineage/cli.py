@@ -22,6 +22,7 @@ QUICKSTART_RECIPES = {
     "ddpm": [("ddpm-mnist", "", [])],
     "ldm": [("autoencoder-mnist", "autoencoder", []), ("ldm-mnist", "", [])],
     "vqvae": [("vqvae-mnist", "autoencoder", []), ("vqvae-prior-mnist", "", [])],
+    "vqvae2": [("vqvae2-mnist", "autoencoder", []), ("vqvae2-prior-mnist", "", [])],
 }
 DEFAULT_SYSTEM = next(iter(QUICKSTART_RECIPES))
 

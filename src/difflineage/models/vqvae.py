@@ -99,3 +99,49 @@ class VQVAE(nn.Module):
     def decode(self, indices: torch.Tensor) -> torch.Tensor:
         """(N, S', S') code indices -> images."""
         return self.decoder(self.quantizer.lookup(indices))
+
+
+class VQVAE2(nn.Module):
+    """VQ-VAE-2 (Razavi et al. 2019) with two levels: bottom codes at 1 / 2^d of the image side, top codes at half
+    that. The top encoder reads the bottom encoder's features; the bottom quantiser reads the bottom features
+    together with the decoded top codes, so the bottom codes hold the detail the top ones miss; the decoder reads
+    both (the top codes upsampled). Returns and takes ``(top, bottom)`` code maps."""
+
+    def __init__(self, cfg: VQVAEConfig, image_channels: int = 1):
+        super().__init__()
+        self.cfg = cfg
+        c, k = cfg.channels, cfg.code_dim
+        self.enc_b = encoder(image_channels, c, c, cfg.downsample, cfg.res_blocks)
+        self.enc_t = encoder(c, c, k, 1, cfg.res_blocks)
+        self.quant_t = VectorQuantizer(cfg.codes, k, beta=cfg.beta, ema=cfg.ema, decay=cfg.decay, restart_after=cfg.restart_after)
+        self.dec_t = decoder(k, c, c, 1, cfg.res_blocks)
+        self.pre_b = nn.Conv2d(2 * c, k, 1)
+        self.quant_b = VectorQuantizer(cfg.codes, k, beta=cfg.beta, ema=cfg.ema, decay=cfg.decay, restart_after=cfg.restart_after)
+        self.up_t = nn.ConvTranspose2d(k, k, 4, stride=2, padding=1)
+        self.decoder = decoder(2 * k, c, image_channels, cfg.downsample, cfg.res_blocks)
+
+    @property
+    def downsampling_factor(self) -> int:
+        return 2 ** self.cfg.downsample  # of the bottom codes; the top codes are half as wide again
+
+    def _quantize(self, x: torch.Tensor) -> tuple[Quantized, Quantized]:
+        h_b = self.enc_b(x)
+        q_t = self.quant_t(self.enc_t(h_b))
+        q_b = self.quant_b(self.pre_b(torch.cat([h_b, self.dec_t(q_t.quantized)], 1)))
+        return q_t, q_b
+
+    def _decode(self, top: torch.Tensor, bottom: torch.Tensor) -> torch.Tensor:
+        return self.decoder(torch.cat([bottom, self.up_t(top)], 1))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[Quantized, Quantized]]:
+        q_t, q_b = self._quantize(x)
+        return self._decode(q_t.quantized, q_b.quantized), (q_t, q_b)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images -> (top (N, S'/2, S'/2), bottom (N, S', S')) code indices."""
+        with torch.no_grad():
+            q_t, q_b = self._quantize(x)
+        return q_t.indices, q_b.indices
+
+    def decode(self, top: torch.Tensor, bottom: torch.Tensor) -> torch.Tensor:
+        return self._decode(self.quant_t.lookup(top), self.quant_b.lookup(bottom))

@@ -7,10 +7,11 @@ from difflineage.systems.dit import DiTSystem
 from difflineage.systems.dydit import DyDiTSystem
 from difflineage.systems.ldm import LDMSystem
 from difflineage.systems.vae import VAESystem
-from difflineage.systems.vqvae import VQVAESystem
+from difflineage.systems.vqvae import VQVAE2System, VQVAESystem
 
 SYSTEMS: dict[str, type[System]] = {cls.name: cls for cls in (VAESystem, DDPMSystem, AutoencoderKLSystem, LDMSystem, DiTSystem,
-                                                    DyDiTSystem, VQVAESystem)}
+                                                    DyDiTSystem, VQVAESystem, VQVAE2System)}
 
 __all__ = ["SYSTEMS", "System", "VAESystem", "DDPMSystem", "AutoencoderKLSystem", "LDMSystem", "DiTSystem",
-           "DyDiTSystem", "VQVAESystem"]
+           "DyDiTSystem", "VQVAESystem",
+           "VQVAE2System"]

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from difflineage.config import Config, ConfigError
 from difflineage.data import Batch, ImageDataset
 from difflineage.models.pixelcnn import GatedPixelCNN, PixelCNNConfig
-from difflineage.models.vqvae import VQVAE, VQVAEConfig
+from difflineage.models.vqvae import VQVAE, VQVAE2, VQVAEConfig
 from difflineage.systems.base import Condition, System
 
 
@@ -80,9 +80,9 @@ class VQVAESystem(System):
         from difflineage.train.checkpoint import load_checkpoint
 
         ckpt = load_checkpoint(m.first_stage, training_state=False)
-        if ckpt.config.system != "vqvae" or ckpt.config.model.stage != "autoencoder":
-            raise ConfigError(f"model.first_stage={m.first_stage} is not a VQ-VAE autoencoder checkpoint "
-                              f"(system {ckpt.config.system})")
+        if ckpt.config.system != cls.name or ckpt.config.model.stage != "autoencoder":
+            raise ConfigError(f"model.first_stage={m.first_stage} is not a {cls.name} autoencoder checkpoint "
+                              f"(system {ckpt.config.system}, stage {getattr(ckpt.config.model, 'stage', '?')})")
         return replace(config, model=replace(m, vq=ckpt.config.model.vq))
 
     def prepare(self, dataset: ImageDataset) -> None:
@@ -98,8 +98,9 @@ class VQVAESystem(System):
                                self.config.model.first_stage)
         self.vqvae.eval()
         with torch.no_grad():
-            self._codes = torch.cat([self.vqvae.encode(dataset.batch(range(s, min(s + 500, len(dataset))), self.device)["image"])
-                                     for s in range(0, len(dataset), 500)])
+            parts = [self.vqvae.encode(dataset.batch(range(s, min(s + 500, len(dataset))), self.device)["image"])
+                     for s in range(0, len(dataset), 500)]
+        self._codes = tuple(torch.cat(p) for p in zip(*parts)) if isinstance(parts[0], tuple) else torch.cat(parts)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -107,9 +108,13 @@ class VQVAESystem(System):
             self.vqvae.eval()  # frozen, its quantiser statistics too
         return self
 
-    def codes_of(self, batch: Batch) -> torch.Tensor:
+    def codes_of(self, batch: Batch):
+        """The batch's code maps (a tuple of maps for several levels): cached in training, encoded otherwise."""
         if self._codes is not None and self.training and batch.get("index") is not None:
-            return self._codes[batch["index"].to(self._codes.device)]
+            idx = batch["index"]
+            if isinstance(self._codes, tuple):
+                return tuple(c[idx.to(c.device)] for c in self._codes)
+            return self._codes[idx.to(self._codes.device)]
         with torch.no_grad():
             return self.vqvae.encode(batch["image"])
 
@@ -192,3 +197,112 @@ class VQVAESystem(System):
             labels = torch.zeros(1, dtype=torch.long, device=self.device) if self.uses_labels else None
             passes[f"prior: one pass (of {self.side ** 2} per image)"] = lambda: self.prior(codes, labels)
         return passes
+
+
+class TopCondition(torch.nn.Module):
+    """Top codes -> a conditioning map at the bottom resolution for the bottom prior (embedding, 2x nearest)."""
+
+    def __init__(self, codes: int, width: int = 32):
+        super().__init__()
+        self.embed = torch.nn.Embedding(codes, width)
+
+    def forward(self, top: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(self.embed(top).movedim(-1, 1), scale_factor=2, mode="nearest")
+
+
+class VQVAE2System(VQVAESystem):
+    """VQ-VAE-2 (Razavi et al. 2019): two code levels (top at half the bottom's side). Stage ``autoencoder``
+    trains both quantisers and the decoder; stage ``prior`` trains a class-conditional top PixelCNN and a bottom
+    PixelCNN conditioned on the class and the top codes (loss: the sum of their NLLs). Sampling: top codes, then
+    bottom codes given them, then decoding."""
+
+    name = "vqvae2"
+
+    def __init__(self, config: Config):
+        System.__init__(self, config)
+        m, d = config.model, config.data
+        self.vqvae = VQVAE2(m.vq, image_channels=d.channels or 1)
+        f = self.vqvae.downsampling_factor * 2
+        if d.image_size % f:
+            raise ConfigError(f"data.image_size={d.image_size} is not divisible by VQ-VAE-2's top-level factor {f}")
+        self.side = d.image_size // self.vqvae.downsampling_factor
+        if m.stage == "prior":
+            self.vqvae.requires_grad_(False)
+            self.prior = GatedPixelCNN(m.prior, m.vq.codes, num_classes=self.num_classes)  # the top prior
+            self.top_cond = TopCondition(m.vq.codes)
+            self.prior_bottom = GatedPixelCNN(m.prior, m.vq.codes, num_classes=self.num_classes, cond_channels=32)
+        self.register_buffer("preview", torch.zeros(0), persistent=False)
+        self._codes = None
+
+    def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if self.config.model.stage == "prior":
+            top, bottom = self.codes_of(batch)
+            labels = batch["label"] if self.uses_labels else None
+            nll_t = self.prior.nll(top, labels).mean()
+            nll_b = self.prior_bottom.nll(bottom, labels, self.top_cond(top)).mean()
+            return nll_t + nll_b, {"nll_bits_per_code_top": (nll_t / math.log(2)).detach(),
+                                   "nll_bits_per_code_bottom": (nll_b / math.log(2)).detach()}
+        x = batch["image"]
+        recon, (q_t, q_b) = self.vqvae(x)
+        mse = F.mse_loss(recon.float(), x)
+        return mse + q_t.loss + q_b.loss, {"mse": mse.detach(), "perplexity_top": q_t.perplexity,
+                                          "perplexity_bottom": q_b.perplexity, "codes_used_top": q_t.used.float(),
+                                          "codes_used_bottom": q_b.used.float()}
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        return self.vqvae.decode(*self.vqvae.encode(x.to(self.device))).float().clamp(-1, 1)
+
+    @torch.no_grad()
+    def sample(self, n: int, condition: Condition = None, generator: Optional[torch.Generator] = None,
+               temperature: Optional[float] = None, progress: bool = False, **options: Any) -> torch.Tensor:
+        if options:
+            raise TypeError(f"unknown sampling options {sorted(options)}; this system takes temperature")
+        if self.config.model.stage != "prior":
+            return super().sample(n, condition, generator, temperature)
+        labels = self.labels_for(n, condition) if self.uses_labels else None
+        tau = temperature or self.config.model.temperature
+        top = self.prior.sample(n, (self.side // 2, self.side // 2), labels=labels, generator=generator,
+                                device=self.device, temperature=tau)
+        bottom = self.prior_bottom.sample(n, (self.side, self.side), labels=labels, cond_map=self.top_cond(top),
+                                          generator=generator, device=self.device, temperature=tau)
+        return self.vqvae.decode(top, bottom).float().clamp(-1, 1)
+
+    @torch.no_grad()
+    def evaluate(self, dataset: ImageDataset, generator: Optional[torch.Generator] = None, progress: bool = True,
+                 **options: Any) -> dict[str, float]:
+        """Held-out reconstruction error, codebook usage per level and, for the priors, NLL per level in bits per
+        code and the total in bits per image dimension."""
+        k = self.config.model.vq.codes
+        mse, counts, nll = 0.0, [torch.zeros(k), torch.zeros(k)], [0.0, 0.0]
+        for s in range(0, len(dataset), 250):
+            batch = dataset.batch(range(s, min(s + 250, len(dataset))), self.device)
+            top, bottom = self.vqvae.encode(batch["image"])
+            mse += ((self.vqvae.decode(top, bottom).float().clamp(-1, 1) - batch["image"]) / 2).pow(2).mean((1, 2, 3)).sum().item()
+            for i, codes in enumerate((top, bottom)):
+                counts[i] += torch.bincount(codes.flatten().cpu(), minlength=k).float()
+            if self.config.model.stage == "prior":
+                labels = batch["label"] if self.uses_labels else None
+                nll[0] += self.prior.nll(top, labels).sum().item()
+                nll[1] += self.prior_bottom.nll(bottom, labels, self.top_cond(top)).sum().item()
+        n = len(dataset)
+        out: dict[str, Any] = {"recon_mse": mse / n, "recon_psnr_db": 10 * math.log10(1.0 / (mse / n))}
+        for i, level in enumerate(("top", "bottom")):
+            p = counts[i] / counts[i].sum()
+            out[f"codebook_perplexity_{level}"] = math.exp(-(p * torch.log(p + 1e-10)).sum().item())
+            out[f"codes_used_{level}"] = int((counts[i] > 0).sum())
+        if self.config.model.stage == "prior":
+            d = self.config.data
+            bits = [v / n / math.log(2) for v in nll]
+            out["prior_nll_bits_per_code_top"], out["prior_nll_bits_per_code_bottom"] = bits
+            positions = ((self.side // 2) ** 2, self.side ** 2)
+            out["prior_nll_bits_per_dim"] = (bits[0] * positions[0] + bits[1] * positions[1]) / \
+                ((d.channels or 1) * d.image_size ** 2)
+        return out
+
+    def forward_passes(self):
+        d = self.config.data
+        x = torch.zeros(1, d.channels or 1, d.image_size, d.image_size, device=self.device)
+        top = torch.zeros(1, self.side // 2, self.side // 2, dtype=torch.long, device=self.device)
+        bottom = torch.zeros(1, self.side, self.side, dtype=torch.long, device=self.device)
+        return {"encoder (one image)": lambda: self.vqvae.encode(x), "decoder (one image)": lambda: self.vqvae.decode(top, bottom)}
