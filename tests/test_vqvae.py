@@ -47,9 +47,11 @@ def test_vqvae2_two_levels_train_sample_and_score(tmp_path):
     log = [json.loads(x) for x in (tmp_path / "ae" / "metrics.jsonl").read_text().splitlines()]
     assert {"perplexity_top", "perplexity_bottom", "codes_used_top", "codes_used_bottom"} <= set(log[-1])
     prior = load_config("vqvae2-prior-mnist", TINY + ["train.steps=10", "data.image_size=16", f"model.first_stage={tmp_path / 'ae'}",
-                                                      "model.prior.channels=16", "model.prior.layers=2"])
+                                                      "model.prior.channels=16", "model.prior.layers=2",
+                                                      "model.top_prior_layers=3"])
     Trainer(prior, tmp_path / "prior", progress=False).fit()
     system = difflineage.load(tmp_path / "prior")
+    assert (len(system.prior.layers), len(system.prior_bottom.layers)) == (3, 2)  # the deeper top prior
     top, bottom = system.vqvae.encode(torch.zeros(2, 1, 16, 16))
     assert top.shape == (2, 4, 4) and bottom.shape == (2, 8, 8)  # top codes at half the bottom's side
     x = system.sample(3, condition=torch.tensor([1, 2, 3]), generator=torch.Generator().manual_seed(0))

@@ -30,7 +30,9 @@ class VQVAESystemConfig:
     """:param stage: autoencoder (stage 1) or prior (stage 2, over the codes of ``first_stage``).
     :param first_stage: the stage-1 run or checkpoint directory (stage 2).
     :param condition: class (the prior is class-conditional) or none.
-    :param temperature: default sampling temperature of the prior."""
+    :param temperature: default sampling temperature of the prior.
+    :param top_prior_layers: VQ-VAE-2: gated layers of the top prior (0: as ``prior.layers``); the paper's top
+        prior is the deeper one, since the top codes carry the global layout."""
 
     stage: Literal["autoencoder", "prior"] = "autoencoder"
     vq: VQVAEConfig = field(default_factory=VQVAEConfig)
@@ -38,8 +40,11 @@ class VQVAESystemConfig:
     first_stage: str = ""
     condition: Literal["none", "class"] = "class"
     temperature: float = 1.0
+    top_prior_layers: int = 0
 
     def check(self) -> None:
+        if self.top_prior_layers < 0:
+            raise ConfigError("model.top_prior_layers must be 0 (as prior.layers) or more")
         if self.temperature <= 0:
             raise ConfigError(f"model.temperature={self.temperature} must be positive")
 
@@ -228,7 +233,8 @@ class VQVAE2System(VQVAESystem):
         self.side = d.image_size // self.vqvae.downsampling_factor
         if m.stage == "prior":
             self.vqvae.requires_grad_(False)
-            self.prior = GatedPixelCNN(m.prior, m.vq.codes, num_classes=self.num_classes)  # the top prior
+            top = replace(m.prior, layers=m.top_prior_layers or m.prior.layers)
+            self.prior = GatedPixelCNN(top, m.vq.codes, num_classes=self.num_classes)  # the top prior
             self.top_cond = TopCondition(m.vq.codes)
             self.prior_bottom = GatedPixelCNN(m.prior, m.vq.codes, num_classes=self.num_classes, cond_channels=32)
         self.register_buffer("preview", torch.zeros(0), persistent=False)
