@@ -16,7 +16,6 @@ import torch
 
 from difflineage.config import Config
 from difflineage.data import Batch, ImageDataset
-from difflineage.images import save_grid
 from difflineage.models.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig
 from difflineage.nn.distributions import gaussian_kl_standard
 from difflineage.systems.base import Condition, System
@@ -37,8 +36,7 @@ class AutoencoderKLSystem(System):
 
     def prepare(self, dataset: ImageDataset) -> None:
         """Keep 32 training images spread over the set (the files are sorted by class) for the training grids."""
-        pick = torch.linspace(0, len(dataset) - 1, min(32, len(dataset))).long()
-        self.preview = dataset.batch(pick, self.device)["image"]
+        self.preview = self.spread_images(dataset)
 
     def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x = batch["image"]
@@ -65,9 +63,8 @@ class AutoencoderKLSystem(System):
         return self.reconstruct(self.preview[idx])
 
     def pictures(self, dataset: ImageDataset, out_dir: Path, generator: Optional[torch.Generator] = None) -> dict[str, Path]:
-        x = dataset.batch(torch.linspace(0, len(dataset) - 1, min(32, len(dataset))).long(), self.device)["image"]
-        pairs = torch.stack([x.cpu(), self.reconstruct(x).cpu()], 1).flatten(0, 1)
-        return {"reconstructions": save_grid(pairs, Path(out_dir) / "reconstructions.png", nrow=16, scale=2)}
+        x = self.spread_images(dataset)
+        return {"reconstructions": self.save_reconstructions(x, self.reconstruct(x), out_dir)}
 
     @torch.no_grad()
     def evaluate(self, dataset: ImageDataset, generator: Optional[torch.Generator] = None, progress: bool = True,

@@ -83,6 +83,18 @@ class System(nn.Module, abc.ABC):
 
     # Helpers ---------------------------------------------------------------------------------
 
+    def spread_images(self, dataset: ImageDataset, n: int = 32) -> torch.Tensor:
+        """``n`` images spread evenly over ``dataset`` (its files are sorted by class, so every class shows)."""
+        return dataset.batch(torch.linspace(0, len(dataset) - 1, min(n, len(dataset))).long(), self.device)["image"]
+
+    @staticmethod
+    def save_reconstructions(x: torch.Tensor, recon: torch.Tensor, out_dir: Path) -> Path:
+        """Images beside their reconstructions, pairs in rows of 16, as ``out_dir/reconstructions.png``."""
+        from difflineage.images import save_grid
+
+        pairs = torch.stack([x.cpu(), recon.cpu()], 1).flatten(0, 1)
+        return save_grid(pairs, Path(out_dir) / "reconstructions.png", nrow=16, scale=2)
+
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device

@@ -124,16 +124,11 @@ class LDMSystem(DDPMSystem):
 
     def pictures(self, dataset: ImageDataset, out_dir, generator: Optional[torch.Generator] = None) -> dict:
         """Held-out images beside their first-stage reconstructions (what the diffusion model can reach at best)."""
-        from pathlib import Path
-
-        from difflineage.images import save_grid
-
-        x = dataset.batch(torch.linspace(0, len(dataset) - 1, min(32, len(dataset))).long(), self.device)["image"]
+        x = self.spread_images(dataset)
         with torch.no_grad():
             mean, _ = self.first_stage.encode(x)
             recon = self.first_stage.decode(mean).float().clamp(-1, 1)
-        pairs = torch.stack([x.cpu(), recon.cpu()], 1).flatten(0, 1)
-        return {"first-stage reconstructions": save_grid(pairs, Path(out_dir) / "reconstructions.png", nrow=16, scale=2)}
+        return {"first-stage reconstructions": self.save_reconstructions(x, recon, out_dir)}
 
     def bpd_space(self) -> str:
         return "latents (the bound of the latent model; not comparable with pixel bits/dim)"

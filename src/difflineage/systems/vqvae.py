@@ -91,8 +91,7 @@ class VQVAESystem(System):
         return replace(config, model=replace(m, vq=ckpt.config.model.vq))
 
     def prepare(self, dataset: ImageDataset) -> None:
-        pick = torch.linspace(0, len(dataset) - 1, min(32, len(dataset))).long()
-        self.preview = dataset.batch(pick, self.device)["image"]
+        self.preview = self.spread_images(dataset)
         if self.config.model.stage != "prior":
             return
         from difflineage.train.checkpoint import load_checkpoint, load_state_dict_strict
@@ -162,11 +161,8 @@ class VQVAESystem(System):
     # -- evaluation ---------------------------------------------------------------------------------
 
     def pictures(self, dataset: ImageDataset, out_dir: Path, generator: Optional[torch.Generator] = None) -> dict[str, Path]:
-        from difflineage.images import save_grid
-
-        x = dataset.batch(torch.linspace(0, len(dataset) - 1, min(32, len(dataset))).long(), self.device)["image"]
-        pairs = torch.stack([x.cpu(), self.reconstruct(x).cpu()], 1).flatten(0, 1)
-        return {"reconstructions": save_grid(pairs, Path(out_dir) / "reconstructions.png", nrow=16, scale=2)}
+        x = self.spread_images(dataset)
+        return {"reconstructions": self.save_reconstructions(x, self.reconstruct(x), out_dir)}
 
     @torch.no_grad()
     def evaluate(self, dataset: ImageDataset, generator: Optional[torch.Generator] = None, progress: bool = True,
