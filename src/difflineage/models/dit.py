@@ -196,9 +196,13 @@ class DiT(nn.Module):
             self.y_embedder = LabelEmbedder(num_classes, hidden, cfg.class_dropout)
         pos = torch.from_numpy(sincos_pos_embed_2d(hidden, self.grid)).float()[None].to(self.x_embedder.proj.weight.device)
         self.pos_embed = nn.Parameter(pos, requires_grad=False)  # fixed, but in the state dict as DiT keeps it
-        self.blocks = nn.ModuleList([DiTBlock(hidden, heads, cfg.mlp_ratio, cfg.block) for _ in range(depth)])
+        self.blocks = nn.ModuleList([self.make_block(hidden, heads) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden, patch, self.out_channels, adaptive=cfg.block in ("adaln_zero", "adaln"))
         self.initialize_weights()
+
+    def make_block(self, hidden: int, heads: int) -> nn.Module:
+        """One block of the stack (subclasses such as DyDiT make their own kind)."""
+        return DiTBlock(hidden, heads, self.cfg.mlp_ratio, self.cfg.block)
 
     def initialize_weights(self) -> None:
         """The official initialisation: xavier-uniform linears with zero biases, the patch projection like a

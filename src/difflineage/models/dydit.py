@@ -230,9 +230,9 @@ class DyDiT(DiT):
         self.dynamic = dynamic or DyDiTConfig()
         self.inference_mode = "fast"  # the mode of eval-mode calls that name none
         super().__init__(cfg, in_channels, input_size, num_classes, context_dim)
-        depth, hidden, heads, _ = cfg.resolved()
-        self.blocks = nn.ModuleList([DyDiTBlock(hidden, heads, cfg.mlp_ratio, self.dynamic) for _ in range(depth)])
-        self.initialize_weights()
+
+    def make_block(self, hidden: int, heads: int) -> nn.Module:
+        return DyDiTBlock(hidden, heads, self.cfg.mlp_ratio, self.dynamic)
 
     def initialize_weights(self) -> None:
         super().initialize_weights()
