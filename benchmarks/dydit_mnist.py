@@ -25,7 +25,7 @@ import difflineage
 from difflineage.bench import record, side_by_side
 from difflineage.config import load_config
 from difflineage.eval import bf16_autocast, evaluate_system
-from difflineage.eval.flops import flops_per_call
+from difflineage.eval.flops import sampling_macs
 from difflineage.train import Trainer
 from difflineage.train.checkpoint import latest_checkpoint
 
@@ -44,14 +44,6 @@ def fine_tune(base: str, target: float, run_dir: Path, steps: int, retrain: bool
     cfg = load_config("dydit-mnist", [f"model.base={base}", f"model.target={target}", f"train.steps={steps}"])
     Trainer(cfg, run_dir).fit()
     return run_dir
-
-
-def sampling_macs(system, n: int, seed: int = 0) -> tuple[float, list[dict]]:
-    """Network MACs per image per sampler step on the real sampling path (guided: both halves counted)."""
-    with flops_per_call(system.net) as calls:
-        system.sample(n, condition=torch.arange(n) % 10, generator=torch.Generator().manual_seed(seed))
-    per_image = [c["macs"] / c["batch"] for c in calls]
-    return sum(per_image) / len(per_image), calls
 
 
 def width_picture(system, path: Path) -> Path:
@@ -147,7 +139,10 @@ def main(argv=None) -> None:
     models = {"DiT": dit, **{f"DyDiT lambda={t}": difflineage.load(d) for t, d in runs.items()}}
 
     print("counting FLOPs on the sampling path", file=sys.stderr)
-    macs = {k: sampling_macs(m, 20)[0] for k, m in models.items()}
+    macs = {}
+    for k, m in models.items():
+        per_step = sampling_macs(m, 20)  # (t, MACs per image) per sampler step
+        macs[k] = sum(x for _, x in per_step) / len(per_step)
     print("timing sampling side by side", file=sys.stderr)
     labels = torch.arange(args.batch) % 10
     timings = {}

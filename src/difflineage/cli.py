@@ -392,17 +392,10 @@ def cmd_info(args) -> int:
 
 def _dynamic_flops(system, images: int = 4) -> dict:
     """Counted network MACs per image at each step of a real sampling run, against the full network's."""
-    import torch
-
-    from difflineage.eval.flops import flops_per_call
+    from difflineage.eval.flops import sampling_macs
 
     dc = system.config.model.diffusion
-    labels = torch.arange(images) % system.num_classes if system.num_classes else None
-    counts = {}
-    for mode in ("fast", "full"):
-        with flops_per_call(system.net) as calls:
-            system.sample(images, condition=labels, generator=torch.Generator().manual_seed(0), mode=mode)
-        counts[mode] = [(c["t"], c["macs"] / c["batch"]) for c in calls]
+    counts = {mode: sampling_macs(system, images, mode=mode) for mode in ("fast", "full")}
     full = sum(m for _, m in counts["full"]) / len(counts["full"])
     per_step = [{"t": t, "macs": int(m), "ratio": round(m / full, 4)} for t, m in counts["fast"]]
     mean = sum(r["macs"] for r in per_step) / len(per_step)

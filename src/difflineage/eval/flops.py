@@ -90,3 +90,12 @@ def flops_per_call(module: torch.nn.Module) -> Iterator[list[dict[str, int]]]:
     finally:
         for h in handles:
             h.remove()
+
+
+def sampling_macs(system: Any, n: int, seed: int = 0, **sample_options: Any) -> list[tuple[int, float]]:
+    """Draw ``n`` samples (the classes in turn) while counting the denoising network's arithmetic; returns one
+    ``(t, MACs per image)`` per network call, i.e. per sampler step (guided: both halves counted)."""
+    labels = torch.arange(n) % system.num_classes if system.num_classes else None
+    with flops_per_call(system.net) as calls:
+        system.sample(n, condition=labels, generator=torch.Generator().manual_seed(seed), **sample_options)
+    return [(c["t"], c["macs"] / c["batch"]) for c in calls]
