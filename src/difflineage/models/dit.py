@@ -98,7 +98,9 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(channels, hidden, patch, stride=patch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)
+        # contiguous: element-wise ops keep their first input's memory layout, so a transposed view here would
+        # carry a (N, D, T) layout down the whole residual stream, and every LayerNorm and linear would copy it
+        return self.proj(x).flatten(2).transpose(1, 2).contiguous()
 
 
 class Mlp(nn.Module):
