@@ -114,3 +114,15 @@ def test_bf16_autocast_trains_and_stays_close_to_fp32(tmp_path):
     la = [json.loads(x)["loss"] for x in (tmp_path / "fp32" / "metrics.jsonl").read_text().splitlines()]
     lb = [json.loads(x)["loss"] for x in (tmp_path / "bf16" / "metrics.jsonl").read_text().splitlines()]
     assert all(abs(x - y) / x < 0.02 for x, y in zip(la, lb)), (la, lb)
+
+
+def test_ema_averages_floats_and_copies_integer_buffers():
+    from difflineage.train.trainer import ema_or_copy
+
+    update = ema_or_copy(0.9)
+    avg_f, cur_f = [torch.zeros(3)], [torch.ones(3)]
+    update(avg_f, cur_f, torch.tensor(1))
+    assert torch.allclose(avg_f[0], torch.full((3,), 0.1))
+    avg_i, cur_i = [torch.tensor([7, 8], dtype=torch.uint8)], [torch.tensor([200, 3], dtype=torch.uint8)]
+    update(avg_i, cur_i, torch.tensor(1))
+    assert avg_i[0].tolist() == [200, 3]
