@@ -149,12 +149,15 @@ def latest_checkpoint(run_dir: Path) -> Optional[Path]:
 
 
 def load_state_dict_strict(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load ``state`` into ``module``, refusing with every missing, unexpected or misshapen key named."""
+    """Load ``state`` into ``module``, refusing with every missing, unexpected or misshapen key named.
+    Keys a module lists in ``variable_size_keys`` (data whose size comes with the file, such as a tokenizer
+    kept as bytes) take the file's shape."""
     own = module.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
+    variable = set(getattr(module, "variable_size_keys", ()))
     shapes = sorted(f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-                    for k in set(own) & set(state) if own[k].shape != state[k].shape)
+                    for k in set(own) & set(state) if own[k].shape != state[k].shape and k not in variable)
     if missing or unexpected or shapes:
         parts = []
         for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
