@@ -2,6 +2,7 @@
 
 from difflineage.systems.autoencoder import AutoencoderKLSystem
 from difflineage.systems.base import System
+from difflineage.systems.dalle import DalleSystem
 from difflineage.systems.ddpm import DDPMSystem
 from difflineage.systems.dit import DiTSystem
 from difflineage.systems.dydit import DyDiTSystem
@@ -10,8 +11,8 @@ from difflineage.systems.vae import VAESystem
 from difflineage.systems.vqvae import VQVAE2System, VQVAESystem
 
 SYSTEMS: dict[str, type[System]] = {cls.name: cls for cls in (VAESystem, DDPMSystem, AutoencoderKLSystem, LDMSystem, DiTSystem,
-                                                    DyDiTSystem, VQVAESystem, VQVAE2System)}
+                                                    DyDiTSystem, VQVAESystem, VQVAE2System, DalleSystem)}
 
 __all__ = ["SYSTEMS", "System", "VAESystem", "DDPMSystem", "AutoencoderKLSystem", "LDMSystem", "DiTSystem",
            "DyDiTSystem", "VQVAESystem",
-           "VQVAE2System"]
+           "VQVAE2System", "DalleSystem"]

@@ -117,6 +117,23 @@ class System(nn.Module, abc.ABC):
         per_class = max(1, round(n / self.num_classes))
         return torch.arange(self.num_classes).repeat_interleave(per_class), per_class
 
+    def captions_for(self, labels: torch.Tensor) -> list[str]:
+        """The data's caption of each class label (``data.caption_template`` with the class name)."""
+        from difflineage.data.sources import DIGIT_NAMES
+
+        d = self.config.data
+        names = d.class_names or DIGIT_NAMES
+        return [d.caption_template.format(name=names[i]) for i in labels.tolist()]
+
+    @property
+    def caption_conditioned(self) -> bool:
+        """Whether samples are drawn for captions (their CLIP score is then a metric of ``evaluate``)."""
+        return getattr(self.config.model, "condition", None) == "caption"
+
+    def clip_model(self) -> Optional[nn.Module]:
+        """A CLIP this system carries (DALL-E's, for reranking), used for the CLIP score; None by default."""
+        return None
+
     def labels_for(self, n: int, condition: Condition) -> Optional[torch.Tensor]:
         """Class labels for ``n`` samples: as given, or cycling through the classes (0, 1, ..., K-1, 0, ...),
         so that a grid K images wide shows one class per column)."""

@@ -92,13 +92,6 @@ class DDPMSystem(System):
         """Class- and caption-conditioned models can both be asked for a class (captions from the template)."""
         return self.config.model.condition != "none" and bool(self.config.data.num_classes)
 
-    def captions_for(self, labels: torch.Tensor) -> list[str]:
-        from difflineage.data.sources import DIGIT_NAMES
-
-        d = self.config.data
-        names = d.class_names or DIGIT_NAMES
-        return [d.caption_template.format(name=names[i]) for i in labels.tolist()]
-
     def condition_kwargs(self, labels: Optional[torch.Tensor], captions: Optional[list[str]],
                          train: bool = False) -> dict[str, Any]:
         """The UNet's conditioning inputs; in training, the condition is dropped with prob. cond_drop."""

@@ -1,0 +1,368 @@
+"""DALL-E as a system, in three parts, one per config (``model.stage``):
+
+1. ``dvae``: the discrete VAE (``models/dalle.py``), trained on the ELBO with the Gumbel-softmax temperature
+   annealed down and the KL weight annealed up. ``sample`` returns reconstructions of training images.
+2. ``clip``: a small CLIP (``models/clip.py``) trained contrastively on the image/caption pairs. ``sample``
+   retrieves, for each caption, the most similar images of a pool of training images.
+3. ``prior``: the transformer over [caption tokens, image tokens] of the frozen dVAE (``model.first_stage``),
+   with a BPE tokenizer trained on the training captions (stored in the checkpoint's weights file) and the
+   CLIP of ``model.clip_stage`` carried along for reranking. ``sample`` draws image tokens with a key/value
+   cache (temperature, top-k, top-p, classifier-free guidance), decodes them with the dVAE and, with
+   ``rerank=N``, keeps the best of N candidates per caption by CLIP score. The checkpoint samples alone.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import torch
+import torch.nn.functional as F
+
+from difflineage.config import Config, ConfigError
+from difflineage.data import Batch, ImageDataset
+from difflineage.models.clip import CLIP, CLIPConfig, clip_score, retrieval_accuracy
+from difflineage.models.dalle import DalleTransformer, DalleTransformerConfig, DiscreteVAE, DVAEConfig, kl_to_uniform
+from difflineage.nn.bpe import CaptionTokenizer
+from difflineage.systems.base import Condition, System
+
+
+@dataclass
+class DalleConfig:
+    """:param stage: dvae, clip or prior (see the module docstring).
+    :param first_stage: the dVAE run or checkpoint (prior stage).
+    :param clip_stage: the CLIP run or checkpoint (prior stage; optional, needed for reranking).
+    :param caption_dropout: share of training captions replaced by the empty caption (for guidance).
+    :param temperature, top_k, top_p, guidance, rerank: sampling defaults (top_k 0 and top_p 1: no filtering;
+        guidance 1: none; rerank 1: no reranking)."""
+
+    stage: Literal["dvae", "clip", "prior"] = "dvae"
+    dvae: DVAEConfig = field(default_factory=DVAEConfig)
+    clip: CLIPConfig = field(default_factory=CLIPConfig)
+    transformer: DalleTransformerConfig = field(default_factory=DalleTransformerConfig)
+    first_stage: str = ""
+    clip_stage: str = ""
+    caption_dropout: float = 0.1
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    guidance: float = 1.0
+    rerank: int = 1
+
+    def check(self) -> None:
+        if not 0 <= self.caption_dropout < 1:
+            raise ConfigError(f"model.caption_dropout={self.caption_dropout} must lie in [0, 1)")
+        if self.temperature <= 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or self.rerank < 1:
+            raise ConfigError("model.temperature must be > 0, top_p in (0, 1], top_k >= 0 and rerank >= 1")
+
+
+class DalleSystem(System):
+    name = "dalle"
+    ModelConfig = DalleConfig
+    variable_size_keys = ("tokenizer_json",)  # the tokenizer's JSON bytes: their length comes with the checkpoint
+
+    def __init__(self, config: Config):
+        super().__init__(config)
+        m, d = config.model, config.data
+        channels = d.channels or 1
+        stage = m.stage
+        self.register_buffer("preview", torch.zeros(0), persistent=False)
+        if stage in ("dvae", "prior"):
+            self.dvae = DiscreteVAE(m.dvae, image_channels=channels)
+            f = self.dvae.downsampling_factor
+            if d.image_size % f:
+                raise ConfigError(f"data.image_size={d.image_size} is not divisible by the dVAE's downsampling factor {f}")
+            self.side = d.image_size // f
+        if stage == "clip" or (stage == "prior" and m.clip_stage):
+            self.clip = CLIP(m.clip, image_channels=channels)
+        if stage == "prior":
+            self.dvae.requires_grad_(False)
+            if hasattr(self, "clip"):
+                self.clip.requires_grad_(False)
+            self.transformer = DalleTransformer(m.transformer, m.dvae.codes, self.side)
+            # the BPE tokenizer's JSON, kept in the weights file so the checkpoint is self-contained
+            self.register_buffer("tokenizer_json", torch.zeros(0, dtype=torch.uint8))
+            self._tokenizer: Optional[CaptionTokenizer] = None
+            self._codes: Optional[torch.Tensor] = None
+
+    @property
+    def uses_labels(self) -> bool:
+        """Samples can be asked for by class: the caption is then made from the class name."""
+        return self.config.model.stage != "dvae" and bool(self.config.data.num_classes)
+
+    @property
+    def caption_conditioned(self) -> bool:
+        return self.config.model.stage == "prior"
+
+    def clip_model(self) -> Optional[CLIP]:
+        return getattr(self, "clip", None)
+
+    # -- the tokenizer lives in a buffer -------------------------------------------------------------
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "tokenizer_json"
+        if key in state_dict and hasattr(self, "tokenizer_json"):
+            self.tokenizer_json = torch.zeros_like(state_dict[key])  # its length is the JSON's, not known before
+            self._tokenizer = None
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @property
+    def tokenizer(self) -> CaptionTokenizer:
+        if self._tokenizer is None:
+            if len(self.tokenizer_json) == 0:
+                raise ValueError("this DALL-E prior has no tokenizer yet: it is trained on the captions when training "
+                                 "starts (or comes with the checkpoint)")
+            self._tokenizer = CaptionTokenizer.from_json(bytes(self.tokenizer_json.cpu().tolist()).decode("utf-8"))
+        return self._tokenizer
+
+    def set_tokenizer(self, tok: CaptionTokenizer) -> None:
+        self.tokenizer_json = torch.tensor(list(tok.to_json().encode("utf-8")), dtype=torch.uint8, device=self.device)
+        self._tokenizer = tok
+
+    def text_tokens(self, captions: list[str]) -> torch.Tensor:
+        return self.tokenizer.encode(captions, self.config.model.transformer.text_length).to(self.device)
+
+    # -- the earlier stages --------------------------------------------------------------------------
+
+    @classmethod
+    def resolve_config(cls, config: Config) -> Config:
+        m = config.model
+        if m.stage != "prior":
+            return config
+        if not m.first_stage:
+            raise ConfigError("model.stage=prior needs model.first_stage: the dVAE run whose tokens it models "
+                              "(train it first with model.stage=dvae)")
+        updates = {"dvae": cls._stage_checkpoint(m.first_stage, "dvae", "first_stage").config.model.dvae}
+        if m.clip_stage:
+            updates["clip"] = cls._stage_checkpoint(m.clip_stage, "clip", "clip_stage").config.model.clip
+        return replace(config, model=replace(m, **updates))
+
+    @classmethod
+    def _stage_checkpoint(cls, path: str, stage: str, key: str):
+        from difflineage.train.checkpoint import load_checkpoint
+
+        ckpt = load_checkpoint(path, training_state=False)
+        if ckpt.config.system != cls.name or getattr(ckpt.config.model, "stage", None) != stage:
+            raise ConfigError(f"model.{key}={path} is not a {cls.name} {stage} checkpoint (system "
+                              f"{ckpt.config.system}, stage {getattr(ckpt.config.model, 'stage', '?')})")
+        return ckpt
+
+    def prepare(self, dataset: ImageDataset) -> None:
+        m = self.config.model
+        self.preview = self.spread_images(dataset, 32 if m.stage != "clip" else 500)
+        if m.stage != "prior":
+            return
+        from difflineage.train.checkpoint import load_state_dict_strict
+
+        for module, path, stage in ((self.dvae, m.first_stage, "dvae"), (self.clip_model(), m.clip_stage, "clip")):
+            if module is None:
+                continue
+            ckpt = self._stage_checkpoint(path, stage, "first_stage" if stage == "dvae" else "clip_stage")
+            weights = ckpt.ema if ckpt.ema is not None else ckpt.model
+            prefix = stage + "."
+            load_state_dict_strict(module, {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}, path)
+            module.eval()
+        if dataset.captions is None:
+            raise ConfigError(f"{dataset.name} has no captions: DALL-E's prior needs image/caption pairs "
+                              "(labelled data gets captions from data.caption_template)")
+        self.set_tokenizer(CaptionTokenizer.train(dataset.captions, m.transformer.text_vocab))
+        with torch.no_grad():
+            self._codes = torch.cat([self.dvae.encode(dataset.batch(range(s, min(s + 500, len(dataset))), self.device)["image"])
+                                     for s in range(0, len(dataset), 500)])
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.config.model.stage == "prior":  # frozen parts stay in eval mode
+            self.dvae.eval()
+            if self.clip_model() is not None:
+                self.clip.eval()
+        return self
+
+    # -- training ------------------------------------------------------------------------------------
+
+    def training_progress(self, batch: Batch) -> float:
+        """Share of training done before this batch (for the dVAE's annealing schedules)."""
+        return min(1.0, batch.get("step", 0) / max(1, self.config.train.steps))
+
+    def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        m = self.config.model
+        x = batch["image"]
+        if m.stage == "dvae":
+            p = self.training_progress(batch)
+            tau, beta = m.dvae.temperature(p), m.dvae.beta(p)
+            recon, logits = self.dvae(x, tau)
+            pixels = x[0].numel()
+            rec_nats = (recon.float() - x).pow(2).flatten(1).sum(1) / (2 * m.dvae.sigma ** 2)  # Gaussian NLL + const
+            kl = kl_to_uniform(logits).flatten(1).sum(1)  # nats per image
+            loss = (rec_nats + beta * kl).mean() / pixels
+            with torch.no_grad():
+                mse = F.mse_loss(recon.float(), x)
+                used = logits.argmax(1).unique().numel()
+            return loss, {"mse": mse, "kl_nats_per_token": kl.mean().detach() / logits[0, 0].numel(), "tau": torch.tensor(tau),
+                          "beta": torch.tensor(beta), "codes_used": torch.tensor(float(used))}
+        captions = self._captions(batch)
+        if m.stage == "clip":
+            loss, acc = self.clip.loss(x, captions)
+            return loss, {"batch_retrieval_acc": acc.detach(), "logit_scale": self.clip.scale().detach()}
+        if m.caption_dropout > 0:
+            drop = (torch.rand(len(captions)) < m.caption_dropout).tolist()
+            captions = ["" if dr else c for c, dr in zip(captions, drop)]
+        loss, text_nll, image_nll = self.transformer.loss(self.text_tokens(captions), self._tokens_of(batch),
+                                                          self.tokenizer.pad_id)
+        return loss, {"text_nll": text_nll.detach(), "image_nll_bits_per_token": (image_nll / math.log(2)).detach()}
+
+    def _captions(self, batch: Batch) -> list[str]:
+        if batch.get("caption") is None:
+            raise ValueError("DALL-E trains on image/caption pairs: the data must carry captions "
+                             "(labelled data gets them from data.caption_template)")
+        return list(batch["caption"])
+
+    def _tokens_of(self, batch: Batch) -> torch.Tensor:
+        """The batch's image tokens, flattened (N, h * w): cached in training, encoded otherwise."""
+        if self._codes is not None and self.training and batch.get("index") is not None:
+            return self._codes[batch["index"].to(self._codes.device)].flatten(1)
+        with torch.no_grad():
+            return self.dvae.encode(batch["image"]).flatten(1)
+
+    # -- sampling ------------------------------------------------------------------------------------
+
+    def captions_of(self, n: int, condition: Condition) -> list[str]:
+        """Captions for ``n`` samples: as given (one, or n), or made from class labels (the classes in turn)."""
+        if isinstance(condition, str):
+            condition = [condition]
+        if isinstance(condition, list):
+            if len(condition) == 1:
+                return condition * n
+            if len(condition) != n:
+                raise ValueError(f"expected 1 or {n} captions, got {len(condition)}")
+            return list(condition)
+        labels = self.labels_for(n, condition)
+        if labels is None:
+            raise ValueError("give captions: this data has no classes to make captions from")
+        return self.captions_for(labels)
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dvae.decode(self.dvae.encode(x.to(self.device))).float().clamp(-1, 1)
+
+    @torch.no_grad()
+    def sample(self, n: int, condition: Condition = None, generator: Optional[torch.Generator] = None,
+               temperature: Optional[float] = None, top_k: Optional[int] = None, top_p: Optional[float] = None,
+               guidance: Optional[float] = None, rerank: Optional[int] = None, use_cache: bool = True,
+               progress: bool = False, **options: Any) -> torch.Tensor:
+        """Prior: images for captions (``condition``: captions, class labels, or None for the classes in turn).
+        ``rerank`` N draws N candidates per caption and keeps the one CLIP scores highest.
+        dVAE stage: reconstructions of training images; CLIP stage: retrieval from a pool of training images (a
+        caption asked k times gets its k best matches)."""
+        if options:
+            raise TypeError(f"unknown sampling options {sorted(options)}; this system takes temperature, top_k, "
+                            "top_p, guidance and rerank")
+        m = self.config.model
+        if m.stage == "dvae":
+            if len(self.preview) == 0:
+                raise ValueError("a dVAE reconstructs rather than samples: train the prior stage (model.stage=prior) "
+                                 "to draw new images")
+            return self.reconstruct(self.preview[torch.arange(n) % len(self.preview)])
+        captions = self.captions_of(n, condition)
+        if m.stage == "clip":
+            if len(self.preview) == 0:
+                raise ValueError("a CLIP retrieves rather than samples, from the images it saw when training started; "
+                                 "score it with `difflineage evaluate CKPT --n 0` (retrieval accuracy), and train the "
+                                 "prior stage (model.stage=prior) to draw new images")
+            order = (self.clip.encode_text(captions) @ self.clip.encode_image(self.preview).t()).argsort(1, descending=True)
+            rank, seen = [], {}  # the k-th time a caption is asked, its k-th best match
+            for c in captions:
+                rank.append(seen.get(c, 0))
+                seen[c] = rank[-1] + 1
+            return self.preview[order[torch.arange(n), torch.tensor(rank) % order.shape[1]]]
+        rerank = rerank or m.rerank
+        if rerank > 1 and self.clip_model() is None:
+            raise ValueError("rerank needs a CLIP: train one (model.stage=clip) and give it as model.clip_stage")
+        guidance = m.guidance if guidance is None else guidance
+        many = [c for c in captions for _ in range(rerank)]  # each caption's candidates side by side
+        tokens = self.transformer.sample(
+            self.text_tokens(many), self.text_tokens([""] * len(many)) if guidance != 1 else None, guidance=guidance,
+            temperature=temperature or m.temperature, top_k=m.top_k if top_k is None else top_k,
+            top_p=m.top_p if top_p is None else top_p, generator=generator, use_cache=use_cache)
+        images = self.dvae.decode(tokens.view(-1, self.side, self.side)).float().clamp(-1, 1)
+        if rerank == 1:
+            return images
+        return self.rerank(images.view(n, rerank, *images.shape[1:]), captions)
+
+    @torch.no_grad()
+    def rerank(self, candidates: torch.Tensor, captions: list[str]) -> torch.Tensor:
+        """(n, R, C, H, W) candidates for n captions -> (n, C, H, W): the candidate with the highest CLIP score."""
+        n, r = candidates.shape[:2]
+        scores = self.clip.score(candidates.flatten(0, 1).float(), [c for c in captions for _ in range(r)]).view(n, r)
+        return candidates[torch.arange(n), scores.argmax(1)]
+
+    # -- evaluation ----------------------------------------------------------------------------------
+
+    def pictures(self, dataset: ImageDataset, out_dir: Path, generator: Optional[torch.Generator] = None) -> dict[str, Path]:
+        m = self.config.model
+        if m.stage == "dvae":
+            x = self.spread_images(dataset)
+            return {"reconstructions": self.save_reconstructions(x, self.reconstruct(x), out_dir)}
+        if m.stage != "prior":
+            return {}
+        from difflineage.images import save_grid
+
+        labels, per_class = self.grid_labels(80)
+        if labels is None:
+            return {}
+        out = {}
+        for r, name in ((1, "samples_no_rerank"), (8, "samples_rerank8")):
+            if r > 1 and self.clip_model() is None:
+                continue
+            images = self.sample(len(labels), labels, generator=torch.Generator().manual_seed(0), rerank=r)
+            out[name] = save_grid(images, Path(out_dir) / f"{name}.png", nrow=per_class, scale=2)
+        return out
+
+    @torch.no_grad()
+    def evaluate(self, dataset: ImageDataset, generator: Optional[torch.Generator] = None, progress: bool = True,
+                 **options: Any) -> dict[str, float]:
+        """dVAE: held-out reconstruction error and token usage. CLIP (and a prior that carries one): retrieval
+        accuracy on held-out pairs and the CLIP score of real pairs. Prior: held-out NLL of the image tokens
+        given the caption, in bits per token."""
+        m = self.config.model
+        out: dict[str, Any] = {}
+        if m.stage in ("dvae", "prior"):
+            k = m.dvae.codes
+            mse, counts, nll = 0.0, torch.zeros(k), 0.0
+            for s in range(0, len(dataset), 250):
+                batch = dataset.batch(range(s, min(s + 250, len(dataset))), self.device)
+                tokens = self.dvae.encode(batch["image"])
+                mse += ((self.dvae.decode(tokens).float().clamp(-1, 1) - batch["image"]) / 2).pow(2).mean((1, 2, 3)).sum().item()
+                counts += torch.bincount(tokens.flatten().cpu(), minlength=k).float()
+                if m.stage == "prior":
+                    nll += self.transformer.image_nll(self.text_tokens(self._captions(batch)), tokens.flatten(1)).sum().item()
+            p = counts / counts.sum()
+            out.update({"recon_mse": mse / len(dataset), "recon_psnr_db": 10 * math.log10(len(dataset) / mse),
+                        "codebook_perplexity": math.exp(-(p * torch.log(p + 1e-10)).sum().item()),
+                        "codes_used": int((counts > 0).sum())})
+            if m.stage == "prior":
+                out["prior_nll_bits_per_image_token"] = nll / len(dataset) / math.log(2)
+        clip = self.clip_model()
+        if clip is not None and dataset.captions is not None:
+            images = dataset.batch(range(len(dataset)))["image"]
+            r = retrieval_accuracy(clip, images, dataset.captions)
+            out["clip_retrieval_image_to_caption"] = r["image_to_caption"]
+            out["clip_retrieval_caption_to_image"] = r["caption_to_image"]
+            out["clip_score_real_pairs"] = clip_score(clip, images, dataset.captions)
+        return out
+
+    def forward_passes(self):
+        d, m = self.config.data, self.config.model
+        x = torch.zeros(1, d.channels or 1, d.image_size, d.image_size, device=self.device)
+        if m.stage == "clip":
+            return {"CLIP image encoder (one image)": lambda: self.clip.encode_image(x),
+                    "CLIP text encoder (one caption)": lambda: self.clip.encode_text(["a caption"])}
+        tokens = torch.zeros(1, self.side, self.side, dtype=torch.long, device=self.device)
+        passes = {"dVAE encoder (one image)": lambda: self.dvae.encode(x),
+                  "dVAE decoder (one image)": lambda: self.dvae.decode(tokens)}
+        if m.stage == "prior":
+            text = torch.zeros(1, m.transformer.text_length, dtype=torch.long, device=self.device)
+            passes["transformer, whole sequence (teacher-forced)"] = lambda: self.transformer(text, tokens.flatten(1))
+        return passes
