@@ -14,15 +14,18 @@ from pathlib import Path
 from typing import Optional
 
 # Each system's quickstart: its stages in order, as (recipe, run sub-directory or "" for the run itself,
-# overrides of that stage). A later stage that needs an earlier one's checkpoint gets it as model.first_stage.
+# overrides of that stage). An override may name an earlier stage's checkpoint as {SUB-DIRECTORY}.
 # The first entry is the default system (the flagship).
 QUICKSTART_RECIPES = {
-    "dit": [("autoencoder-mnist", "autoencoder", ["train.steps=800"]), ("dit-mnist", "", [])],
+    "dit": [("autoencoder-mnist", "autoencoder", ["train.steps=800"]),
+            ("dit-mnist", "", ["model.first_stage={autoencoder}"])],
     "vae": [("vae-mnist", "", [])],
     "ddpm": [("ddpm-mnist", "", [])],
-    "ldm": [("autoencoder-mnist", "autoencoder", []), ("ldm-mnist", "", [])],
-    "vqvae": [("vqvae-mnist", "autoencoder", []), ("vqvae-prior-mnist", "", [])],
-    "vqvae2": [("vqvae2-mnist", "autoencoder", []), ("vqvae2-prior-mnist", "", [])],
+    "ldm": [("autoencoder-mnist", "autoencoder", []), ("ldm-mnist", "", ["model.first_stage={autoencoder}"])],
+    "vqvae": [("vqvae-mnist", "autoencoder", []), ("vqvae-prior-mnist", "", ["model.first_stage={autoencoder}"])],
+    "vqvae2": [("vqvae2-mnist", "autoencoder", []), ("vqvae2-prior-mnist", "", ["model.first_stage={autoencoder}"])],
+    "dalle": [("dalle-dvae-mnist", "dvae", []), ("dalle-clip-mnist", "clip", []),
+              ("dalle-mnist", "", ["model.first_stage={dvae}", "model.clip_stage={clip}"])],
 }
 DEFAULT_SYSTEM = next(iter(QUICKSTART_RECIPES))
 
@@ -95,10 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--nrow", type=int, default=None, help="images per grid row (default: one row per class, or square)")
     s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     s.add_argument("--temperature", type=float, default=None, help="scale of the prior noise (systems that support it)")
-    s.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (diffusion systems)")
+    s.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (diffusion systems, DALL-E)")
     s.add_argument("--steps", type=int, default=None, help="sampling steps (diffusion systems; respaced chain)")
     s.add_argument("--sampler", choices=["ddpm", "ddim"], default=None, help="diffusion sampler (default: the recipe's)")
     s.add_argument("--caption", default=None, help="caption to draw (caption-conditioned systems)")
+    s.add_argument("--rerank", type=int, default=None, metavar="N",
+                   help="DALL-E: draw N candidates per image and keep the one its CLIP scores highest")
+    s.add_argument("--top-k", type=int, default=None, help="DALL-E: sample among the K most likely tokens (0: all)")
+    s.add_argument("--top-p", type=float, default=None, help="DALL-E: sample from the nucleus of probability P (1: all)")
     s.add_argument("--mode", choices=["fast", "masked", "full"], default=None,
                    help="DyDiT: fast (default: sliced weights, active tokens only), masked (every unit computed, switched-off ones zeroed, as the released code) or full (routers off)")
     s.add_argument("--no-ema", action="store_true", help="sample from the raw weights instead of the EMA")
@@ -128,6 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--temperature", type=float, default=None, help="sampling temperature (systems that have it)")
     e.add_argument("--mode", choices=["fast", "masked", "full"], default=None,
                    help="DyDiT: fast (default: sliced weights, active tokens only), masked (every unit computed, switched-off ones zeroed, as the released code) or full (routers off)")
+    e.add_argument("--rerank", type=int, default=None, metavar="N",
+                   help="DALL-E: draw N candidates per sample and keep the one its CLIP scores highest")
+    e.add_argument("--top-k", type=int, default=None, help="DALL-E: sample among the K most likely tokens (0: all)")
+    e.add_argument("--top-p", type=float, default=None, help="DALL-E: sample from the nucleus of probability P (1: all)")
+    e.add_argument("--clip", type=Path, default=None, metavar="CKPT",
+                   help="caption-conditioned systems: the CLIP for the CLIP score (a DALL-E clip-stage checkpoint); "
+                        "default: the CLIP the system carries, if any")
     e.add_argument("--batch-size", type=int, default=250, help="samples per sampling batch (default 250)")
     e.add_argument("--npz", type=Path, default=None, help="also save the samples as ADM's samples.npz (arr_0, uint8 NHWC)")
     e.add_argument("--split", default="heldout", choices=["heldout", "train"], help="reference split (default heldout)")
@@ -199,7 +213,7 @@ def cmd_quickstart(args) -> int:
     from difflineage.train.checkpoint import latest_checkpoint
 
     run_dir = args.out or Path("runs") / f"quickstart-{args.system}"
-    first_stage = None
+    earlier: dict[str, str] = {}  # sub-directory -> checkpoint of the stages trained so far
     stages = QUICKSTART_RECIPES[args.system]
     known = {recipe for recipe, _, _ in stages}
     for o in args.overrides:
@@ -211,9 +225,7 @@ def cmd_quickstart(args) -> int:
         # --set KEY=VALUE applies to the final stage, --set RECIPE:KEY=VALUE to that stage
         mine = [o.split(":", 1)[1] for o in args.overrides if o.startswith(recipe + ":")]
         plain = [o for o in args.overrides if ":" not in o.split("=", 1)[0]]
-        overrides = stage_overrides + (plain if not sub else []) + mine
-        if first_stage is not None:
-            overrides.insert(0, f"model.first_stage={first_stage}")
+        overrides = [o.format(**earlier) for o in stage_overrides] + (plain if not sub else []) + mine
         config = load_config(recipe, overrides)
         stage_dir = run_dir / sub if sub else run_dir
         resume = (stage_dir / "checkpoints").is_dir() and latest_checkpoint(stage_dir) is not None
@@ -223,7 +235,7 @@ def cmd_quickstart(args) -> int:
         result = Trainer(config, stage_dir, resume=resume or None, progress=not args.no_progress).fit()
         if result.status != "finished":
             return 130
-        first_stage = result.checkpoint
+        earlier[sub] = str(result.checkpoint)
     system = load(result.checkpoint)
     pictures = system.pictures(_heldout(system), run_dir)
     metrics = evaluate_system(system, n=args.eval_n, k=args.eval_k, bpd_images=20, progress=not args.no_progress,
@@ -248,8 +260,7 @@ def cmd_sample(args) -> int:
     from difflineage.images import save_grid, to_uint8
 
     system = load(args.checkpoint, use_ema=not args.no_ema, device=args.device)
-    options = {k: v for k, v in (("temperature", args.temperature), ("guidance", args.guidance),
-                                 ("steps", args.steps), ("sampler", args.sampler), ("mode", args.mode)) if v is not None}
+    options = sampling_options(args)
     if args.label is not None and not system.num_classes:
         print(f"error: --label needs a class-conditional checkpoint; {args.checkpoint} is unconditional "
               "(train with model.conditional=true)", file=sys.stderr)
@@ -295,14 +306,13 @@ def cmd_evaluate(args) -> int:
         device = str(info.device) if info.enabled else args.device
         system = load(args.checkpoint, use_ema=not args.no_ema, device=device)
         out = args.out or Path(system.checkpoint_path) / "metrics.json"
-        options = {k: v for k, v in (("guidance", args.guidance), ("steps", args.steps),
-                                     ("temperature", args.temperature), ("mode", args.mode)) if v is not None}
+        options = sampling_options(args)
         try:
             metrics = evaluate_system(system, split=args.split, n=args.n, features=args.features,
                                       inception_weights=args.inception_weights, seed=args.seed,
                                       progress=not args.no_progress, out=out, npz=args.npz, batch_size=args.batch_size,
                                       sample_options=options, k=args.k, bpd_images=args.bpd_images,
-                                      bpd_steps=args.bpd_steps, bf16=args.bf16)
+                                      bpd_steps=args.bpd_steps, bf16=args.bf16, clip=args.clip)
         except (FileNotFoundError, ValueError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
@@ -314,6 +324,12 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def sampling_options(args) -> dict:
+    """The sampling options given on the command line (those a sub-command has), by System.sample's names."""
+    names = ("temperature", "guidance", "steps", "sampler", "mode", "rerank", "top_k", "top_p")
+    return {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
+
+
 def format_metrics(m: dict) -> str:
     """The headline numbers of metrics.json, each beside its real-vs-real value."""
     lines = []
@@ -322,7 +338,7 @@ def format_metrics(m: dict) -> str:
                      f"{m['split']} images (real-vs-real: {m['real_baseline_images']} training images):")
         pairs = [("FID", "fid", "fid_real"), ("KID", "kid", "kid_real"), ("Inception Score", "inception_score",
                  "inception_score_real"), ("precision", "precision", "precision_real"), ("recall", "recall", "recall_real"),
-                 ("class accuracy", "class_accuracy", "class_accuracy_real")]
+                 ("class accuracy", "class_accuracy", "class_accuracy_real"), ("CLIP score", "clip_score", "clip_score_real")]
         for label, key, real in pairs:
             if key in m:
                 lines.append(f"  {label:<16}{m[key]:>10.4f}   real-vs-real {m[real]:.4f}")

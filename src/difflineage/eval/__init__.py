@@ -108,9 +108,13 @@ def score_samples(images: torch.Tensor, labels: Optional[torch.Tensor], referenc
 def evaluate_system(system, split: str = "heldout", n: int = 1000, features: str = "auto",
                     inception_weights: Optional[str | Path] = None, seed: int = 0, progress: bool = True,
                     out: Optional[Path] = None, npz: Optional[Path] = None, batch_size: int = 250,
-                    sample_options: Optional[dict] = None, bf16: bool = False, **system_options: Any) -> dict[str, Any]:
+                    sample_options: Optional[dict] = None, bf16: bool = False, clip: Optional[str | Path] = None,
+                    **system_options: Any) -> dict[str, Any]:
     """Sample-quality metrics (``n`` > 0) and the system's own held-out scores; rank 0 writes ``out``.
-    ``bf16`` draws the samples under bfloat16 autocast (the held-out scores stay in fp32).
+    ``bf16`` draws the samples under bfloat16 autocast (the held-out scores stay in fp32). For a
+    caption-conditioned system, the CLIP score of the samples against their captions (beside that of the
+    held-out images against theirs), with the CLIP of ``clip`` (a checkpoint holding one: a DALL-E clip or
+    prior stage) or the one the system carries.
 
     ``sample_options`` go to ``system.sample`` (guidance, steps, temperature, ...); ``system_options`` to
     ``system.evaluate`` (the VAE's ``k``).
@@ -123,6 +127,7 @@ def evaluate_system(system, split: str = "heldout", n: int = 1000, features: str
                               "data": cfg.data.source, "split": split, "seed": seed}
     rank = dist.get_rank() if dist.is_initialized() else 0
     net = None
+    clip_net = find_clip(system, clip) if n > 0 else None  # a wrong path stops the run before any sampling
     if n > 0:
         # Build the feature network (and train the MNIST classifier if this machine has none) before sampling,
         # so a missing weights file stops the run before any time is spent.
@@ -144,6 +149,7 @@ def evaluate_system(system, split: str = "heldout", n: int = 1000, features: str
         reference = load_dataset(cfg.data, split)
         train = load_dataset(cfg.data, "train")
         result.update(score_samples(images, labels, reference, train, net, seed=seed, progress=progress))
+        result.update(clip_scores(system, images, labels, reference, clip_net))
     elif rank != 0:
         return {}
     dataset = load_dataset(cfg.data, split)
@@ -155,6 +161,36 @@ def evaluate_system(system, split: str = "heldout", n: int = 1000, features: str
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def find_clip(system, clip: Optional[str | Path] = None):
+    """The CLIP for the CLIP score: from ``clip`` (a checkpoint holding one: a DALL-E clip or prior stage), else
+    the one the system carries; None when the system is not caption-conditioned or no CLIP is at hand."""
+    if not system.caption_conditioned:
+        return None
+    if clip is None:
+        return system.clip_model()
+    from difflineage import load
+
+    model = load(clip, device=system.device).clip_model()
+    if model is None:
+        raise ValueError(f"{clip} holds no CLIP: give a DALL-E clip-stage checkpoint (model.stage=clip) or a "
+                         "prior that carries one")
+    return model
+
+
+def clip_scores(system, images: torch.Tensor, labels: Optional[torch.Tensor], reference: ImageDataset,
+                clip=None) -> dict[str, Any]:
+    """``clip_score`` of uint8 samples drawn for ``labels`` against the captions they were drawn for, and
+    ``clip_score_real`` of the reference images against their own captions, with the CLIP model ``clip``;
+    empty without one, or without labels and captions to score against."""
+    from difflineage.models.clip import clip_score
+
+    if clip is None or labels is None or reference.captions is None:
+        return {}
+    clip.eval()
+    return {"clip_score": clip_score(clip, to_unit(images), system.captions_for(labels)),
+            "clip_score_real": clip_score(clip, to_unit(reference.images), reference.captions)}
 
 
 def machine_description() -> str:
