@@ -241,12 +241,11 @@ def cmd_quickstart(args) -> int:
     metrics = evaluate_system(system, n=args.eval_n, k=args.eval_k, bpd_images=20, progress=not args.no_progress,
                               out=run_dir / "metrics.json")
     print(f"\nquickstart ({args.system}) finished: {result.step} steps in {run_dir}/")
-    print(f"  samples:     {result.samples}")
-    for name, path in pictures.items():
-        print(f"  {name + ':':<13}{path}")
-    print(f"  loss curve:  {run_dir / 'loss.png'}")
-    print(f"  metrics:     {run_dir / 'metrics.json'}")
-    print(f"  checkpoint:  {result.checkpoint}")
+    lines = {"samples": result.samples, **pictures, "loss curve": run_dir / "loss.png",
+             "metrics": run_dir / "metrics.json", "checkpoint": result.checkpoint}
+    width = max(len(name) for name in lines) + 2
+    for name, path in lines.items():
+        print(f"  {name + ':':<{width}}{path}")
     print(format_metrics(metrics))
     return 0
 

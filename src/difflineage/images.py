@@ -46,3 +46,31 @@ def save_png(array: np.ndarray, path: str | Path, scale: int = 1) -> Path:
 def save_grid(images: torch.Tensor, path: str | Path, nrow: Optional[int] = None, scale: int = 1) -> Path:
     """Tile images in [-1, 1] into a grid and write it as PNG; returns the path."""
     return save_png(make_grid(images, nrow=nrow), path, scale=scale)
+
+
+def save_captioned_panels(panels: dict[str, torch.Tensor], row_labels: list[str], path: str | Path,
+                          per_row: int) -> Path:
+    """Grids side by side, one titled panel per entry of ``panels`` ((rows * per_row, C, H, W) images each), with
+    each row labelled on the left (e.g. the caption it was drawn for)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grids = {title: make_grid(images, nrow=per_row) for title, images in panels.items()}
+    h, w = next(iter(grids.values())).shape[:2]
+    fig, axes = plt.subplots(1, len(grids), figsize=(len(grids) * w / 50 + 2.2, h / 50 + 0.6), squeeze=False)
+    rows = len(row_labels)
+    for i, (ax, (title, grid)) in enumerate(zip(axes[0], grids.items())):
+        ax.imshow(grid[..., 0] if grid.shape[-1] == 1 else grid, cmap="gray", vmin=0, vmax=255)
+        ax.set_title(title, fontsize=10)
+        ax.set_xticks([])
+        ax.set_yticks([(r + 0.5) * h / rows for r in range(rows)])
+        ax.set_yticklabels(row_labels if i == 0 else [""] * rows, fontsize=8)
+        ax.tick_params(length=0)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -307,18 +307,19 @@ class DalleSystem(System):
             return {"reconstructions": self.save_reconstructions(x, self.reconstruct(x), out_dir)}
         if m.stage != "prior":
             return {}
-        from difflineage.images import save_grid
+        from difflineage.images import save_captioned_panels
 
         labels, per_class = self.grid_labels(80)
         if labels is None:
             return {}
-        out = {}
-        for r, name in ((1, "samples_no_rerank"), (8, "samples_rerank8")):
+        panels = {}
+        for r in (1, 8):
             if r > 1 and self.clip_model() is None:
                 continue
-            images = self.sample(len(labels), labels, generator=torch.Generator().manual_seed(0), rerank=r)
-            out[name] = save_grid(images, Path(out_dir) / f"{name}.png", nrow=per_class, scale=2)
-        return out
+            title = "plain samples" if r == 1 else f"best of {r} by CLIP score"
+            panels[title] = self.sample(len(labels), labels, generator=torch.Generator().manual_seed(0), rerank=r)
+        captions = self.captions_for(torch.arange(self.num_classes))
+        return {"captions": save_captioned_panels(panels, captions, Path(out_dir) / "captions.png", per_class)}
 
     @torch.no_grad()
     def evaluate(self, dataset: ImageDataset, generator: Optional[torch.Generator] = None, progress: bool = True,
