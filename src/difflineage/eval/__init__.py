@@ -167,6 +167,9 @@ def find_clip(system, clip: Optional[str | Path] = None):
     """The CLIP for the CLIP score: from ``clip`` (a checkpoint holding one: a DALL-E clip or prior stage), else
     the one the system carries; None when the system is not caption-conditioned or no CLIP is at hand."""
     if not system.caption_conditioned:
+        if clip is not None:
+            raise ValueError(f"--clip {clip}: the {system.config.system} checkpoint does not draw samples for captions, "
+                             "so there is no CLIP score to measure")
         return None
     if clip is None:
         return system.clip_model()

@@ -35,7 +35,9 @@ class CaptionTokenizer:
 
     @classmethod
     def train(cls, captions: list[str], vocab_size: int) -> "CaptionTokenizer":
-        """Learn BPE merges from ``captions`` (deterministic for the same captions and size)."""
+        """Learn BPE merges from ``captions``. The library numbers the starting alphabet in an order that varies
+        from process to process, so the ids are renumbered canonically (specials, the alphabet sorted, then
+        merged units in merge order): the same captions give the same ids in every process and every run."""
         tk = _require_tokenizers()
         if vocab_size < 16:
             raise ValueError(f"a BPE vocabulary of {vocab_size} is too small; use at least 16")
@@ -46,7 +48,7 @@ class CaptionTokenizer:
         trainer = tk.trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL), show_progress=False,
                                          end_of_word_suffix="</w>")
         tok.train_from_iterator(captions, trainer=trainer)
-        return cls(tok)
+        return cls(tk.Tokenizer.from_str(_canonical_ids(tok.to_str())))
 
     @classmethod
     def from_json(cls, text: str) -> "CaptionTokenizer":
@@ -71,3 +73,19 @@ class CaptionTokenizer:
     def decode(self, ids: torch.Tensor) -> list[str]:
         """(N, L) ids -> captions (BOS and PAD dropped)."""
         return [self.tokenizer.decode([i for i in row.tolist() if i > 1]) for row in ids]
+
+
+def _canonical_ids(text: str) -> str:
+    """A trained BPE tokenizer's JSON with its vocabulary renumbered in a fixed order (special tokens keep theirs)."""
+    import json
+
+    data = json.loads(text)
+    vocab = data["model"]["vocab"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in data["model"]["merges"]]
+    merged = ["".join(m) for m in merges]
+    alphabet = sorted(t for t in vocab if t not in SPECIAL and t not in set(merged))
+    order = list(SPECIAL) + alphabet + [t for t in dict.fromkeys(merged) if t in vocab]
+    if sorted(order) != sorted(vocab):
+        raise ValueError("unexpected BPE vocabulary layout: tokens outside the alphabet and the merges")
+    data["model"]["vocab"] = {t: i for i, t in enumerate(order)}
+    return json.dumps(data)

@@ -104,7 +104,8 @@ class DalleSystem(System):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         key = prefix + "tokenizer_json"
         if key in state_dict and hasattr(self, "tokenizer_json"):
-            self.tokenizer_json = torch.zeros_like(state_dict[key])  # its length is the JSON's, not known before
+            # its length is the JSON's, not known before; it stays on this module's device
+            self.tokenizer_json = torch.zeros_like(state_dict[key], device=self.tokenizer_json.device)
             self._tokenizer = None
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
@@ -167,10 +168,27 @@ class DalleSystem(System):
         if dataset.captions is None:
             raise ConfigError(f"{dataset.name} has no captions: DALL-E's prior needs image/caption pairs "
                               "(labelled data gets captions from data.caption_template)")
-        self.set_tokenizer(CaptionTokenizer.train(dataset.captions, m.transformer.text_vocab))
+        self.set_tokenizer(self._train_tokenizer(dataset.captions))
         with torch.no_grad():
             self._codes = torch.cat([self.dvae.encode(dataset.batch(range(s, min(s + 500, len(dataset))), self.device)["image"])
                                      for s in range(0, len(dataset), 500)])
+
+    def _train_tokenizer(self, captions: list[str]) -> CaptionTokenizer:
+        """BPE on the training captions, trained once (rank 0) and shared with every process of the run."""
+        import torch.distributed as dist
+
+        vocab = self.config.model.transformer.text_vocab
+        text = [None]
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            text = [CaptionTokenizer.train(captions, vocab).to_json()]
+        if dist.is_initialized():
+            dist.broadcast_object_list(text, src=0)
+        tok = CaptionTokenizer.from_json(text[0])
+        if tok.vocab_size > vocab:
+            raise ConfigError(f"the captions' BPE vocabulary needs {tok.vocab_size} entries (their characters alone "
+                              f"fill most of it), more than model.transformer.text_vocab={vocab}; set "
+                              f"model.transformer.text_vocab={tok.vocab_size} or more")
+        return tok
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -277,15 +295,23 @@ class DalleSystem(System):
                 rank.append(seen.get(c, 0))
                 seen[c] = rank[-1] + 1
             return self.preview[order[torch.arange(n), torch.tensor(rank) % order.shape[1]]]
-        rerank = rerank or m.rerank
+        rerank = m.rerank if rerank is None else rerank
+        if rerank < 1:
+            raise ValueError(f"rerank={rerank}: give the number of candidates per image, 1 or more")
         if rerank > 1 and self.clip_model() is None:
             raise ValueError("rerank needs a CLIP: train one (model.stage=clip) and give it as model.clip_stage")
         guidance = m.guidance if guidance is None else guidance
         many = [c for c in captions for _ in range(rerank)]  # each caption's candidates side by side
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=self.transformer.image_length, desc=f"sampling {len(many)} token grids", disable=not progress,
+                   leave=False)
         tokens = self.transformer.sample(
             self.text_tokens(many), self.text_tokens([""] * len(many)) if guidance != 1 else None, guidance=guidance,
-            temperature=temperature or m.temperature, top_k=m.top_k if top_k is None else top_k,
-            top_p=m.top_p if top_p is None else top_p, generator=generator, use_cache=use_cache)
+            temperature=m.temperature if temperature is None else temperature, top_k=m.top_k if top_k is None else top_k,
+            top_p=m.top_p if top_p is None else top_p, generator=generator, use_cache=use_cache,
+            progress=lambda i: bar.update(1))
+        bar.close()
         images = self.dvae.decode(tokens.view(-1, self.side, self.side)).float().clamp(-1, 1)
         if rerank == 1:
             return images

@@ -58,15 +58,16 @@ class TrainResult:
 
 
 def resolve_data(config: Config, dataset: ImageDataset) -> Config:
-    """Fill the data fields that come from the files (channels, number of classes) into the config,
-    so that the checkpoint can rebuild the system without the data."""
+    """Fill the data fields that come from the files (channels, number of classes, class names) into the
+    config, so that the checkpoint can rebuild the system, and make its captions, without the data."""
     data = config.data
     channels = dataset.shape[0]
     if data.num_classes is not None and dataset.num_classes is not None and data.num_classes < dataset.num_classes:
         raise ConfigError(f"data.num_classes={data.num_classes} but {data.source} has {dataset.num_classes} classes; "
                           f"set data.num_classes={dataset.num_classes} or leave it null")
     return replace(config, data=replace(data, channels=channels,
-                                        num_classes=data.num_classes if data.num_classes is not None else dataset.num_classes))
+                                        num_classes=data.num_classes if data.num_classes is not None else dataset.num_classes,
+                                        class_names=data.class_names if data.class_names is not None else dataset.class_names))
 
 
 def build_system(config: Config) -> System:
