@@ -243,3 +243,18 @@ def test_prior_resumes_exactly(tmp_path):
     a, b = difflineage.load(tmp_path / "straight", use_ema=False), difflineage.load(tmp_path / "resumed", use_ema=False)
     for (k, v), w in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(v, w), k
+
+
+def test_clip_score_for_a_caption_conditioned_diffusion_model(tmp_path):
+    from difflineage.config import from_dict
+    from difflineage.eval import evaluate_system
+    from helpers import tiny_ddpm_dict
+
+    Trainer(load_config("dalle-clip-mnist", TINY + TINY_CLIP + ["train.steps=5"]), tmp_path / "clip", progress=False).fit()
+    Trainer(from_dict(tiny_ddpm_dict("caption")), tmp_path / "ddpm", progress=False).fit()
+    ddpm = difflineage.load(tmp_path / "ddpm")
+    assert ddpm.caption_conditioned and ddpm.clip_model() is None
+    plain = evaluate_system(ddpm, n=10, batch_size=10, progress=False, bpd_images=0)
+    assert "clip_score" not in plain  # no CLIP at hand: no score, rather than a made-up one
+    scored = evaluate_system(ddpm, n=10, batch_size=10, progress=False, bpd_images=0, clip=tmp_path / "clip")
+    assert 0 <= scored["clip_score"] <= 100 and 0 <= scored["clip_score_real"] <= 100

@@ -319,6 +319,9 @@ def cmd_evaluate(args) -> int:
         cleanup(info)
     if info.is_main:
         print(format_metrics(metrics))
+        if args.n > 0 and system.caption_conditioned and "clip_score" not in metrics:
+            print("note: no CLIP score without a CLIP: add --clip CKPT (a DALL-E clip-stage checkpoint, e.g. "
+                  "runs/quickstart-dalle/clip from `difflineage quickstart --system dalle`)")
         print(f"wrote {out}")
     return 0
 
