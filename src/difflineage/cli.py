@@ -344,7 +344,9 @@ def format_metrics(m: dict) -> str:
         for label, key, real in pairs:
             if key in m:
                 lines.append(f"  {label:<16}{m[key]:>10.4f}   real-vs-real {m[real]:.4f}")
-    for key in ("neg_elbo_nats", "nll_iw_nats", "nll_iw_bits_per_dim", "bits_per_dim", "recon_l1", "recon_psnr_db"):
+    for key in ("neg_elbo_nats", "nll_iw_nats", "nll_iw_bits_per_dim", "bits_per_dim", "recon_l1", "recon_psnr_db",
+                "prior_nll_bits_per_image_token", "clip_retrieval_image_to_caption", "clip_retrieval_caption_to_image",
+                "clip_score_real_pairs"):
         if key in m:
             lines.append(f"  {key:<16}{m[key]:>10.4f}")
     return "\n".join(lines)
