@@ -245,6 +245,25 @@ def test_prior_resumes_exactly(tmp_path):
         assert torch.equal(v, w), k
 
 
+def test_resumed_prior_reads_tokens_with_its_own_dvae(tmp_path):
+    # the first-stage run trains on after the prior started: a resumed prior keeps modelling its own dVAE's tokens
+    dvae_cfg = load_config("dalle-dvae-mnist", TINY + TINY_DVAE + ["train.steps=3"])
+    Trainer(dvae_cfg, tmp_path / "dvae", progress=False).fit()
+    cfg = load_config("dalle-mnist", TINY + TINY_GPT + ["train.steps=4", "train.bf16=false",
+                                                       f"model.first_stage={tmp_path / 'dvae'}"])
+    Trainer(cfg, tmp_path / "prior", stop_at=2, progress=False).fit()
+    Trainer(load_config("dalle-dvae-mnist", TINY + TINY_DVAE + ["train.steps=6"]), tmp_path / "dvae", resume=True,
+            progress=False).fit()
+    trainer = Trainer(None, tmp_path / "prior", resume=True, progress=False)
+    trainer.fit()
+    system = trainer.system
+    train = load_dataset(system.config.data, "train")
+    images = train.batch(range(len(train)))["image"]
+    assert torch.equal(system._codes, system.dvae.encode(images))  # tokens of the dVAE the prior carries
+    first = difflineage.load(tmp_path / "prior", use_ema=False)
+    assert all(torch.equal(v, first.dvae.state_dict()[k]) for k, v in system.dvae.state_dict().items())
+
+
 def test_clip_score_for_a_caption_conditioned_diffusion_model(tmp_path):
     from difflineage.config import from_dict
     from difflineage.eval import evaluate_system

@@ -86,6 +86,7 @@ class DalleSystem(System):
             self.register_buffer("tokenizer_json", torch.zeros(0, dtype=torch.uint8))
             self._tokenizer: Optional[CaptionTokenizer] = None
             self._codes: Optional[torch.Tensor] = None
+            self._code_source: Optional[ImageDataset] = None
 
     @property
     def uses_labels(self) -> bool:
@@ -169,9 +170,15 @@ class DalleSystem(System):
             raise ConfigError(f"{dataset.name} has no captions: DALL-E's prior needs image/caption pairs "
                               "(labelled data gets captions from data.caption_template)")
         self.set_tokenizer(self._train_tokenizer(dataset.captions))
+        self._code_source = dataset  # encoded at the first training batch: after a resumed run's weights are loaded
+
+    def _encode_training_set(self) -> torch.Tensor:
+        """Every training image's tokens, with the dVAE this system holds (a resumed run's own copy, even if
+        ``model.first_stage`` has trained on since)."""
+        data = self._code_source
         with torch.no_grad():
-            self._codes = torch.cat([self.dvae.encode(dataset.batch(range(s, min(s + 500, len(dataset))), self.device)["image"])
-                                     for s in range(0, len(dataset), 500)])
+            return torch.cat([self.dvae.encode(data.batch(range(s, min(s + 500, len(data))), self.device)["image"])
+                              for s in range(0, len(data), 500)])
 
     def _train_tokenizer(self, captions: list[str]) -> CaptionTokenizer:
         """BPE on the training captions, trained once (rank 0) and shared with every process of the run."""
@@ -239,7 +246,9 @@ class DalleSystem(System):
 
     def _tokens_of(self, batch: Batch) -> torch.Tensor:
         """The batch's image tokens, flattened (N, h * w): cached in training, encoded otherwise."""
-        if self._codes is not None and self.training and batch.get("index") is not None:
+        if self._code_source is not None and self.training and batch.get("index") is not None:
+            if self._codes is None:
+                self._codes = self._encode_training_set()
             return self._codes[batch["index"].to(self._codes.device)].flatten(1)
         with torch.no_grad():
             return self.dvae.encode(batch["image"]).flatten(1)
