@@ -66,6 +66,7 @@ class VQVAESystem(System):
             self.prior = GatedPixelCNN(m.prior, m.vq.codes, num_classes=self.num_classes)
         self.register_buffer("preview", torch.zeros(0), persistent=False)
         self._codes: Optional[torch.Tensor] = None
+        self._code_source: Optional[ImageDataset] = None
 
     @property
     def uses_labels(self) -> bool:
@@ -101,10 +102,16 @@ class VQVAESystem(System):
         load_state_dict_strict(self.vqvae, {k[len("vqvae."):]: v for k, v in weights.items() if k.startswith("vqvae.")},
                                self.config.model.first_stage)
         self.vqvae.eval()
+        self._code_source = dataset  # encoded at the first training batch: after a resumed run's weights are loaded
+
+    def _encode_training_set(self):
+        """The code maps of every training image, with the autoencoder this system holds (a resumed run's own
+        copy, even if ``model.first_stage`` has trained on since)."""
+        data = self._code_source
         with torch.no_grad():
-            parts = [self.vqvae.encode(dataset.batch(range(s, min(s + 500, len(dataset))), self.device)["image"])
-                     for s in range(0, len(dataset), 500)]
-        self._codes = tuple(torch.cat(p) for p in zip(*parts)) if isinstance(parts[0], tuple) else torch.cat(parts)
+            parts = [self.vqvae.encode(data.batch(range(s, min(s + 500, len(data))), self.device)["image"])
+                     for s in range(0, len(data), 500)]
+        return tuple(torch.cat(p) for p in zip(*parts)) if isinstance(parts[0], tuple) else torch.cat(parts)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -114,7 +121,9 @@ class VQVAESystem(System):
 
     def codes_of(self, batch: Batch):
         """The batch's code maps (a tuple of maps for several levels): cached in training, encoded otherwise."""
-        if self._codes is not None and self.training and batch.get("index") is not None:
+        if self._code_source is not None and self.training and batch.get("index") is not None:
+            if self._codes is None:
+                self._codes = self._encode_training_set()
             idx = batch["index"]
             if isinstance(self._codes, tuple):
                 return tuple(c[idx.to(c.device)] for c in self._codes)
@@ -235,6 +244,7 @@ class VQVAE2System(VQVAESystem):
             self.prior_bottom = GatedPixelCNN(m.prior, m.vq.codes, num_classes=self.num_classes, cond_channels=32)
         self.register_buffer("preview", torch.zeros(0), persistent=False)
         self._codes = None
+        self._code_source = None
 
     def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if self.config.model.stage == "prior":
