@@ -133,3 +133,20 @@ def test_default_quickstart_is_the_dit_with_its_first_stage(tmp_path, capsys):
 def test_sample_refuses_options_the_system_lacks(run, tmp_path, capsys):
     assert main(["sample", str(run), "--n", "2", "--guidance", "3", "--out", str(tmp_path / "g.png")]) == 2
     assert "guidance" in capsys.readouterr().err
+
+
+def test_dalle_quickstart_chains_three_stages(tmp_path, capsys):
+    """dVAE and CLIP first, then the transformer, which is given both checkpoints ({dvae}, {clip})."""
+    small = ["train.steps=2", "train.sample_every=0", "train.checkpoint_every=0", "train.batch_size=16"]
+    sets = [f"{stage}:{o}" for stage in ("dalle-dvae-mnist", "dalle-clip-mnist") for o in small]
+    sets += ["dalle-dvae-mnist:model.dvae.channels=16", "dalle-dvae-mnist:model.dvae.codes=32",
+             "dalle-clip-mnist:model.clip.channels=8", "dalle-clip-mnist:model.clip.text.width=16"]
+    sets += small + ["model.transformer.width=32", "model.transformer.depth=1", "model.transformer.heads=2"]
+    code = main(["quickstart", "--system", "dalle", "--out", str(tmp_path), "--no-progress", "--eval-n", "20",
+                 "--set", *sets])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "quickstart (dalle)" in out and "CLIP score" in out and (tmp_path / "captions.png").exists()
+    model = yaml.safe_load((tmp_path / "config.yaml").read_text())["model"]
+    assert model["first_stage"].startswith(str(tmp_path / "dvae")) and model["clip_stage"].startswith(str(tmp_path / "clip"))
+    assert model["dvae"]["codes"] == 32 and model["clip"]["channels"] == 8  # read from the earlier stages
