@@ -17,12 +17,20 @@ every process keeps the same codebook.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+def code_usage(counts: torch.Tensor) -> tuple[float, int]:
+    """(perplexity, codes used) of code counts (K,): exp of the entropy of the usage distribution (K if every
+    code is used equally), and how many codes were chosen at all."""
+    p = counts.float() / counts.sum()
+    return math.exp(-(p * torch.log(p + 1e-10)).sum().item()), int((counts > 0).sum())
 
 
 @dataclass

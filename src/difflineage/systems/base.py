@@ -83,6 +83,27 @@ class System(nn.Module, abc.ABC):
 
     # Helpers ---------------------------------------------------------------------------------
 
+    @classmethod
+    def stage_checkpoint(cls, path: str, key: str, stage: str):
+        """The checkpoint of an earlier stage of this system (``model.KEY=PATH``), refused by name unless it is
+        this system's ``stage``."""
+        from difflineage.config import ConfigError
+        from difflineage.train.checkpoint import load_checkpoint
+
+        ckpt = load_checkpoint(path, training_state=False)
+        if ckpt.config.system != cls.name or getattr(ckpt.config.model, "stage", None) != stage:
+            raise ConfigError(f"model.{key}={path} is not a {cls.name} {stage} checkpoint (system "
+                              f"{ckpt.config.system}, stage {getattr(ckpt.config.model, 'stage', '?')})")
+        return ckpt
+
+    @torch.no_grad()
+    def encode_dataset(self, encode: Callable[[torch.Tensor], Any], dataset: ImageDataset, batch: int = 500):
+        """``encode`` applied to every image of ``dataset`` in batches, the results concatenated (a tuple of
+        tensors per batch gives a tuple of concatenations)."""
+        parts = [encode(dataset.batch(range(s, min(s + batch, len(dataset))), self.device)["image"])
+                 for s in range(0, len(dataset), batch)]
+        return tuple(torch.cat(p) for p in zip(*parts)) if isinstance(parts[0], tuple) else torch.cat(parts)
+
     def spread_images(self, dataset: ImageDataset, n: int = 32) -> torch.Tensor:
         """``n`` images spread evenly over ``dataset`` (its files are sorted by class, so every class shows)."""
         return dataset.batch(torch.linspace(0, len(dataset) - 1, min(n, len(dataset))).long(), self.device)["image"]

@@ -26,6 +26,7 @@ from difflineage.data import Batch, ImageDataset
 from difflineage.models.clip import CLIP, CLIPConfig, clip_score, retrieval_accuracy
 from difflineage.models.dalle import DalleTransformer, DalleTransformerConfig, DiscreteVAE, DVAEConfig, kl_to_uniform
 from difflineage.nn.bpe import CaptionTokenizer
+from difflineage.nn.quantize import code_usage
 from difflineage.systems.base import Condition, System
 
 
@@ -136,20 +137,10 @@ class DalleSystem(System):
         if not m.first_stage:
             raise ConfigError("model.stage=prior needs model.first_stage: the dVAE run whose tokens it models "
                               "(train it first with model.stage=dvae)")
-        updates = {"dvae": cls._stage_checkpoint(m.first_stage, "dvae", "first_stage").config.model.dvae}
+        updates = {"dvae": cls.stage_checkpoint(m.first_stage, "first_stage", "dvae").config.model.dvae}
         if m.clip_stage:
-            updates["clip"] = cls._stage_checkpoint(m.clip_stage, "clip", "clip_stage").config.model.clip
+            updates["clip"] = cls.stage_checkpoint(m.clip_stage, "clip_stage", "clip").config.model.clip
         return replace(config, model=replace(m, **updates))
-
-    @classmethod
-    def _stage_checkpoint(cls, path: str, stage: str, key: str):
-        from difflineage.train.checkpoint import load_checkpoint
-
-        ckpt = load_checkpoint(path, training_state=False)
-        if ckpt.config.system != cls.name or getattr(ckpt.config.model, "stage", None) != stage:
-            raise ConfigError(f"model.{key}={path} is not a {cls.name} {stage} checkpoint (system "
-                              f"{ckpt.config.system}, stage {getattr(ckpt.config.model, 'stage', '?')})")
-        return ckpt
 
     def prepare(self, dataset: ImageDataset) -> None:
         m = self.config.model
@@ -158,14 +149,11 @@ class DalleSystem(System):
             return
         from difflineage.train.checkpoint import load_state_dict_strict
 
-        for module, path, stage in ((self.dvae, m.first_stage, "dvae"), (self.clip_model(), m.clip_stage, "clip")):
-            if module is None:
-                continue
-            ckpt = self._stage_checkpoint(path, stage, "first_stage" if stage == "dvae" else "clip_stage")
-            weights = ckpt.ema if ckpt.ema is not None else ckpt.model
-            prefix = stage + "."
-            load_state_dict_strict(module, {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}, path)
-            module.eval()
+        for module, path, key, stage in ((self.dvae, m.first_stage, "first_stage", "dvae"),
+                                         (self.clip_model(), m.clip_stage, "clip_stage", "clip")):
+            if module is not None:
+                load_state_dict_strict(module, self.stage_checkpoint(path, key, stage).part(stage + "."), path)
+                module.eval()
         if dataset.captions is None:
             raise ConfigError(f"{dataset.name} has no captions: DALL-E's prior needs image/caption pairs "
                               "(labelled data gets captions from data.caption_template)")
@@ -175,10 +163,7 @@ class DalleSystem(System):
     def _encode_training_set(self) -> torch.Tensor:
         """Every training image's tokens, with the dVAE this system holds (a resumed run's own copy, even if
         ``model.first_stage`` has trained on since)."""
-        data = self._code_source
-        with torch.no_grad():
-            return torch.cat([self.dvae.encode(data.batch(range(s, min(s + 500, len(data))), self.device)["image"])
-                              for s in range(0, len(data), 500)])
+        return self.encode_dataset(self.dvae.encode, self._code_source)
 
     def _train_tokenizer(self, captions: list[str]) -> CaptionTokenizer:
         """BPE on the training captions, trained once (rank 0) and shared with every process of the run."""
@@ -374,10 +359,8 @@ class DalleSystem(System):
                 counts += torch.bincount(tokens.flatten().cpu(), minlength=k).float()
                 if m.stage == "prior":
                     nll += self.transformer.image_nll(self.text_tokens(self._captions(batch)), tokens.flatten(1)).sum().item()
-            p = counts / counts.sum()
-            out.update({"recon_mse": mse / len(dataset), "recon_psnr_db": 10 * math.log10(len(dataset) / mse),
-                        "codebook_perplexity": math.exp(-(p * torch.log(p + 1e-10)).sum().item()),
-                        "codes_used": int((counts > 0).sum())})
+            out.update({"recon_mse": mse / len(dataset), "recon_psnr_db": 10 * math.log10(len(dataset) / mse)})
+            out["codebook_perplexity"], out["codes_used"] = code_usage(counts)
             if m.stage == "prior":
                 out["prior_nll_bits_per_image_token"] = nll / len(dataset) / math.log(2)
         clip = self.clip_model()

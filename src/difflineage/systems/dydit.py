@@ -134,7 +134,7 @@ class DyDiTSystem(DiTSystem):
             ckpt = load_checkpoint(base, training_state=False)
             weights = ckpt.ema if ckpt.ema is not None else ckpt.model
             prefix = f"{self.network_name}."
-            net_state = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+            net_state = ckpt.part(prefix)
             others = {k: v for k, v in weights.items() if not k.startswith(prefix)}  # first stage, text, scale
             own_net = {k: v for k, v in self.state_dict().items() if k.startswith(prefix)}
             load_state_dict_strict(self, {**others, **own_net}, str(base))

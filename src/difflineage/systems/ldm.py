@@ -162,9 +162,7 @@ def _first_stage_weights(spec: str, norm_groups: int) -> dict[str, torch.Tensor]
         return load_sd_vae(_existing(spec.split(":", 1)[1]), norm_groups=norm_groups).state_dict()
     from difflineage.train.checkpoint import load_checkpoint
 
-    ckpt = load_checkpoint(spec, training_state=False)
-    weights = ckpt.ema if ckpt.ema is not None else ckpt.model
-    return {k[len("ae."):]: v for k, v in weights.items() if k.startswith("ae.")}
+    return load_checkpoint(spec, training_state=False).part("ae.")
 
 
 def _existing(path: str):

@@ -22,6 +22,7 @@ from difflineage.config import Config, ConfigError
 from difflineage.data import Batch, ImageDataset
 from difflineage.models.pixelcnn import GatedPixelCNN, PixelCNNConfig
 from difflineage.models.vqvae import VQVAE, VQVAE2, VQVAEConfig
+from difflineage.nn.quantize import code_usage
 from difflineage.systems.base import Condition, System
 
 
@@ -83,35 +84,24 @@ class VQVAESystem(System):
         if not m.first_stage:
             raise ConfigError("model.stage=prior needs model.first_stage: the VQ-VAE autoencoder run to model "
                               "(train it first with model.stage=autoencoder)")
-        from difflineage.train.checkpoint import load_checkpoint
-
-        ckpt = load_checkpoint(m.first_stage, training_state=False)
-        if ckpt.config.system != cls.name or ckpt.config.model.stage != "autoencoder":
-            raise ConfigError(f"model.first_stage={m.first_stage} is not a {cls.name} autoencoder checkpoint "
-                              f"(system {ckpt.config.system}, stage {getattr(ckpt.config.model, 'stage', '?')})")
+        ckpt = cls.stage_checkpoint(m.first_stage, "first_stage", "autoencoder")
         return replace(config, model=replace(m, vq=ckpt.config.model.vq))
 
     def prepare(self, dataset: ImageDataset) -> None:
         self.preview = self.spread_images(dataset)
         if self.config.model.stage != "prior":
             return
-        from difflineage.train.checkpoint import load_checkpoint, load_state_dict_strict
+        from difflineage.train.checkpoint import load_state_dict_strict
 
-        ckpt = load_checkpoint(self.config.model.first_stage, training_state=False)
-        weights = ckpt.ema if ckpt.ema is not None else ckpt.model
-        load_state_dict_strict(self.vqvae, {k[len("vqvae."):]: v for k, v in weights.items() if k.startswith("vqvae.")},
-                               self.config.model.first_stage)
+        path = self.config.model.first_stage
+        load_state_dict_strict(self.vqvae, self.stage_checkpoint(path, "first_stage", "autoencoder").part("vqvae."), path)
         self.vqvae.eval()
         self._code_source = dataset  # encoded at the first training batch: after a resumed run's weights are loaded
 
     def _encode_training_set(self):
         """The code maps of every training image, with the autoencoder this system holds (a resumed run's own
         copy, even if ``model.first_stage`` has trained on since)."""
-        data = self._code_source
-        with torch.no_grad():
-            parts = [self.vqvae.encode(data.batch(range(s, min(s + 500, len(data))), self.device)["image"])
-                     for s in range(0, len(data), 500)]
-        return tuple(torch.cat(p) for p in zip(*parts)) if isinstance(parts[0], tuple) else torch.cat(parts)
+        return self.encode_dataset(self.vqvae.encode, self._code_source)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -187,10 +177,8 @@ class VQVAESystem(System):
             if self.config.model.stage == "prior":
                 nll += self.prior.nll(codes, batch["label"] if self.uses_labels else None).sum().item()
         n = len(dataset)
-        p = counts / counts.sum()
-        out = {"recon_mse": mse / n, "recon_psnr_db": 10 * math.log10(1.0 / (mse / n)),
-               "codebook_perplexity": math.exp(-(p * torch.log(p + 1e-10)).sum().item()),
-               "codes_used": int((counts > 0).sum())}
+        out = {"recon_mse": mse / n, "recon_psnr_db": 10 * math.log10(1.0 / (mse / n))}
+        out["codebook_perplexity"], out["codes_used"] = code_usage(counts)
         if self.config.model.stage == "prior":
             bits_per_code = nll / n / math.log(2)
             d = self.config.data
@@ -300,9 +288,7 @@ class VQVAE2System(VQVAESystem):
         n = len(dataset)
         out: dict[str, Any] = {"recon_mse": mse / n, "recon_psnr_db": 10 * math.log10(1.0 / (mse / n))}
         for i, level in enumerate(("top", "bottom")):
-            p = counts[i] / counts[i].sum()
-            out[f"codebook_perplexity_{level}"] = math.exp(-(p * torch.log(p + 1e-10)).sum().item())
-            out[f"codes_used_{level}"] = int((counts[i] > 0).sum())
+            out[f"codebook_perplexity_{level}"], out[f"codes_used_{level}"] = code_usage(counts[i])
         if self.config.model.stage == "prior":
             d = self.config.data
             bits = [v / n / math.log(2) for v in nll]

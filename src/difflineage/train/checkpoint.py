@@ -48,6 +48,12 @@ class Checkpoint:
     def step(self) -> int:
         return int(self.training_state["step"]) if self.training_state else -1
 
+    def part(self, prefix: str) -> dict[str, torch.Tensor]:
+        """The weights of one part of the system (keys starting ``prefix``, e.g. ``"vqvae."``), prefix removed;
+        from the EMA where the run kept one (what it samples with)."""
+        weights = self.ema if self.ema is not None else self.model
+        return {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+
 
 def save_checkpoint(path: Path, config: Config, model: dict[str, torch.Tensor], ema: Optional[dict[str, torch.Tensor]],
                     training_state: dict[str, Any]) -> Path:
