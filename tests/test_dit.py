@@ -93,3 +93,30 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     a(x, t, y).square().sum().backward()
     b(x, t, y).square().sum().backward()
     assert torch.allclose(a.blocks[0].attn.qkv.weight.grad, b.blocks[0].attn.qkv.weight.grad, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-6)])
+def test_compiled_gelu_is_the_tanh_gelu_in_value_and_gradient(dtype, tol):
+    from difflineage.nn.activations import gelu_tanh
+
+    # the compiled form (x * sigmoid(2u)) is taken only while torch.compile traces; aot_eager traces it, with
+    # autograd, without building C++ kernels
+    compiled = torch.compile(gelu_tanh, backend="aot_eager", fullgraph=True)
+    x = torch.cat([torch.linspace(-30, 30, 601), torch.randn(1000)]).to(dtype).requires_grad_(True)
+    ref = x.detach().clone().requires_grad_(True)
+    y, y_ref = compiled(x), torch.nn.functional.gelu(ref, approximate="tanh")
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y, y_ref, rtol=tol, atol=tol)
+    (y * torch.cos(x)).sum().backward()
+    (y_ref * torch.cos(ref)).sum().backward()
+    torch.testing.assert_close(x.grad, ref.grad, rtol=tol, atol=tol)
+
+
+def test_a_compiled_dit_matches_the_eager_one():
+    torch.manual_seed(0)
+    model = DiT(DiTConfig(depth=2, hidden=64, heads=4), in_channels=4, input_size=8, num_classes=10)
+    for p in model.parameters():  # past the zero init, so every layer shapes the output
+        torch.nn.init.normal_(p, std=0.05)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    x, t, y = torch.randn(3, 4, 8, 8), torch.tensor([1, 500, 999]), torch.tensor([0, 3, 10])
+    torch.testing.assert_close(compiled(x, t, y), model(x, t, y), rtol=1e-5, atol=1e-5)

@@ -28,9 +28,9 @@ from typing import Any, Literal, Optional
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from difflineage.config import ConfigError
+from difflineage.nn.activations import gelu_tanh
 from difflineage.nn.attention import Attention
 from difflineage.nn.embeddings import LabelEmbedder, TimestepEmbedder
 
@@ -112,7 +112,7 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        return self.fc2(gelu_tanh(self.fc1(x)))
 
 
 class DiTBlock(nn.Module):

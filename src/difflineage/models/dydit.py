@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from difflineage.config import ConfigError
 from difflineage.models.dit import DiT, DiTBlock, DiTConfig, modulate
+from difflineage.nn.activations import gelu_tanh
 from difflineage.nn.attention import attention
 
 MODES = ("masked", "fast", "full")
@@ -145,7 +146,7 @@ class DyDiTBlock(DiTBlock):
         a = attention(q, k, v) * heads.to(q.dtype)[:, :, None, None]  # (N, h, T, d/h)
         x = torch.addcmul(x, gate_msa[:, None], self.attn.proj(a.transpose(1, 2).reshape(n, t, d)))
         tokens = route(self.token_selection(x), self.dcfg.tau, train) if self.dcfg.tokens else x.new_ones(n, t)
-        hidden = F.gelu(self.mlp.fc1(modulate(self.norm2(x), shift_mlp, scale_mlp)), approximate="tanh")
+        hidden = gelu_tanh(self.mlp.fc1(modulate(self.norm2(x), shift_mlp, scale_mlp)))
         hidden = hidden * groups.to(hidden.dtype).repeat_interleave(self.mlp_hidden // h, dim=1)[:, None]
         x = x + gate_mlp[:, None] * self.mlp.fc2(hidden) * tokens.to(hidden.dtype)[..., None]
         return x, {"heads": heads.mean(1), "groups": groups.mean(1), "tokens": tokens.float().mean(1)}
@@ -199,12 +200,12 @@ class DyDiTBlock(DiTBlock):
         if self.token_record is not None:
             self.token_record.append(keep.cpu() if keep is not None else torch.ones(n, t, dtype=torch.bool))
         if keep is None or bool(keep.all()):
-            y = F.linear(F.gelu(F.linear(h, w_fc1, b_fc1), approximate="tanh"), w_fc2, self.mlp.fc2.bias)
+            y = F.linear(gelu_tanh(F.linear(h, w_fc1, b_fc1)), w_fc2, self.mlp.fc2.bias)
             x = torch.addcmul(x, gate_mlp[:, None], y)
             kept = x.new_ones(n)
         else:
             idx = keep.flatten().nonzero().squeeze(1)  # active tokens of the flattened (N * T) batch
-            y = F.linear(F.gelu(F.linear(h.reshape(n * t, d).index_select(0, idx), w_fc1, b_fc1), approximate="tanh"),
+            y = F.linear(gelu_tanh(F.linear(h.reshape(n * t, d).index_select(0, idx), w_fc1, b_fc1)),
                          w_fc2, self.mlp.fc2.bias)
             y = y * gate_mlp.index_select(0, torch.div(idx, t, rounding_mode="floor"))
             x = x.reshape(n * t, d).index_add(0, idx, y.to(x.dtype)).view(n, t, d)
