@@ -150,3 +150,12 @@ def test_dalle_quickstart_chains_three_stages(tmp_path, capsys):
     model = yaml.safe_load((tmp_path / "config.yaml").read_text())["model"]
     assert model["first_stage"].startswith(str(tmp_path / "dvae")) and model["clip_stage"].startswith(str(tmp_path / "clip"))
     assert model["dvae"]["codes"] == 32 and model["clip"]["channels"] == 8  # read from the earlier stages
+
+
+def test_train_resume_takes_set_overrides(tmp_path, capsys):
+    Trainer(tiny_vae(steps=2), tmp_path, progress=False).fit()
+    # the README's way to continue a run for longer: no CONFIG, the checkpoint's config with --set applied
+    assert main(["train", "--resume", "--out", str(tmp_path), "--no-progress", "--set", "train.steps=3"]) == 0
+    assert "finished at step 3" in capsys.readouterr().out
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] == 3

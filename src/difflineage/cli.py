@@ -199,6 +199,10 @@ def cmd_train(args) -> int:
             raise SystemExit("difflineage train --resume without CONFIG needs --out RUN_DIR (or --resume CKPT with --out)")
         run_dir = Path("runs") / Path(args.config).stem
     resume = args.resume
+    if config is None and args.overrides:  # continue with changed settings: the checkpoint's config, overridden
+        from difflineage.train.checkpoint import resolve_checkpoint
+
+        config = load_config(resolve_checkpoint(run_dir if resume is True else resume) / "config.yaml", args.overrides)
     result = Trainer(config, run_dir, resume=resume, stop_at=args.stop_at, progress=not args.no_progress).fit()
     if _is_main_process():
         print(f"{result.status} at step {result.step}: checkpoint {result.checkpoint}, samples {result.samples}")
