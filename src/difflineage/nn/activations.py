@@ -15,9 +15,9 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
 
     Under ``torch.compile`` it is written as ``x * sigmoid(2u)`` with ``u = sqrt(2/pi) (x + 0.044715 x^3)``: the
     same function, since ``(1 + tanh(u)) / 2 = sigmoid(2u)``, equal to float rounding. Inductor fuses that into one
-    exp-based kernel, which on the CPU runs the forward pass about 2.4x and forward plus backward about 2x faster
-    than its tanh kernel (on DiT-B/2's MLP, batch 8: about 100 ms of a 3.3 s bf16 training step). Run eagerly the
-    separate operations would cost more memory traffic than they save, so eager mode keeps ``F.gelu``.
+    exp-based kernel, which on the CPU runs the forward pass 2.3-2.5x and forward plus backward 1.6-1.8x faster
+    than its tanh kernel (``benchmarks/bench_gelu.py``; about 4% of a compiled DiT-B/2 bf16 training step). Run
+    eagerly the separate operations would cost more memory traffic than they save, so eager mode keeps ``F.gelu``.
     """
     if torch.compiler.is_compiling():
         return x * torch.sigmoid(_TWO_SQRT_2_OVER_PI * (x + 0.044715 * x * x * x))
