@@ -21,7 +21,7 @@ import torch
 from difflineage.bench import record, side_by_side
 from difflineage.interop.dit import diffusers_dit_config, diffusers_to_dit, dit_to_diffusers, match_paper_numerics
 from difflineage.models.dit import DiT, DiTConfig
-from difflineage.train.trainer import adamw
+from difflineage.train.trainer import adamw, compile_for_training
 
 
 FUSED_DIFFUSERS = "diffusers bf16, fused AdamW"  # a training-only row
@@ -115,7 +115,7 @@ def main(argv=None) -> None:
         for k, (m, d, b) in train_candidates.items():
             run, copy_ = train_fn(m, d, x, t, y, b, fused_adamw=k.startswith("ours") or k == FUSED_DIFFUSERS)
             if k == fast_name:
-                copy_.compile(dynamic=False)
+                compile_for_training(copy_, device)
             trains[k] = run
         step = side_by_side(trains, warmup=2, repeats=args.repeats)
         base_f, base_s = fwd["diffusers bf16"].median_s, step["diffusers bf16"].median_s

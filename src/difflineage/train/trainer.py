@@ -95,6 +95,14 @@ def adamw(groups, **kwargs) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, fused=fused or None, **kwargs)
 
 
+def compile_for_training(net: torch.nn.Module, device: torch.device) -> None:
+    """Compile ``net`` in place, as ``train.compile=true`` does (parameter names, and so checkpoints, stay as they
+    are): static shapes, since every training batch has one shape; on the CPU with inductor's C++ wrapper, which
+    calls the compiled kernels from generated C++ instead of Python (a small gain per step for a longer first
+    compile; docs/dit.md)."""
+    net.compile(dynamic=False, options={"cpp_wrapper": True} if device.type == "cpu" else None)
+
+
 def lr_at(step: int, cfg) -> float:
     """Learning rate for optimizer step ``step`` (0-based): linear warm-up, then constant or cosine."""
     if cfg.warmup_steps and step < cfg.warmup_steps:
@@ -156,8 +164,8 @@ class Trainer:
         params = [p for g in groups for p in g["params"]]
         opt = adamw(groups, lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
         ema = AveragedModel(system, multi_avg_fn=ema_or_copy(tc.ema_decay), use_buffers=True)
-        if tc.compile:  # in place: parameter names (and so checkpoints) stay as they are
-            getattr(system, "net", system).compile(dynamic=False)  # every training batch has one shape
+        if tc.compile:
+            compile_for_training(getattr(system, "net", system), device)
 
         sampler = DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True,
                                      seed=tc.seed, drop_last=True)
