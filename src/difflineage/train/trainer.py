@@ -362,7 +362,8 @@ def _check_same_model(new: Config, old: Config, where: Path) -> None:
         a, b = getattr(new, section), getattr(old, section)
         if a != b:
             raise ConfigError(f"the config's {section} differs from the checkpoint's ({where}/config.yaml): "
-                              f"{a} vs {b}; resume with the checkpoint's config (omit CONFIG) or start a new run")
+                              f"{a} vs {b}; resume with the checkpoint's {section} settings (omit CONFIG and any {section}.* "
+                              "overrides) or start a new run")
     if new.data.source != old.data.source or new.data.image_size != old.data.image_size:
         raise ConfigError(f"the config's data differs from the checkpoint's ({where}/config.yaml); resume with the same data")
 
