@@ -15,9 +15,9 @@ from dataclasses import replace
 import torch
 
 from difflineage.bench import record, side_by_side
-from difflineage.config import load_config
 from difflineage.data import load_dataset
 from difflineage.eval.flops import count_flops
+from difflineage.systems import load_config
 from difflineage.train import build_system, resolve_data
 
 
@@ -31,10 +31,7 @@ def build(recipe: str, overrides=()):
     torch.manual_seed(0)
     system = build_system(cfg)
     if cfg.system == "ldm":  # cache the posterior moments as prepare() does, without a trained first stage
-        with torch.no_grad():
-            x = data.batch(range(len(data)))["image"]
-            mean, logvar = system.first_stage.encode(x)
-        system._cache = (mean.float(), logvar.float())
+        system.cache_posteriors(data, measure_scale=False)
     return cfg, system, data
 
 

@@ -21,9 +21,9 @@ import torch
 
 from difflineage import load
 from difflineage.bench import REPO, record
-from difflineage.config import load_config
 from difflineage.eval import evaluate_system
 from difflineage.eval.flops import count_flops
+from difflineage.systems import load_config
 from difflineage.train import Trainer
 
 # (name, depth, hidden, heads); the patch sizes of the study on 8x8 latents

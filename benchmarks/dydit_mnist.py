@@ -23,11 +23,11 @@ import torch
 
 import difflineage
 from difflineage.bench import record, side_by_side
-from difflineage.config import load_config
+from difflineage.checkpoint import latest_checkpoint
 from difflineage.eval import bf16_autocast, evaluate_system
 from difflineage.eval.flops import sampling_macs
+from difflineage.systems import load_config
 from difflineage.train import Trainer
-from difflineage.train.checkpoint import latest_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGES = REPO / "docs" / "images"

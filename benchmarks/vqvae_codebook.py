@@ -14,8 +14,8 @@ from pathlib import Path
 
 import difflineage
 from difflineage.bench import record
-from difflineage.config import load_config
 from difflineage.data import load_dataset
+from difflineage.systems import load_config
 from difflineage.train import Trainer
 
 VARIANTS = {"codebook loss": ["model.vq.ema=false", "model.vq.restart_after=0"],

@@ -10,11 +10,11 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).parent))
 import helpers  # noqa: E402
 
-from difflineage.config import from_dict  # noqa: E402
+from difflineage.systems import config_from_dict
 from difflineage.train import Trainer  # noqa: E402
 
 helpers.register()
-cfg = from_dict(yaml.safe_load(Path(sys.argv[1]).read_text()))
+cfg = config_from_dict(yaml.safe_load(Path(sys.argv[1]).read_text()))
 out = Path(sys.argv[2])
 trainer = Trainer(cfg, out / "run", progress=False)
 trainer.fit()

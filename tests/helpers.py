@@ -8,8 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from difflineage.config import from_dict
-from difflineage.systems import SYSTEMS, System
+from difflineage.systems import SYSTEMS, System, config_from_dict
 
 
 @dataclass
@@ -31,7 +30,7 @@ class TinyRegression(System):
                                  nn.Conv2d(config.model.hidden, c, 3, padding=1))
         self.calls = 0
 
-    def loss(self, batch):
+    def loss(self, batch, step=None):
         self.calls += 1
         x = batch["image"]
         target = torch.roll(x, shifts=1, dims=-1)
@@ -63,7 +62,7 @@ def tiny_vae_dict(**train) -> dict:
 
 
 def tiny_vae(**train):
-    return from_dict(tiny_vae_dict(**train))
+    return config_from_dict(tiny_vae_dict(**train))
 
 
 def tiny_regression_dict(**train) -> dict:

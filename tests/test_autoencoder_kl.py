@@ -5,10 +5,9 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from difflineage.config import ConfigError
+from difflineage.errors import CheckpointError, ConfigError
 from difflineage.interop import detect_layout, diffusers_to_ldm, ldm_to_diffusers, load_sd_vae, save_sd_vae
 from difflineage.models.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig
-from difflineage.train.checkpoint import CheckpointError
 
 diffusers = pytest.importorskip("diffusers")
 

@@ -1,7 +1,9 @@
 import pytest
 
-from difflineage.config import ConfigError, DataConfig, TrainConfig, from_dict, load_config
+from difflineage.config import DataConfig, TrainConfig
+from difflineage.errors import ConfigError
 from difflineage.models.vae import VAEConfig
+from difflineage.systems import config_from_dict, load_config
 
 
 def base():
@@ -9,13 +11,13 @@ def base():
 
 
 def test_builds_typed_sections():
-    cfg = from_dict(base())
+    cfg = config_from_dict(base())
     assert isinstance(cfg.model, VAEConfig) and isinstance(cfg.data, DataConfig) and isinstance(cfg.train, TrainConfig)
     assert cfg.model.channels == (8,)
 
 
 def test_overrides_are_typed_and_dotted():
-    cfg = from_dict(base(), ["model.latent_dim=2", "train.lr=1e-3", "train.bf16=true", "train.betas=[0.5, 0.9]"])
+    cfg = config_from_dict(base(), ["model.latent_dim=2", "train.lr=1e-3", "train.bf16=true", "train.betas=[0.5, 0.9]"])
     assert cfg.model.latent_dim == 2
     assert cfg.train.lr == pytest.approx(1e-3) and isinstance(cfg.train.lr, float)
     assert cfg.train.bf16 is True and cfg.train.betas == (0.5, 0.9)
@@ -23,49 +25,49 @@ def test_overrides_are_typed_and_dotted():
 
 def test_unknown_key_lists_valid_keys_and_suggests():
     with pytest.raises(ConfigError) as err:
-        from_dict(base(), ["model.latent_dims=2"])
+        config_from_dict(base(), ["model.latent_dims=2"])
     msg = str(err.value)
     assert "model.latent_dims" in msg and "did you mean 'model.latent_dim'" in msg and "model.hidden" in msg
 
 
 def test_unknown_section_and_system():
     with pytest.raises(ConfigError, match="unknown section 'trian'"):
-        from_dict({**base(), "trian": {}})
+        config_from_dict({**base(), "trian": {}})
     with pytest.raises(ConfigError, match="unknown system 'vea'.*valid: .*vae"):
-        from_dict({**base(), "system": "vea"})
+        config_from_dict({**base(), "system": "vea"})
 
 
 def test_wrong_type_is_refused():
     with pytest.raises(ConfigError, match=r"train.steps='many' must be a whole number"):
-        from_dict(base(), ["train.steps=many"])
+        config_from_dict(base(), ["train.steps=many"])
     with pytest.raises(ConfigError, match="train.bf16=1 must be true or false"):
-        from_dict(base(), ["train.bf16=1"])
+        config_from_dict(base(), ["train.bf16=1"])
 
 
 def test_literal_lists_choices():
     with pytest.raises(ConfigError, match="model.likelihood='gauss' is not one of the choices: bernoulli, discretized_gaussian"):
-        from_dict(base(), ["model.likelihood=gauss"])
+        config_from_dict(base(), ["model.likelihood=gauss"])
 
 
 def test_impossible_values_are_refused():
     with pytest.raises(ConfigError, match="train.ema_decay=1.5 must lie in"):
-        from_dict(base(), ["train.ema_decay=1.5"])
+        config_from_dict(base(), ["train.ema_decay=1.5"])
     with pytest.raises(ConfigError, match="train.steps=0 must be at least 1"):
-        from_dict(base(), ["train.steps=0"])
+        config_from_dict(base(), ["train.steps=0"])
     with pytest.raises(ConfigError, match="data.source='imagenet' is not a known source"):
-        from_dict(base(), ["data.source=imagenet"])
+        config_from_dict(base(), ["data.source=imagenet"])
 
 
 def test_malformed_override():
     with pytest.raises(ConfigError, match="must look like section.key=value"):
-        from_dict(base(), ["train.steps"])
+        config_from_dict(base(), ["train.steps"])
 
 
 def test_yaml_round_trip_and_recipe_by_name():
     cfg = load_config("vae-mnist")
     import yaml
 
-    again = from_dict(yaml.safe_load(cfg.to_yaml()))
+    again = config_from_dict(yaml.safe_load(cfg.to_yaml()))
     assert again == cfg
     with pytest.raises(ConfigError, match="no config file 'nope' and no recipe of that name; recipes: .*vae-mnist"):
         load_config("nope")

@@ -7,7 +7,8 @@ import torch
 from PIL import Image
 
 from difflineage.config import DataConfig
-from difflineage.data import DataError, load_dataset
+from difflineage.data import load_dataset
+from difflineage.errors import DataError
 
 
 def test_mnist5k_fixed_split_from_the_installed_package():

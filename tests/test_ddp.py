@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import state_equal, tiny_regression_dict, tiny_vae_dict
 from safetensors.torch import load_file
 
-from difflineage.config import from_dict
+from difflineage.systems import config_from_dict
 from difflineage.train import Trainer, load_checkpoint
-from helpers import state_equal, tiny_regression_dict, tiny_vae_dict
 
 WORKER = Path(__file__).parent / "ddp_worker.py"
 
@@ -33,11 +33,11 @@ def test_two_processes_match_one_process_on_the_same_global_batches(tmp_path):
     r0, r1 = load_file(str(tmp_path / "ddp" / "rank0.safetensors")), load_file(str(tmp_path / "ddp" / "rank1.safetensors"))
     assert state_equal(r0, r1) == []  # DDP keeps the ranks bit-identical
 
-    single = Trainer(from_dict(cfg), tmp_path / "single", progress=False)
+    single = Trainer(config_from_dict(cfg), tmp_path / "single", progress=False)
     single.fit()
     ref = {k: v for k, v in single.system.state_dict().items()}
     assert state_equal(ref, r0, atol=1e-6) == []
-    initial = Trainer(from_dict(cfg, ["train.steps=1"]), tmp_path / "one", progress=False)
+    initial = Trainer(config_from_dict(cfg, ["train.steps=1"]), tmp_path / "one", progress=False)
     initial.fit()
     assert state_equal(initial.system.state_dict(), r0, atol=1e-3) != []  # the comparison can fail: weights moved
 

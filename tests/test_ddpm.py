@@ -1,13 +1,14 @@
 import pytest
 import torch
+from helpers import tiny_ddpm_dict
 
 import difflineage
-from difflineage.config import ConfigError, from_dict
 from difflineage.config import DataConfig
 from difflineage.data import load_dataset
+from difflineage.errors import ConfigError
 from difflineage.models.unet import UNet, UNetConfig
+from difflineage.systems import config_from_dict
 from difflineage.train import Trainer, build_system
-from helpers import tiny_ddpm_dict
 
 
 def wake(system):
@@ -25,7 +26,7 @@ def resolved(condition="class", **model):
     d = tiny_ddpm_dict(condition)
     d["data"]["num_classes"] = 10
     d["model"].update(model)
-    return from_dict(d)
+    return config_from_dict(d)
 
 
 @pytest.mark.parametrize("condition", ["none", "class", "caption"])
@@ -108,7 +109,7 @@ def test_bits_per_dim_bound_on_heldout_images():
 def test_train_checkpoint_and_sample_learned_variance(tmp_path):
     d = tiny_ddpm_dict()
     d["model"]["diffusion"]["variance"] = "learned_range"
-    Trainer(from_dict(d), tmp_path, progress=False).fit()
+    Trainer(config_from_dict(d), tmp_path, progress=False).fit()
     system = difflineage.load(tmp_path)
     assert system.unet.conv_out.out_channels == 2  # eps and the variance interpolation
     x = system.sample(3, generator=torch.Generator().manual_seed(1), steps=4, sampler="ddpm")

@@ -4,6 +4,7 @@ import os
 import pytest
 import torch
 
+from difflineage.errors import CheckpointError
 from difflineage.interop.dit import (
     diffusers_dit_config,
     diffusers_to_dit,
@@ -14,7 +15,6 @@ from difflineage.interop.dit import (
     save_official_dit,
 )
 from difflineage.models.dit import DiT, DiTConfig
-from difflineage.train.checkpoint import CheckpointError
 
 SMALL = dict(depth=2, hidden=32, heads=2, patch=2, learn_sigma=True)
 
@@ -171,7 +171,7 @@ def test_diffusers_weights_give_the_papers_dit_and_back(tmp_path):
     assert (unpatched - expected).abs().max() > 1e-3  # diffusers' own timestep frequencies differ from DiT's
 
     ours = DiT(DiTConfig(**SMALL), in_channels=4, input_size=8, num_classes=10).eval()
-    from difflineage.train.checkpoint import load_state_dict_strict
+    from difflineage.weights import load_state_dict_strict
     load_state_dict_strict(ours, diffusers_to_dit(theirs.state_dict(), sample_size=8), "diffusers")
     with torch.no_grad():
         torch.testing.assert_close(ours(x, t, y), expected, rtol=0, atol=1e-5)

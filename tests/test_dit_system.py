@@ -1,11 +1,12 @@
 import pytest
 import torch
+from helpers import tiny_autoencoder_dict
 
 import difflineage
-from difflineage.config import ConfigError, from_dict
 from difflineage.data import load_dataset
+from difflineage.errors import ConfigError
+from difflineage.systems import config_from_dict
 from difflineage.train import Trainer
-from helpers import tiny_autoencoder_dict
 
 
 def tiny_dit_dict(first_stage: str = "", **train) -> dict:
@@ -23,7 +24,7 @@ def tiny_dit_dict(first_stage: str = "", **train) -> dict:
 def test_pixel_dit_trains_lowers_the_loss_and_samples(tmp_path):
     import json
 
-    Trainer(from_dict(tiny_dit_dict()), tmp_path, progress=False).fit()
+    Trainer(config_from_dict(tiny_dit_dict()), tmp_path, progress=False).fit()
     log = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     first, last = sum(r["mse"] for r in log[:5]) / 5, sum(r["mse"] for r in log[-5:]) / 5
     assert last < 0.8 * first
@@ -35,8 +36,8 @@ def test_pixel_dit_trains_lowers_the_loss_and_samples(tmp_path):
 
 
 def test_latent_dit_over_a_first_stage(tmp_path):
-    Trainer(from_dict(tiny_autoencoder_dict()), tmp_path / "ae", progress=False).fit()
-    Trainer(from_dict(tiny_dit_dict(str(tmp_path / "ae"), steps=2)), tmp_path / "dit", progress=False).fit()
+    Trainer(config_from_dict(tiny_autoencoder_dict()), tmp_path / "ae", progress=False).fit()
+    Trainer(config_from_dict(tiny_dit_dict(str(tmp_path / "ae"), steps=2)), tmp_path / "dit", progress=False).fit()
     system = difflineage.load(tmp_path / "dit")
     assert system.latent and (system.channels, system.side) == (2, 4)
     assert system.sample(2, condition=1, generator=torch.Generator().manual_seed(0)).shape == (2, 1, 8, 8)
@@ -50,7 +51,7 @@ def test_official_guidance_touches_only_the_first_channels():
     d["model"]["guidance_channels"] = 1
     from difflineage.train import build_system
 
-    system = build_system(from_dict(d))
+    system = build_system(config_from_dict(d))
 
     def net(x, t, labels):  # a fake network whose output is its label, on every channel
         return torch.ones(len(x), 6, 8, 8) * labels.float().view(-1, 1, 1, 1)
@@ -65,7 +66,7 @@ def test_dit_system_needs_a_condition():
     d = tiny_dit_dict()
     d["model"]["condition"] = "none"
     with pytest.raises(ConfigError, match="class or a caption"):
-        from_dict(d)
+        config_from_dict(d)
 
 
 def _caption_dit(block: str):
@@ -75,7 +76,7 @@ def _caption_dit(block: str):
     d["data"]["num_classes"] = 10
     d["model"].update(condition="caption", text={"width": 16, "depth": 1, "heads": 2, "max_length": 32})
     d["model"]["dit"]["block"] = block
-    system = build_system(from_dict(d)).eval()
+    system = build_system(config_from_dict(d)).eval()
     with torch.no_grad():  # wake the zero-initialised output layers so the condition shows
         for p in system.dit.parameters():
             p.add_(torch.randn_like(p) * 0.05)
@@ -120,7 +121,7 @@ def test_bf16_sampling_stays_close_to_fp32(tmp_path, capsys):
     with bf16_autocast("cpu"):
         fast = system.sample(4, condition=2, generator=g()).float()
     assert fast.dtype == torch.float32 and 0 < (fast - exact).abs().max() < 0.1
-    Trainer(from_dict(tiny_dit_dict(steps=2)), tmp_path, progress=False).fit()
+    Trainer(config_from_dict(tiny_dit_dict(steps=2)), tmp_path, progress=False).fit()
     assert main(["evaluate", str(tmp_path), "--n", "20", "--bf16", "--bpd-images", "0", "--no-progress",
                  "--features", "mnist", "--out", str(tmp_path / "m.json")]) == 0
     assert '"sampled_in": "bf16 autocast"' in (tmp_path / "m.json").read_text()

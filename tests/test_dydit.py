@@ -2,15 +2,15 @@ import json
 
 import pytest
 import torch
+from test_dit_system import tiny_dit_dict
 
 import difflineage
-from difflineage.config import ConfigError, from_dict
+from difflineage.errors import CheckpointError, ConfigError
 from difflineage.eval.flops import count_flops
 from difflineage.models.dit import DiT, DiTConfig
 from difflineage.models.dydit import DyDiT, DyDiTConfig, route
+from difflineage.systems import config_from_dict
 from difflineage.train import Trainer
-from difflineage.train.checkpoint import CheckpointError
-from test_dit_system import tiny_dit_dict
 
 
 def random_dydit(tokens: bool = True, width: bool = True, std: float = 0.05, seed: int = 0) -> DyDiT:
@@ -151,8 +151,8 @@ def tuned_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("dydit")
     d = tiny_dit_dict(steps=10)
     d["model"]["dit"].update(hidden=64, heads=4)
-    Trainer(from_dict(d), root / "dit", progress=False).fit()
-    Trainer(from_dict(tiny_dydit_dict(str(root / "dit"))), root / "dydit", progress=False).fit()
+    Trainer(config_from_dict(d), root / "dit", progress=False).fit()
+    Trainer(config_from_dict(tiny_dydit_dict(str(root / "dit"))), root / "dydit", progress=False).fit()
     return root / "dydit"
 
 
@@ -189,11 +189,11 @@ def test_info_and_sample_commands_serve_dydit(tuned_run, tmp_path, capsys):
 
 def test_dydit_config_errors_name_the_fix(tmp_path):
     with pytest.raises(ConfigError, match="model.base"):
-        Trainer(from_dict(tiny_dydit_dict("")), tmp_path / "a", progress=False).fit()
+        Trainer(config_from_dict(tiny_dydit_dict("")), tmp_path / "a", progress=False).fit()
     with pytest.raises(ConfigError, match="no such checkpoint"):
-        Trainer(from_dict(tiny_dydit_dict(str(tmp_path / "missing"))), tmp_path / "b", progress=False).fit()
+        Trainer(config_from_dict(tiny_dydit_dict(str(tmp_path / "missing"))), tmp_path / "b", progress=False).fit()
     with pytest.raises(ConfigError, match="target"):
-        from_dict(tiny_dydit_dict("x", target=1.5))
+        config_from_dict(tiny_dydit_dict("x", target=1.5))
     with pytest.raises(ConfigError, match="adaLN-Zero"):
         DyDiT(DiTConfig(depth=1, hidden=32, heads=2, block="adaln"), 4, 8, 10)
 
@@ -214,7 +214,7 @@ def test_fine_tuning_starts_from_an_official_dit_file(tmp_path):
     save_official_dit(dit, tmp_path / "DiT-tiny.pt")
     d = tiny_dydit_dict(str(tmp_path / "DiT-tiny.pt"))
     d["model"]["dit"] = {"heads": 4}  # no tensor records the heads of a custom-size DiT
-    config = from_dict(d)
+    config = config_from_dict(d)
     data = load_dataset(config.data, "train")
     config = SYSTEMS["dydit"].resolve_config(resolve_data(config, data))
     m = config.model
@@ -226,7 +226,7 @@ def test_fine_tuning_starts_from_an_official_dit_file(tmp_path):
         assert torch.allclose(system.dit.eval()(x, t, y, mode="full"), dit(x, t, y), atol=1e-5)
         assert not torch.equal(system.dit.blocks[0].mlp.fc1.weight, dit.blocks[0].mlp.fc1.weight)  # reordered
     d["train"]["steps"] = 2
-    Trainer(from_dict(d), tmp_path / "dydit", progress=False).fit()  # and it trains from there
+    Trainer(config_from_dict(d), tmp_path / "dydit", progress=False).fit()  # and it trains from there
     assert difflineage.load(tmp_path / "dydit").config.model.dit.hidden == 64
 
 
@@ -240,7 +240,7 @@ def test_an_official_file_of_a_paper_size_gets_the_papers_heads(tmp_path):
     save_official_dit(state, tmp_path / "DiT-S-8.pt")
     d = tiny_dydit_dict(str(tmp_path / "DiT-S-8.pt"))  # the recipe leaves model.dit at its defaults (4 heads)
     d["data"]["image_size"] = 32
-    config = from_dict(d)
+    config = config_from_dict(d)
     from difflineage.data import load_dataset
     from difflineage.train.trainer import resolve_data
 

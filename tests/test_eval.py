@@ -85,14 +85,14 @@ def test_flop_counter_counts_attention_on_the_cpu():
 
 
 def test_generate_is_deterministic_and_balances_classes():
-    from difflineage.systems import VAESystem
     from helpers import tiny_vae_dict
-    from difflineage.config import from_dict
+
+    from difflineage.systems import VAESystem, config_from_dict
 
     d = tiny_vae_dict()
     d["data"]["num_classes"] = 10
     d["model"]["conditional"] = True
-    vae = VAESystem(from_dict(d)).eval()
+    vae = VAESystem(config_from_dict(d)).eval()
     a, la = generate(vae, 23, batch_size=5, seed=3, progress=False)
     b, lb = generate(vae, 23, batch_size=5, seed=3, progress=False)
     assert a.dtype == torch.uint8 and a.shape == (23, 1, 8, 8) and torch.equal(a, b)

@@ -1,19 +1,20 @@
 import pytest
 import torch
 import yaml
+from helpers import tiny_autoencoder_dict, tiny_ddpm_dict
 
 import difflineage
-from difflineage.config import ConfigError, from_dict
 from difflineage.config import DataConfig
 from difflineage.data import load_dataset
+from difflineage.errors import ConfigError
+from difflineage.systems import config_from_dict
 from difflineage.train import CheckpointError, Trainer
-from helpers import tiny_autoencoder_dict, tiny_ddpm_dict
 
 
 @pytest.fixture(scope="module")
 def first_stage(tmp_path_factory):
     run = tmp_path_factory.mktemp("ae")
-    Trainer(from_dict(tiny_autoencoder_dict()), run, progress=False).fit()
+    Trainer(config_from_dict(tiny_autoencoder_dict()), run, progress=False).fit()
     return run
 
 
@@ -35,7 +36,7 @@ def test_autoencoder_system_trains_and_reports_reconstruction(first_stage):
 
 
 def test_ldm_trains_in_latent_space_and_carries_its_first_stage(first_stage, tmp_path):
-    trainer = Trainer(from_dict(ldm_dict(first_stage)), tmp_path, progress=False)
+    trainer = Trainer(config_from_dict(ldm_dict(first_stage)), tmp_path, progress=False)
     trainer.fit()
     saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
     assert saved["model"]["autoencoder"]["latent_channels"] == 2  # the architecture was read from the first stage
@@ -53,11 +54,11 @@ def test_ldm_trains_in_latent_space_and_carries_its_first_stage(first_stage, tmp
 
 
 def test_latent_cache_holds_the_encoders_posterior(first_stage, tmp_path):
-    trainer = Trainer(from_dict(ldm_dict(first_stage, steps=1)), tmp_path, progress=False)
+    trainer = Trainer(config_from_dict(ldm_dict(first_stage, steps=1)), tmp_path, progress=False)
     trainer.fit()
     data = load_dataset(DataConfig(source="digits", image_size=8), "train")
     mean, logvar = trainer.system.first_stage.encode(data.batch(range(5))["image"])
-    assert torch.allclose(trainer.system._cache[0][:5], mean, atol=1e-5)
+    assert torch.allclose(trainer.system._cache.compute()[0][:5], mean, atol=1e-5)
 
 
 def test_ldm_over_a_stable_diffusion_vae_file(tmp_path):
@@ -68,28 +69,28 @@ def test_ldm_over_a_stable_diffusion_vae_file(tmp_path):
     path = save_sd_vae(vae, tmp_path / "vae.safetensors", layout="diffusers")
     d = ldm_dict(f"sd-vae:{path}", steps=1)
     d["model"]["sd_vae_norm_groups"] = 4
-    Trainer(from_dict(d), tmp_path / "run", progress=False).fit()
+    Trainer(config_from_dict(d), tmp_path / "run", progress=False).fit()
     system = difflineage.load(tmp_path / "run")
     assert system.channels == 3 and torch.equal(system.first_stage.encoder.conv_in.weight, vae.encoder.conv_in.weight)
 
 
 def test_first_stage_errors(tmp_path):
     with pytest.raises(ConfigError, match="model.first_stage is empty"):
-        Trainer(from_dict(ldm_dict("")), tmp_path / "a", progress=False).fit()
+        Trainer(config_from_dict(ldm_dict("")), tmp_path / "a", progress=False).fit()
     vae_run = tmp_path / "vae"
     from helpers import tiny_vae
 
     Trainer(tiny_vae(steps=1), vae_run, progress=False).fit()
     with pytest.raises(ConfigError, match="is a vae checkpoint; it must be an autoencoder_kl"):
-        Trainer(from_dict(ldm_dict(vae_run)), tmp_path / "b", progress=False).fit()
+        Trainer(config_from_dict(ldm_dict(vae_run)), tmp_path / "b", progress=False).fit()
     with pytest.raises(CheckpointError, match="no Stable Diffusion VAE file"):
-        Trainer(from_dict(ldm_dict("sd-vae:/nonexistent.safetensors")), tmp_path / "c", progress=False).fit()
+        Trainer(config_from_dict(ldm_dict("sd-vae:/nonexistent.safetensors")), tmp_path / "c", progress=False).fit()
 
 
 def test_latent_sampler_does_not_clip_to_the_pixel_range(first_stage, tmp_path):
     """Scaled latents have unit variance; clipping the x_0 estimate to [-1, 1], right for pixels, would cut
     them (and gave broken strokes). With a network that predicts no noise, x_0 = x_t / sqrt(abar) is large."""
-    Trainer(from_dict(ldm_dict(first_stage, steps=1)), tmp_path, progress=False).fit()
+    Trainer(config_from_dict(ldm_dict(first_stage, steps=1)), tmp_path, progress=False).fit()
     system = difflineage.load(tmp_path)
     system.to_images = lambda z: z  # look at the latents themselves
     z = system.sample(4, condition=1, generator=torch.Generator().manual_seed(0), guidance=1.0)
@@ -99,6 +100,6 @@ def test_latent_sampler_does_not_clip_to_the_pixel_range(first_stage, tmp_path):
 def test_ldm_resumes_from_its_config(first_stage, tmp_path):
     """The config names only the first stage; the checkpoint's has the architecture filled in. Resuming
     with the config (as a re-run quickstart does) must see them as the same model."""
-    Trainer(from_dict(ldm_dict(first_stage, steps=2)), tmp_path, progress=False).fit()
-    result = Trainer(from_dict(ldm_dict(first_stage, steps=3)), tmp_path, resume=True, progress=False).fit()
+    Trainer(config_from_dict(ldm_dict(first_stage, steps=2)), tmp_path, progress=False).fit()
+    result = Trainer(config_from_dict(ldm_dict(first_stage, steps=3)), tmp_path, resume=True, progress=False).fit()
     assert result.step == 3 and result.status == "finished"

@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
-from difflineage.config import ConfigError, from_dict
-from difflineage.train import Trainer, TrainingDiverged, load_checkpoint, lr_at
 from helpers import state_equal, tiny_regression_dict, tiny_vae, tiny_vae_dict
+
+from difflineage.errors import ConfigError
+from difflineage.systems import config_from_dict
+from difflineage.train import Trainer, TrainingDiverged, load_checkpoint, lr_at
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,7 +62,7 @@ def test_signal_saves_a_checkpoint_and_resume_is_exact(tmp_path):
     assert "Continue with: difflineage train --resume" in out
 
     total = stopped_at + 20
-    cfg = from_dict(d, [f"train.steps={total}"])
+    cfg = config_from_dict(d, [f"train.steps={total}"])
     resumed = Trainer(cfg, run, resume=True, progress=False)
     resumed.fit()
     straight = Trainer(cfg, tmp_path / "straight", progress=False)
@@ -70,7 +71,7 @@ def test_signal_saves_a_checkpoint_and_resume_is_exact(tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
-    cfg = from_dict(tiny_regression_dict(steps=10, checkpoint_every=2), ["model.nan_at_call=6"])
+    cfg = config_from_dict(tiny_regression_dict(steps=10, checkpoint_every=2), ["model.nan_at_call=6"])
     with pytest.raises(TrainingDiverged) as err:
         Trainer(cfg, tmp_path, progress=False).fit()
     msg = str(err.value)
@@ -90,7 +91,7 @@ def test_cli_reports_divergence_with_status_1(tmp_path):
 
 def test_resume_refuses_a_different_model(tmp_path):
     Trainer(tiny_vae(steps=2), tmp_path, progress=False).fit()
-    other = from_dict(tiny_vae_dict(steps=4), ["model.latent_dim=5"])
+    other = config_from_dict(tiny_vae_dict(steps=4), ["model.latent_dim=5"])
     with pytest.raises(ConfigError, match="model differs from the checkpoint's"):
         Trainer(other, tmp_path, resume=True, progress=False).fit()
 

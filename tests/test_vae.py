@@ -2,11 +2,10 @@ import math
 
 import pytest
 import torch
-
-from difflineage.config import from_dict
-from difflineage.nn.distributions import discretized_gaussian_log_likelihood, gaussian_kl_standard
-from difflineage.systems import VAESystem
 from helpers import tiny_vae, tiny_vae_dict
+
+from difflineage.nn.distributions import discretized_gaussian_log_likelihood, gaussian_kl_standard
+from difflineage.systems import VAESystem, config_from_dict
 
 
 def test_elbo_matches_a_hand_computation():
@@ -63,7 +62,7 @@ def _resolved(**model):
     d = tiny_vae_dict()
     d["data"]["num_classes"] = 10
     d["model"].update(model)
-    return from_dict(d)
+    return config_from_dict(d)
 
 
 def test_sampling_shapes_range_and_conditioning():

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 import difflineage
-from difflineage.config import ConfigError, load_config
 from difflineage.data import load_dataset
+from difflineage.errors import ConfigError
+from difflineage.systems import load_config
 from difflineage.train import Trainer
 
 TINY = ["data.source=digits", "data.image_size=8", "train.batch_size=32", "train.log_every=1", "train.sample_every=0",

@@ -1,28 +1,14 @@
 """difflineage: the lineage of image generators (VAE, VQ-VAE, VQ-VAE-2, DALL-E, DDPM, latent diffusion,
-DiT, DyDiT) on one trainer, one checkpoint format and one command."""
+DiT, DyDiT) on one trainer, one checkpoint format and one command.
+
+``difflineage.load(path)`` rebuilds a trained system from a checkpoint; ``difflineage.load_config(name)`` reads a
+recipe. The layers, and which may import which: docs/architecture.md.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
+from difflineage.systems.registry import load, load_config
 
 __version__ = "0.1.0"
 
-
-def load(path: str | Path, use_ema: bool = True, device: str = "cpu"):
-    """Rebuild a trained system from a checkpoint (or a run directory's latest one), ready to sample.
-
-    ``use_ema`` picks the EMA weights (what the papers sample from); False gives the raw weights.
-    Nothing pickled is read: weights come from safetensors, the config from YAML.
-    """
-    from difflineage.train.checkpoint import load_checkpoint, load_state_dict_strict
-    from difflineage.train.trainer import build_system
-
-    ckpt = load_checkpoint(path, map_location="cpu", training_state=False)
-    system = build_system(ckpt.config)
-    weights, name = (ckpt.ema, "ema.safetensors") if use_ema and ckpt.ema is not None else (ckpt.model, "model.safetensors")
-    load_state_dict_strict(system, weights, f"{ckpt.path}/{name}")
-    system.checkpoint_path = ckpt.path
-    return system.to(device).eval()
-
-
-__all__ = ["load", "__version__"]
+__all__ = ["load", "load_config", "__version__"]

@@ -36,9 +36,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    from difflineage.config import ConfigError
-    from difflineage.data import DataError
-    from difflineage.train import CheckpointError, TrainingDiverged
+    from difflineage.errors import CheckpointError, ConfigError, DataError, TrainingDiverged
 
     try:
         return args.func(args) or 0
@@ -187,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args) -> int:
-    from difflineage.config import load_config
+    from difflineage.checkpoint import resolve_checkpoint
+    from difflineage.systems import load_config
     from difflineage.train import Trainer
 
     if args.config is None and not args.resume:
@@ -200,8 +199,6 @@ def cmd_train(args) -> int:
         run_dir = Path("runs") / Path(args.config).stem
     resume = args.resume
     if config is None and args.overrides:  # continue with changed settings: the checkpoint's config, overridden
-        from difflineage.train.checkpoint import resolve_checkpoint
-
         config = load_config(resolve_checkpoint(run_dir if resume is True else resume) / "config.yaml", args.overrides)
     result = Trainer(config, run_dir, resume=resume, stop_at=args.stop_at, progress=not args.no_progress).fit()
     if _is_main_process():
@@ -210,11 +207,10 @@ def cmd_train(args) -> int:
 
 
 def cmd_quickstart(args) -> int:
-    from difflineage import load
-    from difflineage.config import load_config
+    from difflineage.checkpoint import latest_checkpoint
     from difflineage.eval import evaluate_system
+    from difflineage.systems import load, load_config
     from difflineage.train import Trainer
-    from difflineage.train.checkpoint import latest_checkpoint
 
     run_dir = args.out or Path("runs") / f"quickstart-{args.system}"
     earlier: dict[str, str] = {}  # sub-directory -> checkpoint of the stages trained so far
@@ -243,7 +239,7 @@ def cmd_quickstart(args) -> int:
     system = load(result.checkpoint)
     pictures = system.pictures(_heldout(system), run_dir)
     metrics = evaluate_system(system, n=args.eval_n, k=args.eval_k, bpd_images=20, progress=not args.no_progress,
-                              out=run_dir / "metrics.json")
+                              out=run_dir / "metrics.json", checkpoint=result.checkpoint)
     print(f"\nquickstart ({args.system}) finished: {result.step} steps in {run_dir}/")
     lines = {"samples": result.samples, **pictures, "loss curve": run_dir / "loss.png",
              "metrics": run_dir / "metrics.json", "checkpoint": result.checkpoint}
@@ -258,9 +254,9 @@ def cmd_sample(args) -> int:
     import numpy as np
     import torch
 
-    from difflineage import load
     from difflineage.eval import bf16_autocast
     from difflineage.images import save_grid, to_uint8
+    from difflineage.systems import load
 
     system = load(args.checkpoint, use_ema=not args.no_ema, device=args.device)
     options = sampling_options(args)
@@ -297,8 +293,9 @@ def cmd_sample(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from difflineage import load
+    from difflineage.checkpoint import resolve_checkpoint
     from difflineage.eval import evaluate_system
+    from difflineage.systems import load
     from difflineage.train.distributed import cleanup, init_distributed
 
     if args.n < 0:
@@ -307,15 +304,16 @@ def cmd_evaluate(args) -> int:
     info = init_distributed(args.device)
     try:
         device = str(info.device) if info.enabled else args.device
-        system = load(args.checkpoint, use_ema=not args.no_ema, device=device)
-        out = args.out or Path(system.checkpoint_path) / "metrics.json"
+        path = resolve_checkpoint(args.checkpoint)
+        system = load(path, use_ema=not args.no_ema, device=device)
+        out = args.out or path / "metrics.json"
         options = sampling_options(args)
         try:
             metrics = evaluate_system(system, split=args.split, n=args.n, features=args.features,
                                       inception_weights=args.inception_weights, seed=args.seed,
                                       progress=not args.no_progress, out=out, npz=args.npz, batch_size=args.batch_size,
                                       sample_options=options, k=args.k, bpd_images=args.bpd_images,
-                                      bpd_steps=args.bpd_steps, bf16=args.bf16, clip=args.clip)
+                                      bpd_steps=args.bpd_steps, bf16=args.bf16, clip=args.clip, checkpoint=path)
         except (FileNotFoundError, ValueError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
@@ -357,7 +355,8 @@ def format_metrics(m: dict) -> str:
 
 
 def cmd_convert(args) -> int:
-    from difflineage.interop.dit import read_any_dit, save_as_checkpoint, save_diffusers_dit, save_official_dit
+    from difflineage.convert import read_any_dit, save_as_checkpoint
+    from difflineage.interop.dit import save_diffusers_dit, save_official_dit
 
     model, layout = read_any_dit(args.source, heads=args.heads)
     try:
@@ -379,19 +378,20 @@ def cmd_convert(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from difflineage import load
-    from difflineage.train.checkpoint import resolve_checkpoint
+    from difflineage.checkpoint import resolve_checkpoint
+    from difflineage.eval.flops import count_flops
+    from difflineage.systems import load
+    from difflineage.systems.base import DynamicCompute
 
     path = resolve_checkpoint(args.checkpoint)
     system = load(path)
     step = _checkpoint_step(path)
-    from difflineage.eval.flops import count_flops
 
     n_params = sum(p.numel() for p in system.parameters())
     flops = {name: count_flops(fn).as_dict() for name, fn in system.forward_passes().items()}
     info = {"checkpoint": str(path), "system": system.config.system, "steps_trained": step,
             "parameters": n_params, "forward_passes": flops, "config": system.config.to_dict()}
-    if hasattr(getattr(system, "net", None), "flops_ratio"):  # a dynamic network (DyDiT): per timestep
+    if isinstance(system, DynamicCompute):  # arithmetic that changes with the timestep (DyDiT): per step
         info["sampling_flops"] = _dynamic_flops(system)
     if args.json:
         print(json.dumps(info, indent=2))
@@ -419,9 +419,10 @@ def _dynamic_flops(system, images: int = 4) -> dict:
     from difflineage.eval.flops import sampling_macs
 
     dc = system.config.model.diffusion
-    counts = {mode: sampling_macs(system, images, mode=mode) for mode in ("fast", "full")}
-    full = sum(m for _, m in counts["full"]) / len(counts["full"])
-    per_step = [{"t": t, "macs": int(m), "ratio": round(m / full, 4)} for t, m in counts["fast"]]
+    dynamic, complete = system.compute_modes
+    counts = {mode: sampling_macs(system, images, mode=mode) for mode in system.compute_modes}
+    full = sum(m for _, m in counts[complete]) / len(counts[complete])
+    per_step = [{"t": t, "macs": int(m), "ratio": round(m / full, 4)} for t, m in counts[dynamic]]
     mean = sum(r["macs"] for r in per_step) / len(per_step)
     return {"images": images, "sampler": f"{dc.sampler} {dc.sample_steps} steps", "guidance": dc.guidance,
             "per_step": per_step, "mean_macs": int(mean), "full_macs": int(full), "ratio": round(mean / full, 4)}

@@ -20,15 +20,16 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Callable, Literal, Optional, Union
 
 import yaml
 
+from difflineage.errors import ConfigError
+
 CONFIG_DIR = Path(__file__).parent / "configs"
 
-
-class ConfigError(ValueError):
-    """A config file or override that cannot describe a run."""
+# system name -> the system's model dataclass; the registry of systems (``systems.registry``) passes its own
+ModelConfigOf = Callable[[str], type]
 
 
 # --------------------------------------------------------------------------------------------
@@ -161,30 +162,23 @@ class Config:
 # --------------------------------------------------------------------------------------------
 
 
-def model_config_class(system: str) -> type:
-    """The model dataclass of a system (``vae`` -> ``VAEConfig``)."""
-    from difflineage.systems import SYSTEMS  # late import: systems import this module
-
-    if system not in SYSTEMS:
-        raise ConfigError(_unknown("system", system, sorted(SYSTEMS)))
-    return SYSTEMS[system].ModelConfig
-
-
-def from_dict(raw: dict, overrides: Optional[list[str]] = None) -> Config:
-    """Build a checked :class:`Config` from a plain dict (a parsed YAML file) and overrides."""
+def from_dict(raw: dict, model_config: ModelConfigOf, overrides: Optional[list[str]] = None) -> Config:
+    """Build a checked :class:`Config` from a plain dict (a parsed YAML file) and overrides; ``model_config``
+    gives the model dataclass of the named system (this module knows no systems: ``systems.config_from_dict``
+    passes the registry's)."""
     if not isinstance(raw, dict):
         raise ConfigError(f"a config must be a mapping of sections, got {type(raw).__name__}")
     raw = _deep_copy(raw)
     for item in overrides or []:
         _apply_override(raw, item)
-    unknown = set(raw) - {"system", "data", "model", "train"}
-    if unknown:
-        key = sorted(unknown)[0]
-        raise ConfigError(_unknown("section", key, ["system", "data", "model", "train"]))
+    extra = set(raw) - {"system", "data", "model", "train"}
+    if extra:
+        key = sorted(extra)[0]
+        raise ConfigError(unknown("section", key, ["system", "data", "model", "train"]))
     if "system" not in raw:
         raise ConfigError("the config names no system; add e.g. 'system: vae'")
     system = raw["system"]
-    model_cls = model_config_class(str(system))
+    model_cls = model_config(str(system))
     return Config(
         system=str(system),
         model=build(model_cls, raw.get("model") or {}, "model"),
@@ -193,15 +187,17 @@ def from_dict(raw: dict, overrides: Optional[list[str]] = None) -> Config:
     )
 
 
-def load_config(path_or_name: Union[str, Path], overrides: Optional[list[str]] = None) -> Config:
-    """Read a config from a YAML file, or by recipe name from ``configs/`` (``vae-mnist``)."""
+def read_config(path_or_name: Union[str, Path], model_config: ModelConfigOf,
+                overrides: Optional[list[str]] = None) -> Config:
+    """Read a config from a YAML file, or by recipe name from ``configs/`` (``vae-mnist``); ``model_config`` as
+    in :func:`from_dict` (``systems.load_config`` passes the registry's)."""
     path = resolve_config_path(path_or_name)
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
     try:
-        return from_dict(raw, overrides)
+        return from_dict(raw, model_config, overrides)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
 
@@ -226,7 +222,7 @@ def build(cls: type, values: dict, prefix: str):
     kwargs = {}
     for key, value in values.items():
         if key not in names:
-            raise ConfigError(_unknown(f"key in {prefix}", f"{prefix}.{key}", [f"{prefix}.{n}" for n in names]))
+            raise ConfigError(unknown(f"key in {prefix}", f"{prefix}.{key}", [f"{prefix}.{n}" for n in names]))
         kwargs[key] = coerce(value, hints[key], f"{prefix}.{key}")
     obj = cls(**kwargs)
     if hasattr(obj, "check"):
@@ -308,7 +304,8 @@ def _apply_override(raw: dict, item: str) -> None:
     node[keys[-1]] = value
 
 
-def _unknown(what: str, value: str, valid: list[str]) -> str:
+def unknown(what: str, value: str, valid: list[str]) -> str:
+    """'unknown WHAT VALUE (did you mean ...?); valid: ...': the message for a name that is not one of ``valid``."""
     close = difflib.get_close_matches(str(value), valid, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     return f"unknown {what} {value!r}{hint}; valid: {', '.join(valid)}"

@@ -8,24 +8,21 @@ from typing import Optional, Sequence, TypedDict
 import torch
 import torch.nn.functional as F
 
-
-class DataError(ValueError):
-    """A data source that cannot be read; the message names the path and the fix."""
+from difflineage.errors import DataError
 
 
 class Batch(TypedDict, total=False):
     """What ``System.loss`` receives.
 
     image: float in [-1, 1], (N, C, H, W); label: long (N,) or None; caption: N strings or None;
-    index: the images' positions in their dataset (lets a system look up per-image caches, e.g. latents);
-    step: optimizer steps done before this batch, set by the trainer (for schedules inside a loss).
+    index: the images' positions in their dataset (lets a system look up per-image caches, e.g. latents).
+    (The training step is ``System.loss``'s second argument, not part of the batch.)
     """
 
     image: torch.Tensor
     label: Optional[torch.Tensor]
     caption: Optional[list[str]]
     index: torch.Tensor
-    step: int
 
 
 @dataclass

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from difflineage.config import ConfigError
 from difflineage.diffusion.gaussian import GaussianDiffusion
 from difflineage.diffusion.schedules import make_betas
+from difflineage.errors import ConfigError
 
 
 @dataclass

@@ -19,11 +19,15 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from difflineage.data import ImageDataset, load_dataset
 from difflineage.eval.features import FeatureNetwork, feature_network
 from difflineage.eval.metrics import frechet_distance, inception_score, kernel_inception_distance, precision_recall
+from difflineage.models.clip import clip_score
+from difflineage.systems import load
+from difflineage.systems.base import CarriesClip
 
 
 def generate(system, n: int, batch_size: int = 250, seed: int = 0, progress: bool = True, bf16: bool = False,
@@ -32,8 +36,6 @@ def generate(system, n: int, batch_size: int = 250, seed: int = 0, progress: boo
     classes in turn). Batch b always uses seed (seed, b), so the samples are the same whatever the number
     of processes; under torchrun the batches are dealt round-robin and gathered on every process.
     ``bf16`` samples under bfloat16 autocast (faster on CPUs with AVX-512 bf16 and on recent GPUs)."""
-    import torch.distributed as dist
-
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
     k = system.num_classes
@@ -109,7 +111,7 @@ def evaluate_system(system, split: str = "heldout", n: int = 1000, features: str
                     inception_weights: Optional[str | Path] = None, seed: int = 0, progress: bool = True,
                     out: Optional[Path] = None, npz: Optional[Path] = None, batch_size: int = 250,
                     sample_options: Optional[dict] = None, bf16: bool = False, clip: Optional[str | Path] = None,
-                    **system_options: Any) -> dict[str, Any]:
+                    checkpoint: Optional[str | Path] = None, **system_options: Any) -> dict[str, Any]:
     """Sample-quality metrics (``n`` > 0) and the system's own held-out scores; rank 0 writes ``out``.
     ``bf16`` draws the samples under bfloat16 autocast (the held-out scores stay in fp32). For a
     caption-conditioned system, the CLIP score of the samples against their captions (beside that of the
@@ -117,13 +119,11 @@ def evaluate_system(system, split: str = "heldout", n: int = 1000, features: str
     prior stage) or the one the system carries.
 
     ``sample_options`` go to ``system.sample`` (guidance, steps, temperature, ...); ``system_options`` to
-    ``system.evaluate`` (the VAE's ``k``).
+    ``system.evaluate`` (the VAE's ``k``). ``checkpoint``: where the system came from, recorded in the result.
     """
-    import torch.distributed as dist
-
     cfg = system.config
     start = time.perf_counter()
-    result: dict[str, Any] = {"system": cfg.system, "checkpoint": str(getattr(system, "checkpoint_path", "")),
+    result: dict[str, Any] = {"system": cfg.system, "checkpoint": str(checkpoint or ""),
                               "data": cfg.data.source, "split": split, "seed": seed}
     rank = dist.get_rank() if dist.is_initialized() else 0
     net = None
@@ -172,10 +172,9 @@ def find_clip(system, clip: Optional[str | Path] = None):
                              "so there is no CLIP score to measure")
         return None
     if clip is None:
-        return system.clip_model()
-    from difflineage import load
-
-    model = load(clip, device=system.device).clip_model()
+        return system.clip_model() if isinstance(system, CarriesClip) else None
+    holder = load(clip, device=system.device)
+    model = holder.clip_model() if isinstance(holder, CarriesClip) else None
     if model is None:
         raise ValueError(f"{clip} holds no CLIP: give a DALL-E clip-stage checkpoint (model.stage=clip) or a "
                          "prior that carries one")
@@ -187,8 +186,6 @@ def clip_scores(system, images: torch.Tensor, labels: Optional[torch.Tensor], re
     """``clip_score`` of uint8 samples drawn for ``labels`` against the captions they were drawn for, and
     ``clip_score_real`` of the reference images against their own captions, with the CLIP model ``clip``;
     empty without one, or without labels and captions to score against."""
-    from difflineage.models.clip import clip_score
-
     if clip is None or labels is None or reference.captions is None:
         return {}
     clip.eval()

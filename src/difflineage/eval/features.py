@@ -15,6 +15,9 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from difflineage.eval.classifier import mnist_classifier
+from difflineage.eval.inception import load_fid_inception
+
 FEATURE_KINDS = ("auto", "mnist", "inception")
 
 
@@ -47,9 +50,5 @@ def feature_network(kind: str = "auto", channels: int = 1, inception_weights: Op
     if kind == "auto":
         kind = "mnist" if channels == 1 else "inception"
     if kind == "mnist":
-        from difflineage.eval.classifier import mnist_classifier
-
         return FeatureNetwork("MNIST features", "mnist", mnist_classifier(progress=progress).to(device))
-    from difflineage.eval.inception import load_fid_inception
-
     return FeatureNetwork("InceptionV3 features", "inception", load_fid_inception(inception_weights).to(device))

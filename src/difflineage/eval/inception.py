@@ -1,3 +1,4 @@
+
 """InceptionV3 as the FID code of the field runs it (the TensorFlow FID graph, ported to PyTorch).
 
 This is the network behind the standard FID weights file ``pt_inception-2015-12-05-6726825d.pth``:
@@ -15,6 +16,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from difflineage.weights import load_state_dict_strict, read_weights
 
 WEIGHTS_HELP = ("InceptionV3 FID needs the standard weights file pt_inception-2015-12-05-6726825d.pth (the one "
                 "pytorch-fid and torchmetrics use, 91 MB). difflineage downloads nothing: fetch it once on a machine "
@@ -179,8 +182,6 @@ class FIDInceptionV3(nn.Module):
 
 def load_fid_inception(path: str | Path | None) -> FIDInceptionV3:
     """Build the network and load the FID weights file, strictly (every key named on a mismatch)."""
-    from difflineage.train.checkpoint import load_state_dict_strict, read_weights
-
     if path is None:
         raise FileNotFoundError(WEIGHTS_HELP)
     path = Path(path)

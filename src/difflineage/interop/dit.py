@@ -35,13 +35,17 @@ import argparse
 import json
 import math
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
 import torch.nn as nn
+from safetensors.torch import save_file
 
+from difflineage.errors import CheckpointError
 from difflineage.models.dit import DIT_CONFIGS, DIT_SIZES, DiT, DiTConfig, sincos_pos_embed_2d
+from difflineage.weights import load_state_dict_strict, plain_tensors, read_weights
 
 StateDict = dict[str, torch.Tensor]
 
@@ -82,8 +86,6 @@ def load_official_dit(path: Union[str, Path], learn_sigma: Optional[bool] = None
     :raises CheckpointError: naming the path: unreadable or refused file, unknown layout, missing, unexpected
         or misshapen keys.
     """
-    from difflineage.train.checkpoint import CheckpointError
-
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file; expected an official DiT checkpoint (.pt or .safetensors)")
@@ -102,11 +104,10 @@ def save_official_dit(model: Union[DiT, StateDict], path: Union[str, Path]) -> P
         state = model.state_dict()
     else:
         state = model
-    plain = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+    plain = plain_tensors(state)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
         save_file(plain, str(path), metadata={"format": "pt", "layout": "facebookresearch/DiT"})
     else:
         torch.save(plain, path)
@@ -116,8 +117,6 @@ def save_official_dit(model: Union[DiT, StateDict], path: Union[str, Path]) -> P
 def infer_dit_settings(state: StateDict, source: str = "state dict", heads: Optional[int] = None,
                        learn_sigma: Optional[bool] = None) -> dict[str, Any]:
     """The architecture of an official-layout DiT state dict, from its shapes (see :func:`load_official_dit`)."""
-    from difflineage.train.checkpoint import CheckpointError
-
     needed = ("x_embedder.proj.weight", "pos_embed", "y_embedder.embedding_table.weight",
               "final_layer.linear.weight", "blocks.0.mlp.fc1.weight", "blocks.0.adaLN_modulation.1.weight")
     missing = [k for k in needed if k not in state]
@@ -169,13 +168,19 @@ def infer_dit_settings(state: StateDict, source: str = "state dict", heads: Opti
             "num_classes": num_classes, "learn_sigma": inferred_sigma}
 
 
+def dit_config_of(settings: dict[str, Any], base: Optional[DiTConfig] = None) -> DiTConfig:
+    """The :class:`DiTConfig` of inferred settings (:func:`infer_dit_settings`): the architecture (sizes, patch,
+    MLP ratio, the adaLN-Zero block) from the file; the other fields from ``base``, or by default with the file's
+    ``learn_sigma``."""
+    s = settings
+    return replace(base or DiTConfig(learn_sigma=s["learn_sigma"]), name=s["name"], depth=s["depth"],
+                   hidden=s["hidden"], heads=s["heads"], patch=s["patch"], mlp_ratio=s["mlp_ratio"], block="adaln_zero")
+
+
 def _build(state: StateDict, source: str, heads: Optional[int], learn_sigma: Optional[bool],
            weights: str) -> tuple[DiT, dict[str, Any]]:
-    from difflineage.train.checkpoint import load_state_dict_strict
-
     s = infer_dit_settings(state, source, heads=heads, learn_sigma=learn_sigma)
-    cfg = DiTConfig(name=s["name"], depth=s["depth"], hidden=s["hidden"], heads=s["heads"], patch=s["patch"],
-                    mlp_ratio=s["mlp_ratio"], block="adaln_zero", learn_sigma=s["learn_sigma"])
+    cfg = dit_config_of(s)
     with torch.device("meta"):  # shapes only: the weights come from the file
         model = DiT(cfg, in_channels=s["in_channels"], input_size=s["input_size"], num_classes=s["num_classes"])
     model = model.to_empty(device="cpu")
@@ -184,8 +189,6 @@ def _build(state: StateDict, source: str, heads: Optional[int], learn_sigma: Opt
 
 
 def _read(path: Path) -> dict:
-    from difflineage.train.checkpoint import read_weights
-
     # The official training checkpoints keep their argparse.Namespace under "args": plain attributes,
     # no code runs to rebuild it, so it is the one class allowed beyond tensors and containers.
     return read_weights(path, "DiT weights", safe_classes=(argparse.Namespace,))
@@ -194,8 +197,6 @@ def _read(path: Path) -> dict:
 def _pick_weights(raw: dict, source: str) -> tuple[StateDict, str]:
     """The weights of a file: the ``ema`` (else ``model``, ``state_dict``) entry of a training checkpoint or
     the plain state dict itself, with a DDP ``module.`` / ``torch.compile`` prefix removed."""
-    from difflineage.train.checkpoint import CheckpointError
-
     which = "state_dict"
     for key in _WRAPPERS:
         if isinstance(raw.get(key), dict):
@@ -221,8 +222,6 @@ def dit_to_diffusers(state: Union[StateDict, DiT], depth: Optional[int] = None) 
 
     ``depth`` (the number of blocks, which receive a copy of the embedders each) is counted from the keys
     when not given. Keys of neither layout are passed through, so that strict loading names them."""
-    from difflineage.train.checkpoint import CheckpointError
-
     if isinstance(state, nn.Module):
         state = state.state_dict()
     counted = 1 + max((int(m.group(1)) for k in state if (m := _BLOCK_KEY.match(k))), default=-1)
@@ -262,8 +261,6 @@ def diffusers_to_dit(state: StateDict, sample_size: Optional[int] = None) -> Sta
 
     :raises CheckpointError: blocks whose embedders differ, a partial q/k/v, no way to make ``pos_embed``.
     """
-    from difflineage.train.checkpoint import CheckpointError
-
     top = {v: k for k, v in _TOP_TO_DIFFUSERS.items()}
     block_names = {v: k for k, v in _BLOCK_TO_DIFFUSERS.items()}
     emb_names = {v: k for k, v in _EMB_TO_DIFFUSERS.items()}
@@ -353,8 +350,6 @@ def load_diffusers_dit(path_or_state: Union[str, Path, StateDict], heads: Option
     ``diffusion_pytorch_model.safetensors``; a pipeline folder's ``transformer/`` is used). ``heads`` and
     ``sample_size`` default to the folder's config.json; the rest is inferred as in :func:`load_official_dit`.
     The result computes the official DiT, not diffusers' forward (see :func:`match_paper_numerics`)."""
-    from difflineage.train.checkpoint import CheckpointError
-
     if isinstance(path_or_state, dict):
         state, source, which = path_or_state, "diffusers state dict", "state_dict"
     else:
@@ -385,22 +380,13 @@ def load_diffusers_dit(path_or_state: Union[str, Path, StateDict], heads: Option
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Whole-model conversion (difflineage convert)
+# Either layout from a file, and writing the diffusers layout
 
 
-def read_any_dit(path: Union[str, Path], heads: Optional[int] = None) -> tuple[DiT, str]:
-    """A DiT from any of the three layouts: a difflineage checkpoint or run directory (its EMA weights), a
-    diffusers model folder or weights file, or an official DiT checkpoint. Returns (model, layout name)."""
-    from difflineage.train.checkpoint import CheckpointError
-
+def read_dit_file(path: Union[str, Path], heads: Optional[int] = None) -> tuple[DiT, str]:
+    """A DiT from a diffusers model folder or weights file, or an official DiT checkpoint. Returns (model,
+    layout name: ``diffusers`` or ``official``)."""
     path = Path(path)
-    if path.is_dir() and ((path / "config.yaml").is_file() or (path / "checkpoints").is_dir()):
-        from difflineage import load
-
-        system = load(path)
-        if system.config.system != "dit":
-            raise CheckpointError(f"{path}: a {system.config.system} checkpoint; convert reads DiT checkpoints")
-        return system.dit, "difflineage"
     if path.is_dir():
         return load_diffusers_dit(path, heads=heads)[0], "diffusers"
     if not path.is_file():
@@ -415,8 +401,6 @@ def save_diffusers_dit(model: DiT, folder: Union[str, Path]) -> Path:
     """Write a diffusers model folder: ``config.json`` for ``DiTTransformer2DModel`` and
     ``diffusion_pytorch_model.safetensors`` (loadable with ``DiTTransformer2DModel.from_pretrained``; note that
     diffusers' forward differs from the paper's in its timestep frequencies, see :func:`match_paper_numerics`)."""
-    from safetensors.torch import save_file
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config = {"_class_name": "DiTTransformer2DModel", **diffusers_dit_config(model)}
@@ -424,54 +408,3 @@ def save_diffusers_dit(model: DiT, folder: Union[str, Path]) -> Path:
     state = {k: v.detach().cpu().contiguous() for k, v in dit_to_diffusers(model.state_dict()).items()}
     save_file(state, str(folder / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
     return folder
-
-
-def save_as_checkpoint(model: DiT, out: Union[str, Path], vae: Optional[Union[str, Path]] = None,
-                       data_source: str = "folder:data", latent_scale: float = 0.18215,
-                       vae_norm_groups: int = 32) -> Path:
-    """Write a difflineage checkpoint (safetensors + config.yaml) of a DiT system around ``model``, so that
-    ``difflineage sample`` / ``evaluate`` / ``info`` work on it. With ``vae`` (a Stable Diffusion VAE file) the
-    DiT runs on its latents scaled by ``latent_scale`` (0.18215, as the official DiT); without, in pixel space.
-    The sampling defaults are the official sample.py's: 250 DDPM steps, guidance 4 on the first 3 channels."""
-    from difflineage.config import from_dict
-    from difflineage.systems.dit import DiTSystem
-    from difflineage.train.checkpoint import load_state_dict_strict, save_checkpoint
-
-    from difflineage.systems.ldm import _first_stage_architecture, _first_stage_weights
-
-    depth, hidden, heads, patch = model.cfg.resolved()
-    latent = vae is not None
-    channels, factor = model.in_channels, 1
-    if latent:
-        ae_cfg, channels = _first_stage_architecture(f"sd-vae:{vae}", vae_norm_groups)
-        factor = 2 ** (len(ae_cfg.channels) - 1)
-        if ae_cfg.latent_channels != model.in_channels:
-            raise ValueError(f"the DiT reads {model.in_channels} latent channels but the VAE {vae} makes "
-                             f"{ae_cfg.latent_channels}")
-    elif channels not in (1, 3):
-        raise ValueError(f"this DiT reads {channels}-channel inputs, so it works over a VAE's latents: give the VAE "
-                         "file (vae=..., difflineage convert --vae FILE)")
-    side = model.grid * patch * factor
-    if model.captions:
-        raise ValueError("caption-conditioned DiTs are converted through their own difflineage checkpoints")
-    config = from_dict({
-        "system": "dit",
-        "data": {"source": data_source, "image_size": side, "channels": channels,
-                 "num_classes": model.y_embedder.num_classes},
-        "model": {"first_stage": f"sd-vae:{vae}" if latent else "", "condition": "class", "cache_latents": False,
-                  "sd_vae_norm_groups": vae_norm_groups,
-                  "guidance_channels": 3 if latent else 0,
-                  "dit": {"name": model.cfg.name, "depth": depth, "hidden": hidden, "heads": heads, "patch": patch,
-                          "mlp_ratio": model.cfg.mlp_ratio, "block": model.cfg.block},
-                  "diffusion": {"variance": "learned_range" if model.cfg.learn_sigma else "fixed_small",
-                                "sampler": "ddpm", "sample_steps": 250, "guidance": 4.0}},
-    })
-    config = DiTSystem.resolve_config(config)
-    system = DiTSystem(config)
-    load_state_dict_strict(system.dit, model.state_dict(), "the converted DiT")
-    if latent:
-        load_state_dict_strict(system.first_stage, _first_stage_weights(config.model.first_stage,
-                                                                        config.model.sd_vae_norm_groups), str(vae))
-        system.latent_scale.fill_(latent_scale)
-    state = system.state_dict()
-    return save_checkpoint(Path(out), config, state, state, {"step": 0, "converted_from_layout": "dit"})

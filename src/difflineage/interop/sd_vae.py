@@ -19,9 +19,11 @@ from pathlib import Path
 from typing import Callable, Literal
 
 import torch
+from safetensors.torch import save_file
 
-from difflineage.config import ConfigError
+from difflineage.errors import CheckpointError, ConfigError
 from difflineage.models.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig
+from difflineage.weights import load_state_dict_strict, plain_tensors, read_weights
 
 # Top-level names of the VAE's parameters (either layout); everything else in a checkpoint belongs
 # to another sub-model (UNet, text encoder, EMA) or to the training loss (LPIPS, discriminator).
@@ -129,8 +131,6 @@ def infer_sd_vae_config(state: dict[str, torch.Tensor], norm_groups: int = 32,
 
     GroupNorm's group count leaves no trace in the weights, hence ``norm_groups``.
     """
-    from difflineage.train.checkpoint import CheckpointError  # lazy: train imports the systems
-
     def need(key: str) -> torch.Tensor:
         if key not in state:
             raise CheckpointError(f"{source} lacks {key}, needed to infer the autoencoder's shape "
@@ -155,8 +155,6 @@ def infer_sd_vae_config(state: dict[str, torch.Tensor], norm_groups: int = 32,
 
 
 def _read(path: Path) -> dict:
-    from difflineage.train.checkpoint import read_weights
-
     return read_weights(path, "VAE weights")
 
 
@@ -179,8 +177,6 @@ def load_sd_vae(path: str | Path, norm_groups: int = 32) -> AutoencoderKL:
     (``{"state_dict": {"first_stage_model.*": ...}}``). The architecture is inferred from the shapes;
     loading is strict. Raises :class:`~difflineage.train.checkpoint.CheckpointError` naming the path.
     """
-    from difflineage.train.checkpoint import CheckpointError, load_state_dict_strict
-
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file; expected a Stable Diffusion VAE checkpoint "
@@ -203,8 +199,6 @@ def load_sd_vae(path: str | Path, norm_groups: int = 32) -> AutoencoderKL:
 
 def save_sd_vae(model: AutoencoderKL, path: str | Path, layout: Literal["ldm", "diffusers"] = "ldm") -> Path:
     """Write ``model``'s weights to a safetensors file in the LDM or the diffusers key layout."""
-    from safetensors.torch import save_file
-
     if layout not in ("ldm", "diffusers"):
         raise ValueError(f"layout={layout!r}; choose 'ldm' or 'diffusers'")
     state = model.state_dict()
@@ -212,6 +206,6 @@ def save_sd_vae(model: AutoencoderKL, path: str | Path, layout: Literal["ldm", "
         state = ldm_to_diffusers(state)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}, str(path),
+    save_file(plain_tensors(state), str(path),
               metadata={"format": "pt", "layout": layout})
     return path

@@ -25,10 +25,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from difflineage.config import ConfigError
+from difflineage.errors import ConfigError
 from difflineage.models.vqvae import decoder, encoder
 from difflineage.nn.attention import attention
-
 
 # -- discrete VAE -----------------------------------------------------------------------------------
 

@@ -23,13 +23,13 @@ Parameter names follow the official code (timm names), so its checkpoints load w
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, Optional
+from typing import Any, Callable, Literal, Optional
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from difflineage.config import ConfigError
+from difflineage.errors import ConfigError
 from difflineage.nn.activations import gelu_tanh
 from difflineage.nn.attention import Attention
 from difflineage.nn.embeddings import LabelEmbedder, TimestepEmbedder
@@ -137,9 +137,7 @@ class DiTBlock(nn.Module):
         """x (N, T, D); c (N, D) the condition vector; cond_tokens (N, L, D) for cross-attention, with
         ``cond_mask`` (N, L) True where a token may be attended (None: all)."""
         if self.block == "adaln_zero":
-            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-            x = torch.addcmul(x, gate_msa[:, None], self.attn(modulate(self.norm1(x), shift_msa, scale_msa)))
-            return torch.addcmul(x, gate_mlp[:, None], self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
+            return self.adaln_zero(x, c, self.attn, lambda x, h, gate: torch.addcmul(x, gate[:, None], self.mlp(h)))
         if self.block == "adaln":
             shift_msa, scale_msa, shift_mlp, scale_mlp = self.adaLN_modulation(c).chunk(4, dim=1)
             x = x + self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
@@ -148,6 +146,17 @@ class DiTBlock(nn.Module):
         if self.block == "cross_attention":
             x = x + self.cross_attn(self.norm_cross(x), cond_tokens, cond_mask)
         return x + self.mlp(self.norm2(x))
+
+
+    def adaln_zero(self, x: torch.Tensor, c: torch.Tensor, attention_branch: Callable[[torch.Tensor], torch.Tensor],
+                   mlp_residual: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """The adaLN-Zero block (the paper's Figure 3), written once for every way of running its branches: the
+        condition ``c`` (N, D) regresses shift, scale and gate for each branch; ``x + gate_msa * attention(
+        modulate(norm1(x)))``, then ``mlp_residual(x, modulate(norm2(x)), gate_mlp)`` adds the gated MLP branch
+        (plain here; DyDiT's masked and fast paths route heads, channel groups and tokens inside the two callables)."""
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = torch.addcmul(x, gate_msa[:, None], attention_branch(modulate(self.norm1(x), shift_msa, scale_msa)))
+        return mlp_residual(x, modulate(self.norm2(x), shift_mlp, scale_mlp), gate_mlp)
 
 
 class FinalLayer(nn.Module):
@@ -275,8 +284,12 @@ class DiT(nn.Module):
         e = self.embed(x, t, labels, context, context_mask, pooled)
         tokens, c, cond_tokens, cond_mask = e["tokens"], e["c"], e["cond_tokens"], e["cond_mask"]
         for block in self.blocks:
-            if self.cfg.grad_checkpointing and self.training:
-                tokens = torch.utils.checkpoint.checkpoint(block, tokens, c, cond_tokens, cond_mask, use_reentrant=False)
-            else:
-                tokens = block(tokens, c, cond_tokens, cond_mask)
+            tokens = self.run_block(block, tokens, c, cond_tokens, cond_mask)
         return self.head(tokens, c, e["n_image"])  # (N, C_out, S, S)
+
+    def run_block(self, block_fn: Callable[..., Any], *args: Any) -> Any:
+        """``block_fn(*args)``, through activation checkpointing when ``grad_checkpointing`` is on in training
+        (the activations are recomputed in the backward pass instead of kept: memory for compute)."""
+        if self.cfg.grad_checkpointing and self.training:
+            return torch.utils.checkpoint.checkpoint(block_fn, *args, use_reentrant=False)
+        return block_fn(*args)

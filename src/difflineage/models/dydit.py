@@ -35,10 +35,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from difflineage.config import ConfigError
-from difflineage.models.dit import DiT, DiTBlock, DiTConfig, modulate
+from difflineage.errors import ConfigError
+from difflineage.models.dit import DiT, DiTBlock, DiTConfig
 from difflineage.nn.activations import gelu_tanh
 from difflineage.nn.attention import attention
+from difflineage.weights import load_state_dict_strict
 
 MODES = ("masked", "fast", "full")
 WIDTH_BIAS, TOKEN_BIAS = 15.0, 35.0  # router bias at creation: every unit on
@@ -141,15 +142,22 @@ class DyDiTBlock(DiTBlock):
         n, t, d = x.shape
         h = self.heads
         heads, groups = self.width_masks(t_emb, train)
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        q, k, v = self.attn.qkv(modulate(self.norm1(x), shift_msa, scale_msa)).view(n, t, 3, h, d // h).permute(2, 0, 3, 1, 4)
-        a = attention(q, k, v) * heads.to(q.dtype)[:, :, None, None]  # (N, h, T, d/h)
-        x = torch.addcmul(x, gate_msa[:, None], self.attn.proj(a.transpose(1, 2).reshape(n, t, d)))
-        tokens = route(self.token_selection(x), self.dcfg.tau, train) if self.dcfg.tokens else x.new_ones(n, t)
-        hidden = gelu_tanh(self.mlp.fc1(modulate(self.norm2(x), shift_mlp, scale_mlp)))
-        hidden = hidden * groups.to(hidden.dtype).repeat_interleave(self.mlp_hidden // h, dim=1)[:, None]
-        x = x + gate_mlp[:, None] * self.mlp.fc2(hidden) * tokens.to(hidden.dtype)[..., None]
-        return x, {"heads": heads.mean(1), "groups": groups.mean(1), "tokens": tokens.float().mean(1)}
+        seen = {}
+
+        def attention_branch(y: torch.Tensor) -> torch.Tensor:
+            q, k, v = self.attn.qkv(y).view(n, t, 3, h, d // h).permute(2, 0, 3, 1, 4)
+            a = attention(q, k, v) * heads.to(q.dtype)[:, :, None, None]  # (N, h, T, d/h)
+            return self.attn.proj(a.transpose(1, 2).reshape(n, t, d))
+
+        def mlp_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+            tokens = route(self.token_selection(x), self.dcfg.tau, train) if self.dcfg.tokens else x.new_ones(n, t)
+            hidden = gelu_tanh(self.mlp.fc1(y))
+            hidden = hidden * groups.to(hidden.dtype).repeat_interleave(self.mlp_hidden // h, dim=1)[:, None]
+            seen["tokens"] = tokens
+            return x + gate[:, None] * self.mlp.fc2(hidden) * tokens.to(hidden.dtype)[..., None]
+
+        x = self.adaln_zero(x, c, attention_branch, mlp_residual)
+        return x, {"heads": heads.mean(1), "groups": groups.mean(1), "tokens": seen["tokens"].float().mean(1)}
 
     # -- fast (inference) ------------------------------------------------------------------------
 
@@ -190,28 +198,31 @@ class DyDiTBlock(DiTBlock):
         n, t, d = x.shape
         w_qkv, b_qkv, w_proj, w_fc1, b_fc1, w_fc2 = self.sliced_weights(heads, groups)
         k, hd = len(heads), d // self.heads
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        q, kk, v = F.linear(modulate(self.norm1(x), shift_msa, scale_msa), w_qkv, b_qkv) \
-            .view(n, t, 3, k, hd).permute(2, 0, 3, 1, 4)
-        a = attention(q, kk, v).transpose(1, 2).reshape(n, t, k * hd)
-        x = torch.addcmul(x, gate_msa[:, None], F.linear(a, w_proj, self.attn.proj.bias))
-        h = modulate(self.norm2(x), shift_mlp, scale_mlp)
-        keep = self.token_selection(x) > 0 if self.dcfg.tokens else None  # (N, T)
-        if self.token_record is not None:
-            self.token_record.append(keep.cpu() if keep is not None else torch.ones(n, t, dtype=torch.bool))
-        if keep is None or bool(keep.all()):
-            y = F.linear(gelu_tanh(F.linear(h, w_fc1, b_fc1)), w_fc2, self.mlp.fc2.bias)
-            x = torch.addcmul(x, gate_mlp[:, None], y)
-            kept = x.new_ones(n)
-        else:
+        seen = {}
+
+        def attention_branch(y: torch.Tensor) -> torch.Tensor:
+            q, kk, v = F.linear(y, w_qkv, b_qkv).view(n, t, 3, k, hd).permute(2, 0, 3, 1, 4)
+            a = attention(q, kk, v).transpose(1, 2).reshape(n, t, k * hd)
+            return F.linear(a, w_proj, self.attn.proj.bias)
+
+        def mlp_residual(x: torch.Tensor, h: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+            keep = self.token_selection(x) > 0 if self.dcfg.tokens else None  # (N, T)
+            if self.token_record is not None:
+                self.token_record.append(keep.cpu() if keep is not None else torch.ones(n, t, dtype=torch.bool))
+            if keep is None or bool(keep.all()):
+                y = F.linear(gelu_tanh(F.linear(h, w_fc1, b_fc1)), w_fc2, self.mlp.fc2.bias)
+                seen["tokens"] = x.new_ones(n)
+                return torch.addcmul(x, gate[:, None], y)
             idx = keep.flatten().nonzero().squeeze(1)  # active tokens of the flattened (N * T) batch
             y = F.linear(gelu_tanh(F.linear(h.reshape(n * t, d).index_select(0, idx), w_fc1, b_fc1)),
                          w_fc2, self.mlp.fc2.bias)
-            y = y * gate_mlp.index_select(0, torch.div(idx, t, rounding_mode="floor"))
-            x = x.reshape(n * t, d).index_add(0, idx, y.to(x.dtype)).view(n, t, d)
-            kept = keep.float().mean(1)
+            y = y * gate.index_select(0, torch.div(idx, t, rounding_mode="floor"))
+            seen["tokens"] = keep.float().mean(1)
+            return x.reshape(n * t, d).index_add(0, idx, y.to(x.dtype)).view(n, t, d)
+
+        x = self.adaln_zero(x, c, attention_branch, mlp_residual)
         return x, {"heads": x.new_full((n,), k / self.heads), "groups": x.new_full((n,), len(groups) / self.heads),
-                   "tokens": kept}
+                   "tokens": seen["tokens"]}
 
 
 class DyDiT(DiT):
@@ -284,19 +295,12 @@ class DyDiT(DiT):
         usage: list[dict[str, torch.Tensor]] = []
         if mode == "full":
             for block in self.blocks:
-                if self.cfg.grad_checkpointing and self.training:
-                    tokens = torch.utils.checkpoint.checkpoint(DiTBlock.forward, block, tokens, c, use_reentrant=False)
-                else:
-                    tokens = DiTBlock.forward(block, tokens, c)
+                tokens = self.run_block(DiTBlock.forward, block, tokens, c)
             ones = tokens.new_ones(len(tokens))
             usage = [{"heads": ones, "groups": ones, "tokens": ones}] * len(self.blocks)
         elif mode == "masked":
             for block in self.blocks:
-                if self.cfg.grad_checkpointing and self.training:
-                    tokens, u = torch.utils.checkpoint.checkpoint(block.forward_masked, tokens, c, t_emb, self.training,
-                                                                  use_reentrant=False)
-                else:
-                    tokens, u = block.forward_masked(tokens, c, t_emb, self.training)
+                tokens, u = self.run_block(block.forward_masked, tokens, c, t_emb, self.training)
                 usage.append(u)
         else:
             tokens, usage = self._forward_fast(tokens, c, t_emb, t)
@@ -363,8 +367,6 @@ class DyDiT(DiT):
 
     def load_dit_weights(self, state: dict[str, torch.Tensor], source: str) -> None:
         """Load a DiT state dict (the DiT's keys, no routers): strict about every DiT key, routers kept as made."""
-        from difflineage.train.checkpoint import load_state_dict_strict
-
         routers = {k: v for k, v in self.state_dict().items() if is_router_key(k)}
         load_state_dict_strict(self, {**state, **routers}, source)
 

@@ -23,6 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from difflineage.errors import ConfigError
+
 
 @dataclass
 class PixelCNNConfig:
@@ -33,8 +35,6 @@ class PixelCNNConfig:
     kernel: int = 5
 
     def check(self) -> None:
-        from difflineage.config import ConfigError
-
         if self.kernel < 3 or self.kernel % 2 == 0:
             raise ConfigError(f"PixelCNN kernel={self.kernel} must be odd and at least 3")
         if self.layers < 1 or self.channels < 1:

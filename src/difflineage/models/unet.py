@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from difflineage.config import ConfigError
+from difflineage.errors import ConfigError
 from difflineage.nn.attention import Attention
 from difflineage.nn.embeddings import LabelEmbedder, TimestepEmbedder
 

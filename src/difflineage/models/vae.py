@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from difflineage.config import ConfigError
+from difflineage.errors import ConfigError
 
 
 @dataclass

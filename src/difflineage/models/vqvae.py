@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from difflineage.errors import ConfigError
 from difflineage.nn.quantize import Quantized, VectorQuantizer
 
 
@@ -30,8 +31,6 @@ class VQVAEConfig:
     restart_after: int = 100
 
     def check(self) -> None:
-        from difflineage.config import ConfigError
-
         if self.downsample < 1 or self.channels < 2 or self.codes < 2 or self.code_dim < 1:
             raise ConfigError("VQ-VAE needs downsample >= 1, channels >= 2, codes >= 2 and code_dim >= 1")
 

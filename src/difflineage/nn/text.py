@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from difflineage.config import ConfigError
+from difflineage.errors import ConfigError
 
 PAD, BOS = 256, 257  # byte values are 0..255
 

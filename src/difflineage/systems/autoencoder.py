@@ -38,7 +38,7 @@ class AutoencoderKLSystem(System):
         """Keep 32 training images spread over the set (the files are sorted by class) for the training grids."""
         self.preview = self.spread_images(dataset)
 
-    def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(self, batch: Batch, step: Optional[int] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x = batch["image"]
         recon, mean, logvar = self.ae(x)
         l1 = (recon.float() - x).abs().flatten(1).sum(1)  # per image

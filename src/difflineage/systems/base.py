@@ -5,21 +5,54 @@ from __future__ import annotations
 
 import abc
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Optional, Union
+from typing import Any, Callable, ClassVar, Optional, Protocol, Union, runtime_checkable
 
 import torch
 import torch.nn as nn
 
+from difflineage.checkpoint import Checkpoint
 from difflineage.config import Config
-from difflineage.data import Batch, ImageDataset
+from difflineage.data import DIGIT_NAMES, Batch, ImageDataset
+from difflineage.errors import ConfigError
+from difflineage.images import save_grid
+from difflineage.systems.first_stage import read_stage
 
 Condition = Union[None, int, torch.Tensor, list[str]]
+
+
+# Optional abilities: what some systems can do beyond the contract, declared and checked with isinstance.
+
+
+@runtime_checkable
+class CarriesClip(Protocol):
+    """A system that carries a CLIP (DALL-E's, for reranking): ``evaluate`` scores its samples with it."""
+
+    def clip_model(self) -> Optional[nn.Module]:
+        """The CLIP, or None where this run has none (a stage without one)."""
+
+
+@runtime_checkable
+class Reranks(Protocol):
+    """A system that keeps the best of several candidates per caption by a CLIP score (``sample(rerank=N)``)."""
+
+    def rerank(self, candidates: torch.Tensor, captions: list[str]) -> torch.Tensor:
+        """(n, R, C, H, W) candidates for n captions -> (n, C, H, W), the best of each."""
+
+
+@runtime_checkable
+class DynamicCompute(Protocol):
+    """A system whose denoiser ``net`` spends different arithmetic at different sampler steps (DyDiT): ``info``
+    and the benchmarks count its FLOPs per step, sampling once in each of ``compute_modes`` (the dynamic mode,
+    then the full network's) through ``sample(..., mode=MODE)``."""
+
+    net: nn.Module
+    compute_modes: tuple[str, str]
 
 
 class System(nn.Module, abc.ABC):
     """Networks + objective + sampling of one system.
 
-    ``forward(batch)`` is ``loss(batch)``, so DistributedDataParallel can wrap a system as it is.
+    ``forward(batch, step)`` is ``loss(batch, step)``, so DistributedDataParallel can wrap a system as it is.
     Subclasses set ``name`` (the key in ``SYSTEMS``) and ``ModelConfig`` (their model dataclass).
     """
 
@@ -41,12 +74,13 @@ class System(nn.Module, abc.ABC):
         """Build the networks (random weights) from a typed config; data fields must be resolved."""
         return cls(config)
 
-    def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return self.loss(batch)
+    def forward(self, batch: Batch, step: Optional[int] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return self.loss(batch, step)
 
     @abc.abstractmethod
-    def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The training objective on one batch: a scalar loss and detached scalar metrics."""
+    def loss(self, batch: Batch, step: Optional[int] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The training objective on one batch: a scalar loss and detached scalar metrics. ``step``: optimizer
+        steps done before this batch (for schedules inside a loss); None outside a training run."""
 
     @abc.abstractmethod
     def sample(self, n: int, condition: Condition = None, generator: Optional[torch.Generator] = None,
@@ -84,25 +118,14 @@ class System(nn.Module, abc.ABC):
     # Helpers ---------------------------------------------------------------------------------
 
     @classmethod
-    def stage_checkpoint(cls, path: str, key: str, stage: str):
+    def stage_checkpoint(cls, path: str, key: str, stage: str) -> Checkpoint:
         """The checkpoint of an earlier stage of this system (``model.KEY=PATH``), refused by name unless it is
         this system's ``stage``."""
-        from difflineage.config import ConfigError
-        from difflineage.train.checkpoint import load_checkpoint
-
-        ckpt = load_checkpoint(path, training_state=False)
-        if ckpt.config.system != cls.name or getattr(ckpt.config.model, "stage", None) != stage:
+        ckpt = read_stage(path, key, {cls.name: cls.ModelConfig}, f"it must be a {cls.name} {stage} checkpoint")
+        if getattr(ckpt.config.model, "stage", None) != stage:
             raise ConfigError(f"model.{key}={path} is not a {cls.name} {stage} checkpoint (system "
                               f"{ckpt.config.system}, stage {getattr(ckpt.config.model, 'stage', '?')})")
         return ckpt
-
-    @torch.no_grad()
-    def encode_dataset(self, encode: Callable[[torch.Tensor], Any], dataset: ImageDataset, batch: int = 500):
-        """``encode`` applied to every image of ``dataset`` in batches, the results concatenated (a tuple of
-        tensors per batch gives a tuple of concatenations)."""
-        parts = [encode(dataset.batch(range(s, min(s + batch, len(dataset))), self.device)["image"])
-                 for s in range(0, len(dataset), batch)]
-        return tuple(torch.cat(p) for p in zip(*parts)) if isinstance(parts[0], tuple) else torch.cat(parts)
 
     def spread_images(self, dataset: ImageDataset, n: int = 32) -> torch.Tensor:
         """``n`` images spread evenly over ``dataset`` (its files are sorted by class, so every class shows)."""
@@ -111,8 +134,6 @@ class System(nn.Module, abc.ABC):
     @staticmethod
     def save_reconstructions(x: torch.Tensor, recon: torch.Tensor, out_dir: Path) -> Path:
         """Images beside their reconstructions, pairs in rows of 16, as ``out_dir/reconstructions.png``."""
-        from difflineage.images import save_grid
-
         pairs = torch.stack([x.cpu(), recon.cpu()], 1).flatten(0, 1)
         return save_grid(pairs, Path(out_dir) / "reconstructions.png", nrow=16, scale=2)
 
@@ -140,8 +161,6 @@ class System(nn.Module, abc.ABC):
 
     def captions_for(self, labels: torch.Tensor) -> list[str]:
         """The data's caption of each class label (``data.caption_template`` with the class name)."""
-        from difflineage.data.sources import DIGIT_NAMES
-
         d = self.config.data
         names = d.class_names or DIGIT_NAMES
         return [d.caption_template.format(name=names[i]) for i in labels.tolist()]
@@ -150,10 +169,6 @@ class System(nn.Module, abc.ABC):
     def caption_conditioned(self) -> bool:
         """Whether samples are drawn for captions (their CLIP score is then a metric of ``evaluate``)."""
         return getattr(self.config.model, "condition", None) == "caption"
-
-    def clip_model(self) -> Optional[nn.Module]:
-        """A CLIP this system carries (DALL-E's, for reranking), used for the CLIP score; None by default."""
-        return None
 
     def labels_for(self, n: int, condition: Condition) -> Optional[torch.Tensor]:
         """Class labels for ``n`` samples: as given, or cycling through the classes (0, 1, ..., K-1, 0, ...),

@@ -19,15 +19,21 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
-from difflineage.config import Config, ConfigError
+from difflineage.config import Config
 from difflineage.data import Batch, ImageDataset
+from difflineage.errors import ConfigError
+from difflineage.images import save_captioned_panels
 from difflineage.models.clip import CLIP, CLIPConfig, clip_score, retrieval_accuracy
 from difflineage.models.dalle import DalleTransformer, DalleTransformerConfig, DiscreteVAE, DVAEConfig, kl_to_uniform
 from difflineage.nn.bpe import CaptionTokenizer
 from difflineage.nn.quantize import code_usage
 from difflineage.systems.base import Condition, System
+from difflineage.systems.first_stage import EncodedTrainingSet
+from difflineage.weights import load_state_dict_strict
 
 
 @dataclass
@@ -86,8 +92,7 @@ class DalleSystem(System):
             # the BPE tokenizer's JSON, kept in the weights file so the checkpoint is self-contained
             self.register_buffer("tokenizer_json", torch.zeros(0, dtype=torch.uint8))
             self._tokenizer: Optional[CaptionTokenizer] = None
-            self._codes: Optional[torch.Tensor] = None
-            self._code_source: Optional[ImageDataset] = None
+            self._codes: Optional[EncodedTrainingSet] = None
 
     @property
     def uses_labels(self) -> bool:
@@ -147,8 +152,6 @@ class DalleSystem(System):
         self.preview = self.spread_images(dataset, 32 if m.stage != "clip" else 500)
         if m.stage != "prior":
             return
-        from difflineage.train.checkpoint import load_state_dict_strict
-
         for module, path, key, stage in ((self.dvae, m.first_stage, "first_stage", "dvae"),
                                          (self.clip_model(), m.clip_stage, "clip_stage", "clip")):
             if module is not None:
@@ -158,17 +161,12 @@ class DalleSystem(System):
             raise ConfigError(f"{dataset.name} has no captions: DALL-E's prior needs image/caption pairs "
                               "(labelled data gets captions from data.caption_template)")
         self.set_tokenizer(self._train_tokenizer(dataset.captions))
-        self._code_source = dataset  # encoded at the first training batch: after a resumed run's weights are loaded
-
-    def _encode_training_set(self) -> torch.Tensor:
-        """Every training image's tokens, with the dVAE this system holds (a resumed run's own copy, even if
-        ``model.first_stage`` has trained on since)."""
-        return self.encode_dataset(self.dvae.encode, self._code_source)
+        # Every training image's tokens, encoded at the first training batch with the dVAE this system holds
+        # then (a resumed run's own copy, even if model.first_stage has trained on since).
+        self._codes = EncodedTrainingSet(self.dvae.encode, dataset, self.device)
 
     def _train_tokenizer(self, captions: list[str]) -> CaptionTokenizer:
         """BPE on the training captions, trained once (rank 0) and shared with every process of the run."""
-        import torch.distributed as dist
-
         vocab = self.config.model.transformer.text_vocab
         text = [None]
         if not dist.is_initialized() or dist.get_rank() == 0:
@@ -192,15 +190,15 @@ class DalleSystem(System):
 
     # -- training ------------------------------------------------------------------------------------
 
-    def training_progress(self, batch: Batch) -> float:
-        """Share of training done before this batch (for the dVAE's annealing schedules)."""
-        return min(1.0, batch.get("step", 0) / max(1, self.config.train.steps))
+    def training_progress(self, step: Optional[int]) -> float:
+        """Share of training done before a batch (for the dVAE's annealing schedules); None counts as 0."""
+        return min(1.0, (step or 0) / max(1, self.config.train.steps))
 
-    def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(self, batch: Batch, step: Optional[int] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         m = self.config.model
         x = batch["image"]
         if m.stage == "dvae":
-            p = self.training_progress(batch)
+            p = self.training_progress(step)
             tau, beta = m.dvae.temperature(p), m.dvae.beta(p)
             recon, logits = self.dvae(x, tau)
             pixels = x[0].numel()
@@ -231,10 +229,8 @@ class DalleSystem(System):
 
     def _tokens_of(self, batch: Batch) -> torch.Tensor:
         """The batch's image tokens, flattened (N, h * w): cached in training, encoded otherwise."""
-        if self._code_source is not None and self.training and batch.get("index") is not None:
-            if self._codes is None:
-                self._codes = self._encode_training_set()
-            return self._codes[batch["index"].to(self._codes.device)].flatten(1)
+        if self._codes is not None and self.training and batch.get("index") is not None:
+            return self._codes.lookup(batch["index"]).flatten(1)
         with torch.no_grad():
             return self.dvae.encode(batch["image"]).flatten(1)
 
@@ -296,8 +292,6 @@ class DalleSystem(System):
             raise ValueError("rerank needs a CLIP: train one (model.stage=clip) and give it as model.clip_stage")
         guidance = m.guidance if guidance is None else guidance
         many = [c for c in captions for _ in range(rerank)]  # each caption's candidates side by side
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=self.transformer.image_length, desc=f"sampling {len(many)} token grids", disable=not progress,
                    leave=False)
         tokens = self.transformer.sample(
@@ -327,8 +321,6 @@ class DalleSystem(System):
             return {"reconstructions": self.save_reconstructions(x, self.reconstruct(x), out_dir)}
         if m.stage != "prior":
             return {}
-        from difflineage.images import save_captioned_panels
-
         labels, per_class = self.grid_labels(80)
         if labels is None:
             return {}

@@ -13,9 +13,10 @@ from typing import Any, Literal, Optional
 
 import torch
 
-from difflineage.config import Config, ConfigError
+from difflineage.config import Config
 from difflineage.data import Batch, ImageDataset
 from difflineage.diffusion import DiffusionConfig, GaussianDiffusion, guided
+from difflineage.errors import ConfigError
 from difflineage.models.unet import UNet, UNetConfig
 from difflineage.nn.text import TextEncoder, TextEncoderConfig
 from difflineage.systems.base import Condition, System
@@ -118,7 +119,7 @@ class DDPMSystem(System):
 
     # -- training -------------------------------------------------------------------------------
 
-    def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(self, batch: Batch, step: Optional[int] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x0 = self.to_model_space(batch)
         t = torch.randint(0, self.diffusion.num_timesteps, (len(x0),), device=x0.device)
         cond = self.condition_kwargs(batch["label"], batch["caption"], train=True)

@@ -13,8 +13,9 @@ from typing import Any, Optional
 
 import torch
 
-from difflineage.config import Config, ConfigError
+from difflineage.config import Config
 from difflineage.diffusion import DiffusionConfig, guided
+from difflineage.errors import ConfigError
 from difflineage.models.dit import DiT, DiTConfig
 from difflineage.systems.ddpm import DDPMSystem
 from difflineage.systems.ldm import LDMConfig, LDMSystem

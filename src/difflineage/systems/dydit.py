@@ -28,12 +28,17 @@ from typing import Any, Optional
 
 import torch
 
-from difflineage.config import Config, ConfigError
+from difflineage.config import Config
 from difflineage.data import Batch, ImageDataset
+from difflineage.errors import CheckpointError, ConfigError
+from difflineage.interop.dit import dit_config_of, infer_dit_settings
+from difflineage.interop.dydit import read_dydit_state, router_heads
 from difflineage.models.dydit import MODES, DyDiT, DyDiTConfig, is_router_key, router_keys_of
 from difflineage.systems.base import Condition
 from difflineage.systems.dit import DiTSystem, DiTSystemConfig
+from difflineage.systems.first_stage import read_stage
 from difflineage.systems.ldm import LDMSystem
+from difflineage.weights import load_state_dict_strict
 
 
 @dataclass
@@ -68,8 +73,11 @@ class DyDiTSystemConfig(DiTSystemConfig):
 
 
 class DyDiTSystem(DiTSystem):
+    """DyDiT fine-tuning and sampling (see the module docstring); a :class:`DynamicCompute` system."""
+
     name = "dydit"
     ModelConfig = DyDiTSystemConfig
+    compute_modes = ("fast", "full")  # the dynamic sampling path, and the complete network's
 
     def build_network(self, out_channels: int, num_classes: int, context_dim: Optional[int]) -> torch.nn.Module:
         m = self.config.model
@@ -89,12 +97,7 @@ class DyDiTSystem(DiTSystem):
             return super().resolve_config(config)
         base = Path(m.base)
         if base.is_dir():
-            from difflineage.train.checkpoint import load_checkpoint
-
-            ckpt = load_checkpoint(base, training_state=False)
-            if ckpt.config.system not in ("dit", "dydit"):
-                raise ConfigError(f"model.base={m.base} is a {ckpt.config.system} checkpoint; DyDiT fine-tunes a dit one")
-            b = ckpt.config
+            b = cls.base_checkpoint(m.base).config
             if (b.data.image_size, b.data.channels, b.data.num_classes) != \
                     (config.data.image_size, config.data.channels, config.data.num_classes):
                 raise ConfigError(f"model.base={m.base} was trained on {b.data.image_size}px, {b.data.channels}-channel "
@@ -102,25 +105,25 @@ class DyDiTSystem(DiTSystem):
             return replace(config, model=inherit_from_base(m, b.model))
         if not base.is_file():
             raise ConfigError(f"model.base={m.base}: no such checkpoint directory or file")
-        from difflineage.interop.dit import infer_dit_settings
-        from difflineage.interop.dydit import read_dydit_state
-
-        from difflineage.train.checkpoint import CheckpointError
-
         state, _ = read_dydit_state(base)
-        heads = _router_heads(state) or (m.dit.resolved()[2] if m.dit.name != "custom" else None)
+        heads = router_heads(state) or (m.dit.resolved()[2] if m.dit.name != "custom" else None)
         try:  # a paper size records its heads in the table; a custom size takes the recipe's model.dit.heads
             s = infer_dit_settings(state, str(base), heads=heads)
         except CheckpointError as exc:
             if heads is not None or "none of the paper's DiT sizes" not in str(exc):
                 raise
             s = infer_dit_settings(state, str(base), heads=m.dit.heads)
-        dit = replace(m.dit, name=s["name"], depth=s["depth"], hidden=s["hidden"], heads=s["heads"], patch=s["patch"],
-                      mlp_ratio=s["mlp_ratio"], block="adaln_zero")
+        dit = dit_config_of(s, base=m.dit)
         variance = "learned_range" if s["learn_sigma"] else \
             (m.diffusion.variance if m.diffusion.variance != "learned_range" else "fixed_small")
         diffusion = replace(m.diffusion, variance=variance)  # the file's output layer says whether sigma is learned
         return super().resolve_config(replace(config, model=replace(m, dit=dit, diffusion=diffusion)))
+
+    @classmethod
+    def base_checkpoint(cls, path: str):
+        """The ``dit`` (or ``dydit``) checkpoint named by ``model.base``."""
+        return read_stage(path, "base", {c.name: c.ModelConfig for c in (DiTSystem, cls)},
+                          "DyDiT fine-tunes a dit one")
 
     def prepare(self, dataset: ImageDataset) -> None:
         """Load the base DiT (and its first stage), rank units by importance, cache the training latents."""
@@ -129,9 +132,7 @@ class DyDiTSystem(DiTSystem):
             raise ConfigError("model.base is empty: nothing to fine-tune from")
         base = Path(m.base)
         if base.is_dir():
-            from difflineage.train.checkpoint import load_checkpoint, load_state_dict_strict
-
-            ckpt = load_checkpoint(base, training_state=False)
+            ckpt = self.base_checkpoint(m.base)
             weights = ckpt.ema if ckpt.ema is not None else ckpt.model
             prefix = f"{self.network_name}."
             net_state = ckpt.part(prefix)
@@ -142,8 +143,6 @@ class DyDiTSystem(DiTSystem):
             if self.latent:
                 self.cache_posteriors(dataset, measure_scale=False)
         else:
-            from difflineage.interop.dydit import read_dydit_state
-
             if self.latent:
                 LDMSystem.prepare(self, dataset)  # the first stage from model.first_stage
             state, _ = read_dydit_state(base)
@@ -151,8 +150,6 @@ class DyDiTSystem(DiTSystem):
 
     def _load_net(self, state: dict[str, torch.Tensor], source: str) -> None:
         if router_keys_of(state):  # a DyDiT already: weights and routers as they are
-            from difflineage.train.checkpoint import load_state_dict_strict
-
             load_state_dict_strict(self.net, state, source)
         else:
             self.net.load_dit_weights(state, source)
@@ -182,12 +179,11 @@ class DyDiTSystem(DiTSystem):
         bucket = torch.arange(n, device=device) % 4  # four equal buckets of the chain, in turn
         return (bucket * T + torch.randint(0, T, (n,), device=device)) // 4
 
-    def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(self, batch: Batch, step: Optional[int] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x0 = self.to_model_space(batch)
         t = self.draw_timesteps(len(x0), x0.device)
         cond = self.condition_kwargs(batch["label"], batch["caption"], train=True)
         noise = torch.randn_like(x0)
-        step = batch.get("step")
         target = self.flops_target(None if step is None else int(step))
         seen: dict[str, Any] = {}
 
@@ -228,12 +224,6 @@ class DyDiTSystem(DiTSystem):
         finally:
             self.net.inference_mode = old_mode
             self.net.train(was_training)
-
-
-def _router_heads(state: dict[str, torch.Tensor]) -> Optional[int]:
-    """Heads recorded by a DyDiT file's head router (H - 1 outputs); None for a plain DiT file."""
-    w = state.get("blocks.0.attn_rate.router.weight")
-    return int(w.shape[0]) + 1 if w is not None else None
 
 
 def inherit_from_base(recipe: DyDiTSystemConfig, base: DiTSystemConfig) -> DyDiTSystemConfig:

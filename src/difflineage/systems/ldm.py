@@ -18,10 +18,13 @@ from typing import Optional
 
 import torch
 
-from difflineage.config import Config, ConfigError
+from difflineage.config import Config
 from difflineage.data import Batch, ImageDataset
+from difflineage.errors import ConfigError
 from difflineage.models.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig
 from difflineage.systems.ddpm import DDPMConfig, DDPMSystem
+from difflineage.systems.first_stage import EncodedTrainingSet, autoencoder_architecture, autoencoder_weights
+from difflineage.weights import load_state_dict_strict
 
 
 @dataclass
@@ -50,7 +53,7 @@ class LDMSystem(DDPMSystem):
         self.first_stage = AutoencoderKL(config.model.autoencoder, image_channels=config.data.channels or 1)
         self.first_stage.requires_grad_(False)
         self.register_buffer("latent_scale", torch.tensor(1.0))
-        self._cache: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        self._cache: Optional[EncodedTrainingSet] = None
 
     # -- resolving and loading the first stage ---------------------------------------------------
 
@@ -64,7 +67,7 @@ class LDMSystem(DDPMSystem):
                                   "(difflineage train autoencoder-mnist) and set model.first_stage=RUN_DIR, "
                                   "or give a Stable Diffusion VAE as model.first_stage=sd-vae:PATH")
             return config
-        ae_cfg, channels = _first_stage_architecture(m.first_stage, m.sd_vae_norm_groups)
+        ae_cfg, channels = autoencoder_architecture(m.first_stage, m.sd_vae_norm_groups)
         if channels != (config.data.channels or 1):
             raise ConfigError(f"the first stage {m.first_stage} reads {channels}-channel images but data.channels="
                               f"{config.data.channels}; make them agree")
@@ -76,27 +79,23 @@ class LDMSystem(DDPMSystem):
         """Load the frozen first stage, cache the training images' posterior moments, measure the latent scale."""
         if not self.config.model.first_stage:
             raise ConfigError("model.first_stage is empty: nothing to load the autoencoder from")
-        state = _first_stage_weights(self.config.model.first_stage, self.config.model.sd_vae_norm_groups)
-        from difflineage.train.checkpoint import load_state_dict_strict
-
+        state = autoencoder_weights(self.config.model.first_stage, self.config.model.sd_vae_norm_groups)
         load_state_dict_strict(self.first_stage, state, self.config.model.first_stage)
         self.cache_posteriors(dataset, measure_scale=True)
 
+    def _posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, logvar = self.first_stage.encode(x)
+        return mean.float(), logvar.float()
+
     def cache_posteriors(self, dataset: ImageDataset, measure_scale: bool) -> None:
-        """Encode the training images once: keep their posterior moments (``model.cache_latents``) and, with
-        ``measure_scale``, set the latent scale to 1 / std of one draw of the latents."""
-        means, logvars = [], []
-        with torch.no_grad():
-            for s in range(0, len(dataset), 250):
-                x = dataset.batch(range(s, min(s + 250, len(dataset))), self.device)["image"]
-                mean, logvar = self.first_stage.encode(x)
-                means.append(mean.float())
-                logvars.append(logvar.float())
-        mean, logvar = torch.cat(means), torch.cat(logvars)
+        """Keep the training images' posterior moments (``model.cache_latents``; encoded once, at the first
+        training batch) and, with ``measure_scale``, set the latent scale now to 1 / std of one draw of them."""
+        encoded = EncodedTrainingSet(self._posterior, dataset, self.device, batch=250)
         if measure_scale:
+            mean, logvar = encoded.compute()
             z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=torch.Generator().manual_seed(0)).to(mean.device)
             self.latent_scale.fill_(1.0 / z.std().item())
-        self._cache = (mean, logvar) if self.config.model.cache_latents else None
+        self._cache = encoded if self.config.model.cache_latents else None
 
     # -- the latent space -------------------------------------------------------------------------
 
@@ -112,11 +111,10 @@ class LDMSystem(DDPMSystem):
     def to_model_space(self, batch: Batch) -> torch.Tensor:
         """z ~ q(z|x), scaled: from the cache while training on the prepared data, by encoding otherwise."""
         if self._cache is not None and self.training and batch.get("index") is not None:
-            idx = batch["index"].to(self._cache[0].device)
-            mean, logvar = self._cache[0][idx], self._cache[1][idx]
+            mean, logvar = self._cache.lookup(batch["index"])
         else:
             with torch.no_grad():
-                mean, logvar = (t.float() for t in self.first_stage.encode(batch["image"]))
+                mean, logvar = self._posterior(batch["image"])
         return (mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)) * self.latent_scale
 
     def to_images(self, z: torch.Tensor) -> torch.Tensor:
@@ -138,38 +136,3 @@ class LDMSystem(DDPMSystem):
         z = torch.zeros(1, self.channels, self.side, self.side, device=self.device)
         passes["sampling: first-stage decoder (one image, once)"] = lambda: self.first_stage.decode(z)
         return passes
-
-
-def _first_stage_architecture(spec: str, norm_groups: int) -> tuple[AutoencoderKLConfig, int]:
-    if spec.startswith("sd-vae:"):
-        from difflineage.interop.sd_vae import load_sd_vae
-
-        vae = load_sd_vae(_existing(spec.split(":", 1)[1]), norm_groups=norm_groups)
-        return vae.cfg, vae.image_channels
-    from difflineage.train.checkpoint import load_checkpoint
-
-    ckpt = load_checkpoint(spec, training_state=False)
-    if ckpt.config.system != "autoencoder_kl":
-        raise ConfigError(f"model.first_stage={spec} is a {ckpt.config.system} checkpoint; it must be an autoencoder_kl "
-                          "one (or sd-vae:PATH)")
-    return ckpt.config.model, ckpt.config.data.channels or 1
-
-
-def _first_stage_weights(spec: str, norm_groups: int) -> dict[str, torch.Tensor]:
-    if spec.startswith("sd-vae:"):
-        from difflineage.interop.sd_vae import load_sd_vae
-
-        return load_sd_vae(_existing(spec.split(":", 1)[1]), norm_groups=norm_groups).state_dict()
-    from difflineage.train.checkpoint import load_checkpoint
-
-    return load_checkpoint(spec, training_state=False).part("ae.")
-
-
-def _existing(path: str):
-    from pathlib import Path
-
-    from difflineage.train.checkpoint import CheckpointError
-
-    if not Path(path).is_file():
-        raise CheckpointError(f"no Stable Diffusion VAE file at '{path}' (model.first_stage=sd-vae:PATH)")
-    return Path(path)

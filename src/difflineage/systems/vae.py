@@ -82,7 +82,7 @@ class VAESystem(System):
         kl = gaussian_kl_standard(mean, logvar).sum(1)
         return rec, kl
 
-    def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(self, batch: Batch, step: Optional[int] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x = self.observe(batch["image"])
         eps = torch.randn(len(x), self.config.model.latent_dim, device=x.device)
         rec, kl = self.elbo_terms(x, batch["label"], eps)

@@ -18,12 +18,15 @@ from typing import Any, Literal, Optional
 import torch
 import torch.nn.functional as F
 
-from difflineage.config import Config, ConfigError
+from difflineage.config import Config
 from difflineage.data import Batch, ImageDataset
+from difflineage.errors import ConfigError
 from difflineage.models.pixelcnn import GatedPixelCNN, PixelCNNConfig
 from difflineage.models.vqvae import VQVAE, VQVAE2, VQVAEConfig
 from difflineage.nn.quantize import code_usage
 from difflineage.systems.base import Condition, System
+from difflineage.systems.first_stage import EncodedTrainingSet
+from difflineage.weights import load_state_dict_strict
 
 
 @dataclass
@@ -66,8 +69,7 @@ class VQVAESystem(System):
             self.vqvae.requires_grad_(False)
             self.prior = GatedPixelCNN(m.prior, m.vq.codes, num_classes=self.num_classes)
         self.register_buffer("preview", torch.zeros(0), persistent=False)
-        self._codes: Optional[torch.Tensor] = None
-        self._code_source: Optional[ImageDataset] = None
+        self._codes: Optional[EncodedTrainingSet] = None
 
     @property
     def uses_labels(self) -> bool:
@@ -91,17 +93,12 @@ class VQVAESystem(System):
         self.preview = self.spread_images(dataset)
         if self.config.model.stage != "prior":
             return
-        from difflineage.train.checkpoint import load_state_dict_strict
-
         path = self.config.model.first_stage
         load_state_dict_strict(self.vqvae, self.stage_checkpoint(path, "first_stage", "autoencoder").part("vqvae."), path)
         self.vqvae.eval()
-        self._code_source = dataset  # encoded at the first training batch: after a resumed run's weights are loaded
-
-    def _encode_training_set(self):
-        """The code maps of every training image, with the autoencoder this system holds (a resumed run's own
-        copy, even if ``model.first_stage`` has trained on since)."""
-        return self.encode_dataset(self.vqvae.encode, self._code_source)
+        # The code maps of every training image, encoded at the first training batch with the autoencoder this
+        # system holds then (a resumed run's own copy, even if model.first_stage has trained on since).
+        self._codes = EncodedTrainingSet(self.vqvae.encode, dataset, self.device)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -111,19 +108,14 @@ class VQVAESystem(System):
 
     def codes_of(self, batch: Batch):
         """The batch's code maps (a tuple of maps for several levels): cached in training, encoded otherwise."""
-        if self._code_source is not None and self.training and batch.get("index") is not None:
-            if self._codes is None:
-                self._codes = self._encode_training_set()
-            idx = batch["index"]
-            if isinstance(self._codes, tuple):
-                return tuple(c[idx.to(c.device)] for c in self._codes)
-            return self._codes[idx.to(self._codes.device)]
+        if self._codes is not None and self.training and batch.get("index") is not None:
+            return self._codes.lookup(batch["index"])
         with torch.no_grad():
             return self.vqvae.encode(batch["image"])
 
     # -- training -----------------------------------------------------------------------------------
 
-    def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(self, batch: Batch, step: Optional[int] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if self.config.model.stage == "prior":
             codes = self.codes_of(batch)
             nll = self.prior.nll(codes, batch["label"] if self.uses_labels else None)  # nats per position
@@ -232,9 +224,8 @@ class VQVAE2System(VQVAESystem):
             self.prior_bottom = GatedPixelCNN(m.prior, m.vq.codes, num_classes=self.num_classes, cond_channels=32)
         self.register_buffer("preview", torch.zeros(0), persistent=False)
         self._codes = None
-        self._code_source = None
 
-    def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(self, batch: Batch, step: Optional[int] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if self.config.model.stage == "prior":
             top, bottom = self.codes_of(batch)
             labels = batch["label"] if self.uses_labels else None

@@ -29,23 +29,15 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DistributedSampler
 from tqdm.auto import tqdm
 
-from difflineage.config import Config, ConfigError
+from difflineage.checkpoint import latest_checkpoint, resolve_checkpoint, save_checkpoint
+from difflineage.config import Config
 from difflineage.data import ImageDataset, load_dataset
+from difflineage.errors import ConfigError, TrainingDiverged
 from difflineage.images import save_grid
-from difflineage.systems import SYSTEMS, System
-from difflineage.train.checkpoint import (
-    latest_checkpoint,
-    load_checkpoint,
-    load_state_dict_strict,
-    resolve_checkpoint,
-    save_checkpoint,
-)
+from difflineage.systems import System, build_system, load_checkpoint, system_class
 from difflineage.train.distributed import DistInfo, all_gather_objects, barrier, cleanup, init_distributed
 from difflineage.train.plots import plot_metrics
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss or the gradient stopped being a finite number."""
+from difflineage.weights import load_state_dict_strict
 
 
 @dataclass
@@ -68,10 +60,6 @@ def resolve_data(config: Config, dataset: ImageDataset) -> Config:
     return replace(config, data=replace(data, channels=channels,
                                         num_classes=data.num_classes if data.num_classes is not None else dataset.num_classes,
                                         class_names=data.class_names if data.class_names is not None else dataset.class_names))
-
-
-def build_system(config: Config) -> System:
-    return SYSTEMS[config.system].from_config(config)
 
 
 def ema_or_copy(decay: float):
@@ -150,7 +138,7 @@ class Trainer:
         per_rank = tc.batch_size // info.world_size
 
         dataset = load_dataset(config.data, "train")
-        config = SYSTEMS[config.system].resolve_config(resolve_data(config, dataset))
+        config = system_class(config.system).resolve_config(resolve_data(config, dataset))
         if ckpt is not None and self.config is not None:  # compare once both are resolved (first stage filled in)
             _check_same_model(config, ckpt.config, self.resume_from)
         if len(dataset) < tc.batch_size:
@@ -214,10 +202,9 @@ class Trainer:
                 step_start = time.perf_counter()
                 idx = order[position * per_rank : (position + 1) * per_rank]
                 batch = dataset.batch(idx, device)
-                batch["step"] = step  # steps done before this one (schedules inside a system's loss)
 
                 with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=tc.bf16):
-                    loss, metrics = model(batch)
+                    loss, metrics = model(batch, step)  # step: those done before this one
                 # One small all-reduce per step: the mean loss, and whether any process saw a non-finite
                 # loss or was asked to stop, so that every process takes the same branch.
                 flags = torch.tensor([loss.detach().float().item(), 0.0 if torch.isfinite(loss).item() else 1.0,

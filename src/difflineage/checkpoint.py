@@ -20,20 +20,18 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
-import torch.nn as nn
 import yaml
+from safetensors.torch import load_file, save_file
 
-from difflineage.config import Config, ConfigError, from_dict
+from difflineage.config import Config
+from difflineage.errors import CheckpointError, ConfigError
+from difflineage.weights import plain_tensors, strip_prefix
 
 FILES = ("config.yaml", "model.safetensors", "ema.safetensors", "training_state.pt")
 CHECKSUMS = "checksums.sha256"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded; the message names the file and what to do."""
 
 
 @dataclass
@@ -51,15 +49,12 @@ class Checkpoint:
     def part(self, prefix: str) -> dict[str, torch.Tensor]:
         """The weights of one part of the system (keys starting ``prefix``, e.g. ``"vqvae."``), prefix removed;
         from the EMA where the run kept one (what it samples with)."""
-        weights = self.ema if self.ema is not None else self.model
-        return {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+        return strip_prefix(self.ema if self.ema is not None else self.model, prefix)
 
 
 def save_checkpoint(path: Path, config: Config, model: dict[str, torch.Tensor], ema: Optional[dict[str, torch.Tensor]],
                     training_state: dict[str, Any]) -> Path:
     """Write a checkpoint directory atomically (temporary name, then rename)."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     tmp = path.parent / f".tmp-{path.name}"
     if tmp.exists():
@@ -67,8 +62,8 @@ def save_checkpoint(path: Path, config: Config, model: dict[str, torch.Tensor], 
     tmp.mkdir(parents=True)
     meta = {"format": "pt", "producer": "difflineage", "system": config.system, "step": str(training_state.get("step", ""))}
     (tmp / "config.yaml").write_text(config.to_yaml())
-    save_file(_plain_tensors(model), str(tmp / "model.safetensors"), metadata=meta)
-    save_file(_plain_tensors(ema if ema is not None else model), str(tmp / "ema.safetensors"), metadata=meta)
+    save_file(plain_tensors(model), str(tmp / "model.safetensors"), metadata=meta)
+    save_file(plain_tensors(ema if ema is not None else model), str(tmp / "ema.safetensors"), metadata=meta)
     torch.save(training_state, tmp / "training_state.pt")
     (tmp / CHECKSUMS).write_text("".join(f"{_sha256(tmp / f)}  {f}\n" for f in FILES))
     for f in tmp.iterdir():  # make the files durable before the rename publishes them
@@ -80,18 +75,17 @@ def save_checkpoint(path: Path, config: Config, model: dict[str, torch.Tensor], 
     return path
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", training_state: bool = True,
-                    verify: bool = True) -> Checkpoint:
-    """Read a checkpoint directory (or the latest checkpoint of a run directory)."""
-    from safetensors.torch import load_file
-
+def read_checkpoint(path: str | Path, parse_config: Callable[[dict], Config], map_location: str | torch.device = "cpu",
+                    training_state: bool = True, verify: bool = True) -> Checkpoint:
+    """Read a checkpoint directory (or the latest checkpoint of a run directory). ``parse_config`` turns the
+    parsed config.yaml into a :class:`Config` (the registry of systems does: ``systems.load_checkpoint``)."""
     path = resolve_checkpoint(path)
     if verify:
         verify_checksums(path)
     cfg_file = path / "config.yaml"
     try:
         raw = yaml.safe_load(cfg_file.read_text())
-        config = from_dict(raw)
+        config = parse_config(raw)
     except (OSError, yaml.YAMLError, ConfigError) as exc:
         raise CheckpointError(f"{cfg_file} cannot be read as a difflineage config ({exc})") from None
 
@@ -152,58 +146,6 @@ def resolve_checkpoint(path: str | Path) -> Path:
 def latest_checkpoint(run_dir: Path) -> Optional[Path]:
     steps = sorted((run_dir / "checkpoints").glob("step_*"))
     return steps[-1] if steps else None
-
-
-def load_state_dict_strict(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load ``state`` into ``module``, refusing with every missing, unexpected or misshapen key named.
-    Keys a module lists in ``variable_size_keys`` (data whose size comes with the file, such as a tokenizer
-    kept as bytes) take the file's shape."""
-    own = module.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    variable = set(getattr(module, "variable_size_keys", ()))
-    shapes = sorted(f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-                    for k in set(own) & set(state) if own[k].shape != state[k].shape and k not in variable)
-    if missing or unexpected or shapes:
-        parts = []
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
-            if keys:
-                parts.append(f"{label} ({len(keys)}): " + ", ".join(keys[:8]) + (" ..." if len(keys) > 8 else ""))
-        raise CheckpointError(f"{source} does not fit the model: " + "; ".join(parts))
-    module.load_state_dict(state, strict=True)
-
-
-def read_weights(path: Path, what: str, safe_classes: tuple = ()) -> dict:
-    """Read a weights file from another project: safetensors, or a torch file with weights_only=True (plus
-    ``safe_classes``, plain-data classes that need no code to rebuild). Anything else is refused by name."""
-    import pickle
-
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path), device="cpu")
-        except Exception as exc:  # SafetensorError, OSError, ...
-            raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
-    try:
-        with torch.serialization.safe_globals(list(safe_classes)):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise CheckpointError(f"{path}: refused: torch.load(weights_only=True) failed because the file holds "
-                              "pickled objects other than tensors and plain containers; difflineage never "
-                              "unpickles code. Convert it to .safetensors from a trusted environment. "
-                              f"({str(exc).splitlines()[0]})") from exc
-    except Exception as exc:
-        raise CheckpointError(f"{path}: could not be read with torch.load(weights_only=True): {exc}") from exc
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, expected a state dict of {what}")
-    return obj
-
-
-def _plain_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    # safetensors refuses tensors that share memory; a copy per tensor keeps every file self-contained.
-    return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
 
 
 def _sha256(path: Path) -> str:

@@ -1,0 +1,73 @@
+"""``difflineage convert``: a DiT from any layout (a difflineage checkpoint, the official files, diffusers) into
+any other, including a runnable difflineage checkpoint. The weight-layout translations themselves live in
+``interop/``; this module sits above the systems, since a runnable checkpoint is a system's."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Union
+
+from difflineage.checkpoint import save_checkpoint
+from difflineage.errors import CheckpointError
+from difflineage.interop.dit import read_dit_file
+from difflineage.models.dit import DiT
+from difflineage.systems import DiTSystem, config_from_dict, load
+from difflineage.systems.first_stage import autoencoder_architecture, autoencoder_weights
+from difflineage.weights import load_state_dict_strict
+
+
+def read_any_dit(path: Union[str, Path], heads: Optional[int] = None) -> tuple[DiT, str]:
+    """A DiT from any of the three layouts: a difflineage checkpoint or run directory (its EMA weights), a
+    diffusers model folder or weights file, or an official DiT checkpoint. Returns (model, layout name)."""
+    path = Path(path)
+    if path.is_dir() and ((path / "config.yaml").is_file() or (path / "checkpoints").is_dir()):
+        system = load(path)
+        if system.config.system != "dit":
+            raise CheckpointError(f"{path}: a {system.config.system} checkpoint; convert reads DiT checkpoints")
+        return system.dit, "difflineage"
+    return read_dit_file(path, heads=heads)
+
+
+def save_as_checkpoint(model: DiT, out: Union[str, Path], vae: Optional[Union[str, Path]] = None,
+                       data_source: str = "folder:data", latent_scale: float = 0.18215,
+                       vae_norm_groups: int = 32) -> Path:
+    """Write a difflineage checkpoint (safetensors + config.yaml) of a DiT system around ``model``, so that
+    ``difflineage sample`` / ``evaluate`` / ``info`` work on it. With ``vae`` (a Stable Diffusion VAE file) the
+    DiT runs on its latents scaled by ``latent_scale`` (0.18215, as the official DiT); without, in pixel space.
+    The sampling defaults are the official sample.py's: 250 DDPM steps, guidance 4 on the first 3 channels."""
+    depth, hidden, heads, patch = model.cfg.resolved()
+    latent = vae is not None
+    channels, factor = model.in_channels, 1
+    if latent:
+        ae_cfg, channels = autoencoder_architecture(f"sd-vae:{vae}", vae_norm_groups)
+        factor = 2 ** (len(ae_cfg.channels) - 1)
+        if ae_cfg.latent_channels != model.in_channels:
+            raise ValueError(f"the DiT reads {model.in_channels} latent channels but the VAE {vae} makes "
+                             f"{ae_cfg.latent_channels}")
+    elif channels not in (1, 3):
+        raise ValueError(f"this DiT reads {channels}-channel inputs, so it works over a VAE's latents: give the VAE "
+                         "file (vae=..., difflineage convert --vae FILE)")
+    side = model.grid * patch * factor
+    if model.captions:
+        raise ValueError("caption-conditioned DiTs are converted through their own difflineage checkpoints")
+    config = config_from_dict({
+        "system": "dit",
+        "data": {"source": data_source, "image_size": side, "channels": channels,
+                 "num_classes": model.y_embedder.num_classes},
+        "model": {"first_stage": f"sd-vae:{vae}" if latent else "", "condition": "class", "cache_latents": False,
+                  "sd_vae_norm_groups": vae_norm_groups,
+                  "guidance_channels": 3 if latent else 0,
+                  "dit": {"name": model.cfg.name, "depth": depth, "hidden": hidden, "heads": heads, "patch": patch,
+                          "mlp_ratio": model.cfg.mlp_ratio, "block": model.cfg.block},
+                  "diffusion": {"variance": "learned_range" if model.cfg.learn_sigma else "fixed_small",
+                                "sampler": "ddpm", "sample_steps": 250, "guidance": 4.0}},
+    })
+    config = DiTSystem.resolve_config(config)
+    system = DiTSystem(config)
+    load_state_dict_strict(system.dit, model.state_dict(), "the converted DiT")
+    if latent:
+        load_state_dict_strict(system.first_stage, autoencoder_weights(config.model.first_stage,
+                                                                        config.model.sd_vae_norm_groups), str(vae))
+        system.latent_scale.fill_(latent_scale)
+    state = system.state_dict()
+    return save_checkpoint(Path(out), config, state, state, {"step": 0, "converted_from_layout": "dit"})

@@ -1,0 +1,98 @@
+"""Frozen first stages, shared by every two-stage system: reading an earlier stage's checkpoint (of a named
+system), the autoencoder of a latent diffusion model (an ``autoencoder_kl`` run or a Stable Diffusion VAE file),
+and the training set as the frozen stage encodes it, computed once and looked up by batch index.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+import torch
+
+from difflineage.checkpoint import Checkpoint, read_checkpoint
+from difflineage.config import from_dict
+from difflineage.data import ImageDataset
+from difflineage.errors import CheckpointError, ConfigError
+from difflineage.interop.sd_vae import load_sd_vae
+from difflineage.models.autoencoder_kl import AutoencoderKLConfig
+
+Encoded = Union[torch.Tensor, tuple[torch.Tensor, ...]]
+
+
+class _OtherSystem(Exception):
+    def __init__(self, name: object):
+        self.name = name
+
+
+def read_stage(path: Union[str, Path], key: str, model_configs: dict[str, type], expected: str) -> Checkpoint:
+    """The checkpoint at ``path`` (given as ``model.KEY``), which must be of one of the systems named in
+    ``model_configs`` (system name -> its model dataclass); another system's checkpoint is refused with
+    ``model.KEY=PATH is a NAME checkpoint; EXPECTED``."""
+
+    def parse(raw):
+        name = raw.get("system") if isinstance(raw, dict) else None
+        if name not in model_configs:
+            raise _OtherSystem(name)
+        return from_dict(raw, model_configs.__getitem__)
+
+    try:
+        return read_checkpoint(path, parse, training_state=False)
+    except _OtherSystem as exc:
+        raise ConfigError(f"model.{key}={path} is a {exc.name} checkpoint; {expected}") from None
+
+
+def _sd_vae_file(spec: str) -> Path:
+    path = Path(spec.split(":", 1)[1])
+    if not path.is_file():
+        raise CheckpointError(f"no Stable Diffusion VAE file at '{path}' (model.first_stage=sd-vae:PATH)")
+    return path
+
+
+def _autoencoder_run(spec: str) -> Checkpoint:
+    return read_stage(spec, "first_stage", {"autoencoder_kl": AutoencoderKLConfig},
+                      "it must be an autoencoder_kl one (or sd-vae:PATH)")
+
+
+def autoencoder_architecture(spec: str, norm_groups: int) -> tuple[AutoencoderKLConfig, int]:
+    """(architecture, image channels) of a latent model's first stage: ``sd-vae:PATH`` (a Stable Diffusion VAE
+    file, LDM or diffusers layout) or an ``autoencoder_kl`` checkpoint or run directory."""
+    if spec.startswith("sd-vae:"):
+        vae = load_sd_vae(_sd_vae_file(spec), norm_groups=norm_groups)
+        return vae.cfg, vae.image_channels
+    ckpt = _autoencoder_run(spec)
+    return ckpt.config.model, ckpt.config.data.channels or 1
+
+
+def autoencoder_weights(spec: str, norm_groups: int) -> dict[str, torch.Tensor]:
+    """The weights of the first stage named by ``spec`` (see :func:`autoencoder_architecture`)."""
+    if spec.startswith("sd-vae:"):
+        return load_sd_vae(_sd_vae_file(spec), norm_groups=norm_groups).state_dict()
+    return _autoencoder_run(spec).part("ae.")
+
+
+class EncodedTrainingSet:
+    """Every training image as a frozen stage encodes it (latent moments, code maps, image tokens), computed once
+    on first use (after a resumed run's own weights are loaded) and looked up by the batch's ``index``."""
+
+    def __init__(self, encode: Callable[[torch.Tensor], Encoded], dataset: ImageDataset, device: torch.device,
+                 batch: int = 500):
+        self.encode, self.dataset, self.device, self.batch = encode, dataset, device, batch
+        self._encoded: Optional[Encoded] = None
+
+    @torch.no_grad()
+    def compute(self) -> Encoded:
+        """Encode the whole dataset in batches (a tuple of tensors per batch gives a tuple of concatenations)."""
+        if self._encoded is None:
+            d = self.dataset
+            parts = [self.encode(d.batch(range(s, min(s + self.batch, len(d))), self.device)["image"])
+                     for s in range(0, len(d), self.batch)]
+            self._encoded = tuple(torch.cat(p) for p in zip(*parts)) if isinstance(parts[0], tuple) else torch.cat(parts)
+        return self._encoded
+
+    def lookup(self, index: torch.Tensor) -> Encoded:
+        """The encodings of the images at ``index`` (positions in the dataset)."""
+        encoded = self.compute()
+        if isinstance(encoded, tuple):
+            return tuple(e[index.to(e.device)] for e in encoded)
+        return encoded[index.to(encoded.device)]

@@ -1,0 +1,75 @@
+"""Reading weights safely and loading them strictly.
+
+Nothing here unpickles code: weights come from safetensors, or from a torch file read with
+``torch.load(weights_only=True)``. Strict loading names every missing, unexpected or misshapen key.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file
+
+from difflineage.errors import CheckpointError
+
+StateDict = dict[str, torch.Tensor]
+
+
+def read_weights(path: Path, what: str, safe_classes: tuple = ()) -> dict:
+    """Read a weights file from another project: safetensors, or a torch file with weights_only=True (plus
+    ``safe_classes``, plain-data classes that need no code to rebuild). Anything else is refused by name."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as exc:  # SafetensorError, OSError, ...
+            raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
+    try:
+        with torch.serialization.safe_globals(list(safe_classes)):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(f"{path}: refused: torch.load(weights_only=True) failed because the file holds "
+                              "pickled objects other than tensors and plain containers; difflineage never "
+                              "unpickles code. Convert it to .safetensors from a trusted environment. "
+                              f"({str(exc).splitlines()[0]})") from exc
+    except Exception as exc:
+        raise CheckpointError(f"{path}: could not be read with torch.load(weights_only=True): {exc}") from exc
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, expected a state dict of {what}")
+    return obj
+
+
+def load_state_dict_strict(module: nn.Module, state: StateDict, source: str) -> None:
+    """Load ``state`` into ``module``, refusing with every missing, unexpected or misshapen key named.
+    Keys a module lists in ``variable_size_keys`` (data whose size comes with the file, such as a tokenizer
+    kept as bytes) take the file's shape."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    variable = set(getattr(module, "variable_size_keys", ()))
+    shapes = sorted(f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+                    for k in set(own) & set(state) if own[k].shape != state[k].shape and k not in variable)
+    if missing or unexpected or shapes:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
+            if keys:
+                parts.append(f"{label} ({len(keys)}): " + ", ".join(keys[:8]) + (" ..." if len(keys) > 8 else ""))
+        raise CheckpointError(f"{source} does not fit the model: " + "; ".join(parts))
+    module.load_state_dict(state, strict=True)
+
+
+def plain_tensors(state: StateDict) -> StateDict:
+    """Each tensor detached, on the CPU, contiguous and in memory of its own: safetensors refuses tensors that
+    share memory, so a copy per tensor keeps every written file self-contained."""
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+
+
+def strip_prefix(state: StateDict, prefix: str) -> StateDict:
+    """The entries of ``state`` whose keys start with ``prefix`` (one part of a system), the prefix removed."""
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+__all__ = ["StateDict", "load_state_dict_strict", "plain_tensors", "read_weights", "strip_prefix"]
