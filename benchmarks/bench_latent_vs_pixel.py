@@ -31,7 +31,7 @@ def build(recipe: str, overrides=()):
     torch.manual_seed(0)
     system = build_system(cfg)
     if cfg.system == "ldm":  # cache the posterior moments as prepare() does, without a trained first stage
-        system.cache_posteriors(data, measure_scale=False)
+        system.space.cache(data, measure_scale=False)
     return cfg, system, data
 
 

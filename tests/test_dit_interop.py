@@ -212,7 +212,7 @@ def test_convert_between_the_three_layouts(tmp_path, capsys):
     x, t, y = inputs()
     with torch.no_grad():
         assert torch.equal(system.dit(x, t, y), model(x, t, y))
-    assert system.latent_scale.item() == pytest.approx(0.18215) and system.config.data.image_size == 64
+    assert system.space.latent_scale.item() == pytest.approx(0.18215) and system.config.data.image_size == 64
     assert system.config.model.guidance_channels == 3 and system.config.model.diffusion.sample_steps == 250
     assert main(["sample", str(ckpt), "--n", "2", "--label", "3", "--steps", "2", "--out", str(tmp_path / "s.png")]) == 0
 

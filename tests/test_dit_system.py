@@ -6,6 +6,7 @@ import difflineage
 from difflineage.data import load_dataset
 from difflineage.errors import ConfigError
 from difflineage.systems import config_from_dict
+from difflineage.systems.spaces import LatentSpace, PixelSpace
 from difflineage.train import Trainer
 
 
@@ -29,7 +30,7 @@ def test_pixel_dit_trains_lowers_the_loss_and_samples(tmp_path):
     first, last = sum(r["mse"] for r in log[:5]) / 5, sum(r["mse"] for r in log[-5:]) / 5
     assert last < 0.8 * first
     system = difflineage.load(tmp_path)
-    assert not system.latent and system.dit.out_channels == 2  # learned sigma
+    assert isinstance(system.space, PixelSpace) and system.dit.out_channels == 2  # learned sigma
     x = system.sample(4, condition=3, generator=torch.Generator().manual_seed(0))
     assert x.shape == (4, 1, 8, 8) and x.min() >= -1 and x.max() <= 1
     assert "vb" in log[-1]  # the hybrid loss
@@ -39,7 +40,7 @@ def test_latent_dit_over_a_first_stage(tmp_path):
     Trainer(config_from_dict(tiny_autoencoder_dict()), tmp_path / "ae", progress=False).fit()
     Trainer(config_from_dict(tiny_dit_dict(str(tmp_path / "ae"), steps=2)), tmp_path / "dit", progress=False).fit()
     system = difflineage.load(tmp_path / "dit")
-    assert system.latent and (system.channels, system.side) == (2, 4)
+    assert isinstance(system.space, LatentSpace) and (system.channels, system.side) == (2, 4)
     assert system.sample(2, condition=1, generator=torch.Generator().manual_seed(0)).shape == (2, 1, 8, 8)
 
 

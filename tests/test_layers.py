@@ -135,7 +135,7 @@ def test_every_module_belongs_to_a_layer_and_imports_are_seen():
     known = module_names(PACKAGE)
     for module in known:
         layer_of(module)
-    assert "models.autoencoder_kl" in imports_of("systems.ldm", known["systems.ldm"], known, "difflineage")
+    assert "models.autoencoder_kl" in imports_of("systems.spaces", known["systems.spaces"], known, "difflineage")
     assert "systems.registry" in imports_of("", known[""], known, "difflineage")
 
 

@@ -43,12 +43,12 @@ def test_ldm_trains_in_latent_space_and_carries_its_first_stage(first_stage, tmp
     system = difflineage.load(tmp_path)
     assert (system.channels, system.side) == (2, 4)
     # scale_by_std: the scale is 1 / std of the training latents, and the checkpoint carries it
-    assert system.latent_scale.item() == pytest.approx(trainer.system.latent_scale.item())
-    assert system.latent_scale.item() != 1.0
+    assert system.space.latent_scale.item() == pytest.approx(trainer.system.space.latent_scale.item())
+    assert system.space.latent_scale.item() != 1.0
     # the frozen first stage is the one trained above
     ae = difflineage.load(first_stage)
-    assert torch.equal(system.first_stage.decoder.conv_out.weight, ae.ae.decoder.conv_out.weight)
-    assert all(not p.requires_grad for p in trainer.system.first_stage.parameters())
+    assert torch.equal(system.space.first_stage.decoder.conv_out.weight, ae.ae.decoder.conv_out.weight)
+    assert all(not p.requires_grad for p in trainer.system.space.first_stage.parameters())
     x = system.sample(3, condition=2, generator=torch.Generator().manual_seed(0))
     assert x.shape == (3, 1, 8, 8) and x.min() >= -1 and x.max() <= 1
 
@@ -57,8 +57,8 @@ def test_latent_cache_holds_the_encoders_posterior(first_stage, tmp_path):
     trainer = Trainer(config_from_dict(ldm_dict(first_stage, steps=1)), tmp_path, progress=False)
     trainer.fit()
     data = load_dataset(DataConfig(source="digits", image_size=8), "train")
-    mean, logvar = trainer.system.first_stage.encode(data.batch(range(5))["image"])
-    assert torch.allclose(trainer.system._cache.compute()[0][:5], mean, atol=1e-5)
+    mean, logvar = trainer.system.space.first_stage.encode(data.batch(range(5))["image"])
+    assert torch.allclose(trainer.system.space._cache.compute()[0][:5], mean, atol=1e-5)
 
 
 def test_ldm_over_a_stable_diffusion_vae_file(tmp_path):
@@ -71,7 +71,7 @@ def test_ldm_over_a_stable_diffusion_vae_file(tmp_path):
     d["model"]["sd_vae_norm_groups"] = 4
     Trainer(config_from_dict(d), tmp_path / "run", progress=False).fit()
     system = difflineage.load(tmp_path / "run")
-    assert system.channels == 3 and torch.equal(system.first_stage.encoder.conv_in.weight, vae.encoder.conv_in.weight)
+    assert system.channels == 3 and torch.equal(system.space.first_stage.encoder.conv_in.weight, vae.encoder.conv_in.weight)
 
 
 def test_first_stage_errors(tmp_path):
@@ -92,7 +92,7 @@ def test_latent_sampler_does_not_clip_to_the_pixel_range(first_stage, tmp_path):
     them (and gave broken strokes). With a network that predicts no noise, x_0 = x_t / sqrt(abar) is large."""
     Trainer(config_from_dict(ldm_dict(first_stage, steps=1)), tmp_path, progress=False).fit()
     system = difflineage.load(tmp_path)
-    system.to_images = lambda z: z  # look at the latents themselves
+    system.space.decode = lambda z: z  # look at the latents themselves
     z = system.sample(4, condition=1, generator=torch.Generator().manual_seed(0), guidance=1.0)
     assert z.abs().max() > 1.5
 

@@ -18,6 +18,7 @@ import dataclasses
 import difflib
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional, Union
@@ -220,7 +221,7 @@ def build(cls: type, values: dict, prefix: str):
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
-    for key, value in values.items():
+    for key, value in _without_deprecated(cls, values, prefix).items():
         if key not in names:
             raise ConfigError(unknown(f"key in {prefix}", f"{prefix}.{key}", [f"{prefix}.{n}" for n in names]))
         kwargs[key] = coerce(value, hints[key], f"{prefix}.{key}")
@@ -228,6 +229,30 @@ def build(cls: type, values: dict, prefix: str):
     if hasattr(obj, "check"):
         obj.check()
     return obj
+
+
+def _without_deprecated(cls: type, values: dict, prefix: str) -> dict:
+    """``values`` with the keys ``cls`` lists in ``deprecated_keys`` (old name -> new name, or None when the key is
+    no longer read) renamed or dropped, each with a note saying so."""
+    renamed = getattr(cls, "deprecated_keys", {})
+    if not any(k in renamed for k in values):
+        return values
+    out = {}
+    for key, value in values.items():
+        if key not in renamed:
+            out[key] = value
+            continue
+        new = renamed[key]
+        if new is None:
+            note = f"{prefix}.{key} is no longer read by this system and is ignored; remove it from the config"
+        else:
+            note = f"{prefix}.{key} is now called {prefix}.{new}; the old name is read for now"
+            if new in values:
+                raise ConfigError(f"{prefix}.{key} and {prefix}.{new} are the same setting (the old and the new "
+                                  f"name); keep only {prefix}.{new}")
+            out[new] = value
+        warnings.warn(note, FutureWarning, stacklevel=2)
+    return out
 
 
 def coerce(value: Any, tp: Any, key: str) -> Any:

@@ -66,8 +66,8 @@ def save_as_checkpoint(model: DiT, out: Union[str, Path], vae: Optional[Union[st
     system = DiTSystem(config)
     load_state_dict_strict(system.dit, model.state_dict(), "the converted DiT")
     if latent:
-        load_state_dict_strict(system.first_stage, autoencoder_weights(config.model.first_stage,
+        load_state_dict_strict(system.space.first_stage, autoencoder_weights(config.model.first_stage,
                                                                         config.model.sd_vae_norm_groups), str(vae))
-        system.latent_scale.fill_(latent_scale)
+        system.space.latent_scale.fill_(latent_scale)
     state = system.state_dict()
     return save_checkpoint(Path(out), config, state, state, {"step": 0, "converted_from_layout": "dit"})

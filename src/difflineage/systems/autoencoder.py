@@ -18,7 +18,7 @@ from difflineage.config import Config
 from difflineage.data import Batch, ImageDataset
 from difflineage.models.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig
 from difflineage.nn.distributions import gaussian_kl_standard
-from difflineage.systems.base import Condition, System
+from difflineage.systems.base import Condition, System, save_reconstructions, spread_images
 
 
 class AutoencoderKLSystem(System):
@@ -36,7 +36,7 @@ class AutoencoderKLSystem(System):
 
     def prepare(self, dataset: ImageDataset) -> None:
         """Keep 32 training images spread over the set (the files are sorted by class) for the training grids."""
-        self.preview = self.spread_images(dataset)
+        self.preview = spread_images(dataset, self.device)
 
     def loss(self, batch: Batch, step: Optional[int] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x = batch["image"]
@@ -63,8 +63,8 @@ class AutoencoderKLSystem(System):
         return self.reconstruct(self.preview[idx])
 
     def pictures(self, dataset: ImageDataset, out_dir: Path, generator: Optional[torch.Generator] = None) -> dict[str, Path]:
-        x = self.spread_images(dataset)
-        return {"reconstructions": self.save_reconstructions(x, self.reconstruct(x), out_dir)}
+        x = spread_images(dataset, self.device)
+        return {"reconstructions": save_reconstructions(x, self.reconstruct(x), out_dir)}
 
     @torch.no_grad()
     def evaluate(self, dataset: ImageDataset, generator: Optional[torch.Generator] = None, progress: bool = True,

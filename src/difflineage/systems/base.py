@@ -10,12 +10,11 @@ from typing import Any, Callable, ClassVar, Optional, Protocol, Union, runtime_c
 import torch
 import torch.nn as nn
 
-from difflineage.checkpoint import Checkpoint
-from difflineage.config import Config
+from difflineage.checkpoint import Checkpoint, read_checkpoint
+from difflineage.config import Config, from_dict
 from difflineage.data import DIGIT_NAMES, Batch, ImageDataset
 from difflineage.errors import ConfigError
 from difflineage.images import save_grid
-from difflineage.systems.first_stage import read_stage
 
 Condition = Union[None, int, torch.Tensor, list[str]]
 
@@ -70,6 +69,12 @@ class System(nn.Module, abc.ABC):
         return config
 
     @classmethod
+    def upgrade_state_dict(cls, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A whole-system state dict written by an earlier version, under today's key names (default: as it is).
+        Every reader of a whole system's checkpoint applies it (``registry.load_checkpoint``, ``read_stage``)."""
+        return state
+
+    @classmethod
     def from_config(cls, config: Config) -> "System":
         """Build the networks (random weights) from a typed config; data fields must be resolved."""
         return cls(config)
@@ -121,21 +126,11 @@ class System(nn.Module, abc.ABC):
     def stage_checkpoint(cls, path: str, key: str, stage: str) -> Checkpoint:
         """The checkpoint of an earlier stage of this system (``model.KEY=PATH``), refused by name unless it is
         this system's ``stage``."""
-        ckpt = read_stage(path, key, {cls.name: cls.ModelConfig}, f"it must be a {cls.name} {stage} checkpoint")
+        ckpt = read_stage(path, key, (cls,), f"it must be a {cls.name} {stage} checkpoint")
         if getattr(ckpt.config.model, "stage", None) != stage:
             raise ConfigError(f"model.{key}={path} is not a {cls.name} {stage} checkpoint (system "
                               f"{ckpt.config.system}, stage {getattr(ckpt.config.model, 'stage', '?')})")
         return ckpt
-
-    def spread_images(self, dataset: ImageDataset, n: int = 32) -> torch.Tensor:
-        """``n`` images spread evenly over ``dataset`` (its files are sorted by class, so every class shows)."""
-        return dataset.batch(torch.linspace(0, len(dataset) - 1, min(n, len(dataset))).long(), self.device)["image"]
-
-    @staticmethod
-    def save_reconstructions(x: torch.Tensor, recon: torch.Tensor, out_dir: Path) -> Path:
-        """Images beside their reconstructions, pairs in rows of 16, as ``out_dir/reconstructions.png``."""
-        pairs = torch.stack([x.cpu(), recon.cpu()], 1).flatten(0, 1)
-        return save_grid(pairs, Path(out_dir) / "reconstructions.png", nrow=16, scale=2)
 
     @property
     def device(self) -> torch.device:
@@ -187,3 +182,46 @@ class System(nn.Module, abc.ABC):
         if self.num_classes and (labels.min() < 0 or labels.max() >= self.num_classes):
             raise ValueError(f"labels must lie in 0..{self.num_classes - 1}, got {labels.min().item()}..{labels.max().item()}")
         return labels
+
+
+def spread_images(dataset: ImageDataset, device: torch.device, n: int = 32) -> torch.Tensor:
+    """``n`` images spread evenly over ``dataset`` (its files are sorted by class, so every class shows)."""
+    return dataset.batch(torch.linspace(0, len(dataset) - 1, min(n, len(dataset))).long(), device)["image"]
+
+
+def save_reconstructions(x: torch.Tensor, recon: torch.Tensor, out_dir: Path) -> Path:
+    """Images beside their reconstructions, pairs in rows of 16, as ``out_dir/reconstructions.png``."""
+    pairs = torch.stack([x.cpu(), recon.cpu()], 1).flatten(0, 1)
+    return save_grid(pairs, Path(out_dir) / "reconstructions.png", nrow=16, scale=2)
+
+
+class _OtherSystem(Exception):
+    def __init__(self, name: object):
+        self.name = name
+
+
+def read_stage(path: Union[str, Path], key: str, systems: tuple[type[System], ...], expected: str) -> Checkpoint:
+    """The checkpoint at ``path`` (given as ``model.KEY``), which must be one of ``systems``' (its config parsed and
+    its weights upgraded by that system); another system's checkpoint is refused with ``model.KEY=PATH is a NAME
+    checkpoint; EXPECTED``. For a first stage, a DyDiT's base, an earlier stage of the same system."""
+    classes = {cls.name: cls for cls in systems}
+
+    def parse(raw):
+        name = raw.get("system") if isinstance(raw, dict) else None
+        if name not in classes:
+            raise _OtherSystem(name)
+        return from_dict(raw, lambda n: classes[n].ModelConfig)
+
+    try:
+        ckpt = read_checkpoint(path, parse, training_state=False)
+    except _OtherSystem as exc:
+        raise ConfigError(f"model.{key}={path} is a {exc.name} checkpoint; {expected}") from None
+    return upgraded(ckpt, classes[ckpt.config.system])
+
+
+def upgraded(ckpt: Checkpoint, cls: type[System]) -> Checkpoint:
+    """``ckpt`` with its weights under the key names of today's ``cls``."""
+    ckpt.model = cls.upgrade_state_dict(ckpt.model)
+    if ckpt.ema is not None:
+        ckpt.ema = cls.upgrade_state_dict(ckpt.ema)
+    return ckpt

@@ -31,7 +31,7 @@ from difflineage.models.clip import CLIP, CLIPConfig, clip_score, retrieval_accu
 from difflineage.models.dalle import DalleTransformer, DalleTransformerConfig, DiscreteVAE, DVAEConfig, kl_to_uniform
 from difflineage.nn.bpe import CaptionTokenizer
 from difflineage.nn.quantize import code_usage
-from difflineage.systems.base import Condition, System
+from difflineage.systems.base import Condition, System, save_reconstructions, spread_images
 from difflineage.systems.first_stage import EncodedTrainingSet
 from difflineage.weights import load_state_dict_strict
 
@@ -149,7 +149,7 @@ class DalleSystem(System):
 
     def prepare(self, dataset: ImageDataset) -> None:
         m = self.config.model
-        self.preview = self.spread_images(dataset, 32 if m.stage != "clip" else 500)
+        self.preview = spread_images(dataset, self.device, 32 if m.stage != "clip" else 500)
         if m.stage != "prior":
             return
         for module, path, key, stage in ((self.dvae, m.first_stage, "first_stage", "dvae"),
@@ -317,8 +317,8 @@ class DalleSystem(System):
     def pictures(self, dataset: ImageDataset, out_dir: Path, generator: Optional[torch.Generator] = None) -> dict[str, Path]:
         m = self.config.model
         if m.stage == "dvae":
-            x = self.spread_images(dataset)
-            return {"reconstructions": self.save_reconstructions(x, self.reconstruct(x), out_dir)}
+            x = spread_images(dataset, self.device)
+            return {"reconstructions": save_reconstructions(x, self.reconstruct(x), out_dir)}
         if m.stage != "prior":
             return {}
         labels, per_class = self.grid_labels(80)

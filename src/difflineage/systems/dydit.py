@@ -34,10 +34,8 @@ from difflineage.errors import CheckpointError, ConfigError
 from difflineage.interop.dit import dit_config_of, infer_dit_settings
 from difflineage.interop.dydit import read_dydit_state, router_heads
 from difflineage.models.dydit import MODES, DyDiT, DyDiTConfig, is_router_key, router_keys_of
-from difflineage.systems.base import Condition
+from difflineage.systems.base import Condition, read_stage
 from difflineage.systems.dit import DiTSystem, DiTSystemConfig
-from difflineage.systems.first_stage import read_stage
-from difflineage.systems.ldm import LDMSystem
 from difflineage.weights import load_state_dict_strict
 
 
@@ -122,7 +120,7 @@ class DyDiTSystem(DiTSystem):
     @classmethod
     def base_checkpoint(cls, path: str):
         """The ``dit`` (or ``dydit``) checkpoint named by ``model.base``."""
-        return read_stage(path, "base", {c.name: c.ModelConfig for c in (DiTSystem, cls)},
+        return read_stage(path, "base", (DiTSystem, cls),
                           "DyDiT fine-tunes a dit one")
 
     def prepare(self, dataset: ImageDataset) -> None:
@@ -140,11 +138,9 @@ class DyDiTSystem(DiTSystem):
             own_net = {k: v for k, v in self.state_dict().items() if k.startswith(prefix)}
             load_state_dict_strict(self, {**others, **own_net}, str(base))
             self._load_net(net_state, str(base))
-            if self.latent:
-                self.cache_posteriors(dataset, measure_scale=False)
+            self.space.cache(dataset, measure_scale=False)  # the base's latent scale stays
         else:
-            if self.latent:
-                LDMSystem.prepare(self, dataset)  # the first stage from model.first_stage
+            self.space.prepare(dataset)  # a latent space's first stage from model.first_stage
             state, _ = read_dydit_state(base)
             self._load_net(state, str(base))
 
@@ -180,7 +176,7 @@ class DyDiTSystem(DiTSystem):
         return (bucket * T + torch.randint(0, T, (n,), device=device)) // 4
 
     def loss(self, batch: Batch, step: Optional[int] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        x0 = self.to_model_space(batch)
+        x0 = self.space.encode(batch)
         t = self.draw_timesteps(len(x0), x0.device)
         cond = self.condition_kwargs(batch["label"], batch["caption"], train=True)
         noise = torch.randn_like(x0)

@@ -1,6 +1,6 @@
-"""Frozen first stages, shared by every two-stage system: reading an earlier stage's checkpoint (of a named
-system), the autoencoder of a latent diffusion model (an ``autoencoder_kl`` run or a Stable Diffusion VAE file),
-and the training set as the frozen stage encodes it, computed once and looked up by batch index.
+"""Frozen first stages, shared by every two-stage system: the autoencoder of a latent diffusion model (an
+``autoencoder_kl`` run or a Stable Diffusion VAE file), and the training set as a frozen stage encodes it, computed
+once and looked up by batch index. (An earlier stage's checkpoint of the same system: ``System.stage_checkpoint``.)
 """
 
 from __future__ import annotations
@@ -10,36 +10,15 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from difflineage.checkpoint import Checkpoint, read_checkpoint
-from difflineage.config import from_dict
+from difflineage.checkpoint import Checkpoint
 from difflineage.data import ImageDataset
-from difflineage.errors import CheckpointError, ConfigError
+from difflineage.errors import CheckpointError
 from difflineage.interop.sd_vae import load_sd_vae
 from difflineage.models.autoencoder_kl import AutoencoderKLConfig
+from difflineage.systems.autoencoder import AutoencoderKLSystem
+from difflineage.systems.base import read_stage
 
 Encoded = Union[torch.Tensor, tuple[torch.Tensor, ...]]
-
-
-class _OtherSystem(Exception):
-    def __init__(self, name: object):
-        self.name = name
-
-
-def read_stage(path: Union[str, Path], key: str, model_configs: dict[str, type], expected: str) -> Checkpoint:
-    """The checkpoint at ``path`` (given as ``model.KEY``), which must be of one of the systems named in
-    ``model_configs`` (system name -> its model dataclass); another system's checkpoint is refused with
-    ``model.KEY=PATH is a NAME checkpoint; EXPECTED``."""
-
-    def parse(raw):
-        name = raw.get("system") if isinstance(raw, dict) else None
-        if name not in model_configs:
-            raise _OtherSystem(name)
-        return from_dict(raw, model_configs.__getitem__)
-
-    try:
-        return read_checkpoint(path, parse, training_state=False)
-    except _OtherSystem as exc:
-        raise ConfigError(f"model.{key}={path} is a {exc.name} checkpoint; {expected}") from None
 
 
 def _sd_vae_file(spec: str) -> Path:
@@ -50,7 +29,7 @@ def _sd_vae_file(spec: str) -> Path:
 
 
 def _autoencoder_run(spec: str) -> Checkpoint:
-    return read_stage(spec, "first_stage", {"autoencoder_kl": AutoencoderKLConfig},
+    return read_stage(spec, "first_stage", (AutoencoderKLSystem,),
                       "it must be an autoencoder_kl one (or sd-vae:PATH)")
 
 

@@ -16,7 +16,7 @@ from difflineage.checkpoint import Checkpoint, read_checkpoint, resolve_checkpoi
 from difflineage.config import Config, from_dict, read_config, unknown
 from difflineage.errors import ConfigError
 from difflineage.systems.autoencoder import AutoencoderKLSystem
-from difflineage.systems.base import System
+from difflineage.systems.base import System, upgraded
 from difflineage.systems.dalle import DalleSystem
 from difflineage.systems.ddpm import DDPMSystem
 from difflineage.systems.dit import DiTSystem
@@ -56,8 +56,9 @@ def load_config(path_or_name: Union[str, Path], overrides: Optional[list[str]] =
 def load_checkpoint(path: Union[str, Path], map_location: Union[str, torch.device] = "cpu", training_state: bool = True,
                     verify: bool = True) -> Checkpoint:
     """Read a checkpoint directory (or a run directory's latest checkpoint), its config parsed by the registry."""
-    return read_checkpoint(path, config_from_dict, map_location=map_location, training_state=training_state,
+    ckpt = read_checkpoint(path, config_from_dict, map_location=map_location, training_state=training_state,
                            verify=verify)
+    return upgraded(ckpt, system_class(ckpt.config.system))
 
 
 def build_system(config: Config) -> System:

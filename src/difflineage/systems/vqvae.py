@@ -24,7 +24,7 @@ from difflineage.errors import ConfigError
 from difflineage.models.pixelcnn import GatedPixelCNN, PixelCNNConfig
 from difflineage.models.vqvae import VQVAE, VQVAE2, VQVAEConfig
 from difflineage.nn.quantize import code_usage
-from difflineage.systems.base import Condition, System
+from difflineage.systems.base import Condition, System, save_reconstructions, spread_images
 from difflineage.systems.first_stage import EncodedTrainingSet
 from difflineage.weights import load_state_dict_strict
 
@@ -90,7 +90,7 @@ class VQVAESystem(System):
         return replace(config, model=replace(m, vq=ckpt.config.model.vq))
 
     def prepare(self, dataset: ImageDataset) -> None:
-        self.preview = self.spread_images(dataset)
+        self.preview = spread_images(dataset, self.device)
         if self.config.model.stage != "prior":
             return
         path = self.config.model.first_stage
@@ -152,8 +152,8 @@ class VQVAESystem(System):
     # -- evaluation ---------------------------------------------------------------------------------
 
     def pictures(self, dataset: ImageDataset, out_dir: Path, generator: Optional[torch.Generator] = None) -> dict[str, Path]:
-        x = self.spread_images(dataset)
-        return {"reconstructions": self.save_reconstructions(x, self.reconstruct(x), out_dir)}
+        x = spread_images(dataset, self.device)
+        return {"reconstructions": save_reconstructions(x, self.reconstruct(x), out_dir)}
 
     @torch.no_grad()
     def evaluate(self, dataset: ImageDataset, generator: Optional[torch.Generator] = None, progress: bool = True,

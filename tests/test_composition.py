@@ -1,0 +1,128 @@
+"""The systems as compositions: a denoiser in a space, the narrow contract (loss(batch, step)), the optional
+abilities as protocols, and the configs and checkpoints of earlier versions still read."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import difflineage
+from difflineage.data import load_dataset
+from difflineage.errors import ConfigError
+from difflineage.eval import evaluate_system
+from difflineage.systems import SYSTEMS, DiTSystem, config_from_dict
+from difflineage.systems.base import CarriesClip, DynamicCompute, Reranks
+from difflineage.systems.spaces import LatentSpace, PixelSpace
+
+FIXTURES = Path(__file__).parent / "fixtures" / "systems"
+
+
+def fixture(name: str):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the fixtures are configs of an earlier version
+        return difflineage.load(FIXTURES / name)
+
+
+def test_one_denoiser_class_in_either_space():
+    pixel, latent = fixture("dit_pixel"), fixture("dit_latent")
+    assert type(pixel) is type(latent) is DiTSystem
+    assert isinstance(pixel.space, PixelSpace) and pixel.space.clip_denoised
+    assert isinstance(latent.space, LatentSpace) and not latent.space.clip_denoised
+    assert (latent.channels, latent.side) == latent.space.shape == (latent.config.model.autoencoder.latent_channels, 4)
+    assert isinstance(fixture("ldm").space, LatentSpace) and isinstance(fixture("ddpm_class").space, PixelSpace)
+    # the space's parts belong to the space: a pixel DiT holds no autoencoder weights at all
+    assert not any(k.startswith("space.") for k in pixel.state_dict())
+    assert {"space.latent_scale", "space.first_stage.decoder.conv_out.weight"} <= set(latent.state_dict())
+
+
+def test_checkpoints_of_earlier_versions_are_read_under_todays_keys():
+    old = {"first_stage.decoder.conv_out.weight": torch.ones(1), "latent_scale": torch.tensor(2.0),
+           "dit.pos_embed": torch.zeros(1), "text.proj.weight": torch.zeros(1)}
+    new = DiTSystem.upgrade_state_dict(old)
+    assert set(new) == {"space.first_stage.decoder.conv_out.weight", "space.latent_scale", "dit.pos_embed",
+                        "text.proj.weight"}
+    assert new["space.latent_scale"] is old["latent_scale"]
+    assert DiTSystem.upgrade_state_dict(new) == new  # today's keys stay as they are
+    # the committed fixture is an earlier version's checkpoint: top-level first_stage.* keys, and it loads
+    from safetensors import safe_open
+
+    with safe_open(str(FIXTURES / "dit_latent" / "ema.safetensors"), "pt") as fh:
+        assert any(k.startswith("first_stage.") for k in fh.keys())
+    latent = fixture("dit_latent")
+    assert latent.space.latent_scale.item() != 1.0  # the measured scale came across
+
+
+def test_a_dit_config_carries_no_unet_and_a_class_model_no_text_encoder():
+    dit = difflineage.load_config("dit-mnist")
+    names = {f.name for f in dataclasses.fields(dit.model)}
+    assert "unet" not in names and "unet" not in dit.to_dict()["model"]
+    assert dit.model.condition == "class" and dit.model.text is None
+    caption = difflineage.load_config("dit-mnist", ["model.condition=caption"])
+    assert caption.model.text is not None and caption.model.text.width > 0  # the default encoder, when captions
+
+
+def test_an_earlier_dit_config_with_a_unet_section_is_read_with_a_note(tmp_path):
+    raw = yaml.safe_load((FIXTURES / "dit_pixel" / "config.yaml").read_text())
+    assert "unet" in raw["model"]
+    with pytest.warns(FutureWarning, match="model.unet is no longer read"):
+        cfg = config_from_dict(raw)
+    assert cfg == config_from_dict({**raw, "model": {k: v for k, v in raw["model"].items() if k != "unet"}})
+
+
+def test_a_renamed_key_is_read_under_its_old_name_and_both_names_are_refused():
+    from difflineage.config import build
+
+    @dataclasses.dataclass
+    class Renamed:
+        steps: int = 1
+        deprecated_keys = {"iterations": "steps"}
+
+    with pytest.warns(FutureWarning, match="now called x.steps"):
+        assert build(Renamed, {"iterations": 7}, "x").steps == 7
+    with pytest.raises(ConfigError, match="same setting"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        build(Renamed, {"iterations": 7, "steps": 8}, "x")
+
+
+def test_optional_abilities_are_declared_protocols():
+    assert isinstance(fixture("dydit"), DynamicCompute) and fixture("dydit").compute_modes == ("fast", "full")
+    assert not isinstance(fixture("dit_latent"), DynamicCompute)
+    prior = fixture("dalle_prior")
+    assert isinstance(prior, CarriesClip) and isinstance(prior, Reranks) and prior.clip_model() is not None
+    for name in ("vae", "ddpm_caption", "vqvae_prior"):
+        assert not isinstance(fixture(name), (CarriesClip, Reranks, DynamicCompute)), name
+
+
+def test_the_training_step_is_an_argument_of_the_loss():
+    dalle = fixture("dalle_dvae").train()
+    batch = load_dataset(dalle.config.data, "train").batch(range(4))
+    steps = dalle.config.train.steps
+    early, late = dalle.loss(batch, 0)[1], dalle.loss(batch, steps)[1]
+    m = dalle.config.model.dvae
+    assert early["tau"].item() == pytest.approx(m.temperature(0.0)) and late["tau"].item() == pytest.approx(m.temperature(1.0))
+    assert early["tau"] > late["tau"]  # the Gumbel temperature is annealed with the step
+    dydit = fixture("dydit").train()
+    batch = load_dataset(dydit.config.data, "train").batch(range(4))
+    cfg = dataclasses.replace(dydit.config, model=dataclasses.replace(dydit.config.model, router_warmup=10, target=0.5))
+    dydit.config = cfg
+    assert dydit.loss(batch, 0)[1]["flops_target"].item() == pytest.approx(1.0)
+    assert dydit.loss(batch, 5)[1]["flops_target"].item() == pytest.approx(0.75)
+    assert "mse_full" in dydit.loss(batch, 5)[1] and "mse_full" not in dydit.loss(batch, 10)[1]
+    assert "step" not in batch
+
+
+def test_load_returns_the_system_alone_and_evaluate_records_where_it_came_from():
+    system = fixture("vae")
+    assert not hasattr(system, "checkpoint_path")
+    result = evaluate_system(system, n=0, progress=False, k=2, checkpoint=FIXTURES / "vae")
+    assert result["checkpoint"] == str(FIXTURES / "vae")
+
+
+def test_every_registered_system_is_a_system_with_its_model_dataclass():
+    for name, cls in SYSTEMS.items():
+        assert cls.name == name and dataclasses.is_dataclass(cls.ModelConfig)
