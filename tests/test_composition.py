@@ -16,7 +16,7 @@ from difflineage.data import load_dataset
 from difflineage.errors import ConfigError
 from difflineage.eval import evaluate_system
 from difflineage.systems import SYSTEMS, DiTSystem, config_from_dict
-from difflineage.systems.base import CarriesClip, DynamicCompute, Reranks
+from difflineage.systems.base import CarriesClip, Denoises, DynamicCompute, Reranks
 from difflineage.systems.spaces import LatentSpace, PixelSpace
 
 FIXTURES = Path(__file__).parent / "fixtures" / "systems"
@@ -96,6 +96,8 @@ def test_optional_abilities_are_declared_protocols():
     assert isinstance(prior, CarriesClip) and isinstance(prior, Reranks) and prior.clip_model() is not None
     for name in ("vae", "ddpm_caption", "vqvae_prior"):
         assert not isinstance(fixture(name), (CarriesClip, Reranks, DynamicCompute)), name
+    assert all(isinstance(fixture(n), Denoises) for n in ("ddpm_class", "ldm", "dit_pixel", "dydit"))
+    assert not isinstance(fixture("vae"), Denoises) and not isinstance(fixture("dalle_prior"), Denoises)
 
 
 def test_the_training_step_is_an_argument_of_the_loss():
@@ -126,3 +128,21 @@ def test_load_returns_the_system_alone_and_evaluate_records_where_it_came_from()
 def test_every_registered_system_is_a_system_with_its_model_dataclass():
     for name, cls in SYSTEMS.items():
         assert cls.name == name and dataclasses.is_dataclass(cls.ModelConfig)
+
+
+def test_each_stage_of_a_staged_system_is_its_own_class():
+    from difflineage.systems.dalle import DalleCLIP, DalleDVAE, DallePrior, DalleSystem
+    from difflineage.systems.vqvae import VQVAE2Prior, VQVAE2System, VQVAEPrior, VQVAESystem
+
+    expected = {"vqvae_ae": VQVAESystem, "vqvae_prior": VQVAEPrior, "vqvae2_ae": VQVAE2System,
+                "vqvae2_prior": VQVAE2Prior, "dalle_dvae": DalleDVAE, "dalle_clip": DalleCLIP, "dalle_prior": DallePrior}
+    for name, cls in expected.items():
+        system = fixture(name)
+        assert type(system) is cls, name
+        assert SYSTEMS[system.config.system].for_config(system.config) is cls
+    assert all(issubclass(c, DalleSystem) and c.name == "dalle" for c in (DalleDVAE, DalleCLIP, DallePrior))
+    # the prior stages hold their frozen first stage: trainable parameters are the prior's alone
+    prior = fixture("vqvae2_prior")
+    assert all(not p.requires_grad for p in prior.vqvae.parameters())
+    assert prior.train().vqvae.training is False  # and it stays in eval mode (its quantiser statistics frozen)
+    assert not fixture("vqvae_ae").uses_labels and fixture("vqvae_prior").uses_labels

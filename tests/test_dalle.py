@@ -172,9 +172,9 @@ def test_reranking_keeps_the_candidate_clip_scores_highest(tmp_path):
     clip_cfg = CLIPConfig(embed=8, channels=4, text=TextEncoderConfig(width=16, depth=1, heads=2, max_length=16))
     torch.manual_seed(0)
     clip = CLIP(clip_cfg).eval()
-    from difflineage.systems.dalle import DalleSystem
+    from difflineage.systems.dalle import DallePrior
 
-    system = DalleSystem.__new__(DalleSystem)
+    system = DallePrior.__new__(DallePrior)
     torch.nn.Module.__init__(system)
     system.clip = clip
     candidates = torch.rand(3, 5, 1, 8, 8) * 2 - 1

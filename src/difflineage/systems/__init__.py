@@ -17,10 +17,11 @@ from difflineage.systems.registry import (
     load_config,
     model_config_class,
     system_class,
+    system_for,
 )
 from difflineage.systems.vae import VAESystem
 from difflineage.systems.vqvae import VQVAE2System, VQVAESystem
 
 __all__ = ["SYSTEMS", "System", "VAESystem", "DDPMSystem", "AutoencoderKLSystem", "LDMSystem", "DiTSystem",
            "DyDiTSystem", "VQVAESystem", "VQVAE2System", "DalleSystem", "build_system", "config_from_dict", "load",
-           "load_checkpoint", "load_config", "model_config_class", "system_class"]
+           "load_checkpoint", "load_config", "model_config_class", "system_class", "system_for"]

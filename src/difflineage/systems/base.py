@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import abc
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Optional, Protocol, Union, runtime_checkable
+from typing import Any, Callable, ClassVar, Iterator, Optional, Protocol, Union, runtime_checkable
 
 import torch
 import torch.nn as nn
@@ -39,6 +39,14 @@ class Reranks(Protocol):
 
 
 @runtime_checkable
+class Denoises(Protocol):
+    """A system built around one denoising network ``net`` (the diffusion systems): what ``train.compile``
+    compiles and what FLOPs are counted on per sampler step."""
+
+    net: nn.Module
+
+
+@runtime_checkable
 class DynamicCompute(Protocol):
     """A system whose denoiser ``net`` spends different arithmetic at different sampler steps (DyDiT): ``info``
     and the benchmarks count its FLOPs per step, sampling once in each of ``compute_modes`` (the dynamic mode,
@@ -67,6 +75,12 @@ class System(nn.Module, abc.ABC):
         """Fill in what a config leaves to be read from elsewhere (e.g. a first stage's architecture from
         its checkpoint), before the system is built for training. The result is what the checkpoint stores."""
         return config
+
+    @classmethod
+    def for_config(cls, config: Config) -> type["System"]:
+        """The class that builds this config: a system trained in stages (``model.stage``) has one per stage,
+        registered under the system's one name; others are their own class."""
+        return cls
 
     @classmethod
     def upgrade_state_dict(cls, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -182,6 +196,12 @@ class System(nn.Module, abc.ABC):
         if self.num_classes and (labels.min() < 0 or labels.max() >= self.num_classes):
             raise ValueError(f"labels must lie in 0..{self.num_classes - 1}, got {labels.min().item()}..{labels.max().item()}")
         return labels
+
+
+def batches(dataset: ImageDataset, device: torch.device, size: int = 250) -> Iterator[Batch]:
+    """``dataset`` in consecutive batches of ``size``, on ``device`` (for held-out scores)."""
+    for s in range(0, len(dataset), size):
+        yield dataset.batch(range(s, min(s + size, len(dataset))), device)
 
 
 def spread_images(dataset: ImageDataset, device: torch.device, n: int = 32) -> torch.Tensor:

@@ -9,6 +9,9 @@
    CLIP of ``model.clip_stage`` carried along for reranking. ``sample`` draws image tokens with a key/value
    cache (temperature, top-k, top-p, classifier-free guidance), decodes them with the dVAE and, with
    ``rerank=N``, keeps the best of N candidates per caption by CLIP score. The checkpoint samples alone.
+
+The system is registered once, as ``dalle`` (``DalleSystem``); ``model.stage`` picks the class that builds a
+config (``DalleDVAE``, ``DalleCLIP``, ``DallePrior``) through ``for_config``.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from difflineage.models.clip import CLIP, CLIPConfig, clip_score, retrieval_accu
 from difflineage.models.dalle import DalleTransformer, DalleTransformerConfig, DiscreteVAE, DVAEConfig, kl_to_uniform
 from difflineage.nn.bpe import CaptionTokenizer
 from difflineage.nn.quantize import code_usage
-from difflineage.systems.base import Condition, System, save_reconstructions, spread_images
+from difflineage.systems.base import Condition, System, batches, save_reconstructions, spread_images
 from difflineage.systems.first_stage import EncodedTrainingSet
 from difflineage.weights import load_state_dict_strict
 
@@ -66,42 +69,213 @@ class DalleConfig:
 
 
 class DalleSystem(System):
+    """What every DALL-E stage shares: the registered name and config, the preview images, captions from labels.
+    ``for_config`` gives the stage's own class."""
+
     name = "dalle"
     ModelConfig = DalleConfig
-    variable_size_keys = ("tokenizer_json",)  # the tokenizer's JSON bytes: their length comes with the checkpoint
+    preview_images = 32  # training images kept (not saved) for reconstruction or retrieval
 
     def __init__(self, config: Config):
         super().__init__(config)
-        m, d = config.model, config.data
-        channels = d.channels or 1
-        stage = m.stage
         self.register_buffer("preview", torch.zeros(0), persistent=False)
-        if stage in ("dvae", "prior"):
-            self.dvae = DiscreteVAE(m.dvae, image_channels=channels)
-            f = self.dvae.downsampling_factor
-            if d.image_size % f:
-                raise ConfigError(f"data.image_size={d.image_size} is not divisible by the dVAE's downsampling factor {f}")
-            self.side = d.image_size // f
-        if stage == "clip" or (stage == "prior" and m.clip_stage):
-            self.clip = CLIP(m.clip, image_channels=channels)
-        if stage == "prior":
-            self.dvae.requires_grad_(False)
-            if hasattr(self, "clip"):
-                self.clip.requires_grad_(False)
-            self.transformer = DalleTransformer(m.transformer, m.dvae.codes, self.side)
-            # the BPE tokenizer's JSON, kept in the weights file so the checkpoint is self-contained
-            self.register_buffer("tokenizer_json", torch.zeros(0, dtype=torch.uint8))
-            self._tokenizer: Optional[CaptionTokenizer] = None
-            self._codes: Optional[EncodedTrainingSet] = None
+
+    @classmethod
+    def for_config(cls, config: Config) -> type[System]:
+        return {"dvae": DalleDVAE, "clip": DalleCLIP, "prior": DallePrior}[config.model.stage]
 
     @property
     def uses_labels(self) -> bool:
         """Samples can be asked for by class: the caption is then made from the class name."""
-        return self.config.model.stage != "dvae" and bool(self.config.data.num_classes)
+        return bool(self.config.data.num_classes)
 
     @property
     def caption_conditioned(self) -> bool:
-        return self.config.model.stage == "prior"
+        return False
+
+    def prepare(self, dataset: ImageDataset) -> None:
+        self.preview = spread_images(dataset, self.device, self.preview_images)
+
+    def check_options(self, options: dict) -> None:
+        if options:
+            raise TypeError(f"unknown sampling options {sorted(options)}; this system takes temperature, top_k, "
+                            "top_p, guidance and rerank")
+
+    def _captions(self, batch: Batch) -> list[str]:
+        if batch.get("caption") is None:
+            raise ValueError("DALL-E trains on image/caption pairs: the data must carry captions "
+                             "(labelled data gets them from data.caption_template)")
+        return list(batch["caption"])
+
+    def captions_of(self, n: int, condition: Condition) -> list[str]:
+        """Captions for ``n`` samples: as given (one, or n), or made from class labels (the classes in turn)."""
+        if isinstance(condition, str):
+            condition = [condition]
+        if isinstance(condition, list):
+            if len(condition) == 1:
+                return condition * n
+            if len(condition) != n:
+                raise ValueError(f"expected 1 or {n} captions, got {len(condition)}")
+            return list(condition)
+        labels = self.labels_for(n, condition)
+        if labels is None:
+            raise ValueError("give captions: this data has no classes to make captions from")
+        return self.captions_for(labels)
+
+
+class DalleDVAE(DalleSystem):
+    """Stage 1: the discrete VAE, trained on the ELBO with annealed temperature and KL weight."""
+
+    def __init__(self, config: Config):
+        super().__init__(config)
+        m, d = config.model, config.data
+        self.dvae = DiscreteVAE(m.dvae, image_channels=d.channels or 1)
+        f = self.dvae.downsampling_factor
+        if d.image_size % f:
+            raise ConfigError(f"data.image_size={d.image_size} is not divisible by the dVAE's downsampling factor {f}")
+        self.side = d.image_size // f
+
+    @property
+    def uses_labels(self) -> bool:
+        return False  # the dVAE takes no condition
+
+    def training_progress(self, step: Optional[int]) -> float:
+        """Share of training done before a batch (for the dVAE's annealing schedules); None counts as 0."""
+        return min(1.0, (step or 0) / max(1, self.config.train.steps))
+
+    def loss(self, batch: Batch, step: Optional[int] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        m = self.config.model
+        x = batch["image"]
+        p = self.training_progress(step)
+        tau, beta = m.dvae.temperature(p), m.dvae.beta(p)
+        recon, logits = self.dvae(x, tau)
+        pixels = x[0].numel()
+        rec_nats = (recon.float() - x).pow(2).flatten(1).sum(1) / (2 * m.dvae.sigma ** 2)  # Gaussian NLL + const
+        kl = kl_to_uniform(logits).flatten(1).sum(1)  # nats per image
+        loss = (rec_nats + beta * kl).mean() / pixels
+        with torch.no_grad():
+            mse = F.mse_loss(recon.float(), x)
+            used = logits.argmax(1).unique().numel()
+        return loss, {"mse": mse, "kl_nats_per_token": kl.mean().detach() / logits[0, 0].numel(), "tau": torch.tensor(tau),
+                      "beta": torch.tensor(beta), "codes_used": torch.tensor(float(used))}
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dvae.decode(self.dvae.encode(x.to(self.device))).float().clamp(-1, 1)
+
+    @torch.no_grad()
+    def sample(self, n: int, condition: Condition = None, generator: Optional[torch.Generator] = None,
+               temperature: Optional[float] = None, top_k: Optional[int] = None, top_p: Optional[float] = None,
+               guidance: Optional[float] = None, rerank: Optional[int] = None, use_cache: bool = True,
+               progress: bool = False, **options: Any) -> torch.Tensor:
+        """Reconstructions of training images (a dVAE has no prior yet)."""
+        self.check_options(options)
+        if len(self.preview) == 0:
+            raise ValueError("a dVAE reconstructs rather than samples: train the prior stage (model.stage=prior) "
+                             "to draw new images")
+        return self.reconstruct(self.preview[torch.arange(n) % len(self.preview)])
+
+    def pictures(self, dataset: ImageDataset, out_dir: Path, generator: Optional[torch.Generator] = None) -> dict[str, Path]:
+        x = spread_images(dataset, self.device)
+        return {"reconstructions": save_reconstructions(x, self.reconstruct(x), out_dir)}
+
+    @torch.no_grad()
+    def evaluate(self, dataset: ImageDataset, generator: Optional[torch.Generator] = None, progress: bool = True,
+                 **options: Any) -> dict[str, float]:
+        """Held-out reconstruction error and token usage."""
+        k = self.config.model.dvae.codes
+        mse, counts = 0.0, torch.zeros(k)
+        for batch in batches(dataset, self.device):
+            tokens = self.dvae.encode(batch["image"])
+            mse += ((self.dvae.decode(tokens).float().clamp(-1, 1) - batch["image"]) / 2).pow(2).mean((1, 2, 3)).sum().item()
+            counts += torch.bincount(tokens.flatten().cpu(), minlength=k).float()
+        out: dict[str, Any] = {"recon_mse": mse / len(dataset), "recon_psnr_db": 10 * math.log10(len(dataset) / mse)}
+        out["codebook_perplexity"], out["codes_used"] = code_usage(counts)
+        return out
+
+    def forward_passes(self):
+        d = self.config.data
+        x = torch.zeros(1, d.channels or 1, d.image_size, d.image_size, device=self.device)
+        tokens = torch.zeros(1, self.side, self.side, dtype=torch.long, device=self.device)
+        return {"dVAE encoder (one image)": lambda: self.dvae.encode(x),
+                "dVAE decoder (one image)": lambda: self.dvae.decode(tokens)}
+
+
+class DalleCLIP(DalleSystem):
+    """Stage 2: a small CLIP trained contrastively on the image/caption pairs; ``sample`` retrieves."""
+
+    preview_images = 500  # the retrieval pool
+
+    def __init__(self, config: Config):
+        super().__init__(config)
+        self.clip = CLIP(config.model.clip, image_channels=config.data.channels or 1)
+
+    def clip_model(self) -> CLIP:
+        return self.clip
+
+    def loss(self, batch: Batch, step: Optional[int] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        loss, acc = self.clip.loss(batch["image"], self._captions(batch))
+        return loss, {"batch_retrieval_acc": acc.detach(), "logit_scale": self.clip.scale().detach()}
+
+    @torch.no_grad()
+    def sample(self, n: int, condition: Condition = None, generator: Optional[torch.Generator] = None,
+               temperature: Optional[float] = None, top_k: Optional[int] = None, top_p: Optional[float] = None,
+               guidance: Optional[float] = None, rerank: Optional[int] = None, use_cache: bool = True,
+               progress: bool = False, **options: Any) -> torch.Tensor:
+        """Retrieval from a pool of training images: a caption asked k times gets its k best matches."""
+        self.check_options(options)
+        captions = self.captions_of(n, condition)
+        if len(self.preview) == 0:
+            raise ValueError("a CLIP retrieves rather than samples, from the images it saw when training started; "
+                             "score it with `difflineage evaluate CKPT --n 0` (retrieval accuracy), and train the "
+                             "prior stage (model.stage=prior) to draw new images")
+        order = (self.clip.encode_text(captions) @ self.clip.encode_image(self.preview).t()).argsort(1, descending=True)
+        rank, seen = [], {}  # the k-th time a caption is asked, its k-th best match
+        for c in captions:
+            rank.append(seen.get(c, 0))
+            seen[c] = rank[-1] + 1
+        return self.preview[order[torch.arange(n), torch.tensor(rank) % order.shape[1]]]
+
+    @torch.no_grad()
+    def evaluate(self, dataset: ImageDataset, generator: Optional[torch.Generator] = None, progress: bool = True,
+                 **options: Any) -> dict[str, float]:
+        """Retrieval accuracy on held-out pairs and the CLIP score of real pairs."""
+        return clip_retrieval_scores(self.clip, dataset)
+
+    def forward_passes(self):
+        d = self.config.data
+        x = torch.zeros(1, d.channels or 1, d.image_size, d.image_size, device=self.device)
+        return {"CLIP image encoder (one image)": lambda: self.clip.encode_image(x),
+                "CLIP text encoder (one caption)": lambda: self.clip.encode_text(["a caption"])}
+
+
+class DallePrior(DalleDVAE):
+    """Stage 3: the transformer over [caption tokens, image tokens] of the frozen dVAE (``model.first_stage``),
+    with the CLIP of ``model.clip_stage`` carried for reranking (a :class:`CarriesClip`, :class:`Reranks` system)."""
+
+    variable_size_keys = ("tokenizer_json",)  # the tokenizer's JSON bytes: their length comes with the checkpoint
+
+    def __init__(self, config: Config):
+        super().__init__(config)
+        m = config.model
+        if m.clip_stage:
+            self.clip = CLIP(m.clip, image_channels=config.data.channels or 1)
+        self.dvae.requires_grad_(False)
+        if self.clip_model() is not None:
+            self.clip.requires_grad_(False)
+        self.transformer = DalleTransformer(m.transformer, m.dvae.codes, self.side)
+        # the BPE tokenizer's JSON, kept in the weights file so the checkpoint is self-contained
+        self.register_buffer("tokenizer_json", torch.zeros(0, dtype=torch.uint8))
+        self._tokenizer: Optional[CaptionTokenizer] = None
+        self._codes: Optional[EncodedTrainingSet] = None
+
+    @property
+    def uses_labels(self) -> bool:
+        return bool(self.config.data.num_classes)
+
+    @property
+    def caption_conditioned(self) -> bool:
+        return True
 
     def clip_model(self) -> Optional[CLIP]:
         return getattr(self, "clip", None)
@@ -110,7 +284,7 @@ class DalleSystem(System):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         key = prefix + "tokenizer_json"
-        if key in state_dict and hasattr(self, "tokenizer_json"):
+        if key in state_dict:
             # its length is the JSON's, not known before; it stays on this module's device
             self.tokenizer_json = torch.zeros_like(state_dict[key], device=self.tokenizer_json.device)
             self._tokenizer = None
@@ -137,8 +311,6 @@ class DalleSystem(System):
     @classmethod
     def resolve_config(cls, config: Config) -> Config:
         m = config.model
-        if m.stage != "prior":
-            return config
         if not m.first_stage:
             raise ConfigError("model.stage=prior needs model.first_stage: the dVAE run whose tokens it models "
                               "(train it first with model.stage=dvae)")
@@ -148,10 +320,8 @@ class DalleSystem(System):
         return replace(config, model=replace(m, **updates))
 
     def prepare(self, dataset: ImageDataset) -> None:
+        super().prepare(dataset)
         m = self.config.model
-        self.preview = spread_images(dataset, self.device, 32 if m.stage != "clip" else 500)
-        if m.stage != "prior":
-            return
         for module, path, key, stage in ((self.dvae, m.first_stage, "first_stage", "dvae"),
                                          (self.clip_model(), m.clip_stage, "clip_stage", "clip")):
             if module is not None:
@@ -182,50 +352,22 @@ class DalleSystem(System):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        if self.config.model.stage == "prior":  # frozen parts stay in eval mode
-            self.dvae.eval()
-            if self.clip_model() is not None:
-                self.clip.eval()
+        self.dvae.eval()  # frozen parts stay in eval mode
+        if self.clip_model() is not None:
+            self.clip.eval()
         return self
 
     # -- training ------------------------------------------------------------------------------------
 
-    def training_progress(self, step: Optional[int]) -> float:
-        """Share of training done before a batch (for the dVAE's annealing schedules); None counts as 0."""
-        return min(1.0, (step or 0) / max(1, self.config.train.steps))
-
     def loss(self, batch: Batch, step: Optional[int] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         m = self.config.model
-        x = batch["image"]
-        if m.stage == "dvae":
-            p = self.training_progress(step)
-            tau, beta = m.dvae.temperature(p), m.dvae.beta(p)
-            recon, logits = self.dvae(x, tau)
-            pixels = x[0].numel()
-            rec_nats = (recon.float() - x).pow(2).flatten(1).sum(1) / (2 * m.dvae.sigma ** 2)  # Gaussian NLL + const
-            kl = kl_to_uniform(logits).flatten(1).sum(1)  # nats per image
-            loss = (rec_nats + beta * kl).mean() / pixels
-            with torch.no_grad():
-                mse = F.mse_loss(recon.float(), x)
-                used = logits.argmax(1).unique().numel()
-            return loss, {"mse": mse, "kl_nats_per_token": kl.mean().detach() / logits[0, 0].numel(), "tau": torch.tensor(tau),
-                          "beta": torch.tensor(beta), "codes_used": torch.tensor(float(used))}
         captions = self._captions(batch)
-        if m.stage == "clip":
-            loss, acc = self.clip.loss(x, captions)
-            return loss, {"batch_retrieval_acc": acc.detach(), "logit_scale": self.clip.scale().detach()}
         if m.caption_dropout > 0:
             drop = (torch.rand(len(captions)) < m.caption_dropout).tolist()
             captions = ["" if dr else c for c, dr in zip(captions, drop)]
         loss, text_nll, image_nll = self.transformer.loss(self.text_tokens(captions), self._tokens_of(batch),
                                                           self.tokenizer.pad_id)
         return loss, {"text_nll": text_nll.detach(), "image_nll_bits_per_token": (image_nll / math.log(2)).detach()}
-
-    def _captions(self, batch: Batch) -> list[str]:
-        if batch.get("caption") is None:
-            raise ValueError("DALL-E trains on image/caption pairs: the data must carry captions "
-                             "(labelled data gets them from data.caption_template)")
-        return list(batch["caption"])
 
     def _tokens_of(self, batch: Batch) -> torch.Tensor:
         """The batch's image tokens, flattened (N, h * w): cached in training, encoded otherwise."""
@@ -236,55 +378,16 @@ class DalleSystem(System):
 
     # -- sampling ------------------------------------------------------------------------------------
 
-    def captions_of(self, n: int, condition: Condition) -> list[str]:
-        """Captions for ``n`` samples: as given (one, or n), or made from class labels (the classes in turn)."""
-        if isinstance(condition, str):
-            condition = [condition]
-        if isinstance(condition, list):
-            if len(condition) == 1:
-                return condition * n
-            if len(condition) != n:
-                raise ValueError(f"expected 1 or {n} captions, got {len(condition)}")
-            return list(condition)
-        labels = self.labels_for(n, condition)
-        if labels is None:
-            raise ValueError("give captions: this data has no classes to make captions from")
-        return self.captions_for(labels)
-
-    @torch.no_grad()
-    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dvae.decode(self.dvae.encode(x.to(self.device))).float().clamp(-1, 1)
-
     @torch.no_grad()
     def sample(self, n: int, condition: Condition = None, generator: Optional[torch.Generator] = None,
                temperature: Optional[float] = None, top_k: Optional[int] = None, top_p: Optional[float] = None,
                guidance: Optional[float] = None, rerank: Optional[int] = None, use_cache: bool = True,
                progress: bool = False, **options: Any) -> torch.Tensor:
-        """Prior: images for captions (``condition``: captions, class labels, or None for the classes in turn).
-        ``rerank`` N draws N candidates per caption and keeps the one CLIP scores highest.
-        dVAE stage: reconstructions of training images; CLIP stage: retrieval from a pool of training images (a
-        caption asked k times gets its k best matches)."""
-        if options:
-            raise TypeError(f"unknown sampling options {sorted(options)}; this system takes temperature, top_k, "
-                            "top_p, guidance and rerank")
+        """Images for captions (``condition``: captions, class labels, or None for the classes in turn).
+        ``rerank`` N draws N candidates per caption and keeps the one CLIP scores highest."""
+        self.check_options(options)
         m = self.config.model
-        if m.stage == "dvae":
-            if len(self.preview) == 0:
-                raise ValueError("a dVAE reconstructs rather than samples: train the prior stage (model.stage=prior) "
-                                 "to draw new images")
-            return self.reconstruct(self.preview[torch.arange(n) % len(self.preview)])
         captions = self.captions_of(n, condition)
-        if m.stage == "clip":
-            if len(self.preview) == 0:
-                raise ValueError("a CLIP retrieves rather than samples, from the images it saw when training started; "
-                                 "score it with `difflineage evaluate CKPT --n 0` (retrieval accuracy), and train the "
-                                 "prior stage (model.stage=prior) to draw new images")
-            order = (self.clip.encode_text(captions) @ self.clip.encode_image(self.preview).t()).argsort(1, descending=True)
-            rank, seen = [], {}  # the k-th time a caption is asked, its k-th best match
-            for c in captions:
-                rank.append(seen.get(c, 0))
-                seen[c] = rank[-1] + 1
-            return self.preview[order[torch.arange(n), torch.tensor(rank) % order.shape[1]]]
         rerank = m.rerank if rerank is None else rerank
         if rerank < 1:
             raise ValueError(f"rerank={rerank}: give the number of candidates per image, 1 or more")
@@ -315,12 +418,6 @@ class DalleSystem(System):
     # -- evaluation ----------------------------------------------------------------------------------
 
     def pictures(self, dataset: ImageDataset, out_dir: Path, generator: Optional[torch.Generator] = None) -> dict[str, Path]:
-        m = self.config.model
-        if m.stage == "dvae":
-            x = spread_images(dataset, self.device)
-            return {"reconstructions": save_reconstructions(x, self.reconstruct(x), out_dir)}
-        if m.stage != "prior":
-            return {}
         labels, per_class = self.grid_labels(80)
         if labels is None:
             return {}
@@ -336,44 +433,31 @@ class DalleSystem(System):
     @torch.no_grad()
     def evaluate(self, dataset: ImageDataset, generator: Optional[torch.Generator] = None, progress: bool = True,
                  **options: Any) -> dict[str, float]:
-        """dVAE: held-out reconstruction error and token usage. CLIP (and a prior that carries one): retrieval
-        accuracy on held-out pairs and the CLIP score of real pairs. Prior: held-out NLL of the image tokens
-        given the caption, in bits per token."""
-        m = self.config.model
-        out: dict[str, Any] = {}
-        if m.stage in ("dvae", "prior"):
-            k = m.dvae.codes
-            mse, counts, nll = 0.0, torch.zeros(k), 0.0
-            for s in range(0, len(dataset), 250):
-                batch = dataset.batch(range(s, min(s + 250, len(dataset))), self.device)
-                tokens = self.dvae.encode(batch["image"])
-                mse += ((self.dvae.decode(tokens).float().clamp(-1, 1) - batch["image"]) / 2).pow(2).mean((1, 2, 3)).sum().item()
-                counts += torch.bincount(tokens.flatten().cpu(), minlength=k).float()
-                if m.stage == "prior":
-                    nll += self.transformer.image_nll(self.text_tokens(self._captions(batch)), tokens.flatten(1)).sum().item()
-            out.update({"recon_mse": mse / len(dataset), "recon_psnr_db": 10 * math.log10(len(dataset) / mse)})
-            out["codebook_perplexity"], out["codes_used"] = code_usage(counts)
-            if m.stage == "prior":
-                out["prior_nll_bits_per_image_token"] = nll / len(dataset) / math.log(2)
-        clip = self.clip_model()
-        if clip is not None and dataset.captions is not None:
-            images = dataset.batch(range(len(dataset)))["image"]
-            r = retrieval_accuracy(clip, images, dataset.captions)
-            out["clip_retrieval_image_to_caption"] = r["image_to_caption"]
-            out["clip_retrieval_caption_to_image"] = r["caption_to_image"]
-            out["clip_score_real_pairs"] = clip_score(clip, images, dataset.captions)
+        """The dVAE's scores, the held-out NLL of the image tokens given the caption in bits per token and, with a
+        CLIP carried along, its retrieval accuracy and the CLIP score of real pairs."""
+        out = super().evaluate(dataset, generator, progress, **options)
+        nll = sum(self.transformer.image_nll(self.text_tokens(self._captions(b)), self.dvae.encode(b["image"]).flatten(1)).sum().item()
+                  for b in batches(dataset, self.device))
+        out["prior_nll_bits_per_image_token"] = nll / len(dataset) / math.log(2)
+        if self.clip_model() is not None:
+            out.update(clip_retrieval_scores(self.clip, dataset))
         return out
 
     def forward_passes(self):
-        d, m = self.config.data, self.config.model
-        x = torch.zeros(1, d.channels or 1, d.image_size, d.image_size, device=self.device)
-        if m.stage == "clip":
-            return {"CLIP image encoder (one image)": lambda: self.clip.encode_image(x),
-                    "CLIP text encoder (one caption)": lambda: self.clip.encode_text(["a caption"])}
-        tokens = torch.zeros(1, self.side, self.side, dtype=torch.long, device=self.device)
-        passes = {"dVAE encoder (one image)": lambda: self.dvae.encode(x),
-                  "dVAE decoder (one image)": lambda: self.dvae.decode(tokens)}
-        if m.stage == "prior":
-            text = torch.zeros(1, m.transformer.text_length, dtype=torch.long, device=self.device)
-            passes["transformer, whole sequence (teacher-forced)"] = lambda: self.transformer(text, tokens.flatten(1))
+        passes = super().forward_passes()
+        text = torch.zeros(1, self.config.model.transformer.text_length, dtype=torch.long, device=self.device)
+        tokens = torch.zeros(1, self.side * self.side, dtype=torch.long, device=self.device)
+        passes["transformer, whole sequence (teacher-forced)"] = lambda: self.transformer(text, tokens)
         return passes
+
+
+def clip_retrieval_scores(clip: CLIP, dataset: ImageDataset) -> dict[str, float]:
+    """Retrieval accuracy both ways on a dataset's image/caption pairs and the CLIP score of the real pairs (empty
+    without captions)."""
+    if dataset.captions is None:
+        return {}
+    images = dataset.batch(range(len(dataset)))["image"]
+    r = retrieval_accuracy(clip, images, dataset.captions)
+    return {"clip_retrieval_image_to_caption": r["image_to_caption"],
+            "clip_retrieval_caption_to_image": r["caption_to_image"],
+            "clip_score_real_pairs": clip_score(clip, images, dataset.captions)}

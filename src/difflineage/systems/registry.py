@@ -61,9 +61,14 @@ def load_checkpoint(path: Union[str, Path], map_location: Union[str, torch.devic
     return upgraded(ckpt, system_class(ckpt.config.system))
 
 
+def system_for(config: Config) -> type[System]:
+    """The class that builds ``config``: its system's, or that of its stage (``System.for_config``)."""
+    return system_class(config.system).for_config(config)
+
+
 def build_system(config: Config) -> System:
     """The system a config describes, with fresh weights."""
-    return system_class(config.system).from_config(config)
+    return system_for(config).from_config(config)
 
 
 def load(path: Union[str, Path], use_ema: bool = True, device: str = "cpu") -> System:
@@ -80,5 +85,5 @@ def load(path: Union[str, Path], use_ema: bool = True, device: str = "cpu") -> S
     return system.to(device).eval()
 
 
-__all__ = ["SYSTEMS", "build_system", "config_from_dict", "load", "load_checkpoint", "load_config",
+__all__ = ["SYSTEMS", "build_system", "system_for", "config_from_dict", "load", "load_checkpoint", "load_config",
            "model_config_class", "resolve_checkpoint", "system_class"]

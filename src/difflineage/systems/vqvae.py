@@ -1,4 +1,4 @@
-"""VQ-VAE as a system, in two stages, one per config (``model.stage``):
+"""VQ-VAE as a system, in two stages, one per config (``model.stage``), each its own class:
 
 1. ``autoencoder``: encoder, vector quantiser and decoder trained on reconstruction (MSE) + the quantiser's
    losses; codebook perplexity and codes in use are logged every step. ``sample`` returns reconstructions of
@@ -6,6 +6,9 @@
 2. ``prior``: a gated PixelCNN over the frozen autoencoder's code maps (``model.first_stage``: the stage-1 run),
    class-conditional; the code maps of the training images are computed once. Sampling draws codes position by
    position (``temperature``), then decodes them. The checkpoint holds the autoencoder too, so it samples alone.
+
+``vqvae`` and ``vqvae2`` are registered by their autoencoder stage (``VQVAESystem``, ``VQVAE2System``); a config
+with ``model.stage=prior`` builds the prior stage (``VQVAEPrior``, ``VQVAE2Prior``) through ``for_config``.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from difflineage.errors import ConfigError
 from difflineage.models.pixelcnn import GatedPixelCNN, PixelCNNConfig
 from difflineage.models.vqvae import VQVAE, VQVAE2, VQVAEConfig
 from difflineage.nn.quantize import code_usage
-from difflineage.systems.base import Condition, System, save_reconstructions, spread_images
+from difflineage.systems.base import Condition, System, batches, save_reconstructions, spread_images
 from difflineage.systems.first_stage import EncodedTrainingSet
 from difflineage.weights import load_state_dict_strict
 
@@ -54,72 +57,48 @@ class VQVAESystemConfig:
 
 
 class VQVAESystem(System):
+    """Stage 1 of VQ-VAE: the autoencoder (see the module docstring)."""
+
     name = "vqvae"
     ModelConfig = VQVAESystemConfig
 
     def __init__(self, config: Config):
         super().__init__(config)
-        m, d = config.model, config.data
-        self.vqvae = VQVAE(m.vq, image_channels=d.channels or 1)
-        self.side = d.image_size // self.vqvae.downsampling_factor
-        if d.image_size % self.vqvae.downsampling_factor:
-            raise ConfigError(f"data.image_size={d.image_size} is not divisible by the VQ-VAE's downsampling "
-                              f"factor {self.vqvae.downsampling_factor}")
-        if m.stage == "prior":
-            self.vqvae.requires_grad_(False)
-            self.prior = GatedPixelCNN(m.prior, m.vq.codes, num_classes=self.num_classes)
+        self.vqvae = self.make_autoencoder(config)
+        self.side = config.data.image_size // self.vqvae.downsampling_factor
         self.register_buffer("preview", torch.zeros(0), persistent=False)
-        self._codes: Optional[EncodedTrainingSet] = None
+
+    @classmethod
+    def for_config(cls, config: Config) -> type[System]:
+        return cls.prior_stage() if config.model.stage == "prior" else cls.autoencoder_stage()
+
+    @classmethod
+    def autoencoder_stage(cls) -> type[System]:
+        return VQVAESystem
+
+    @classmethod
+    def prior_stage(cls) -> type[System]:
+        return VQVAEPrior
+
+    @staticmethod
+    def make_autoencoder(config: Config) -> torch.nn.Module:
+        d = config.data
+        vqvae = VQVAE(config.model.vq, image_channels=d.channels or 1)
+        if d.image_size % vqvae.downsampling_factor:
+            raise ConfigError(f"data.image_size={d.image_size} is not divisible by the VQ-VAE's downsampling "
+                              f"factor {vqvae.downsampling_factor}")
+        return vqvae
 
     @property
     def uses_labels(self) -> bool:
-        return self.config.model.stage == "prior" and self.config.model.condition == "class" and \
-            bool(self.config.data.num_classes)
-
-    # -- stage 2: the first stage ------------------------------------------------------------------
-
-    @classmethod
-    def resolve_config(cls, config: Config) -> Config:
-        m = config.model
-        if m.stage != "prior":
-            return config
-        if not m.first_stage:
-            raise ConfigError("model.stage=prior needs model.first_stage: the VQ-VAE autoencoder run to model "
-                              "(train it first with model.stage=autoencoder)")
-        ckpt = cls.stage_checkpoint(m.first_stage, "first_stage", "autoencoder")
-        return replace(config, model=replace(m, vq=ckpt.config.model.vq))
+        return False  # an autoencoder takes no class; its prior may
 
     def prepare(self, dataset: ImageDataset) -> None:
         self.preview = spread_images(dataset, self.device)
-        if self.config.model.stage != "prior":
-            return
-        path = self.config.model.first_stage
-        load_state_dict_strict(self.vqvae, self.stage_checkpoint(path, "first_stage", "autoencoder").part("vqvae."), path)
-        self.vqvae.eval()
-        # The code maps of every training image, encoded at the first training batch with the autoencoder this
-        # system holds then (a resumed run's own copy, even if model.first_stage has trained on since).
-        self._codes = EncodedTrainingSet(self.vqvae.encode, dataset, self.device)
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if self.config.model.stage == "prior":
-            self.vqvae.eval()  # frozen, its quantiser statistics too
-        return self
-
-    def codes_of(self, batch: Batch):
-        """The batch's code maps (a tuple of maps for several levels): cached in training, encoded otherwise."""
-        if self._codes is not None and self.training and batch.get("index") is not None:
-            return self._codes.lookup(batch["index"])
-        with torch.no_grad():
-            return self.vqvae.encode(batch["image"])
 
     # -- training -----------------------------------------------------------------------------------
 
     def loss(self, batch: Batch, step: Optional[int] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        if self.config.model.stage == "prior":
-            codes = self.codes_of(batch)
-            nll = self.prior.nll(codes, batch["label"] if self.uses_labels else None)  # nats per position
-            return nll.mean(), {"nll_bits_per_code": (nll.mean() / math.log(2)).detach()}
         x = batch["image"]
         recon, q = self.vqvae(x)
         mse = F.mse_loss(recon.float(), x)
@@ -135,19 +114,13 @@ class VQVAESystem(System):
     @torch.no_grad()
     def sample(self, n: int, condition: Condition = None, generator: Optional[torch.Generator] = None,
                temperature: Optional[float] = None, progress: bool = False, **options: Any) -> torch.Tensor:
-        """Prior stage: codes drawn by the PixelCNN (class ``condition``, or the classes in turn), decoded.
-        Autoencoder stage: reconstructions of training images (there is no prior yet)."""
+        """Reconstructions of training images (an autoencoder has no prior yet)."""
         if options:
             raise TypeError(f"unknown sampling options {sorted(options)}; this system takes temperature")
-        if self.config.model.stage != "prior":
-            if len(self.preview) == 0:
-                raise ValueError("a VQ-VAE autoencoder reconstructs rather than samples: train the prior stage "
-                                 "(model.stage=prior) to draw new images")
-            return self.reconstruct(self.preview[torch.arange(n) % len(self.preview)])
-        labels = self.labels_for(n, condition) if self.uses_labels else None
-        codes = self.prior.sample(n, (self.side, self.side), labels=labels, generator=generator, device=self.device,
-                                  temperature=temperature or self.config.model.temperature)
-        return self.vqvae.decode(codes).float().clamp(-1, 1)
+        if len(self.preview) == 0:
+            raise ValueError("a VQ-VAE autoencoder reconstructs rather than samples: train the prior stage "
+                             "(model.stage=prior) to draw new images")
+        return self.reconstruct(self.preview[torch.arange(n) % len(self.preview)])
 
     # -- evaluation ---------------------------------------------------------------------------------
 
@@ -158,34 +131,115 @@ class VQVAESystem(System):
     @torch.no_grad()
     def evaluate(self, dataset: ImageDataset, generator: Optional[torch.Generator] = None, progress: bool = True,
                  **options: Any) -> dict[str, float]:
-        """Held-out reconstruction error, codebook usage (perplexity, codes used) and, for the prior, its
-        negative log-likelihood in bits per code and in bits per image dimension."""
-        mse, counts, nll = 0.0, torch.zeros(self.config.model.vq.codes), 0.0
-        for s in range(0, len(dataset), 250):
-            batch = dataset.batch(range(s, min(s + 250, len(dataset))), self.device)
+        """Held-out reconstruction error and codebook usage (perplexity, codes used)."""
+        mse, counts = 0.0, torch.zeros(self.config.model.vq.codes)
+        for batch in batches(dataset, self.device):
             codes = self.vqvae.encode(batch["image"])
             mse += ((self.vqvae.decode(codes).float().clamp(-1, 1) - batch["image"]) / 2).pow(2).mean((1, 2, 3)).sum().item()
             counts += torch.bincount(codes.flatten().cpu(), minlength=len(counts)).float()
-            if self.config.model.stage == "prior":
-                nll += self.prior.nll(codes, batch["label"] if self.uses_labels else None).sum().item()
         n = len(dataset)
         out = {"recon_mse": mse / n, "recon_psnr_db": 10 * math.log10(1.0 / (mse / n))}
         out["codebook_perplexity"], out["codes_used"] = code_usage(counts)
-        if self.config.model.stage == "prior":
-            bits_per_code = nll / n / math.log(2)
-            d = self.config.data
-            out["prior_nll_bits_per_code"] = bits_per_code
-            out["prior_nll_bits_per_dim"] = bits_per_code * self.side ** 2 / ((d.channels or 1) * d.image_size ** 2)
         return out
 
     def forward_passes(self):
         d = self.config.data
         x = torch.zeros(1, d.channels or 1, d.image_size, d.image_size, device=self.device)
         codes = torch.zeros(1, self.side, self.side, dtype=torch.long, device=self.device)
-        passes = {"encoder (one image)": lambda: self.vqvae.encode(x), "decoder (one image)": lambda: self.vqvae.decode(codes)}
-        if self.config.model.stage == "prior":
-            labels = torch.zeros(1, dtype=torch.long, device=self.device) if self.uses_labels else None
-            passes[f"prior: one pass (of {self.side ** 2} per image)"] = lambda: self.prior(codes, labels)
+        return {"encoder (one image)": lambda: self.vqvae.encode(x), "decoder (one image)": lambda: self.vqvae.decode(codes)}
+
+
+class CodePrior:
+    """What a prior stage adds to its autoencoder stage (mixed in before it): the frozen autoencoder of
+    ``model.first_stage``, loaded before training; the training set's code maps, encoded once; class labels."""
+
+    def freeze_autoencoder(self) -> None:
+        self.vqvae.requires_grad_(False)
+        self._codes: Optional[EncodedTrainingSet] = None
+
+    @property
+    def uses_labels(self) -> bool:
+        return self.config.model.condition == "class" and bool(self.config.data.num_classes)
+
+    @classmethod
+    def resolve_config(cls, config: Config) -> Config:
+        m = config.model
+        if not m.first_stage:
+            raise ConfigError("model.stage=prior needs model.first_stage: the VQ-VAE autoencoder run to model "
+                              "(train it first with model.stage=autoencoder)")
+        ckpt = cls.stage_checkpoint(m.first_stage, "first_stage", "autoencoder")
+        return replace(config, model=replace(m, vq=ckpt.config.model.vq))
+
+    def prepare(self, dataset: ImageDataset) -> None:
+        super().prepare(dataset)
+        path = self.config.model.first_stage
+        load_state_dict_strict(self.vqvae, self.stage_checkpoint(path, "first_stage", "autoencoder").part("vqvae."), path)
+        self.vqvae.eval()
+        # The code maps of every training image, encoded at the first training batch with the autoencoder this
+        # system holds then (a resumed run's own copy, even if model.first_stage has trained on since).
+        self._codes = EncodedTrainingSet(self.vqvae.encode, dataset, self.device)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.vqvae.eval()  # frozen, its quantiser statistics too
+        return self
+
+    def codes_of(self, batch: Batch):
+        """The batch's code maps (a tuple of maps for several levels): cached in training, encoded otherwise."""
+        if self._codes is not None and self.training and batch.get("index") is not None:
+            return self._codes.lookup(batch["index"])
+        with torch.no_grad():
+            return self.vqvae.encode(batch["image"])
+
+    def labels_of(self, batch: Batch) -> Optional[torch.Tensor]:
+        return batch["label"] if self.uses_labels else None
+
+    def check_options(self, options: dict) -> None:
+        if options:
+            raise TypeError(f"unknown sampling options {sorted(options)}; this system takes temperature")
+
+
+class VQVAEPrior(CodePrior, VQVAESystem):
+    """Stage 2 of VQ-VAE: a gated PixelCNN over the frozen autoencoder's code maps."""
+
+    def __init__(self, config: Config):
+        super().__init__(config)
+        self.freeze_autoencoder()
+        self.prior = GatedPixelCNN(config.model.prior, config.model.vq.codes, num_classes=self.num_classes)
+
+    def loss(self, batch: Batch, step: Optional[int] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        nll = self.prior.nll(self.codes_of(batch), self.labels_of(batch))  # nats per position
+        return nll.mean(), {"nll_bits_per_code": (nll.mean() / math.log(2)).detach()}
+
+    @torch.no_grad()
+    def sample(self, n: int, condition: Condition = None, generator: Optional[torch.Generator] = None,
+               temperature: Optional[float] = None, progress: bool = False, **options: Any) -> torch.Tensor:
+        """Codes drawn by the PixelCNN (class ``condition``, or the classes in turn), decoded."""
+        self.check_options(options)
+        labels = self.labels_for(n, condition) if self.uses_labels else None
+        codes = self.prior.sample(n, (self.side, self.side), labels=labels, generator=generator, device=self.device,
+                                  temperature=temperature or self.config.model.temperature)
+        return self.vqvae.decode(codes).float().clamp(-1, 1)
+
+    @torch.no_grad()
+    def evaluate(self, dataset: ImageDataset, generator: Optional[torch.Generator] = None, progress: bool = True,
+                 **options: Any) -> dict[str, float]:
+        """The autoencoder's scores and the prior's held-out negative log-likelihood in bits per code and in bits
+        per image dimension."""
+        out = super().evaluate(dataset, generator, progress, **options)
+        nll = sum(self.prior.nll(self.vqvae.encode(b["image"]), self.labels_of(b)).sum().item()
+                  for b in batches(dataset, self.device))
+        bits_per_code = nll / len(dataset) / math.log(2)
+        d = self.config.data
+        out["prior_nll_bits_per_code"] = bits_per_code
+        out["prior_nll_bits_per_dim"] = bits_per_code * self.side ** 2 / ((d.channels or 1) * d.image_size ** 2)
+        return out
+
+    def forward_passes(self):
+        passes = super().forward_passes()
+        codes = torch.zeros(1, self.side, self.side, dtype=torch.long, device=self.device)
+        labels = torch.zeros(1, dtype=torch.long, device=self.device) if self.uses_labels else None
+        passes[f"prior: one pass (of {self.side ** 2} per image)"] = lambda: self.prior(codes, labels)
         return passes
 
 
@@ -201,38 +255,29 @@ class TopCondition(torch.nn.Module):
 
 
 class VQVAE2System(VQVAESystem):
-    """VQ-VAE-2 (Razavi et al. 2019): two code levels (top at half the bottom's side). Stage ``autoencoder``
-    trains both quantisers and the decoder; stage ``prior`` trains a class-conditional top PixelCNN and a bottom
-    PixelCNN conditioned on the class and the top codes (loss: the sum of their NLLs). Sampling: top codes, then
-    bottom codes given them, then decoding."""
+    """VQ-VAE-2 (Razavi et al. 2019), stage 1: two code levels (top at half the bottom's side); both quantisers
+    and the decoder are trained on reconstruction. Stage 2 is :class:`VQVAE2Prior`."""
 
     name = "vqvae2"
 
-    def __init__(self, config: Config):
-        System.__init__(self, config)
-        m, d = config.model, config.data
-        self.vqvae = VQVAE2(m.vq, image_channels=d.channels or 1)
-        f = self.vqvae.downsampling_factor * 2
+    @classmethod
+    def autoencoder_stage(cls) -> type[System]:
+        return VQVAE2System
+
+    @classmethod
+    def prior_stage(cls) -> type[System]:
+        return VQVAE2Prior
+
+    @staticmethod
+    def make_autoencoder(config: Config) -> torch.nn.Module:
+        d = config.data
+        vqvae = VQVAE2(config.model.vq, image_channels=d.channels or 1)
+        f = vqvae.downsampling_factor * 2
         if d.image_size % f:
             raise ConfigError(f"data.image_size={d.image_size} is not divisible by VQ-VAE-2's top-level factor {f}")
-        self.side = d.image_size // self.vqvae.downsampling_factor
-        if m.stage == "prior":
-            self.vqvae.requires_grad_(False)
-            top = replace(m.prior, layers=m.top_prior_layers or m.prior.layers)
-            self.prior = GatedPixelCNN(top, m.vq.codes, num_classes=self.num_classes)  # the top prior
-            self.top_cond = TopCondition(m.vq.codes)
-            self.prior_bottom = GatedPixelCNN(m.prior, m.vq.codes, num_classes=self.num_classes, cond_channels=32)
-        self.register_buffer("preview", torch.zeros(0), persistent=False)
-        self._codes = None
+        return vqvae
 
     def loss(self, batch: Batch, step: Optional[int] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        if self.config.model.stage == "prior":
-            top, bottom = self.codes_of(batch)
-            labels = batch["label"] if self.uses_labels else None
-            nll_t = self.prior.nll(top, labels).mean()
-            nll_b = self.prior_bottom.nll(bottom, labels, self.top_cond(top)).mean()
-            return nll_t + nll_b, {"nll_bits_per_code_top": (nll_t / math.log(2)).detach(),
-                                   "nll_bits_per_code_bottom": (nll_b / math.log(2)).detach()}
         x = batch["image"]
         recon, (q_t, q_b) = self.vqvae(x)
         mse = F.mse_loss(recon.float(), x)
@@ -245,12 +290,56 @@ class VQVAE2System(VQVAESystem):
         return self.vqvae.decode(*self.vqvae.encode(x.to(self.device))).float().clamp(-1, 1)
 
     @torch.no_grad()
+    def evaluate(self, dataset: ImageDataset, generator: Optional[torch.Generator] = None, progress: bool = True,
+                 **options: Any) -> dict[str, float]:
+        """Held-out reconstruction error and codebook usage per level."""
+        k = self.config.model.vq.codes
+        mse, counts = 0.0, [torch.zeros(k), torch.zeros(k)]
+        for batch in batches(dataset, self.device):
+            top, bottom = self.vqvae.encode(batch["image"])
+            mse += ((self.vqvae.decode(top, bottom).float().clamp(-1, 1) - batch["image"]) / 2).pow(2).mean((1, 2, 3)).sum().item()
+            for i, codes in enumerate((top, bottom)):
+                counts[i] += torch.bincount(codes.flatten().cpu(), minlength=k).float()
+        n = len(dataset)
+        out: dict[str, Any] = {"recon_mse": mse / n, "recon_psnr_db": 10 * math.log10(1.0 / (mse / n))}
+        for i, level in enumerate(("top", "bottom")):
+            out[f"codebook_perplexity_{level}"], out[f"codes_used_{level}"] = code_usage(counts[i])
+        return out
+
+    def forward_passes(self):
+        d = self.config.data
+        x = torch.zeros(1, d.channels or 1, d.image_size, d.image_size, device=self.device)
+        top = torch.zeros(1, self.side // 2, self.side // 2, dtype=torch.long, device=self.device)
+        bottom = torch.zeros(1, self.side, self.side, dtype=torch.long, device=self.device)
+        return {"encoder (one image)": lambda: self.vqvae.encode(x), "decoder (one image)": lambda: self.vqvae.decode(top, bottom)}
+
+
+class VQVAE2Prior(CodePrior, VQVAE2System):
+    """VQ-VAE-2, stage 2: a class-conditional top PixelCNN and a bottom PixelCNN conditioned on the class and the
+    top codes (loss: the sum of their NLLs). Sampling: top codes, then bottom codes given them, then decoding."""
+
+    def __init__(self, config: Config):
+        super().__init__(config)
+        m = config.model
+        self.freeze_autoencoder()
+        top = replace(m.prior, layers=m.top_prior_layers or m.prior.layers)
+        self.prior = GatedPixelCNN(top, m.vq.codes, num_classes=self.num_classes)  # the top prior
+        self.top_cond = TopCondition(m.vq.codes)
+        self.prior_bottom = GatedPixelCNN(m.prior, m.vq.codes, num_classes=self.num_classes, cond_channels=32)
+
+    def level_nlls(self, top: torch.Tensor, bottom: torch.Tensor, labels: Optional[torch.Tensor]):
+        """Per-image NLLs (nats per position) of the top codes and of the bottom codes given the top ones."""
+        return self.prior.nll(top, labels), self.prior_bottom.nll(bottom, labels, self.top_cond(top))
+
+    def loss(self, batch: Batch, step: Optional[int] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        nll_t, nll_b = (v.mean() for v in self.level_nlls(*self.codes_of(batch), self.labels_of(batch)))
+        return nll_t + nll_b, {"nll_bits_per_code_top": (nll_t / math.log(2)).detach(),
+                               "nll_bits_per_code_bottom": (nll_b / math.log(2)).detach()}
+
+    @torch.no_grad()
     def sample(self, n: int, condition: Condition = None, generator: Optional[torch.Generator] = None,
                temperature: Optional[float] = None, progress: bool = False, **options: Any) -> torch.Tensor:
-        if options:
-            raise TypeError(f"unknown sampling options {sorted(options)}; this system takes temperature")
-        if self.config.model.stage != "prior":
-            return super().sample(n, condition, generator, temperature)
+        self.check_options(options)
         labels = self.labels_for(n, condition) if self.uses_labels else None
         tau = temperature or self.config.model.temperature
         top = self.prior.sample(n, (self.side // 2, self.side // 2), labels=labels, generator=generator,
@@ -262,36 +351,17 @@ class VQVAE2System(VQVAESystem):
     @torch.no_grad()
     def evaluate(self, dataset: ImageDataset, generator: Optional[torch.Generator] = None, progress: bool = True,
                  **options: Any) -> dict[str, float]:
-        """Held-out reconstruction error, codebook usage per level and, for the priors, NLL per level in bits per
-        code and the total in bits per image dimension."""
-        k = self.config.model.vq.codes
-        mse, counts, nll = 0.0, [torch.zeros(k), torch.zeros(k)], [0.0, 0.0]
-        for s in range(0, len(dataset), 250):
-            batch = dataset.batch(range(s, min(s + 250, len(dataset))), self.device)
-            top, bottom = self.vqvae.encode(batch["image"])
-            mse += ((self.vqvae.decode(top, bottom).float().clamp(-1, 1) - batch["image"]) / 2).pow(2).mean((1, 2, 3)).sum().item()
-            for i, codes in enumerate((top, bottom)):
-                counts[i] += torch.bincount(codes.flatten().cpu(), minlength=k).float()
-            if self.config.model.stage == "prior":
-                labels = batch["label"] if self.uses_labels else None
-                nll[0] += self.prior.nll(top, labels).sum().item()
-                nll[1] += self.prior_bottom.nll(bottom, labels, self.top_cond(top)).sum().item()
-        n = len(dataset)
-        out: dict[str, Any] = {"recon_mse": mse / n, "recon_psnr_db": 10 * math.log10(1.0 / (mse / n))}
-        for i, level in enumerate(("top", "bottom")):
-            out[f"codebook_perplexity_{level}"], out[f"codes_used_{level}"] = code_usage(counts[i])
-        if self.config.model.stage == "prior":
-            d = self.config.data
-            bits = [v / n / math.log(2) for v in nll]
-            out["prior_nll_bits_per_code_top"], out["prior_nll_bits_per_code_bottom"] = bits
-            positions = ((self.side // 2) ** 2, self.side ** 2)
-            out["prior_nll_bits_per_dim"] = (bits[0] * positions[0] + bits[1] * positions[1]) / \
-                ((d.channels or 1) * d.image_size ** 2)
+        """The autoencoder's scores and, per level, the priors' NLL in bits per code, with the total in bits per
+        image dimension."""
+        out = super().evaluate(dataset, generator, progress, **options)
+        nll = [0.0, 0.0]
+        for batch in batches(dataset, self.device):
+            for i, v in enumerate(self.level_nlls(*self.vqvae.encode(batch["image"]), self.labels_of(batch))):
+                nll[i] += v.sum().item()
+        n, d = len(dataset), self.config.data
+        bits = [v / n / math.log(2) for v in nll]
+        out["prior_nll_bits_per_code_top"], out["prior_nll_bits_per_code_bottom"] = bits
+        positions = ((self.side // 2) ** 2, self.side ** 2)
+        out["prior_nll_bits_per_dim"] = (bits[0] * positions[0] + bits[1] * positions[1]) / \
+            ((d.channels or 1) * d.image_size ** 2)
         return out
-
-    def forward_passes(self):
-        d = self.config.data
-        x = torch.zeros(1, d.channels or 1, d.image_size, d.image_size, device=self.device)
-        top = torch.zeros(1, self.side // 2, self.side // 2, dtype=torch.long, device=self.device)
-        bottom = torch.zeros(1, self.side, self.side, dtype=torch.long, device=self.device)
-        return {"encoder (one image)": lambda: self.vqvae.encode(x), "decoder (one image)": lambda: self.vqvae.decode(top, bottom)}

@@ -34,7 +34,8 @@ from difflineage.config import Config
 from difflineage.data import ImageDataset, load_dataset
 from difflineage.errors import ConfigError, TrainingDiverged
 from difflineage.images import save_grid
-from difflineage.systems import System, build_system, load_checkpoint, system_class
+from difflineage.systems import System, build_system, load_checkpoint, system_for
+from difflineage.systems.base import Denoises
 from difflineage.train.distributed import DistInfo, all_gather_objects, barrier, cleanup, init_distributed
 from difflineage.train.plots import plot_metrics
 from difflineage.weights import load_state_dict_strict
@@ -138,7 +139,7 @@ class Trainer:
         per_rank = tc.batch_size // info.world_size
 
         dataset = load_dataset(config.data, "train")
-        config = system_class(config.system).resolve_config(resolve_data(config, dataset))
+        config = system_for(config).resolve_config(resolve_data(config, dataset))
         if ckpt is not None and self.config is not None:  # compare once both are resolved (first stage filled in)
             _check_same_model(config, ckpt.config, self.resume_from)
         if len(dataset) < tc.batch_size:
@@ -153,7 +154,7 @@ class Trainer:
         opt = adamw(groups, lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
         ema = AveragedModel(system, multi_avg_fn=ema_or_copy(tc.ema_decay), use_buffers=True)
         if tc.compile:
-            compile_for_training(getattr(system, "net", system), device)
+            compile_for_training(system.net if isinstance(system, Denoises) else system, device)
 
         sampler = DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True,
                                      seed=tc.seed, drop_last=True)
