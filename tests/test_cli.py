@@ -159,3 +159,11 @@ def test_train_resume_takes_set_overrides(tmp_path, capsys):
     assert "finished at step 3" in capsys.readouterr().out
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps[-1] == 3
+
+
+def test_set_given_twice_keeps_both_overrides():
+    from difflineage.cli import build_parser
+
+    for cmd in (["train", "vae-mnist"], ["quickstart"]):
+        args = build_parser().parse_args([*cmd, "--set", "train.steps=3", "--set", "train.lr=0.5", "model.latent_dim=2"])
+        assert args.overrides == ["train.steps=3", "train.lr=0.5", "model.latent_dim=2"]  # the first --set was lost

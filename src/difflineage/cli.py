@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--system", default=DEFAULT_SYSTEM, choices=list(QUICKSTART_RECIPES),
                    help=f"which system (default: {DEFAULT_SYSTEM}, the flagship)")
     q.add_argument("--out", type=Path, default=None, help="run directory (default: runs/quickstart-SYSTEM)")
-    q.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
+    q.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                    help="override recipe values of the final stage, e.g. train.steps=500, or of a named "
                         "earlier stage, e.g. autoencoder-mnist:train.steps=400")
     q.add_argument("--eval-k", type=int, default=200, help="importance samples per image for the held-out NLL (default 200)")
@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train from a YAML config (or a recipe name from configs/). Runs under torchrun "
                                    "as DistributedDataParallel: torchrun --nproc_per_node N -m difflineage train CONFIG.")
     t.add_argument("config", nargs="?", help="YAML file or recipe name (e.g. vae-mnist); optional with --resume")
-    t.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
+    t.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                    help="override config values, e.g. model.latent_dim=2 train.steps=2000")
     t.add_argument("--out", type=Path, default=None, help="run directory (default: runs/CONFIG-NAME)")
     t.add_argument("--resume", nargs="?", const=True, default=None, metavar="CKPT",
