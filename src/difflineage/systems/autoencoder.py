@@ -9,7 +9,6 @@ frozen first stage of ``systems/ldm.py``.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -18,12 +17,14 @@ from difflineage.config import Config
 from difflineage.data import Batch, ImageDataset
 from difflineage.models.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig
 from difflineage.nn.distributions import gaussian_kl_standard
-from difflineage.systems.base import Condition, System, save_reconstructions, spread_images
+from difflineage.systems.base import Condition, Reconstructs, System, spread_images
 
 
-class AutoencoderKLSystem(System):
+class AutoencoderKLSystem(Reconstructs, System):
     name = "autoencoder_kl"
     ModelConfig = AutoencoderKLConfig
+    no_prior = ("the autoencoder reconstructs images rather than sampling them: use pictures() or reconstruct(); "
+                "a first stage's prior is the diffusion model trained on it")
 
     def __init__(self, config: Config):
         super().__init__(config)
@@ -56,15 +57,7 @@ class AutoencoderKLSystem(System):
                **options: Any) -> torch.Tensor:
         """An autoencoder has no prior to sample: this returns reconstructions of the preview images
         (training images kept by ``prepare``), so that training grids show the first stage improving."""
-        if len(self.preview) == 0:
-            raise ValueError("the autoencoder reconstructs images rather than sampling them: use pictures() "
-                             "or reconstruct(); a first stage's prior is the diffusion model trained on it")
-        idx = torch.arange(n) % len(self.preview)
-        return self.reconstruct(self.preview[idx])
-
-    def pictures(self, dataset: ImageDataset, out_dir: Path, generator: Optional[torch.Generator] = None) -> dict[str, Path]:
-        x = spread_images(dataset, self.device)
-        return {"reconstructions": save_reconstructions(x, self.reconstruct(x), out_dir)}
+        return self.preview_reconstructions(n)
 
     @torch.no_grad()
     def evaluate(self, dataset: ImageDataset, generator: Optional[torch.Generator] = None, progress: bool = True,

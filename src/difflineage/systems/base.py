@@ -245,3 +245,21 @@ def upgraded(ckpt: Checkpoint, cls: type[System]) -> Checkpoint:
     if ckpt.ema is not None:
         ckpt.ema = cls.upgrade_state_dict(ckpt.ema)
     return ckpt
+
+
+class Reconstructs:
+    """Mixed into a stage with no prior of its own (an autoencoder, a dVAE): ``prepare`` keeps ``preview`` training
+    images, whose reconstructions are its samples (so training grids show the stage improving), and its pictures are
+    held-out images beside their reconstructions. The stage gives ``reconstruct(x)`` and ``no_prior``, the message
+    for a sample asked of it before any training images were seen."""
+
+    no_prior: ClassVar[str]
+
+    def preview_reconstructions(self, n: int) -> torch.Tensor:
+        if len(self.preview) == 0:
+            raise ValueError(self.no_prior)
+        return self.reconstruct(self.preview[torch.arange(n) % len(self.preview)])
+
+    def pictures(self, dataset: ImageDataset, out_dir: Path, generator: Optional[torch.Generator] = None) -> dict[str, Path]:
+        x = spread_images(dataset, self.device)
+        return {"reconstructions": save_reconstructions(x, self.reconstruct(x), out_dir)}

@@ -34,7 +34,7 @@ from difflineage.models.clip import CLIP, CLIPConfig, clip_score, retrieval_accu
 from difflineage.models.dalle import DalleTransformer, DalleTransformerConfig, DiscreteVAE, DVAEConfig, kl_to_uniform
 from difflineage.nn.bpe import CaptionTokenizer
 from difflineage.nn.quantize import code_usage
-from difflineage.systems.base import Condition, System, batches, save_reconstructions, spread_images
+from difflineage.systems.base import Condition, Reconstructs, System, batches, spread_images
 from difflineage.systems.first_stage import EncodedTrainingSet
 from difflineage.weights import load_state_dict_strict
 
@@ -96,9 +96,12 @@ class DalleSystem(System):
     def prepare(self, dataset: ImageDataset) -> None:
         self.preview = spread_images(dataset, self.device, self.preview_images)
 
+    sample_options = ("temperature", "top_k", "top_p", "guidance", "rerank", "use_cache", "progress")
+
     def check_options(self, options: dict) -> None:
-        if options:
-            raise TypeError(f"unknown sampling options {sorted(options)}; this system takes temperature, top_k, "
+        unknown = sorted(set(options) - set(self.sample_options))
+        if unknown:
+            raise TypeError(f"unknown sampling options {unknown}; this system takes temperature, top_k, "
                             "top_p, guidance and rerank")
 
     def _captions(self, batch: Batch) -> list[str]:
@@ -123,8 +126,10 @@ class DalleSystem(System):
         return self.captions_for(labels)
 
 
-class DalleDVAE(DalleSystem):
+class DalleDVAE(Reconstructs, DalleSystem):
     """Stage 1: the discrete VAE, trained on the ELBO with annealed temperature and KL weight."""
+
+    no_prior = "a dVAE reconstructs rather than samples: train the prior stage (model.stage=prior) to draw new images"
 
     def __init__(self, config: Config):
         super().__init__(config)
@@ -165,19 +170,10 @@ class DalleDVAE(DalleSystem):
 
     @torch.no_grad()
     def sample(self, n: int, condition: Condition = None, generator: Optional[torch.Generator] = None,
-               temperature: Optional[float] = None, top_k: Optional[int] = None, top_p: Optional[float] = None,
-               guidance: Optional[float] = None, rerank: Optional[int] = None, use_cache: bool = True,
-               progress: bool = False, **options: Any) -> torch.Tensor:
-        """Reconstructions of training images (a dVAE has no prior yet)."""
+               **options: Any) -> torch.Tensor:
+        """Reconstructions of training images (a dVAE has no prior yet); the prior's options are accepted."""
         self.check_options(options)
-        if len(self.preview) == 0:
-            raise ValueError("a dVAE reconstructs rather than samples: train the prior stage (model.stage=prior) "
-                             "to draw new images")
-        return self.reconstruct(self.preview[torch.arange(n) % len(self.preview)])
-
-    def pictures(self, dataset: ImageDataset, out_dir: Path, generator: Optional[torch.Generator] = None) -> dict[str, Path]:
-        x = spread_images(dataset, self.device)
-        return {"reconstructions": save_reconstructions(x, self.reconstruct(x), out_dir)}
+        return self.preview_reconstructions(n)
 
     @torch.no_grad()
     def evaluate(self, dataset: ImageDataset, generator: Optional[torch.Generator] = None, progress: bool = True,
@@ -219,10 +215,9 @@ class DalleCLIP(DalleSystem):
 
     @torch.no_grad()
     def sample(self, n: int, condition: Condition = None, generator: Optional[torch.Generator] = None,
-               temperature: Optional[float] = None, top_k: Optional[int] = None, top_p: Optional[float] = None,
-               guidance: Optional[float] = None, rerank: Optional[int] = None, use_cache: bool = True,
-               progress: bool = False, **options: Any) -> torch.Tensor:
-        """Retrieval from a pool of training images: a caption asked k times gets its k best matches."""
+               **options: Any) -> torch.Tensor:
+        """Retrieval from a pool of training images: a caption asked k times gets its k best matches (the prior's
+        options are accepted)."""
         self.check_options(options)
         captions = self.captions_of(n, condition)
         if len(self.preview) == 0:

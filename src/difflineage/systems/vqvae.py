@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any, Literal, Optional
 
 import torch
@@ -27,7 +26,7 @@ from difflineage.errors import ConfigError
 from difflineage.models.pixelcnn import GatedPixelCNN, PixelCNNConfig
 from difflineage.models.vqvae import VQVAE, VQVAE2, VQVAEConfig
 from difflineage.nn.quantize import code_usage
-from difflineage.systems.base import Condition, System, batches, save_reconstructions, spread_images
+from difflineage.systems.base import Condition, Reconstructs, System, batches, spread_images
 from difflineage.systems.first_stage import EncodedTrainingSet
 from difflineage.weights import load_state_dict_strict
 
@@ -56,11 +55,13 @@ class VQVAESystemConfig:
             raise ConfigError(f"model.temperature={self.temperature} must be positive")
 
 
-class VQVAESystem(System):
+class VQVAESystem(Reconstructs, System):
     """Stage 1 of VQ-VAE: the autoencoder (see the module docstring)."""
 
     name = "vqvae"
     ModelConfig = VQVAESystemConfig
+    no_prior = "a VQ-VAE autoencoder reconstructs rather than samples: train the prior stage (model.stage=prior) " \
+               "to draw new images"
 
     def __init__(self, config: Config):
         super().__init__(config)
@@ -70,15 +71,7 @@ class VQVAESystem(System):
 
     @classmethod
     def for_config(cls, config: Config) -> type[System]:
-        return cls.prior_stage() if config.model.stage == "prior" else cls.autoencoder_stage()
-
-    @classmethod
-    def autoencoder_stage(cls) -> type[System]:
-        return VQVAESystem
-
-    @classmethod
-    def prior_stage(cls) -> type[System]:
-        return VQVAEPrior
+        return STAGES[cls.name][config.model.stage]
 
     @staticmethod
     def make_autoencoder(config: Config) -> torch.nn.Module:
@@ -117,16 +110,9 @@ class VQVAESystem(System):
         """Reconstructions of training images (an autoencoder has no prior yet)."""
         if options:
             raise TypeError(f"unknown sampling options {sorted(options)}; this system takes temperature")
-        if len(self.preview) == 0:
-            raise ValueError("a VQ-VAE autoencoder reconstructs rather than samples: train the prior stage "
-                             "(model.stage=prior) to draw new images")
-        return self.reconstruct(self.preview[torch.arange(n) % len(self.preview)])
+        return self.preview_reconstructions(n)
 
     # -- evaluation ---------------------------------------------------------------------------------
-
-    def pictures(self, dataset: ImageDataset, out_dir: Path, generator: Optional[torch.Generator] = None) -> dict[str, Path]:
-        x = spread_images(dataset, self.device)
-        return {"reconstructions": save_reconstructions(x, self.reconstruct(x), out_dir)}
 
     @torch.no_grad()
     def evaluate(self, dataset: ImageDataset, generator: Optional[torch.Generator] = None, progress: bool = True,
@@ -260,14 +246,6 @@ class VQVAE2System(VQVAESystem):
 
     name = "vqvae2"
 
-    @classmethod
-    def autoencoder_stage(cls) -> type[System]:
-        return VQVAE2System
-
-    @classmethod
-    def prior_stage(cls) -> type[System]:
-        return VQVAE2Prior
-
     @staticmethod
     def make_autoencoder(config: Config) -> torch.nn.Module:
         d = config.data
@@ -365,3 +343,8 @@ class VQVAE2Prior(CodePrior, VQVAE2System):
         out["prior_nll_bits_per_dim"] = (bits[0] * positions[0] + bits[1] * positions[1]) / \
             ((d.channels or 1) * d.image_size ** 2)
         return out
+
+
+# The class that builds each stage of the two systems (System.for_config).
+STAGES = {"vqvae": {"autoencoder": VQVAESystem, "prior": VQVAEPrior},
+          "vqvae2": {"autoencoder": VQVAE2System, "prior": VQVAE2Prior}}
