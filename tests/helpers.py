@@ -17,6 +17,8 @@ class TinyConfig:
 
     hidden: int = 8
     nan_at_call: int = 0  # from this call of loss() on, the loss is NaN (0: never)
+    grow_from_call: int = 0  # after this call of loss(), the loss grows by `growth` per call: a finite explosion
+    growth: float = 30.0
 
 
 class TinyRegression(System):
@@ -37,6 +39,9 @@ class TinyRegression(System):
         loss = F.mse_loss(self.net(x).float(), target)
         if self.config.model.nan_at_call and self.calls >= self.config.model.nan_at_call:
             loss = loss * float("nan")
+        m = self.config.model
+        if m.grow_from_call and self.calls > m.grow_from_call:
+            loss = loss * m.growth ** (self.calls - m.grow_from_call)
         return loss, {"mse": loss.detach()}
 
     @torch.no_grad()
@@ -112,3 +117,18 @@ def tiny_autoencoder_dict(**train) -> dict:
         "train": {"steps": 3, "batch_size": 16, "lr": 1e-3, "log_every": 1, "sample_every": 0,
                   "checkpoint_every": 0, "sample_n": 4, "ema_decay": 0.9, **train},
     }
+
+
+def run_as_printed(command: str, *extra: str, **kwargs):
+    """Run a command the way a user pastes it from difflineage's advice: ``difflineage ...`` through the installed
+    console script (beside this Python), else ``python -m difflineage ...``."""
+    import shlex
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    argv = shlex.split(command)
+    assert argv and argv[0] == "difflineage", command
+    script = Path(sys.executable).with_name("difflineage")
+    argv = [str(script), *argv[1:]] if script.exists() else [sys.executable, "-m", "difflineage", *argv[1:]]
+    return subprocess.run([*argv, *extra], capture_output=True, text=True, **kwargs)

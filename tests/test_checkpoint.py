@@ -1,9 +1,9 @@
 import pytest
 import torch
+from helpers import state_equal, tiny_vae
 
 import difflineage
 from difflineage.train import CheckpointError, Trainer, load_checkpoint, load_state_dict_strict
-from helpers import state_equal, tiny_vae
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +71,36 @@ def test_training_state_never_unpickles_code(trained, tmp_path):
             return (print, ("pickled code ran",))
 
     torch.save({"step": 1, "payload": Evil()}, ck / "training_state.pt")
-    with pytest.raises(CheckpointError, match="training_state.pt is corrupt, truncated or holds more than tensors"):
+    with pytest.raises(CheckpointError, match=r"training_state.pt: refused: it holds pickled code or objects "
+                                              r"\(it names print\)") as err:
         load_checkpoint(ck)
+    # torch's own advice (retry with weights_only=False) is exactly what must not be done with such a file
+    assert "will likely succeed" not in str(err.value) and "Do not load it with weights_only=False" in str(err.value)
+
+
+def test_a_checkpoint_missing_one_file_is_named_for_what_it_lacks(trained, tmp_path):
+    ck = _copy(trained / "checkpoints" / "step_0000004", tmp_path / "ck")
+    (ck / "config.yaml").unlink()
+    with pytest.raises(CheckpointError) as err:
+        difflineage.load(ck)
+    assert "has model.safetensors but lacks config.yaml" in str(err.value)
+    assert "lacks config.yaml and model.safetensors" not in str(err.value)
+
+
+def test_a_text_file_named_pt_is_called_not_a_torch_file(tmp_path):
+    from difflineage.weights import read_weights
+
+    f = tmp_path / "weights.pt"
+    f.write_text("email me for the real weights\n")
+    with pytest.raises(CheckpointError) as err:
+        read_weights(f, "DiT weights")
+    msg = str(err.value)
+    assert msg.startswith(f"{f}: not a torch file (it starts with b'email me'") and "expected DiT weights" in msg
+    zipped = tmp_path / "cut.pt"
+    torch.save({"w": torch.zeros(1000)}, zipped)
+    zipped.write_bytes(zipped.read_bytes()[:300])
+    with pytest.raises(CheckpointError, match="a damaged or truncated torch file"):
+        read_weights(zipped, "DiT weights")
 
 
 def test_strict_loading_names_every_problem():

@@ -5,11 +5,11 @@ import sys
 import numpy as np
 import pytest
 import yaml
+from helpers import tiny_vae, tiny_vae_dict
 from PIL import Image
 
 from difflineage.cli import main
 from difflineage.train import Trainer
-from helpers import tiny_vae, tiny_vae_dict
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +118,7 @@ def test_default_quickstart_is_the_dit_with_its_first_stage(tmp_path, capsys):
     code = main(["quickstart", "--out", str(tmp_path), "--no-progress", "--eval-n", "20",
                  "--set", "autoencoder-mnist:train.steps=2", "autoencoder-mnist:train.sample_every=0",
                  "train.steps=2", "train.sample_every=0", "train.checkpoint_every=0", "model.dit.depth=1",
-                 "model.diffusion.sample_steps=5", "train.batch_size=16"])
+                 "model.diffusion.sample_steps=5", "train.batch_size=16", "*:train.ema_warmup=false"])
     assert code == 0
     out = capsys.readouterr().out
     assert "quickstart (dit)" in out and "class accuracy" in out
@@ -126,6 +126,8 @@ def test_default_quickstart_is_the_dit_with_its_first_stage(tmp_path, capsys):
         assert (tmp_path / name).exists()
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["system"] == "dit"
     assert yaml.safe_load((tmp_path / "autoencoder" / "config.yaml").read_text())["train"]["steps"] == 2
+    for stage in (tmp_path, tmp_path / "autoencoder"):  # '*:KEY=VALUE' reaches every stage
+        assert yaml.safe_load((stage / "config.yaml").read_text())["train"]["ema_warmup"] is False
     assert main(["quickstart", "--out", str(tmp_path / "x"), "--set", "ldm-mnist:train.steps=1"]) == 2
     assert "not a stage of the dit quickstart" in capsys.readouterr().err
 

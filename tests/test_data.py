@@ -135,3 +135,60 @@ def test_mnist_idx_errors(tmp_path):
     f.write_bytes(f.read_bytes()[:-10])
     with pytest.raises(DataError, match=f"'{f}' is truncated"):
         load_dataset(DataConfig(source=f"mnist-idx:{tmp_path}"), "train")
+
+
+def _classes(root, n=10):
+    for cls in ("cat", "dog"):
+        for i in range(n):
+            _png(root / cls / f"{i}.png", value=50 if cls == "cat" else 200)
+    return root
+
+
+def test_a_folders_default_caption_is_its_class_name(tmp_path):
+    held = load_dataset(DataConfig(source=f"folder:{_classes(tmp_path)}", image_size=8), "heldout")
+    assert held.captions == ["cat", "dog"]  # not "a handwritten digit cat"
+    custom = load_dataset(DataConfig(source=f"folder:{tmp_path}", image_size=8, caption_template="a photo of a {name}"),
+                          "heldout")
+    assert custom.captions == ["a photo of a cat", "a photo of a dog"]
+
+
+def test_a_caption_line_whose_file_escapes_the_folder_is_refused(tmp_path):
+    root = _classes(tmp_path / "data")
+    _png(tmp_path / "outside.png")
+    rows = [{"file": f"{c}/{i}.png", "caption": "x"} for c in ("cat", "dog") for i in range(10)]
+    rows.insert(3, {"file": "../outside.png", "caption": "sneaked in"})
+    (root / "captions.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    with pytest.raises(DataError, match=r"captions.jsonl line 4 names '../outside.png', which lies outside the dataset"):
+        load_dataset(DataConfig(source=f"folder:{root}", image_size=8), "train")
+
+
+def test_a_symbolic_link_out_of_the_folder_is_refused_by_name(tmp_path):
+    root = _classes(tmp_path / "data")
+    _png(tmp_path / "elsewhere" / "secret.png")
+    (root / "cat" / "link.png").symlink_to(tmp_path / "elsewhere" / "secret.png")
+    with pytest.raises(DataError) as err:
+        load_dataset(DataConfig(source=f"folder:{root}", image_size=8), "train")
+    assert f"links to 1 file(s) outside itself: {root / 'cat' / 'link.png'} -> {tmp_path / 'elsewhere' / 'secret.png'}" \
+        in str(err.value)
+    (root / "cat" / "link.png").unlink()
+    (root / "cat" / "inside.png").symlink_to(root / "cat" / "0.png")  # a link that stays inside is fine
+    assert len(load_dataset(DataConfig(source=f"folder:{root}", image_size=8), "train")) == 19
+
+
+def test_train_checks_the_heldout_split_when_it_starts(tmp_path):
+    """A broken held-out image (every tenth file) is named by `train` before it trains, not later by `evaluate`."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    root = _classes(tmp_path / "data")
+    (root / "dog" / "9.png").write_bytes(b"this is not a png")  # the dog class's held-out image
+    cfg = {"system": "vae", "data": {"source": f"folder:{root}", "image_size": 8},
+           "model": {"latent_dim": 2, "channels": [8], "hidden": 16},
+           "train": {"steps": 2, "batch_size": 4, "sample_every": 0, "checkpoint_every": 0}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    out = subprocess.run([sys.executable, "-m", "difflineage", "train", str(tmp_path / "c.yaml"), "--out",
+                          str(tmp_path / "run"), "--no-progress"], capture_output=True, text=True)
+    assert out.returncode == 2 and str(root / "dog" / "9.png") in out.stderr, out.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "difflineage"
 # The layers, bottom first. A module may import its own package (models.dydit -> models.dit) and any lower layer.
 LAYERS = [
     {"errors"},
-    {"weights", "images", "config"},
+    {"weights", "images", "config", "storage"},
     {"checkpoint", "nn", "data"},
     {"models", "diffusion"},
     {"interop"},

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import state_equal, tiny_regression_dict, tiny_vae, tiny_vae_dict
+from helpers import run_as_printed, state_equal, tiny_regression_dict, tiny_vae, tiny_vae_dict
 
 from difflineage.errors import ConfigError
 from difflineage.systems import config_from_dict
@@ -59,7 +59,7 @@ def test_signal_saves_a_checkpoint_and_resume_is_exact(tmp_path):
     ckpt = load_checkpoint(run)
     stopped_at = ckpt.step
     assert 3 <= stopped_at < 3000, out
-    assert "Continue with: difflineage train --resume" in out
+    assert f"Continue with: difflineage train --resume --out {run}" in out and "samples None" not in out
 
     total = stopped_at + 20
     cfg = config_from_dict(d, [f"train.steps={total}"])
@@ -75,7 +75,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     with pytest.raises(TrainingDiverged) as err:
         Trainer(cfg, tmp_path, progress=False).fit()
     msg = str(err.value)
-    assert "loss became nan at step 6" in msg and "step_0000004" in msg and "is intact" in msg
+    assert "loss became nan at step 6" in msg and "before the trouble began (at step 6) is" in msg
+    assert f"--resume {tmp_path}/checkpoints/step_0000004 --out {tmp_path} --set train.lr=0.001" in msg
     ckpt = load_checkpoint(tmp_path)  # still loads, checksums and all
     assert ckpt.step == 4
     assert not (tmp_path / "checkpoints" / "step_0000006").exists()
@@ -86,7 +87,15 @@ def test_cli_reports_divergence_with_status_1(tmp_path):
     cfg_file.write_text(yaml.safe_dump(tiny_vae_dict(lr=1e30, steps=50)))
     proc = subprocess.run([sys.executable, "-m", "difflineage", "train", str(cfg_file), "--out", str(tmp_path / "r"),
                            "--no-progress", "--set", "train.grad_clip=0"], capture_output=True, text=True)
-    assert proc.returncode == 1 and "became" in proc.stderr and "Lower train.lr" in proc.stderr
+    assert proc.returncode == 1 and "became nan" in proc.stderr, proc.stderr
+    # With no checkpoint yet, the advice is to start again with a lower learning rate, by a command that runs as
+    # printed (it is accepted by the run directory; at 1e29 it diverges again, which shows that it trained).
+    assert "no checkpoint was written before the trouble began" in proc.stderr and "--resume" not in proc.stderr
+    advice = proc.stderr.split("Start again with a lower learning rate: ", 1)[1].split(" (or keep", 1)[0]
+    assert advice.startswith("difflineage train ") and "--overwrite --set train.lr=1e+29" in advice
+    again = run_as_printed(advice, "--no-progress")
+    assert again.returncode == 1 and "became nan" in again.stderr, again.stderr
+    assert yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())["train"]["lr"] == 1e29
 
 
 def test_resume_refuses_a_different_model(tmp_path):

@@ -28,7 +28,8 @@ from safetensors.torch import load_file, save_file
 
 from difflineage.config import Config
 from difflineage.errors import CheckpointError, ConfigError
-from difflineage.weights import plain_tensors, strip_prefix
+from difflineage.storage import fsync_dir, remove_tree, save_torch, writing
+from difflineage.weights import plain_tensors, strip_prefix, torch_load_safely
 
 FILES = ("config.yaml", "model.safetensors", "ema.safetensors", "training_state.pt")
 CHECKSUMS = "checksums.sha256"
@@ -54,24 +55,35 @@ class Checkpoint:
 
 def save_checkpoint(path: Path, config: Config, model: dict[str, torch.Tensor], ema: Optional[dict[str, torch.Tensor]],
                     training_state: dict[str, Any]) -> Path:
-    """Write a checkpoint directory atomically (temporary name, then rename)."""
+    """Write a checkpoint directory atomically (temporary name, then rename). On any failure (a full disk, a
+    second Ctrl-C) the temporary directory is removed, so nothing half-written stays behind, and an OS error
+    is raised as one StorageError line naming the checkpoint and the cause."""
     path = Path(path)
     tmp = path.parent / f".tmp-{path.name}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    meta = {"format": "pt", "producer": "difflineage", "system": config.system, "step": str(training_state.get("step", ""))}
-    (tmp / "config.yaml").write_text(config.to_yaml())
-    save_file(plain_tensors(model), str(tmp / "model.safetensors"), metadata=meta)
-    save_file(plain_tensors(ema if ema is not None else model), str(tmp / "ema.safetensors"), metadata=meta)
-    torch.save(training_state, tmp / "training_state.pt")
-    (tmp / CHECKSUMS).write_text("".join(f"{_sha256(tmp / f)}  {f}\n" for f in FILES))
-    for f in tmp.iterdir():  # make the files durable before the rename publishes them
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(tmp, path)
+    try:
+        with writing(path, "write the checkpoint"):
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+            meta = {"format": "pt", "producer": "difflineage", "system": config.system,
+                    "step": str(training_state.get("step", ""))}
+            (tmp / "config.yaml").write_text(config.to_yaml())
+            save_file(plain_tensors(model), str(tmp / "model.safetensors"), metadata=meta)
+            save_file(plain_tensors(ema if ema is not None else model), str(tmp / "ema.safetensors"), metadata=meta)
+            save_torch(training_state, tmp / "training_state.pt")
+            (tmp / CHECKSUMS).write_text("".join(f"{_sha256(tmp / f)}  {f}\n" for f in FILES))
+            for f in tmp.iterdir():  # make the files durable before the rename publishes them
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+            old = path.parent / f".replaced-{path.name}"
+            if path.exists():  # the same step written again (a resumed run stopped where it started)
+                os.replace(path, old)
+            os.replace(tmp, path)
+            fsync_dir(path.parent)
+            remove_tree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return path
 
 
@@ -101,13 +113,9 @@ def read_checkpoint(path: str | Path, parse_config: Callable[[dict], Config], ma
     state = None
     if training_state:
         f = path / "training_state.pt"
-        try:
-            state = torch.load(f, map_location=map_location, weights_only=True)
-        except FileNotFoundError:
-            raise CheckpointError(f"{f} is missing; this checkpoint can be sampled from but not resumed") from None
-        except Exception as exc:
-            raise CheckpointError(f"{f} is corrupt, truncated or holds more than tensors and plain values ({exc}); "
-                                  "it is not loaded, since that would run pickled code") from None
+        if not f.exists():
+            raise CheckpointError(f"{f} is missing; this checkpoint can be sampled from but not resumed")
+        state = torch_load_safely(f, "a checkpoint's training state", map_location=map_location)
     return Checkpoint(path=path, config=config, model=model, ema=ema, training_state=state)
 
 
@@ -140,11 +148,27 @@ def resolve_checkpoint(path: str | Path) -> Path:
         raise CheckpointError(f"run directory '{path}' holds no complete checkpoint yet (checkpoints/step_*)")
     if not path.exists():
         raise CheckpointError(f"no checkpoint at '{path}'; give a checkpoint directory (…/checkpoints/step_001000) or a run directory")
-    raise CheckpointError(f"'{path}' is not a checkpoint: it lacks config.yaml and model.safetensors")
+    if not path.is_dir():
+        raise CheckpointError(f"'{path}' is a file, not a checkpoint; give a checkpoint directory "
+                              "(…/checkpoints/step_001000) or a run directory")
+    present = [f for f in ("config.yaml", "model.safetensors") if (path / f).exists()]
+    missing = [f for f in ("config.yaml", "model.safetensors") if f not in present]
+    if present:
+        raise CheckpointError(f"'{path}' is an incomplete checkpoint: it has {present[0]} but lacks {missing[0]}; "
+                              "use another checkpoint of the run (checkpoints/step_*)"
+                              + ("" if missing[0] != "config.yaml" else
+                                 ", or copy config.yaml from the run directory into it"))
+    raise CheckpointError(f"'{path}' is not a checkpoint or run directory: it lacks config.yaml and model.safetensors "
+                          "(and has no checkpoints/ folder)")
+
+
+def checkpoints_of(run_dir: Path) -> list[Path]:
+    """The run's complete checkpoints (``checkpoints/step_*``), oldest first."""
+    return sorted(p for p in (Path(run_dir) / "checkpoints").glob("step_*") if p.is_dir())
 
 
 def latest_checkpoint(run_dir: Path) -> Optional[Path]:
-    steps = sorted((run_dir / "checkpoints").glob("step_*"))
+    steps = checkpoints_of(run_dir)
     return steps[-1] if steps else None
 
 

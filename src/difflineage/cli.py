@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 from typing import Optional
@@ -36,11 +37,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    from difflineage.errors import CheckpointError, ConfigError, DataError, TrainingDiverged
+    from difflineage.errors import CheckpointError, ConfigError, DataError, RunDirError, StorageError, TrainingDiverged
 
     try:
         return args.func(args) or 0
-    except (ConfigError, DataError, CheckpointError) as exc:
+    except (ConfigError, DataError, CheckpointError, RunDirError, StorageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except TrainingDiverged as exc:
@@ -64,8 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"which system (default: {DEFAULT_SYSTEM}, the flagship)")
     q.add_argument("--out", type=Path, default=None, help="run directory (default: runs/quickstart-SYSTEM)")
     q.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                   help="override recipe values of the final stage, e.g. train.steps=500, or of a named "
-                        "earlier stage, e.g. autoencoder-mnist:train.steps=400")
+                   help="override recipe values of the final stage, e.g. train.steps=500, of a named "
+                        "earlier stage, e.g. autoencoder-mnist:train.steps=400, or of every stage, e.g. "
+                        "'*:train.bf16=false'")
     q.add_argument("--eval-k", type=int, default=200, help="importance samples per image for the held-out NLL (default 200)")
     q.add_argument("--eval-n", type=int, default=500, help="samples scored with FID/KID/IS/precision/recall (default 500)")
     q.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -80,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", type=Path, default=None, help="run directory (default: runs/CONFIG-NAME)")
     t.add_argument("--resume", nargs="?", const=True, default=None, metavar="CKPT",
                    help="continue exactly from the latest checkpoint of --out (or from CKPT)")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --out (without it, or --resume, such a directory is refused)")
     t.add_argument("--stop-at", type=int, default=None, metavar="STEP",
                    help="write a checkpoint and stop at STEP, as an interruption would (for time-sliced jobs)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -200,9 +204,11 @@ def cmd_train(args) -> int:
     resume = args.resume
     if config is None and args.overrides:  # continue with changed settings: the checkpoint's config, overridden
         config = load_config(resolve_checkpoint(run_dir if resume is True else resume) / "config.yaml", args.overrides)
-    result = Trainer(config, run_dir, resume=resume, stop_at=args.stop_at, progress=not args.no_progress).fit()
+    result = Trainer(config, run_dir, resume=resume, stop_at=args.stop_at, progress=not args.no_progress,
+                     overwrite=args.overwrite).fit()
     if _is_main_process():
-        print(f"{result.status} at step {result.step}: checkpoint {result.checkpoint}, samples {result.samples}")
+        line = f"{result.status} at step {result.step}: checkpoint {result.checkpoint}"
+        print(line + (f", samples {result.samples}" if result.samples else ""))
     return 0 if result.status != "interrupted" else 130
 
 
@@ -211,28 +217,33 @@ def cmd_quickstart(args) -> int:
     from difflineage.eval import evaluate_system
     from difflineage.systems import load, load_config
     from difflineage.train import Trainer
+    from difflineage.train.rundir import holds_run
 
     run_dir = args.out or Path("runs") / f"quickstart-{args.system}"
+    again = " ".join(["difflineage quickstart --system", args.system, *(["--out", shlex.quote(str(args.out))] if args.out else []),
+                      *(["--set", *map(shlex.quote, args.overrides)] if args.overrides else [])])
     earlier: dict[str, str] = {}  # sub-directory -> checkpoint of the stages trained so far
     stages = QUICKSTART_RECIPES[args.system]
-    known = {recipe for recipe, _, _ in stages}
+    known = {recipe for recipe, _, _ in stages} | {"*"}
     for o in args.overrides:
         if ":" in o.split("=", 1)[0] and o.split(":", 1)[0] not in known:
             print(f"error: --set {o}: {o.split(':', 1)[0]!r} is not a stage of the {args.system} quickstart "
-                  f"({', '.join(sorted(known))})", file=sys.stderr)
+                  f"({', '.join(sorted(known - {'*'}))}, or * for every stage)", file=sys.stderr)
             return 2
     for recipe, sub, stage_overrides in stages:
         # --set KEY=VALUE applies to the final stage, --set RECIPE:KEY=VALUE to that stage
-        mine = [o.split(":", 1)[1] for o in args.overrides if o.startswith(recipe + ":")]
+        mine = [o.split(":", 1)[1] for o in args.overrides if o.startswith((recipe + ":", "*:"))]
         plain = [o for o in args.overrides if ":" not in o.split("=", 1)[0]]
         overrides = [o.format(**earlier) for o in stage_overrides] + (plain if not sub else []) + mine
         config = load_config(recipe, overrides)
         stage_dir = run_dir / sub if sub else run_dir
-        resume = (stage_dir / "checkpoints").is_dir() and latest_checkpoint(stage_dir) is not None
+        resume = latest_checkpoint(stage_dir) is not None
         if resume:
             print(f"resuming the quickstart run in {stage_dir}")
         print(f"training {recipe} into {stage_dir}")
-        result = Trainer(config, stage_dir, resume=resume or None, progress=not args.no_progress).fit()
+        # a stage that stopped before its first checkpoint has nothing to resume: it starts again
+        result = Trainer(config, stage_dir, resume=resume or None, progress=not args.no_progress,
+                         overwrite=not resume and holds_run(stage_dir), resume_command=again).fit()
         if result.status != "finished":
             return 130
         earlier[sub] = str(result.checkpoint)

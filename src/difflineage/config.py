@@ -53,7 +53,8 @@ class DataConfig:
         fills it in and the checkpoint stores it).
     :param class_names: names used in captions ("a handwritten digit seven"); ``None`` picks the
         source's own names.
-    :param caption_template: caption for labelled data, ``{name}`` is the class name.
+    :param caption_template: caption for labelled data, ``{name}`` is the class name; ``None``: "a handwritten
+        digit {name}" for the digit sources (mnist5k, digits, MNIST IDX files), the class name alone otherwise.
     """
 
     source: str = "mnist5k"
@@ -62,7 +63,7 @@ class DataConfig:
     resize: Literal["pad", "resize"] = "pad"
     num_classes: Optional[int] = None
     class_names: Optional[tuple[str, ...]] = None
-    caption_template: str = "a handwritten digit {name}"
+    caption_template: Optional[str] = None
 
     def check(self) -> None:
         kinds = ("mnist5k", "digits", "folder:PATH", "mnist-idx:PATH")
@@ -76,8 +77,17 @@ class DataConfig:
             raise ConfigError(f"data.channels={self.channels} is not supported; choose 1 (gray), 3 (RGB) or null")
         if self.num_classes is not None and self.num_classes < 1:
             raise ConfigError(f"data.num_classes={self.num_classes} must be at least 1 (or null to read it from the data)")
-        if "{name}" not in self.caption_template:
+        if self.caption_template is not None and "{name}" not in self.caption_template:
             raise ConfigError(f"data.caption_template={self.caption_template!r} must contain '{{name}}'")
+
+    def caption(self, name: str) -> str:
+        """The caption of class ``name``: ``caption_template``, or the source's default (see above)."""
+        template = self.caption_template
+        if template is None:
+            digits = self.source in ("mnist5k", "digits") or (self.source.startswith("mnist-idx:")
+                                                              and "fashion" not in self.source.lower())
+            template = "a handwritten digit {name}" if digits else "{name}"
+        return template.format(name=name)
 
 
 @dataclass
@@ -90,6 +100,10 @@ class TrainConfig:
     :param grad_clip: maximum global gradient norm; 0 turns clipping off.
     :param ema_decay: decay of the exponential moving average of the weights (0 turns EMA off:
         the averaged copy then equals the trained weights).
+    :param ema_warmup: ramp the decay up as the field's trainers do: after n updates the EMA decays by
+        ``min(ema_decay, (1 + n) / (10 + n))``, so a short run's EMA holds the run's weights rather than its
+        initialisation (0.999 reaches its full value after about 9,000 steps). false: ``ema_decay`` from the first
+        update (how runs were trained before this option; set it to reproduce their numbers exactly).
     :param bf16: run the forward pass under bfloat16 autocast (a real speed-up on CPUs with
         AVX-512 bf16 and on recent GPUs).
     :param compile: compile the denoising network with torch.compile (fuses element-wise work; pays off on
@@ -100,6 +114,10 @@ class TrainConfig:
     :param checkpoint_every: steps between checkpoints (0: only at the end).
     :param keep_checkpoints: how many step checkpoints to keep (0 keeps all).
     :param sample_n: images in each sample grid.
+    :param spike_factor: stop as diverged when the loss or the gradient norm exceeds this many times its median
+        over the last ``spike_window`` steps (a finite explosion that wrecks the weights before any NaN shows);
+        0 turns the check off. Non-finite values always stop the run.
+    :param spike_window: steps in that median; the check starts once this many steps have been seen.
     """
 
     steps: int = 3000
@@ -111,6 +129,7 @@ class TrainConfig:
     lr_schedule: Literal["constant", "cosine"] = "constant"
     grad_clip: float = 1.0
     ema_decay: float = 0.999
+    ema_warmup: bool = True
     bf16: bool = False
     compile: bool = False
     seed: int = 0
@@ -121,6 +140,8 @@ class TrainConfig:
     keep_checkpoints: int = 0
     sample_n: int = 64
     find_unused_parameters: bool = False
+    spike_factor: float = 100.0
+    spike_window: int = 50
 
     def check(self) -> None:
         positive = {"steps": self.steps, "batch_size": self.batch_size, "log_every": self.log_every,
@@ -135,6 +156,10 @@ class TrainConfig:
             raise ConfigError(f"train.lr={self.lr} must be positive")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"train.ema_decay={self.ema_decay} must lie in [0, 1), e.g. 0.999")
+        if self.spike_factor != 0 and not self.spike_factor > 1:
+            raise ConfigError(f"train.spike_factor={self.spike_factor} must be above 1 (e.g. 100), or 0 to turn the check off")
+        if self.spike_window < 2:
+            raise ConfigError(f"train.spike_window={self.spike_window} must be at least 2")
         if self.grad_clip < 0 or self.weight_decay < 0:
             raise ConfigError("train.grad_clip and train.weight_decay must be 0 or more")
         if not all(0.0 <= b < 1.0 for b in self.betas):

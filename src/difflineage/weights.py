@@ -7,6 +7,7 @@ Nothing here unpickles code: weights come from safetensors, or from a torch file
 from __future__ import annotations
 
 import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -27,19 +28,47 @@ def read_weights(path: Path, what: str, safe_classes: tuple = ()) -> dict:
             return load_file(str(path), device="cpu")
         except Exception as exc:  # SafetensorError, OSError, ...
             raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
-    try:
-        with torch.serialization.safe_globals(list(safe_classes)):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise CheckpointError(f"{path}: refused: torch.load(weights_only=True) failed because the file holds "
-                              "pickled objects other than tensors and plain containers; difflineage never "
-                              "unpickles code. Convert it to .safetensors from a trusted environment. "
-                              f"({str(exc).splitlines()[0]})") from exc
-    except Exception as exc:
-        raise CheckpointError(f"{path}: could not be read with torch.load(weights_only=True): {exc}") from exc
+    obj = torch_load_safely(path, what, safe_classes=safe_classes)
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: holds a {type(obj).__name__}, expected a state dict of {what}")
     return obj
+
+
+def torch_load_safely(path: Path, what: str, safe_classes: tuple = (), map_location="cpu"):
+    """``torch.load(path, weights_only=True)`` (plus ``safe_classes``), its failures told apart: a file that holds
+    pickled code or objects is refused without ever being unpickled (and without torch's advice to retry with
+    ``weights_only=False``, which is what must not be done with a file from elsewhere); a file that is not a torch
+    file, or is truncated, is named as such."""
+    path = Path(path)
+    try:
+        with torch.serialization.safe_globals(list(safe_classes)):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file; check the path to {what}") from None
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL (\S+)", str(exc))
+        holds = f" (it names {found.group(1)})" if found else ""
+        raise CheckpointError(f"{path}: refused: it holds pickled code or objects{holds}, not only tensors and plain "
+                              "values, and difflineage never unpickles code. Do not load it with weights_only=False "
+                              "unless you made it yourself; convert it to .safetensors where you trust it") from None
+    except Exception as exc:
+        head = _head(path)
+        if head.startswith(b"PK"):
+            kind = "a damaged or truncated torch file (its zip archive cannot be read)"
+        elif head[:1] == b"\x80":
+            kind = "a damaged or truncated torch file (its pickle cannot be read)"
+        else:
+            kind = f"not a torch file (it starts with {head[:8]!r}; a torch file is a zip archive or a pickle)"
+        raise CheckpointError(f"{path}: {kind}; expected {what}. Check the path, or get the file again "
+                              f"({type(exc).__name__})") from None
+
+
+def _head(path: Path) -> bytes:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(16)
+    except OSError:
+        return b""
 
 
 def load_state_dict_strict(module: nn.Module, state: StateDict, source: str) -> None:
@@ -72,4 +101,4 @@ def strip_prefix(state: StateDict, prefix: str) -> StateDict:
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-__all__ = ["StateDict", "load_state_dict_strict", "plain_tensors", "read_weights", "strip_prefix"]
+__all__ = ["StateDict", "load_state_dict_strict", "plain_tensors", "read_weights", "strip_prefix", "torch_load_safely"]

@@ -48,7 +48,7 @@ def load_dataset(cfg: DataConfig, split: str = "train") -> ImageDataset:
         raise DataError(f"{source}: labels go up to {int(labels.max())} but only {len(names)} class names are given "
                         f"(data.class_names); give one name per class")
     if captions is None and labels is not None and names is not None:
-        captions = [cfg.caption_template.format(name=names[i]) for i in labels.tolist()]
+        captions = [cfg.caption(names[i]) for i in labels.tolist()]
     return ImageDataset(images=images, labels=labels, captions=captions, class_names=names, name=f"{source}/{split}")
 
 
@@ -107,6 +107,70 @@ def _digits(split: str):
 # --------------------------------------------------------------------------------------------
 
 
+def check_source(cfg: DataConfig) -> None:
+    """Check every file of both splits of ``cfg.source`` cheaply (image headers, IDX sizes) before a run spends
+    time on it, so that a broken held-out image is named when training starts, not when it is evaluated."""
+    source = cfg.source
+    if source.startswith("folder:"):
+        root = Path(source.split(":", 1)[1]).expanduser()
+        bad = []
+        for split in SPLITS:
+            files, _, _ = _folder_files(root, split)
+            bad += [f"{p} ({why})" for p, why in _unreadable_headers([p for p, _ in files])]
+        if bad:
+            raise DataError(_bad_files_message(root, bad))
+    elif source.startswith("mnist-idx:"):
+        for split in SPLITS:
+            _mnist_idx(Path(source.split(":", 1)[1]).expanduser(), split)
+
+
+def _unreadable_headers(paths: list[Path]) -> list[tuple[Path, str]]:
+    from PIL import Image
+
+    bad = []
+    for path in paths:
+        try:
+            with Image.open(path) as im:
+                im.size  # noqa: B018 - the header is parsed on open; this names a file PIL cannot identify
+        except Exception as exc:  # UnidentifiedImageError, OSError, SyntaxError, ...
+            bad.append((path, f"{type(exc).__name__}: {exc}"))
+    return bad
+
+
+def _bad_files_message(root: Path, bad: list[str]) -> str:
+    shown = "\n  ".join(bad[:20]) + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")
+    return (f"{len(bad)} file(s) in '{root}' could not be read as images:\n  {shown}\n"
+            "Repair or remove them; difflineage does not drop files silently.")
+
+
+def _folder_files(root: Path, split: str) -> tuple[list[tuple[Path, Optional[int]]], list[Path], bool]:
+    """The (file, label) pairs of one split of an image folder, its class folders, and whether it is labelled.
+    Files (or class folders) that are symbolic links to somewhere outside the folder are refused by name."""
+    if not root.exists():
+        raise DataError(f"dataset folder '{root}' does not exist; check the path in data.source=folder:PATH")
+    if not root.is_dir():
+        raise DataError(f"dataset folder '{root}' is a file, not a folder; point data.source at the folder holding the images")
+    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    labelled = bool(subdirs)
+    groups = [(i, d) for i, d in enumerate(subdirs)] if labelled else [(None, root)]
+    files: list[tuple[Path, Optional[int]]] = []
+    real_root = root.resolve()
+    outside = []
+    for label, folder in groups:
+        found = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        outside += [p for p in found if not p.resolve().is_relative_to(real_root)]
+        files += [(p, label) for i, p in enumerate(found) if (i % 10 == 9) == (split == "heldout")]
+    if outside:
+        shown = ", ".join(f"{p} -> {p.resolve()}" for p in outside[:5]) + (" ..." if len(outside) > 5 else "")
+        raise DataError(f"dataset folder '{root}' links to {len(outside)} file(s) outside itself: {shown}; copy them "
+                        "into the folder or remove the links (a dataset is what lies inside its folder)")
+    if not files:
+        what = "its class subfolders hold" if labelled else "it holds"
+        raise DataError(f"dataset folder '{root}' has no images for the {split} split: {what} no "
+                        f"{', '.join(IMAGE_SUFFIXES)} files (a held-out split needs at least 10 images per class)")
+    return files, subdirs, labelled
+
+
 def _folder(root: Path, split: str, channels: Optional[int]):
     """An image folder: class subfolders give labels, a flat folder is unlabelled.
 
@@ -116,22 +180,7 @@ def _folder(root: Path, split: str, channels: Optional[int]):
     """
     from PIL import Image, UnidentifiedImageError
 
-    if not root.exists():
-        raise DataError(f"dataset folder '{root}' does not exist; check the path in data.source=folder:PATH")
-    if not root.is_dir():
-        raise DataError(f"dataset folder '{root}' is a file, not a folder; point data.source at the folder holding the images")
-    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    labelled = bool(subdirs)
-    groups = [(i, d) for i, d in enumerate(subdirs)] if labelled else [(None, root)]
-    files: list[tuple[Path, Optional[int]]] = []
-    for label, folder in groups:
-        found = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-        files += [(p, label) for i, p in enumerate(found) if (i % 10 == 9) == (split == "heldout")]
-    if not files:
-        what = "its class subfolders hold" if labelled else "it holds"
-        raise DataError(f"dataset folder '{root}' has no images for the {split} split: {what} no "
-                        f"{', '.join(IMAGE_SUFFIXES)} files (a held-out split needs at least 10 images per class)")
-
+    files, subdirs, labelled = _folder_files(root, split)
     arrays, bad = [], []
     for path, _ in files:
         try:
@@ -141,9 +190,7 @@ def _folder(root: Path, split: str, channels: Optional[int]):
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
             bad.append(f"{path} ({type(exc).__name__}: {exc})")
     if bad:
-        shown = "\n  ".join(bad[:20]) + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")
-        raise DataError(f"{len(bad)} file(s) in '{root}' could not be read as images:\n  {shown}\n"
-                        "Repair or remove them; difflineage does not drop files silently.")
+        raise DataError(_bad_files_message(root, bad))
     counts = {}
     for (path, _), a in zip(files, arrays):
         counts.setdefault(a.shape[0], path)
@@ -180,14 +227,19 @@ def _read_captions(root: Path, files: list[Path]) -> Optional[list[str]]:
     if not path.exists():
         return None
     table = {}
+    real_root = root.resolve()
     for n, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
-            table[str(Path(row["file"]))] = str(row["caption"])
+            file, caption = Path(row["file"]), str(row["caption"])
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise DataError(f"{path} line {n} is not a {{\"file\": ..., \"caption\": ...}} object ({exc}); fix that line") from None
+        if file.is_absolute() or not (root / file).resolve().is_relative_to(real_root):
+            raise DataError(f"{path} line {n} names {str(file)!r}, which lies outside the dataset folder '{root}'; "
+                            "captions.jsonl names files relative to the folder, inside it")
+        table[str(file)] = caption
     rel = [str(p.relative_to(root)) for p in files]
     missing = [r for r in rel if r not in table]
     if missing:

@@ -172,7 +172,7 @@ class System(nn.Module, abc.ABC):
         """The data's caption of each class label (``data.caption_template`` with the class name)."""
         d = self.config.data
         names = d.class_names or DIGIT_NAMES
-        return [d.caption_template.format(name=names[i]) for i in labels.tolist()]
+        return [d.caption(names[i]) for i in labels.tolist()]
 
     @property
     def caption_conditioned(self) -> bool:

@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
+import shlex
 import signal
+import statistics
+import sys
 import time
+from collections import deque
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
@@ -25,19 +28,21 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DistributedSampler
 from tqdm.auto import tqdm
 
-from difflineage.checkpoint import latest_checkpoint, resolve_checkpoint, save_checkpoint
+from difflineage.checkpoint import checkpoints_of, latest_checkpoint, resolve_checkpoint, save_checkpoint
 from difflineage.config import Config
-from difflineage.data import ImageDataset, load_dataset
-from difflineage.errors import ConfigError, TrainingDiverged
+from difflineage.data import ImageDataset, check_source, load_dataset
+from difflineage.errors import CheckpointError, ConfigError, StorageError, TrainingDiverged
 from difflineage.images import save_grid
+from difflineage.storage import remove_tree, writing
 from difflineage.systems import System, build_system, load_checkpoint, system_for
 from difflineage.systems.base import Denoises
 from difflineage.train.distributed import DistInfo, all_gather_objects, barrier, cleanup, init_distributed
 from difflineage.train.plots import plot_metrics
+from difflineage.train.rundir import check_run_dir, holds_run, lock_run_dir
 from difflineage.weights import load_state_dict_strict
 
 
@@ -63,14 +68,22 @@ def resolve_data(config: Config, dataset: ImageDataset) -> Config:
                                         class_names=data.class_names if data.class_names is not None else dataset.class_names))
 
 
-def ema_or_copy(decay: float):
-    """The EMA update of AveragedModel for floating-point tensors; integer buffers (counters, a tokenizer's
-    bytes) are copied, not averaged. (AveragedModel groups tensors by dtype before calling this.)"""
-    ema = get_ema_multi_avg_fn(decay)
+def ema_decay_at(decay: float, updates: int, warmup: bool = True) -> float:
+    """The EMA's decay for its update after ``updates`` earlier ones: ``min(decay, (1 + n) / (10 + n))`` with
+    warm-up (TensorFlow's ExponentialMovingAverage with num_updates; LDM's LitEma), ``decay`` without."""
+    return min(decay, (1.0 + updates) / (10.0 + updates)) if warmup else decay
 
+
+def ema_or_copy(decay: float, warmup: bool = False):
+    """The EMA update for AveragedModel: floating-point tensors move toward the current weights by
+    ``1 - ema_decay_at(decay, n)``; integer buffers (counters, a tokenizer's bytes) are copied, not averaged.
+    (AveragedModel copies the weights on its first update, and groups tensors by dtype before calling this.)"""
+
+    @torch.no_grad()
     def update(averaged: list[torch.Tensor], current: list[torch.Tensor], n_averaged: torch.Tensor) -> None:
         if averaged[0].is_floating_point():
-            ema(averaged, current, n_averaged)
+            d = ema_decay_at(decay, int(n_averaged.item()), warmup) if warmup else decay
+            torch._foreach_lerp_(averaged, current, 1.0 - d)
         else:
             torch._foreach_copy_(averaged, current)
     return update
@@ -103,31 +116,89 @@ def lr_at(step: int, cfg) -> float:
 
 
 class Trainer:
-    """Train ``config`` into ``run_dir``; ``resume`` is True (latest checkpoint of run_dir) or a path."""
+    """Train ``config`` into ``run_dir``; ``resume`` is True (latest checkpoint of run_dir) or a path.
+
+    ``overwrite``: replace a run already in ``run_dir`` (without it, or ``resume``, such a directory is refused).
+    ``resume_command``: the command that continues this run, printed after a stop (default: the ``train`` command;
+    the quickstart gives its own).
+    """
 
     def __init__(self, config: Optional[Config], run_dir: str | Path, resume: bool | str | Path | None = None,
-                 stop_at: Optional[int] = None, progress: bool = True):
+                 stop_at: Optional[int] = None, progress: bool = True, overwrite: bool = False,
+                 resume_command: Optional[str] = None):
         self.run_dir = Path(run_dir)
         self.progress = progress
         self.stop_at = stop_at
+        self.resume = resume
         self.resume_from: Optional[Path] = None
-        if resume:
-            self.resume_from = resolve_checkpoint(self.run_dir if resume is True else resume)
-        if config is None and self.resume_from is None:
+        if config is None and not resume:
             raise ConfigError("give a config to train, or --resume a checkpoint")
+        if resume and overwrite:
+            raise ConfigError("--resume continues a run and --overwrite replaces it; give one of them")
+        self.overwrite = overwrite
         self.config = config
+        self._resume_command = resume_command
         self._stop_signal: Optional[str] = None
 
     # ------------------------------------------------------------------------------------------
     def fit(self) -> TrainResult:
         info = init_distributed(self.config.train.device if self.config else "auto")
         old_handlers = self._install_signal_handlers()
+        lock = None
         try:
+            lock = self._open_run_dir(info)
             return self._fit(info)
         finally:
+            if lock is not None:
+                lock.release()
             for sig, handler in old_handlers.items():
                 signal.signal(sig, handler)
             cleanup(info)
+
+    def resume_command(self, info: Optional[DistInfo] = None, checkpoint: Optional[Path] = None, extra: str = "") -> str:
+        """The command that continues this run, as it can be pasted into a shell."""
+        if self._resume_command and checkpoint is None and not extra:
+            return self._resume_command
+        launcher = "difflineage"
+        if info is not None and info.enabled:
+            launcher = f"torchrun --nproc_per_node {info.world_size} -m difflineage"
+        resume = f"--resume {shlex.quote(str(checkpoint))}" if checkpoint is not None else "--resume"
+        return f"{launcher} train {resume} --out {shlex.quote(str(self.run_dir))}{extra}"
+
+    def _open_run_dir(self, info: DistInfo):
+        """Rank 0 creates, locks and checks the run directory and finds the checkpoint to resume; every process
+        learns the outcome (a refusal is raised on all of them, so none waits for the others in vain)."""
+        lock, outcome = None, None
+        if info.is_main:
+            try:
+                lock, notes = lock_run_dir(self.run_dir)
+                resume_from = None
+                if self.resume:
+                    resume_from = self._resolve_resume()
+                notes += check_run_dir(self.run_dir, resume_from, self.overwrite, self.resume_command(info))
+                for note in notes:
+                    print(note, file=sys.stderr)
+                outcome = ("ok", str(resume_from) if resume_from else None)
+            except Exception as exc:
+                if lock is not None:
+                    lock.release()
+                    lock = None
+                outcome = ("error", exc)
+        outcome = all_gather_objects(outcome, info)[0]
+        if outcome[0] == "error":
+            raise outcome[1]
+        self.resume_from = Path(outcome[1]) if outcome[1] else None
+        return lock
+
+    def _resolve_resume(self) -> Path:
+        target = self.run_dir if self.resume is True else Path(self.resume)
+        try:
+            return resolve_checkpoint(target)
+        except CheckpointError as exc:
+            if self.resume is True and holds_run(self.run_dir) and not checkpoints_of(self.run_dir):
+                raise CheckpointError(f"{exc}: the run stopped before its first checkpoint, so there is nothing to "
+                                      "resume; start it again with --overwrite") from None
+            raise
 
     def _fit(self, info: DistInfo) -> TrainResult:
         ckpt = load_checkpoint(self.resume_from, map_location="cpu") if self.resume_from else None
@@ -138,6 +209,7 @@ class Trainer:
                               f"use a multiple of {info.world_size}")
         per_rank = tc.batch_size // info.world_size
 
+        check_source(config.data)  # every file of both splits, before any time is spent
         dataset = load_dataset(config.data, "train")
         config = system_for(config).resolve_config(resolve_data(config, dataset))
         if ckpt is not None and self.config is not None:  # compare once both are resolved (first stage filled in)
@@ -152,7 +224,7 @@ class Trainer:
         groups = system.param_groups()
         params = [p for g in groups for p in g["params"]]
         opt = adamw(groups, lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
-        ema = AveragedModel(system, multi_avg_fn=ema_or_copy(tc.ema_decay), use_buffers=True)
+        ema = AveragedModel(system, multi_avg_fn=ema_or_copy(tc.ema_decay, tc.ema_warmup), use_buffers=True)
         if tc.compile:
             compile_for_training(system.net if isinstance(system, Denoises) else system, device)
 
@@ -174,15 +246,18 @@ class Trainer:
             elif info.is_main:
                 print(f"note: resuming a {len(rng)}-process run with {info.world_size} processes; "
                       "random streams restart, so the continuation is not bit-exact")
+        if self.stop_at is not None and self.stop_at <= step:
+            raise ConfigError(f"--stop-at {self.stop_at} is not after the step this run resumes from ({step}); give a "
+                              f"later step, or leave --stop-at out to train to train.steps={tc.steps}")
         model = system
         if info.enabled:
             model = DistributedDataParallel(system, device_ids=[device.index] if device.type == "cuda" else None,
                                             find_unused_parameters=tc.find_unused_parameters)
 
         if info.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(config.to_yaml())
-            _truncate_metrics(self.run_dir / "metrics.jsonl", step)
+            with writing(self.run_dir / "config.yaml", "write the run's config"):
+                (self.run_dir / "config.yaml").write_text(config.to_yaml())
+                _truncate_metrics(self.run_dir / "metrics.jsonl", step)
         run = _RunState(info=info, config=config, system=system, ema=ema, opt=opt, run_dir=self.run_dir)
         self.system, self.ema, self.optimizer, self.config = system, ema, opt, config  # for callers and tests
 
@@ -192,7 +267,8 @@ class Trainer:
                    dynamic_ncols=True)
         window: dict[str, float] = {}
         window_steps, window_time = 0, 0.0  # throughput counts training steps only, not drawing or saving
-        last_ckpt = latest_checkpoint(self.run_dir) if (self.run_dir / "checkpoints").is_dir() else None
+        watch = DivergenceWatch(tc.spike_factor, tc.spike_window)
+        last_ckpt = latest_checkpoint(self.run_dir)
         status = "finished"
         try:
             while step < tc.steps:
@@ -214,13 +290,21 @@ class Trainer:
                     dist.all_reduce(flags)
                 mean_loss, nonfinite, stop = flags[0].item() / info.world_size, flags[1].item(), flags[2].item()
                 if nonfinite:
-                    raise TrainingDiverged(_diverged_message("loss", step + 1, mean_loss, last_ckpt))
+                    self._diverged("the loss", mean_loss, step, "", watch, info)
+                jump = watch.jump("loss", mean_loss, step)
+                if jump:
+                    self._diverged("the loss", mean_loss, step, jump, watch, info)
 
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else float("inf"))
-                if not torch.isfinite(grad_norm):
-                    raise TrainingDiverged(_diverged_message("gradient norm", step + 1, grad_norm.item(), last_ckpt))
+                norm = grad_norm.item()
+                if not math.isfinite(norm):
+                    self._diverged("the gradient norm", norm, step, "", watch, info)
+                jump = watch.jump("grad_norm", norm, step)
+                if jump:
+                    self._diverged("the gradient norm", norm, step, jump, watch, info)
+                watch.record(step, mean_loss, norm)
                 lr = lr_at(step, tc)
                 for group in opt.param_groups:
                     group["lr"] = lr * group.get("lr_scale", 1.0)
@@ -229,38 +313,68 @@ class Trainer:
                 step, position = step + 1, position + 1
 
                 window["loss"] = window.get("loss", 0.0) + mean_loss
-                window["grad_norm"] = window.get("grad_norm", 0.0) + grad_norm.item()
+                window["grad_norm"] = window.get("grad_norm", 0.0) + norm
                 for k, v in metrics.items():
                     window[k] = window.get(k, 0.0) + float(v)
                 window_steps += 1
                 window_time += time.perf_counter() - step_start
                 bar.update(1)
-                if info.is_main and (step % tc.log_every == 0 or step == tc.steps):
-                    row = {"step": step, "epoch": epoch, "lr": lr,
-                           **{k: v / window_steps for k, v in window.items()},
-                           "images_per_s": window_steps * tc.batch_size / max(window_time, 1e-9)}
-                    with open(self.run_dir / "metrics.jsonl", "a") as fh:
-                        fh.write(json.dumps(row) + "\n")
-                    bar.set_postfix(loss=f"{row['loss']:.4g}", img_s=f"{row['images_per_s']:.0f}")
-                    window, window_steps, window_time = {}, 0, 0.0
+                try:
+                    if info.is_main and (step % tc.log_every == 0 or step == tc.steps):
+                        row = {"step": step, "epoch": epoch, "lr": lr,
+                               **{k: v / window_steps for k, v in window.items()},
+                               "images_per_s": window_steps * tc.batch_size / max(window_time, 1e-9)}
+                        with writing(self.run_dir / "metrics.jsonl", "append to"):
+                            with open(self.run_dir / "metrics.jsonl", "a") as fh:
+                                fh.write(json.dumps(row) + "\n")
+                        bar.set_postfix(loss=f"{row['loss']:.4g}", img_s=f"{row['images_per_s']:.0f}")
+                        window, window_steps, window_time = {}, 0, 0.0
 
-                done = step == tc.steps
-                if tc.sample_every and step % tc.sample_every == 0 or done:
-                    run.draw(step)
-                if stop or (self.stop_at is not None and step >= self.stop_at):
-                    status = "interrupted" if stop else "stopped"
-                    last_ckpt = run.checkpoint(step, epoch, position)
-                    if info.is_main:
-                        bar.write(f"{status} at step {step}; checkpoint saved to {last_ckpt}. "
-                                  f"Continue with: difflineage train --resume {self.run_dir}")
-                    break
-                if (tc.checkpoint_every and step % tc.checkpoint_every == 0) or done:
-                    last_ckpt = run.checkpoint(step, epoch, position)
+                    done = step == tc.steps
+                    if tc.sample_every and step % tc.sample_every == 0 or done:
+                        run.draw(step)
+                    if stop or (self.stop_at is not None and step >= self.stop_at):
+                        status = "interrupted" if stop else "stopped"
+                        last_ckpt = run.checkpoint(step, epoch, position)
+                        if info.is_main:
+                            why = f"stopped by {self._stop_signal}" if stop else f"stopped at --stop-at {self.stop_at}"
+                            bar.write(f"{why}: step {step} of {tc.steps}, checkpoint saved to {last_ckpt}. "
+                                      f"Continue with: {self.resume_command(info)}")
+                        break
+                    if (tc.checkpoint_every and step % tc.checkpoint_every == 0) or done:
+                        last_ckpt = run.checkpoint(step, epoch, position)
+                except StorageError as exc:
+                    kept = (f"the last complete checkpoint, {last_ckpt}, is intact; once that is fixed, continue with: "
+                            f"{self.resume_command(info)}") if last_ckpt else \
+                        "no checkpoint had been written yet; once that is fixed, start again with --overwrite"
+                    raise StorageError(exc.errno, f"{exc.strerror or exc}; training stopped at step {step}: {kept}") from None
         finally:
             bar.close()
         samples = self.run_dir / "samples.png"
         return TrainResult(run_dir=self.run_dir, step=step, status=status, checkpoint=last_ckpt,
                            samples=samples if samples.exists() else None)
+
+    def _diverged(self, what: str, value: float, step: int, jump: str, watch: "DivergenceWatch", info: DistInfo):
+        """Stop with a message that names the newest checkpoint whose weights predate the trouble, and the command
+        that continues from it with a lower learning rate (or, with none, the command that starts again)."""
+        tc = self.config.train
+        onset = watch.onset(step)  # updates done before the first suspicious value
+        good = [p for p in checkpoints_of(self.run_dir) if _step_number(p) is not None and _step_number(p) < onset]
+        lower = f" --set train.lr={tc.lr / 10:g}"
+        became = f"{what} became {value:.4g} at step {step + 1}" + (f" ({jump})" if jump else "")
+        if good:
+            after = [p.name for p in checkpoints_of(self.run_dir) if p not in good]
+            where = (f"the newest checkpoint written before the trouble began (at step {onset + 1}) is {good[-1]}"
+                     + (f"; later ones ({', '.join(after)}) may hold wrecked weights" if after else ""))
+            todo = f"Continue from it with a lower learning rate: {self.resume_command(info, good[-1], lower)}"
+        else:
+            where = "no checkpoint was written before the trouble began"
+            config_file = self.run_dir / "config.yaml"
+            todo = ("Start again with a lower learning rate: "
+                    f"difflineage train {shlex.quote(str(config_file))} --out {shlex.quote(str(self.run_dir))} "
+                    f"--overwrite{lower}")
+        raise TrainingDiverged(f"{became}; training stopped and nothing was saved for this step: {where}. {todo} "
+                               "(or keep train.grad_clip on, e.g. 1.0, or turn off train.bf16)")
 
     # ------------------------------------------------------------------------------------------
     def _install_signal_handlers(self) -> dict:
@@ -302,8 +416,8 @@ class _RunState:
             save_checkpoint(path, self.config, self.system.state_dict(), self.ema.module.state_dict(), state)
             keep = self.config.train.keep_checkpoints
             if keep:
-                for old in sorted((self.run_dir / "checkpoints").glob("step_*"))[:-keep]:
-                    shutil.rmtree(old)
+                for old in checkpoints_of(self.run_dir)[:-keep]:
+                    remove_tree(old)
         barrier(self.info)
         return path
 
@@ -319,9 +433,10 @@ class _RunState:
         n = len(cond) if cond is not None else tc.sample_n
         images = model.sample(n, condition=cond, generator=torch.Generator().manual_seed(tc.seed))
         model.train(was_training)
-        grid = save_grid(images, self.run_dir / "samples" / f"step_{step:07d}.png", nrow=per_class or None, scale=2)
-        (self.run_dir / "samples.png").write_bytes(grid.read_bytes())
-        plot_metrics(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png", title=f"{self.config.system} training")
+        with writing(self.run_dir / "samples", "write the sample grid into"):
+            grid = save_grid(images, self.run_dir / "samples" / f"step_{step:07d}.png", nrow=per_class or None, scale=2)
+            (self.run_dir / "samples.png").write_bytes(grid.read_bytes())
+            plot_metrics(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png", title=f"{self.config.system} training")
 
 
 def _get_rng(device: torch.device) -> dict[str, Any]:
@@ -338,10 +453,17 @@ def _set_rng(state: dict[str, Any], device: torch.device) -> None:
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume, forget the lines written after the checkpoint, so the log matches the weights."""
+    """On resume, forget the lines written after the checkpoint, so the log matches the weights (and a line cut
+    short by a full disk)."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if line.strip() and json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue
     path.write_text("".join(line + "\n" for line in keep))
 
 
@@ -356,7 +478,58 @@ def _check_same_model(new: Config, old: Config, where: Path) -> None:
         raise ConfigError(f"the config's data differs from the checkpoint's ({where}/config.yaml); resume with the same data")
 
 
-def _diverged_message(what: str, step: int, value: float, last: Optional[Path]) -> str:
-    where = f"the last good checkpoint, {last}, is intact" if last else "no checkpoint had been written yet"
-    return (f"{what} became {value} at step {step}; training stopped and nothing was saved for this step: {where}. "
-            "Lower train.lr, keep train.grad_clip on (e.g. 1.0) or turn off train.bf16, then resume with --resume.")
+def _step_number(path: Path) -> Optional[int]:
+    try:
+        return int(path.name.split("_", 1)[1])
+    except (IndexError, ValueError):
+        return None
+
+
+class DivergenceWatch:
+    """Catches a loss or gradient norm that jumps by orders of magnitude while still finite (exploding weights
+    show there before any NaN does), and remembers when the trouble began.
+
+    A value is a *jump* above ``factor`` x the median of the last ``window`` values, and *elevated* above
+    sqrt(factor) x that median; the trouble began at the first step of the run of elevated values that ends in the
+    jump (or NaN), so a checkpoint written during a slow build-up is not called good.
+    """
+
+    def __init__(self, factor: float, window: int):
+        self.factor, self.window = factor, window
+        self.history: dict[str, deque] = {"loss": deque(maxlen=window), "grad_norm": deque(maxlen=window)}
+        self.elevated_since: Optional[int] = None
+        self._elevated_now = False
+
+    def _median(self, name: str) -> Optional[float]:
+        h = self.history[name]
+        if not self.factor or len(h) < self.window:
+            return None
+        return statistics.median(abs(v) for v in h)
+
+    def jump(self, name: str, value: float, step: int) -> str:
+        """'' if ``value`` is ordinary; else how far above the recent median it is."""
+        med = self._median(name)
+        if med is None or med == 0:
+            return ""
+        ratio = abs(value) / med
+        if ratio > math.sqrt(self.factor):
+            self._elevated_now = True
+        if ratio > self.factor:
+            return (f"{ratio:.3g} x its median of {med:.4g} over the last {self.window} steps; the check is "
+                    f"train.spike_factor={self.factor:g}, 0 turns it off")
+        return ""
+
+    def record(self, step: int, loss: float, grad_norm: float) -> None:
+        """Keep a step that passed; track the run of elevated steps."""
+        if self._elevated_now:
+            if self.elevated_since is None:
+                self.elevated_since = step
+        else:
+            self.elevated_since = None
+        self._elevated_now = False
+        self.history["loss"].append(loss)
+        self.history["grad_norm"].append(grad_norm)
+
+    def onset(self, step: int) -> int:
+        """Updates done before the first suspicious value (this step's, unless a build-up preceded it)."""
+        return self.elevated_since if self.elevated_since is not None else step
