@@ -5,6 +5,7 @@ directory that cannot be written and nothing half-written left behind."""
 import json
 import os
 import resource
+import shlex
 import signal
 import socket
 import subprocess
@@ -174,7 +175,7 @@ def test_quickstart_advice_is_its_own_command(tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
-def test_a_finite_explosion_is_caught_and_the_checkpoint_before_it_named(tmp_path):
+def test_a_finite_explosion_is_caught_and_the_checkpoint_before_it_named(tmp_path, capsys):
     """The loss grows 30x per step from the 9th call on: step 9 is suspicious (30x the median), step 10 a jump
     (900x). The checkpoint at step 8 was written after the weights that gave step 9's loss, so the good one is 6."""
     cfg = config_from_dict(tiny_regression_dict(steps=40, checkpoint_every=2, spike_window=4, spike_factor=100),
@@ -187,6 +188,19 @@ def test_a_finite_explosion_is_caught_and_the_checkpoint_before_it_named(tmp_pat
     assert "later ones (step_0000008) may hold wrecked weights" in msg
     assert f"--resume {tmp_path}/checkpoints/step_0000006 --out {tmp_path} --set train.lr=0.001" in msg
     assert checkpoints_of(tmp_path)[-1].name == "step_0000008"  # nothing written after the jump
+
+    # The advice, run as printed (through the CLI's own parser, in this process, where the tiny system exists):
+    # it continues from step 6 at a tenth of the learning rate, with the suspect step_0000008 moved aside. The tiny
+    # system's loss grows again 8 calls after any start, so the continuation diverges later, at step 16.
+    from difflineage.cli import main
+
+    advice = msg.split("Continue from it with a lower learning rate: ", 1)[1].split(" (or keep", 1)[0]
+    assert main(shlex.split(advice)[1:] + ["--no-progress"]) == 1
+    assert "at step 16 (" in capsys.readouterr().err
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["train"]["lr"] == 1e-3
+    aside = list((tmp_path / "checkpoints").glob("abandoned-*"))
+    assert len(aside) == 1 and [p.name for p in aside[0].iterdir()] == ["step_0000008"]
+    assert checkpoints_of(tmp_path)[-1].name == "step_0000014"
 
 
 def test_the_spike_check_can_be_turned_off_and_leaves_ordinary_runs_alone(tmp_path):
