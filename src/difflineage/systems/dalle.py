@@ -328,7 +328,7 @@ class DallePrior(DalleDVAE):
         self.set_tokenizer(self._train_tokenizer(dataset.captions))
         # Every training image's tokens, encoded at the first training batch with the dVAE this system holds
         # then (a resumed run's own copy, even if model.first_stage has trained on since).
-        self._codes = EncodedTrainingSet(self.dvae.encode, dataset, self.device)
+        self._codes = EncodedTrainingSet.for_dataset(self.dvae.encode, dataset, self.device)
 
     def _train_tokenizer(self, captions: list[str]) -> CaptionTokenizer:
         """BPE on the training captions, trained once (rank 0) and shared with every process of the run."""
@@ -367,7 +367,7 @@ class DallePrior(DalleDVAE):
     def _tokens_of(self, batch: Batch) -> torch.Tensor:
         """The batch's image tokens, flattened (N, h * w): cached in training, encoded otherwise."""
         if self._codes is not None and self.training and batch.get("index") is not None:
-            return self._codes.lookup(batch["index"]).flatten(1)
+            return self._codes.lookup(batch["index"], batch.get("flip")).flatten(1)
         with torch.no_grad():
             return self.dvae.encode(batch["image"]).flatten(1)
 

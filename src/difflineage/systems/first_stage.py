@@ -52,26 +52,52 @@ def autoencoder_weights(spec: str, norm_groups: int) -> dict[str, torch.Tensor]:
 
 class EncodedTrainingSet:
     """Every training image as a frozen stage encodes it (latent moments, code maps, image tokens), computed once
-    on first use (after a resumed run's own weights are loaded) and looked up by the batch's ``index``."""
+    on first use (after a resumed run's own weights are loaded) and looked up by the batch's ``index``. When the
+    data mirrors images (``data.flip``), the mirror images are encoded too and a batch's ``flip`` picks between them
+    (an encoder is not mirror-symmetric: the latents of a mirrored image are not the mirrored latents)."""
 
     def __init__(self, encode: Callable[[torch.Tensor], Encoded], dataset: ImageDataset, device: torch.device,
                  batch: int = 500):
         self.encode, self.dataset, self.device, self.batch = encode, dataset, device, batch
+        self.flips = bool(getattr(dataset, "flip", False))
         self._encoded: Optional[Encoded] = None
+        self._mirrored: Optional[Encoded] = None
+
+    @classmethod
+    def for_dataset(cls, encode: Callable[[torch.Tensor], Encoded], dataset, device: torch.device,
+                    batch: int = 500) -> Optional["EncodedTrainingSet"]:
+        """The cache for an in-memory dataset; None for one streamed from disk (each batch is then encoded as it
+        comes; a latent store made by ``difflineage extract`` is the way to encode such a set once)."""
+        return cls(encode, dataset, device, batch) if getattr(dataset, "in_memory", True) else None
 
     @torch.no_grad()
+    def _encode_all(self, mirror: bool) -> Encoded:
+        d = self.dataset
+        parts = []
+        for s in range(0, len(d), self.batch):
+            x = d.batch(range(s, min(s + self.batch, len(d))), self.device)["image"]
+            parts.append(self.encode(x.flip(-1) if mirror else x))
+        return tuple(torch.cat(p) for p in zip(*parts)) if isinstance(parts[0], tuple) else torch.cat(parts)
+
     def compute(self) -> Encoded:
         """Encode the whole dataset in batches (a tuple of tensors per batch gives a tuple of concatenations)."""
         if self._encoded is None:
-            d = self.dataset
-            parts = [self.encode(d.batch(range(s, min(s + self.batch, len(d))), self.device)["image"])
-                     for s in range(0, len(d), self.batch)]
-            self._encoded = tuple(torch.cat(p) for p in zip(*parts)) if isinstance(parts[0], tuple) else torch.cat(parts)
+            self._encoded = self._encode_all(mirror=False)
+            if self.flips:
+                self._mirrored = self._encode_all(mirror=True)
         return self._encoded
 
-    def lookup(self, index: torch.Tensor) -> Encoded:
-        """The encodings of the images at ``index`` (positions in the dataset)."""
+    def lookup(self, index: torch.Tensor, flip: Optional[torch.Tensor] = None) -> Encoded:
+        """The encodings of the images at ``index`` (positions in the dataset), of their mirror images where
+        ``flip`` is set."""
         encoded = self.compute()
+        pick = lambda e: e[index.to(e.device)]  # noqa: E731
+        if flip is None or not self.flips or not bool(flip.any()):
+            return tuple(pick(e) for e in encoded) if isinstance(encoded, tuple) else pick(encoded)
+
+        def choose(plain: torch.Tensor, mirrored: torch.Tensor) -> torch.Tensor:
+            f = flip.to(plain.device).view(-1, *([1] * (plain.dim() - 1)))
+            return torch.where(f, pick(mirrored), pick(plain))
         if isinstance(encoded, tuple):
-            return tuple(e[index.to(e.device)] for e in encoded)
-        return encoded[index.to(encoded.device)]
+            return tuple(choose(a, b) for a, b in zip(encoded, self._mirrored))
+        return choose(encoded, self._mirrored)

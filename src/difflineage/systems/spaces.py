@@ -127,19 +127,30 @@ class LatentSpace(nn.Module):
 
     def cache(self, dataset: ImageDataset, measure_scale: bool) -> None:
         """Keep the training images' posterior moments (``model.cache_latents``; encoded once, at the first
-        training batch) and, with ``measure_scale``, set the latent scale now to 1 / std of one draw of them."""
+        training batch) and, with ``measure_scale``, set the latent scale now to 1 / std of one draw of them. A
+        dataset streamed from disk is not cached (each batch is encoded as it comes) and its scale is measured on
+        2,048 images spread over it."""
         device = self.latent_scale.device
+        if not getattr(dataset, "in_memory", True):
+            if measure_scale:
+                spread = torch.linspace(0, len(dataset) - 1, min(2048, len(dataset))).long()
+                self._measure_scale(EncodedTrainingSet(self.posterior, dataset.subset(spread).load(), device, batch=64))
+            self._cache = None
+            return
         encoded = EncodedTrainingSet(self.posterior, dataset, device, batch=250)
         if measure_scale:
-            mean, logvar = encoded.compute()
-            z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=torch.Generator().manual_seed(0)).to(mean.device)
-            self.latent_scale.fill_(1.0 / z.std().item())
+            self._measure_scale(encoded)
         self._cache = encoded if self.cache_latents else None
+
+    def _measure_scale(self, encoded: EncodedTrainingSet) -> None:
+        mean, logvar = encoded.compute()
+        z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=torch.Generator().manual_seed(0)).to(mean.device)
+        self.latent_scale.fill_(1.0 / z.std().item())
 
     def encode(self, batch: Batch) -> torch.Tensor:
         """z ~ q(z|x), scaled: from the cache while training on the prepared data, by encoding otherwise."""
         if self._cache is not None and self.training and batch.get("index") is not None:
-            mean, logvar = self._cache.lookup(batch["index"])
+            mean, logvar = self._cache.lookup(batch["index"], batch.get("flip"))
         else:
             with torch.no_grad():
                 mean, logvar = self.posterior(batch["image"])

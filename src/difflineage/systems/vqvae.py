@@ -163,7 +163,7 @@ class CodePrior:
         self.vqvae.eval()
         # The code maps of every training image, encoded at the first training batch with the autoencoder this
         # system holds then (a resumed run's own copy, even if model.first_stage has trained on since).
-        self._codes = EncodedTrainingSet(self.vqvae.encode, dataset, self.device)
+        self._codes = EncodedTrainingSet.for_dataset(self.vqvae.encode, dataset, self.device)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -173,7 +173,7 @@ class CodePrior:
     def codes_of(self, batch: Batch):
         """The batch's code maps (a tuple of maps for several levels): cached in training, encoded otherwise."""
         if self._codes is not None and self.training and batch.get("index") is not None:
-            return self._codes.lookup(batch["index"])
+            return self._codes.lookup(batch["index"], batch.get("flip"))
         with torch.no_grad():
             return self.vqvae.encode(batch["image"])
 

@@ -29,12 +29,11 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel
-from torch.utils.data import DistributedSampler
 from tqdm.auto import tqdm
 
 from difflineage.checkpoint import checkpoints_of, latest_checkpoint, resolve_checkpoint, save_checkpoint
 from difflineage.config import Config
-from difflineage.data import ImageDataset, check_source, load_dataset
+from difflineage.data import BatchStream, ImageDataset, check_source, load_dataset, stream_workers
 from difflineage.errors import CheckpointError, ConfigError, StorageError, TrainingDiverged
 from difflineage.images import save_grid
 from difflineage.storage import remove_tree, writing
@@ -210,7 +209,7 @@ class Trainer:
         per_rank = tc.batch_size // info.world_size
 
         check_source(config.data)  # every file of both splits, before any time is spent
-        dataset = load_dataset(config.data, "train")
+        dataset = load_dataset(config.data, "train", seed=tc.seed)
         config = system_for(config).resolve_config(resolve_data(config, dataset))
         if ckpt is not None and self.config is not None:  # compare once both are resolved (first stage filled in)
             _check_same_model(config, ckpt.config, self.resume_from)
@@ -228,9 +227,6 @@ class Trainer:
         if tc.compile:
             compile_for_training(system.net if isinstance(system, Denoises) else system, device)
 
-        sampler = DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True,
-                                     seed=tc.seed, drop_last=True)
-        batches_per_epoch = len(sampler) // per_rank
         step, epoch, position = 0, 0, 0
         torch.manual_seed(tc.seed + 1 + info.rank)  # the noise each process draws during training
         if ckpt is not None:
@@ -261,8 +257,9 @@ class Trainer:
         run = _RunState(info=info, config=config, system=system, ema=ema, opt=opt, run_dir=self.run_dir)
         self.system, self.ema, self.optimizer, self.config = system, ema, opt, config  # for callers and tests
 
-        sampler.set_epoch(epoch)
-        order = list(sampler)
+        stream = BatchStream(dataset, per_rank, info.world_size, info.rank, seed=tc.seed, epoch=epoch, position=position,
+                             device=device, workers=stream_workers(config.data.workers))
+        batches = iter(stream)
         bar = tqdm(total=tc.steps, initial=step, desc=f"train {config.system}", disable=not (self.progress and info.is_main),
                    dynamic_ncols=True)
         window: dict[str, float] = {}
@@ -272,13 +269,8 @@ class Trainer:
         status = "finished"
         try:
             while step < tc.steps:
-                if position >= batches_per_epoch:
-                    epoch, position = epoch + 1, 0
-                    sampler.set_epoch(epoch)
-                    order = list(sampler)
                 step_start = time.perf_counter()
-                idx = order[position * per_rank : (position + 1) * per_rank]
-                batch = dataset.batch(idx, device)
+                epoch, position, batch = next(batches)  # position: this batch's place in its epoch
 
                 with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=tc.bf16):
                     loss, metrics = model(batch, step)  # step: those done before this one
@@ -310,7 +302,7 @@ class Trainer:
                     group["lr"] = lr * group.get("lr_scale", 1.0)
                 opt.step()
                 ema.update_parameters(system)
-                step, position = step + 1, position + 1
+                step, position = step + 1, position + 1  # position: batches of this epoch done
 
                 window["loss"] = window.get("loss", 0.0) + mean_loss
                 window["grad_norm"] = window.get("grad_norm", 0.0) + norm
@@ -350,6 +342,7 @@ class Trainer:
                     raise StorageError(exc.errno, f"{exc.strerror or exc}; training stopped at step {step}: {kept}") from None
         finally:
             bar.close()
+            del batches  # stops the DataLoader's workers
         samples = self.run_dir / "samples.png"
         return TrainResult(run_dir=self.run_dir, step=step, status=status, checkpoint=last_ckpt,
                            samples=samples if samples.exists() else None)

@@ -1,0 +1,148 @@
+"""Images read from disk on demand: ADM's centre crop, stateless flips, ImageNet's layout, DataLoader workers, and a
+resume in the middle of an epoch that is still exact."""
+
+import numpy as np
+import pytest
+import torch
+from helpers import state_equal
+from PIL import Image
+
+from difflineage.config import DataConfig
+from difflineage.data import BatchStream, ImageDataset, ImageFiles, load_dataset
+from difflineage.data.augment import adm_center_crop, flips
+from difflineage.errors import DataError
+from difflineage.systems import config_from_dict
+from difflineage.train import Trainer
+
+
+def test_adm_center_crop_on_a_hand_worked_case():
+    """600 x 400, left third black, target 100: halved by a box filter twice (300 x 200, then 150 x 100, since
+    the short side was at least 200 both times), no resize left to do, then the centre 100 columns: 25..124. The
+    black-white edge at column 200 of 600 lands at 50 of 150, so at column 25 of the crop."""
+    a = np.full((400, 600), 255, np.uint8)
+    a[:, :200] = 0
+    out = adm_center_crop(Image.fromarray(a), 100)
+    assert out.shape == (100, 100)
+    assert (out[:, :25] == 0).all() and (out[:, 25:] == 255).all()
+    # a small image is enlarged bicubically to the target on its short side, then centre-cropped
+    small = adm_center_crop(Image.fromarray(np.zeros((30, 60, 3), np.uint8)), 64)
+    assert small.shape == (64, 64, 3)
+
+
+def test_flips_are_half_different_each_epoch_and_the_same_everywhere():
+    idx = np.arange(10000)
+    e0, e1 = flips(7, 0, idx), flips(7, 1, idx)
+    assert abs(e0.mean() - 0.5) < 0.02 and abs(e1.mean() - 0.5) < 0.02
+    assert abs((e0 == e1).mean() - 0.5) < 0.02  # another half each epoch, not the same flip every time
+    assert [bool(flips(7, 1, i)) for i in range(50)] == e1[:50].tolist()  # one image at a time, as a worker asks
+    assert not np.array_equal(flips(8, 0, idx), e0)
+
+
+def _fake_imagenet(root, per_class=6, val=2):
+    """ImageNet's layout at toy size: train/<wnid>/*.JPEG of mixed sizes, val/<wnid>/, and Kaggle's synset file."""
+    rng = np.random.default_rng(0)
+    wnids = ["n02", "n01", "n03"]  # out of order on purpose: classes go by sorted name
+    for split, n in (("train", per_class), ("val", val)):
+        for k, w in enumerate(wnids):
+            (root / split / w).mkdir(parents=True)
+            for i in range(n):
+                h, wd = int(rng.integers(40, 90)), int(rng.integers(40, 90))
+                a = np.full((h, wd, 3), 40 * (k + 1), np.uint8)
+                a[: h // 2] = 250  # structure: top half bright
+                Image.fromarray(a).save(root / split / w / f"{w}_{i}.JPEG", quality=95)
+    (root / "LOC_synset_mapping.txt").write_text("n01 tench, Tinca tinca\nn02 goldfish\nn03 great white shark, white shark\n")
+    return root
+
+
+def test_the_imagenet_layout_is_read_lazily_by_sorted_class_folder(tmp_path):
+    root = _fake_imagenet(tmp_path / "imagenet")
+    cfg = DataConfig(source=f"imagenet:{root}", image_size=16, channels=3, flip=True)
+    train, held = load_dataset(cfg, "train"), load_dataset(cfg, "heldout")
+    assert isinstance(train, ImageFiles) and len(train) == 18 and len(held) == 6
+    assert train.class_names == ("tench", "goldfish", "great white shark") and train.labels.tolist() == [0] * 6 + [1] * 6 + [2] * 6
+    assert all("/n01/" in f for f in train.files[:6])
+    assert train.flip and not held.flip  # only the training split is augmented
+    b = train.batch([0, 7], epoch=0)
+    assert b["image"].shape == (2, 3, 16, 16) and b["label"].tolist() == [0, 1] and b["caption"] == ["tench", "goldfish"]
+    assert b["image"][:, :, :4].mean() > b["image"][:, :, -4:].mean()  # the crop kept the picture upright
+    with pytest.raises(DataError, match="has no val/ of class folders"):
+        (root / "val").rename(tmp_path / "elsewhere")
+        load_dataset(cfg, "heldout")
+
+
+def _rgb_folder(root, n=40):
+    rng = np.random.default_rng(1)
+    for c in range(2):
+        (root / f"c{c}").mkdir(parents=True)
+        for i in range(n // 2):
+            a = rng.integers(0, 255, (12, 10, 3), dtype=np.uint8)
+            a[:, :3] = 255 * c  # an asymmetric stripe: flips change the picture
+            Image.fromarray(a).save(root / f"c{c}" / f"{i}.png")
+    return root
+
+
+def test_workers_give_the_batches_decoding_here_gives_and_a_mid_epoch_start_too(tmp_path):
+    files = load_dataset(DataConfig(source=f"folder:{_rgb_folder(tmp_path / 'f')}", image_size=8, channels=3,
+                                    stream=True, flip=True), "train", seed=3)
+
+    def take(stream, n):
+        out = []
+        for k, (e, p, b) in enumerate(stream):
+            out.append((e, p, b["image"], b["index"], b["flip"]))
+            if k + 1 == n:
+                return out
+
+    plain = take(BatchStream(files, 8, seed=3, workers=0), 10)  # 36 images: 4 batches per epoch
+    workers = take(BatchStream(files, 8, seed=3, workers=2), 10)
+    later = take(BatchStream(files, 8, seed=3, epoch=1, position=2, workers=2), 4)
+    assert [(e, p) for e, p, *_ in plain] == [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0), (1, 1), (1, 2), (1, 3), (2, 0), (2, 1)]
+    for a, b in zip(plain, workers):
+        assert torch.equal(a[2], b[2]) and torch.equal(a[3], b[3])
+    for a, b in zip(plain[6:], later):
+        assert a[:2] == b[:2] and torch.equal(a[2], b[2])
+    assert any(f.any() for *_, f in plain) and not all(f.all() for *_, f in plain)
+    # the image of a flipped entry is the mirror of the unflipped decode
+    e, p, img, idx, flip = plain[0]
+    k = int(flip.nonzero()[0])
+    assert torch.equal(img[k], files.batch([int(idx[k])])["image"][0].flip(-1))
+
+
+def test_a_streamed_run_resumed_mid_epoch_with_two_workers_is_exact(tmp_path):
+    folder = _rgb_folder(tmp_path / "f")
+    d = {"system": "vae", "data": {"source": f"folder:{folder}", "image_size": 8, "channels": 3, "stream": True,
+                                   "flip": True, "workers": 2},
+         "model": {"latent_dim": 4, "channels": [8], "hidden": 32},
+         "train": {"steps": 10, "batch_size": 8, "lr": 1e-3, "log_every": 1, "sample_every": 0, "checkpoint_every": 0,
+                   "sample_n": 4}}
+    cfg = config_from_dict(d)
+    straight = Trainer(cfg, tmp_path / "a", progress=False)
+    straight.fit()
+    assert Trainer(cfg, tmp_path / "b", stop_at=6, progress=False).fit().step == 6  # epoch 1, batch 2 of 4
+    resumed = Trainer(None, tmp_path / "b", resume=True, progress=False)
+    resumed.fit()
+    assert state_equal(straight.system.state_dict(), resumed.system.state_dict()) == []
+    assert state_equal(straight.ema.module.state_dict(), resumed.ema.module.state_dict()) == []
+
+
+def test_a_file_that_fails_to_decode_in_a_worker_is_named(tmp_path):
+    folder = _rgb_folder(tmp_path / "f")
+    bad = folder / "c0" / "3.png"
+    bad.write_bytes(bad.read_bytes()[:60])  # the header parses; the pixels are cut off
+    files = load_dataset(DataConfig(source=f"folder:{folder}", image_size=8, channels=3, stream=True), "train")
+    with pytest.raises(DataError, match=f"{bad} could not be decoded as an image"):
+        for _ in BatchStream(files, 36, workers=2):
+            pass
+
+
+def test_the_cache_of_a_flipped_set_gives_the_mirror_images_encodings():
+    from difflineage.systems.first_stage import EncodedTrainingSet
+
+    images = torch.randint(0, 255, (6, 1, 4, 4), dtype=torch.uint8)
+    data = ImageDataset(images=images, flip=True, seed=0)
+    encode = lambda x: x[..., :2] * 2  # noqa: E731 - not mirror-symmetric: the left half only
+    cache = EncodedTrainingSet(encode, data, torch.device("cpu"))
+    batch = data.batch(range(6), epoch=0)
+    assert batch["flip"].any() and not batch["flip"].all()
+    assert torch.equal(cache.lookup(batch["index"], batch["flip"]), encode(batch["image"]))
+    assert EncodedTrainingSet.for_dataset(encode, ImageFiles(files=[], labels=None, image_size=4, channels=1),
+                                          torch.device("cpu")) is None
