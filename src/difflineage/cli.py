@@ -162,6 +162,28 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-progress", action="store_true", help="no progress bars")
     e.set_defaults(func=cmd_evaluate)
 
+    x = sub.add_parser("extract", help="encode a training set once with a frozen first stage into a latent store",
+                       description="Encode every training image, and its mirror image, with a frozen first stage into "
+                                   "a sharded latent store (posterior mean and std, or code maps) that two-stage "
+                                   "systems train from with data.latents=STORE. Runs under torchrun (each process "
+                                   "encodes its share of the shards); run again to finish an interrupted extraction.")
+    x.add_argument("--first-stage", required=True, metavar="RUN_OR_FILE",
+                   help="an autoencoder_kl run, a Stable Diffusion VAE file (sd-vae:PATH or the path), a VQ-VAE / "
+                        "VQ-VAE-2 autoencoder run or a DALL-E dVAE run")
+    x.add_argument("--data", required=True, metavar="SOURCE", help="the data source (imagenet:PATH, folder:PATH, mnist5k, ...)")
+    x.add_argument("--out", required=True, type=Path, metavar="STORE", help="the store's folder")
+    x.add_argument("--image-size", type=int, required=True, help="the side the images are cropped to (data.image_size)")
+    x.add_argument("--channels", type=int, default=None, help="image channels (default: the first stage's)")
+    x.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="data.KEY=VALUE",
+                   help="other data settings, e.g. data.stream=true data.resize=resize")
+    x.add_argument("--shard-size", type=int, default=16384, help="images per shard (default 16384)")
+    x.add_argument("--batch-size", type=int, default=64, help="images per encoder call (default 64)")
+    x.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16", help="storage type of the moments")
+    x.add_argument("--workers", type=int, default=None, help="decoding worker processes (streamed sources)")
+    x.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    x.add_argument("--no-progress", action="store_true", help="no progress bar")
+    x.set_defaults(func=cmd_extract)
+
     c = sub.add_parser("convert", help="convert DiT weights between the official, diffusers and difflineage layouts",
                        description="Read a DiT from an official checkpoint (DiT-XL-2-256x256.pt style), a diffusers "
                                    "DiTTransformer2DModel folder or file, or a difflineage checkpoint, and write it in "
@@ -363,6 +385,16 @@ def format_metrics(m: dict) -> str:
         if key in m:
             lines.append(f"  {key:<16}{m[key]:>10.4f}")
     return "\n".join(lines)
+
+
+def cmd_extract(args) -> int:
+    from difflineage.config import data_config
+    from difflineage.extract import extract
+
+    data = data_config({"source": args.data, "image_size": args.image_size, "channels": args.channels}, args.overrides)
+    extract(args.first_stage, data, args.out, shard_size=args.shard_size, batch_size=args.batch_size, dtype=args.dtype,
+            device=args.device, workers=args.workers, progress=not args.no_progress)
+    return 0
 
 
 def cmd_convert(args) -> int:

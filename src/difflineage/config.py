@@ -60,6 +60,9 @@ class DataConfig:
     :param workers: DataLoader worker processes for a streamed source (null: up to 4, one fewer than the cores).
     :param flip: mirror a random half of the training images on every visit (a different half each epoch), as
         the ImageNet recipes do; not for digits.
+    :param latents: a latent store made by ``difflineage extract`` from this source with this run's first stage:
+        two-stage systems (LDM, latent DiT and DyDiT, the VQ priors, the DALL-E prior) then train from its stored
+        encodings (a fresh posterior sample and flip on every visit) instead of encoding images.
     :param caption_template: caption for labelled data, ``{name}`` is the class name; ``None``: "a handwritten
         digit {name}" for the digit sources (mnist5k, digits, MNIST IDX files), the class name alone otherwise.
     """
@@ -74,6 +77,7 @@ class DataConfig:
     stream: bool = False
     workers: Optional[int] = None
     flip: bool = False
+    latents: Optional[str] = None
 
     def check(self) -> None:
         kinds = ("mnist5k", "digits", "folder:PATH", "mnist-idx:PATH", "imagenet:PATH")
@@ -346,6 +350,16 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
         return build(tp, value, key)
     raise ConfigError(f"{key}: unsupported annotation {tp!r}")  # a programming error, named
+
+
+def data_config(values: dict, overrides: list[str] = ()) -> DataConfig:
+    """A checked DataConfig from ``values`` and ``data.KEY=VALUE`` overrides (commands that read data without a run)."""
+    raw = {"data": dict(values)}
+    for item in overrides:
+        if not item.split("=", 1)[0].strip().startswith("data."):
+            raise ConfigError(f"override {item!r}: only data.* settings apply here")
+        _apply_override(raw, item)
+    return build(DataConfig, raw["data"], "data")
 
 
 def _apply_override(raw: dict, item: str) -> None:

@@ -90,6 +90,19 @@ def load_state_dict_strict(module: nn.Module, state: StateDict, source: str) -> 
     module.load_state_dict(state, strict=True)
 
 
+def state_digest(state: StateDict) -> str:
+    """sha256 over a state dict's names, dtypes, shapes and values (the identity of a frozen stage's weights: a
+    latent store records the digest of the first stage that made it)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k in sorted(state):
+        t = state[k].detach().to("cpu").contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update((t.view(torch.uint8) if t.dim() else t.reshape(1).view(torch.uint8)).numpy().tobytes())
+    return h.hexdigest()
+
+
 def plain_tensors(state: StateDict) -> StateDict:
     """Each tensor detached, on the CPU, contiguous and in memory of its own: safetensors refuses tensors that
     share memory, so a copy per tensor keeps every written file self-contained."""
@@ -101,4 +114,4 @@ def strip_prefix(state: StateDict, prefix: str) -> StateDict:
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-__all__ = ["StateDict", "load_state_dict_strict", "plain_tensors", "read_weights", "strip_prefix", "torch_load_safely"]
+__all__ = ["StateDict", "load_state_dict_strict", "plain_tensors", "read_weights", "state_digest", "strip_prefix", "torch_load_safely"]

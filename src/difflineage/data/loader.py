@@ -116,6 +116,25 @@ def _worker_init(_worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def ordered_batches(dataset, indices: list[int], batch: int, device: torch.device | str = "cpu",
+                    workers: int = 0) -> Iterator[Batch]:
+    """``indices`` in order, ``batch`` at a time, without augmentation (what extraction encodes); a streamed set is
+    decoded in DataLoader workers."""
+    chunks = [indices[s : s + batch] for s in range(0, len(indices), batch)]
+    if not isinstance(dataset, ImageFiles):
+        for chunk in chunks:
+            yield dataset.batch(chunk, device)
+        return
+    loader = DataLoader(_Items(dataset), batch_sampler=[[(i, None, 0) for i in c] for c in chunks], collate_fn=_collate,
+                        num_workers=workers, worker_init_fn=_worker_init if workers else None,
+                        pin_memory=torch.device(device).type == "cuda", generator=torch.Generator().manual_seed(0))
+    for _, _, b in loader:
+        if "error" in b:
+            raise DataError(b["error"])
+        b["image"] = b["image"].to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
+        yield b
+
+
 def stream_workers(requested: Optional[int]) -> int:
     """``data.workers``: the number asked for, or (None) up to 4 of the cores this process may use, less one."""
     if requested is not None:
@@ -126,4 +145,4 @@ def stream_workers(requested: Optional[int]) -> int:
     return max(0, min(4, cores - 1))
 
 
-__all__ = ["BatchStream", "stream_workers"]
+__all__ = ["BatchStream", "ordered_batches", "stream_workers"]

@@ -205,7 +205,10 @@ def batches(dataset: ImageDataset, device: torch.device, size: int = 250) -> Ite
 
 
 def spread_images(dataset: ImageDataset, device: torch.device, n: int = 32) -> torch.Tensor:
-    """``n`` images spread evenly over ``dataset`` (its files are sorted by class, so every class shows)."""
+    """``n`` images spread evenly over ``dataset`` (its files are sorted by class, so every class shows); none
+    from a latent store, which holds no images."""
+    if not getattr(dataset, "holds_images", True):
+        return torch.empty(0, device=device)
     return dataset.batch(torch.linspace(0, len(dataset) - 1, min(n, len(dataset))).long(), device)["image"]
 
 

@@ -35,7 +35,7 @@ from difflineage.models.dalle import DalleTransformer, DalleTransformerConfig, D
 from difflineage.nn.bpe import CaptionTokenizer
 from difflineage.nn.quantize import code_usage
 from difflineage.systems.base import Condition, Reconstructs, System, batches, spread_images
-from difflineage.systems.first_stage import EncodedTrainingSet
+from difflineage.systems.first_stage import EncodedTrainingSet, trains_from_store
 from difflineage.weights import load_state_dict_strict
 
 
@@ -328,7 +328,8 @@ class DallePrior(DalleDVAE):
         self.set_tokenizer(self._train_tokenizer(dataset.captions))
         # Every training image's tokens, encoded at the first training batch with the dVAE this system holds
         # then (a resumed run's own copy, even if model.first_stage has trained on since).
-        self._codes = EncodedTrainingSet.for_dataset(self.dvae.encode, dataset, self.device)
+        self._codes = None if trains_from_store(dataset, self.dvae, "codes", m.first_stage) else \
+            EncodedTrainingSet.for_dataset(self.dvae.encode, dataset, self.device)
 
     def _train_tokenizer(self, captions: list[str]) -> CaptionTokenizer:
         """BPE on the training captions, trained once (rank 0) and shared with every process of the run."""
@@ -365,7 +366,9 @@ class DallePrior(DalleDVAE):
         return loss, {"text_nll": text_nll.detach(), "image_nll_bits_per_token": (image_nll / math.log(2)).detach()}
 
     def _tokens_of(self, batch: Batch) -> torch.Tensor:
-        """The batch's image tokens, flattened (N, h * w): cached in training, encoded otherwise."""
+        """The batch's image tokens, flattened (N, h * w): from a latent store, cached in training, encoded otherwise."""
+        if "codes" in batch:
+            return batch["codes"].flatten(1)
         if self._codes is not None and self.training and batch.get("index") is not None:
             return self._codes.lookup(batch["index"], batch.get("flip")).flatten(1)
         with torch.no_grad():

@@ -12,11 +12,13 @@ import torch
 
 from difflineage.checkpoint import Checkpoint
 from difflineage.data import ImageDataset
+from difflineage.data.store import StoreDataset, check_store_first_stage
 from difflineage.errors import CheckpointError
 from difflineage.interop.sd_vae import load_sd_vae
 from difflineage.models.autoencoder_kl import AutoencoderKLConfig
 from difflineage.systems.autoencoder import AutoencoderKLSystem
 from difflineage.systems.base import read_stage
+from difflineage.weights import state_digest
 
 Encoded = Union[torch.Tensor, tuple[torch.Tensor, ...]]
 
@@ -48,6 +50,15 @@ def autoencoder_weights(spec: str, norm_groups: int) -> dict[str, torch.Tensor]:
     if spec.startswith("sd-vae:"):
         return load_sd_vae(_sd_vae_file(spec), norm_groups=norm_groups).state_dict()
     return _autoencoder_run(spec).part("ae.")
+
+
+def trains_from_store(dataset, module: torch.nn.Module, kind: str, spec: str) -> bool:
+    """Whether ``dataset`` is a latent store (``data.latents``); if so, check that ``module`` (the frozen first
+    stage, weights loaded) made it, else refuse by name."""
+    if not isinstance(dataset, StoreDataset):
+        return False
+    check_store_first_stage(dataset, kind, state_digest(module.state_dict()), spec)
+    return True
 
 
 class EncodedTrainingSet:

@@ -20,7 +20,12 @@ from difflineage.data import Batch, ImageDataset
 from difflineage.errors import ConfigError
 from difflineage.models.autoencoder_kl import AutoencoderKL
 from difflineage.systems.base import save_reconstructions, spread_images
-from difflineage.systems.first_stage import EncodedTrainingSet, autoencoder_architecture, autoencoder_weights
+from difflineage.systems.first_stage import (
+    EncodedTrainingSet,
+    autoencoder_architecture,
+    autoencoder_weights,
+    trains_from_store,
+)
 from difflineage.weights import load_state_dict_strict
 
 
@@ -131,6 +136,14 @@ class LatentSpace(nn.Module):
         dataset streamed from disk is not cached (each batch is encoded as it comes) and its scale is measured on
         2,048 images spread over it."""
         device = self.latent_scale.device
+        if trains_from_store(dataset, self.first_stage, "gaussian", self.spec):
+            if measure_scale:
+                spread = torch.linspace(0, len(dataset) - 1, min(2048, len(dataset))).long()
+                b = dataset.batch(spread, device)
+                noise = torch.randn(b["latent_mean"].shape, generator=torch.Generator().manual_seed(0)).to(device)
+                self.latent_scale.fill_(1.0 / (b["latent_mean"] + b["latent_std"] * noise).std().item())
+            self._cache = None
+            return
         if not getattr(dataset, "in_memory", True):
             if measure_scale:
                 spread = torch.linspace(0, len(dataset) - 1, min(2048, len(dataset))).long()
@@ -148,7 +161,11 @@ class LatentSpace(nn.Module):
         self.latent_scale.fill_(1.0 / z.std().item())
 
     def encode(self, batch: Batch) -> torch.Tensor:
-        """z ~ q(z|x), scaled: from the cache while training on the prepared data, by encoding otherwise."""
+        """z ~ q(z|x), scaled: from a latent store's moments, from the cache while training on the prepared data,
+        by encoding otherwise."""
+        if "latent_mean" in batch:
+            mean, std = batch["latent_mean"], batch["latent_std"]
+            return (mean + std * torch.randn_like(mean)) * self.latent_scale
         if self._cache is not None and self.training and batch.get("index") is not None:
             mean, logvar = self._cache.lookup(batch["index"], batch.get("flip"))
         else:

@@ -27,7 +27,7 @@ from difflineage.models.pixelcnn import GatedPixelCNN, PixelCNNConfig
 from difflineage.models.vqvae import VQVAE, VQVAE2, VQVAEConfig
 from difflineage.nn.quantize import code_usage
 from difflineage.systems.base import Condition, Reconstructs, System, batches, spread_images
-from difflineage.systems.first_stage import EncodedTrainingSet
+from difflineage.systems.first_stage import EncodedTrainingSet, trains_from_store
 from difflineage.weights import load_state_dict_strict
 
 
@@ -163,7 +163,8 @@ class CodePrior:
         self.vqvae.eval()
         # The code maps of every training image, encoded at the first training batch with the autoencoder this
         # system holds then (a resumed run's own copy, even if model.first_stage has trained on since).
-        self._codes = EncodedTrainingSet.for_dataset(self.vqvae.encode, dataset, self.device)
+        self._codes = None if trains_from_store(dataset, self.vqvae, "codes", path) else \
+            EncodedTrainingSet.for_dataset(self.vqvae.encode, dataset, self.device)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -171,7 +172,10 @@ class CodePrior:
         return self
 
     def codes_of(self, batch: Batch):
-        """The batch's code maps (a tuple of maps for several levels): cached in training, encoded otherwise."""
+        """The batch's code maps (a tuple of maps for several levels): from a latent store, cached in training,
+        encoded otherwise."""
+        if "codes" in batch:
+            return batch["codes"]
         if self._codes is not None and self.training and batch.get("index") is not None:
             return self._codes.lookup(batch["index"], batch.get("flip"))
         with torch.no_grad():

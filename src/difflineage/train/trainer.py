@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from difflineage.checkpoint import checkpoints_of, latest_checkpoint, resolve_checkpoint, save_checkpoint
 from difflineage.config import Config
 from difflineage.data import BatchStream, ImageDataset, check_source, load_dataset, stream_workers
+from difflineage.data.store import open_store_dataset
 from difflineage.errors import CheckpointError, ConfigError, StorageError, TrainingDiverged
 from difflineage.images import save_grid
 from difflineage.storage import remove_tree, writing
@@ -208,8 +209,11 @@ class Trainer:
                               f"use a multiple of {info.world_size}")
         per_rank = tc.batch_size // info.world_size
 
-        check_source(config.data)  # every file of both splits, before any time is spent
-        dataset = load_dataset(config.data, "train", seed=tc.seed)
+        if config.data.latents:  # the training set as a first stage encoded it once (difflineage extract)
+            dataset = open_store_dataset(config.data, seed=tc.seed, verify=info.is_main, progress=self.progress)
+        else:
+            check_source(config.data)  # every file of both splits, before any time is spent
+            dataset = load_dataset(config.data, "train", seed=tc.seed)
         config = system_for(config).resolve_config(resolve_data(config, dataset))
         if ckpt is not None and self.config is not None:  # compare once both are resolved (first stage filled in)
             _check_same_model(config, ckpt.config, self.resume_from)

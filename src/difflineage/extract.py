@@ -1,0 +1,219 @@
+"""``difflineage extract``: a training set encoded once by a frozen first stage, into a latent store (data/store.py).
+
+The same command runs alone or under ``torchrun --nproc_per_node N``: shard k is encoded by process k mod N, each
+shard in the same batches whatever N is, so N processes write the store one process would. Every image is encoded
+as it is and mirrored; a Gaussian first stage (an ``autoencoder_kl`` run, a Stable Diffusion VAE file) stores its
+posterior mean and standard deviation, a discrete one (a VQ-VAE or VQ-VAE-2 autoencoder run, a DALL-E dVAE run)
+its code maps. An interrupted extraction, run again, encodes only the shards it lacks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from difflineage.config import DataConfig
+from difflineage.data import load_dataset, ordered_batches, stream_workers
+from difflineage.data.store import (
+    FORMAT,
+    META,
+    complete_shards,
+    finish_store,
+    normalise_source,
+    remove_partial,
+    to_numpy,
+    write_shard,
+)
+from difflineage.errors import CheckpointError, DataError, RunDirError
+from difflineage.storage import DirectoryLock, writing
+from difflineage.train.distributed import all_gather_objects, barrier, cleanup, init_distributed
+from difflineage.weights import state_digest
+
+PLAN = "extract.json"
+
+
+@dataclass
+class FirstStage:
+    """A frozen first stage as extraction sees it: what it is, its weights' digest, and its encoder."""
+
+    spec: str
+    kind: str  # "gaussian" or "codes"
+    module: nn.Module
+    channels: int
+    encode: Callable[[torch.Tensor], dict[str, torch.Tensor]]
+
+    @property
+    def digest(self) -> str:
+        return state_digest(self.module.state_dict())
+
+
+def first_stage_for(spec: str, device: torch.device) -> FirstStage:
+    """``spec``: an ``autoencoder_kl`` run or checkpoint, ``sd-vae:PATH`` (or the path of a Stable Diffusion VAE
+    file itself), a VQ-VAE / VQ-VAE-2 autoencoder-stage run, or a DALL-E dVAE-stage run."""
+    path = Path(spec.split(":", 1)[1] if spec.startswith("sd-vae:") else spec)
+    if spec.startswith("sd-vae:") or path.is_file():
+        from difflineage.interop.sd_vae import load_sd_vae
+
+        vae = load_sd_vae(path).to(device)
+        return FirstStage(f"sd-vae:{path}", "gaussian", vae, vae.image_channels, _gaussian(vae))
+    from difflineage.systems import load
+
+    system = load(spec).to(device).eval()
+    name, stage = system.config.system, getattr(system.config.model, "stage", None)
+    channels = system.config.data.channels or 1
+    if name == "autoencoder_kl":
+        return FirstStage(str(spec), "gaussian", system.ae, channels, _gaussian(system.ae))
+    if name in ("vqvae", "vqvae2") and stage == "autoencoder":
+        return FirstStage(str(spec), "codes", system.vqvae, channels, _codes(system.vqvae.encode))
+    if name == "dalle" and stage == "dvae":
+        return FirstStage(str(spec), "codes", system.dvae, channels, _codes(system.dvae.encode))
+    raise CheckpointError(f"{spec} is a {name} run{f' (stage {stage})' if stage else ''}, not a first stage: give an "
+                          "autoencoder_kl run, an SD VAE file (sd-vae:PATH), a VQ-VAE / VQ-VAE-2 autoencoder run or a "
+                          "DALL-E dVAE run")
+
+
+def _gaussian(ae) -> Callable:
+    def encode(x: torch.Tensor) -> dict[str, torch.Tensor]:
+        mean, logvar = ae.encode(x)
+        return {"mean": mean.float(), "std": torch.exp(0.5 * logvar.float())}
+    return encode
+
+
+def _codes(encode_fn) -> Callable:
+    def encode(x: torch.Tensor) -> dict[str, torch.Tensor]:
+        codes = encode_fn(x)
+        codes = codes if isinstance(codes, tuple) else (codes,)
+        return {f"codes{i}": c for i, c in enumerate(codes)}
+    return encode
+
+
+def extract(first_stage: str, data: DataConfig, out: str | Path, shard_size: int = 16384, batch_size: int = 64,
+            dtype: str = "fp16", device: str = "auto", workers: Optional[int] = None, progress: bool = True) -> dict:
+    """Encode the training split of ``data`` into the store ``out``; returns the store's metadata."""
+    if shard_size < 1 or batch_size < 1:
+        raise DataError("--shard-size and --batch-size must be at least 1")
+    info = init_distributed(device)
+    try:
+        return _extract(info, first_stage, data, Path(out), shard_size, batch_size, dtype, workers, progress)
+    finally:
+        cleanup(info)
+
+
+@torch.no_grad()
+def _extract(info, spec, data, out, shard_size, batch_size, dtype, workers, progress) -> dict:
+    stage = first_stage_for(spec, info.device)
+    if data.channels is None:
+        data = replace(data, channels=stage.channels)
+    if data.channels != stage.channels:
+        raise DataError(f"the first stage {spec} reads {stage.channels}-channel images, --channels is {data.channels}")
+    dataset = load_dataset(data, "train")
+    n = len(dataset)
+    shards = math.ceil(n / shard_size)
+    probe = stage.encode(dataset.batch([0], info.device)["image"])
+    code_dtype = "int16" if stage.kind == "codes" and _codebook_fits_int16(stage) else "int32"
+    arrays = {k: {"dtype": dtype if stage.kind == "gaussian" else code_dtype, "shape": [2, *v.shape[1:]]}
+              for k, v in probe.items()}
+    plan = {"format": FORMAT, "kind": stage.kind,
+            "first_stage": {"spec": stage.spec, "digest": stage.digest},
+            "data": {"source": normalise_source(data.source), "image_size": data.image_size, "channels": data.channels,
+                     "split": "train", "count": n, "class_names": list(dataset.class_names or []) or None},
+            "arrays": arrays, "shard_size": shard_size, "count": n}
+
+    lock, outcome = None, ("ok", None)
+    if info.is_main:
+        try:
+            lock, outcome = _open_store(out, plan)
+        except (RunDirError, DataError, OSError) as exc:
+            outcome = ("error", exc)
+    outcome = all_gather_objects(outcome, info)[0]
+    try:
+        if outcome[0] == "error":
+            raise outcome[1]
+        if outcome[0] == "complete":
+            if info.is_main:
+                print(f"{out} is already a complete store of these images from this first stage ({n} images)")
+            return json.loads((out / META).read_text())
+        mine = [k for k in range(shards) if k % info.world_size == info.rank and k not in complete_shards(out)]
+        todo = sum(min(shard_size, n - k * shard_size) for k in mine)
+        bar = tqdm(total=todo, desc=f"extract rank {info.rank}" if info.enabled else "extract", unit="img",
+                   disable=not (progress and info.is_main), dynamic_ncols=True)
+        for k in mine:
+            idx = list(range(k * shard_size, min(n, (k + 1) * shard_size)))
+            parts: dict[str, list[torch.Tensor]] = {key: [] for key in arrays}
+            labels, captions = [], []
+            for b in ordered_batches(dataset, idx, batch_size, info.device, stream_workers(workers)):
+                x = b["image"]
+                plain, mirror = stage.encode(x), stage.encode(x.flip(-1))
+                for key in arrays:
+                    parts[key].append(torch.stack([plain[key], mirror[key]], 1).cpu())
+                if b["label"] is not None:
+                    labels += b["label"].tolist()
+                if b["caption"] is not None:
+                    captions += list(b["caption"])
+                bar.update(len(x))
+            write_shard(out, k, {key: to_numpy(torch.cat(v), arrays[key]["dtype"]) for key, v in parts.items()},
+                        labels or None, captions or None)
+        bar.close()
+        barrier(info)
+        meta = None
+        if info.is_main:
+            meta = finish_store(out, plan, shards)
+            held = ", ".join(f"{k} {tuple(v['shape'][1:])} {v['dtype']}" for k, v in arrays.items())
+            print(f"wrote the latent store {out}: {n} images x 2 orientations, {shards} shard(s), {held}")
+        return all_gather_objects(meta, info)[0]
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _codebook_fits_int16(stage: FirstStage) -> bool:
+    sizes = [m.num_embeddings for m in stage.module.modules() if isinstance(m, nn.Embedding)]
+    return bool(sizes) and max(sizes) <= 32767
+
+
+def _open_store(out: Path, plan: dict):
+    """Lock the store folder, clean up after an interrupted run, and check that it is this extraction's."""
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"--out {out} is a file, not a folder; choose another --out")
+    with writing(out, "create the latent store"):
+        out.mkdir(parents=True, exist_ok=True)
+    lock = DirectoryLock(out, what="latent store", hint="wait for that extraction to finish or stop it")
+    lock.acquire()
+    try:
+        if lock.note:
+            print(lock.note, file=sys.stderr)
+        for f in remove_partial(out):
+            print(f"note: removed {f}, left by an interrupted extraction", file=sys.stderr)
+        existing = out / PLAN
+        if existing.exists():
+            old = json.loads(existing.read_text())
+            if old != plan:
+                diff = [k for k in ("kind", "first_stage", "data", "arrays", "shard_size") if old.get(k) != plan.get(k)]
+                raise RunDirError(f"{out} holds (part of) a latent store made with other settings ({', '.join(diff)} "
+                                  f"differ: it has {', '.join(f'{k}={old.get(k)}' for k in diff)}); choose another --out, "
+                                  "or delete that store to replace it")
+            if (out / META).exists():
+                return lock, ("complete", None)
+            done = len(complete_shards(out))
+            if done:
+                print(f"resuming the extraction into {out}: {done} shard(s) already written", file=sys.stderr)
+        elif [p for p in out.iterdir() if p.name != ".lock"]:
+            raise RunDirError(f"{out} is not empty and holds no extraction of these images; choose an empty --out")
+        else:
+            with writing(existing, "write"):
+                existing.write_text(json.dumps(plan, indent=1))
+    except BaseException:
+        lock.release()
+        raise
+    return lock, ("ok", None)
+
+
+__all__ = ["FirstStage", "extract", "first_stage_for"]
