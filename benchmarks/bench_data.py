@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -33,22 +32,28 @@ def make_imagenet(root: Path, n: int, classes: int = 100, seed: int = 0) -> Path
     and structure (gradients, a disc, stripes), so that decoding and resizing cost what real photos cost."""
     if (root / "done").exists() and int((root / "done").read_text()) == n:
         return root
+    from PIL import ImageDraw
+
     rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:667, 0:667].astype(np.float32)
+    patterns = {}  # one textured canvas per class; each image is a window of it with a disc of its own
     for split, count in (("train", n), ("val", classes * 2)):
         for i in range(count):
             c = i % classes
+            if c not in patterns:
+                base = rng.uniform(0, 255, 3).astype(np.float32)
+                tex = base + 60 * np.sin(xx[..., None] / (5 + c % 17) + np.arange(3)) * np.cos(yy[..., None] / 23.0)
+                patterns[c] = (tex + rng.normal(0, 8, tex.shape)).clip(0, 255).astype(np.uint8)
             d = root / split / f"n{c:08d}"
             d.mkdir(parents=True, exist_ok=True)
             short = int(rng.integers(200, 501))
             aspect = float(rng.uniform(0.75, 1.333))
             h, w = (short, int(short * aspect)) if aspect > 1 else (int(short / aspect), short)
-            yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-            base = rng.uniform(0, 255, 3).astype(np.float32)
-            img = (base + 60 * np.sin(xx[..., None] / (5 + c % 17) + np.arange(3)) * np.cos(yy[..., None] / 23.0))
+            top, left = int(rng.integers(0, 667 - h + 1)), int(rng.integers(0, 667 - w + 1))
+            im = Image.fromarray(patterns[c][top : top + h, left : left + w])
             cy, cx, r = rng.uniform(0, h), rng.uniform(0, w), rng.uniform(20, short / 2)
-            img[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = rng.uniform(0, 255, 3)
-            img += rng.normal(0, 8, img.shape)
-            Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(d / f"n{c:08d}_{i}.JPEG", quality=90)
+            ImageDraw.Draw(im).ellipse((cx - r, cy - r, cx + r, cy + r), fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
+            im.save(d / f"n{c:08d}_{i}.JPEG", quality=90)
     (root / "done").write_text(str(n))
     return root
 
@@ -213,8 +218,8 @@ def dit_step(mode: str, root: Path, vae: Path, store: Path, batch: int):
     cfg = system_for(cfg).resolve_config(resolve_data(cfg, files))
     torch.manual_seed(0)
     system = build_system(cfg)
-    from difflineage.weights import load_state_dict_strict
     from difflineage.systems.first_stage import autoencoder_weights
+    from difflineage.weights import load_state_dict_strict
 
     load_state_dict_strict(system.space.first_stage, autoencoder_weights(cfg.model.first_stage, 32), "vae")
     system.space.latent_scale.fill_(0.18215)

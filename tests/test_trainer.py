@@ -127,12 +127,64 @@ def test_bf16_autocast_trains_and_stays_close_to_fp32(tmp_path):
 
 
 def test_ema_averages_floats_and_copies_integer_buffers():
-    from difflineage.train.trainer import ema_or_copy
+    from difflineage.train.trainer import EMA
 
-    update = ema_or_copy(0.9)
-    avg_f, cur_f = [torch.zeros(3)], [torch.ones(3)]
-    update(avg_f, cur_f, torch.tensor(1))
-    assert torch.allclose(avg_f[0], torch.full((3,), 0.1))
-    avg_i, cur_i = [torch.tensor([7, 8], dtype=torch.uint8)], [torch.tensor([200, 3], dtype=torch.uint8)]
-    update(avg_i, cur_i, torch.tensor(1))
-    assert avg_i[0].tolist() == [200, 3]
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(3))
+            self.register_buffer("codes", torch.tensor([7, 8], dtype=torch.uint8))
+
+    net = Net()
+    ema = EMA(net, 0.9, warmup=False)
+    ema.update(net)  # the first update copies
+    with torch.no_grad():
+        net.w.fill_(1.0)
+        net.codes.copy_(torch.tensor([200, 3]))
+    ema.update(net)
+    assert torch.allclose(ema.module.w, torch.full((3,), 0.1)) and ema.module.codes.tolist() == [200, 3]
+    with torch.no_grad():
+        net.w.fill_(float("nan"))
+    ema.update(net, skip=torch.tensor(True))  # a skipped update changes nothing
+    assert torch.allclose(ema.module.w, torch.full((3,), 0.1)) and ema.updates == 3
+
+
+def test_deferred_sync_follows_the_per_step_loop_exactly(tmp_path):
+    """train.sync=deferred (the CUDA default: numbers read only at log, sample and checkpoint steps) gives the same
+    weights, EMA and log as reading every step, and resumes as exactly."""
+    cfg = lambda mode, **kw: tiny_vae(steps=12, log_every=4, checkpoint_every=6, sync=mode, **kw)  # noqa: E731
+    step = Trainer(cfg("step"), tmp_path / "step", progress=False)
+    step.fit()
+    deferred = Trainer(cfg("deferred"), tmp_path / "deferred", progress=False)
+    deferred.fit()
+    assert state_equal(step.system.state_dict(), deferred.system.state_dict()) == []
+    assert state_equal(step.ema.module.state_dict(), deferred.ema.module.state_dict()) == []
+    log = lambda d: [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert [r["loss"] for r in log(tmp_path / "step")] == [r["loss"] for r in log(tmp_path / "deferred")]
+    Trainer(cfg("deferred"), tmp_path / "resumed", stop_at=5, progress=False).fit()
+    resumed = Trainer(None, tmp_path / "resumed", resume=True, progress=False)
+    resumed.fit()
+    assert state_equal(step.system.state_dict(), resumed.system.state_dict()) == []
+
+
+def test_deferred_sync_never_lets_a_nan_into_the_weights(tmp_path):
+    cfg = config_from_dict(tiny_regression_dict(steps=10, checkpoint_every=4, log_every=100, sync="deferred"),
+                           ["model.nan_at_call=6"])
+    t = Trainer(cfg, tmp_path, progress=False)
+    with pytest.raises(TrainingDiverged) as err:
+        t.fit()
+    msg = str(err.value)
+    assert "the loss became nan at step 6" in msg and "step_0000004" in msg  # found at the checkpoint step 8
+    assert not (tmp_path / "checkpoints" / "step_0000008").exists()  # nothing written after it
+    for tensors in (t.system.state_dict(), t.ema.module.state_dict()):
+        assert all(torch.isfinite(v).all() for v in tensors.values())  # the device skipped every NaN step
+
+
+def test_deferred_sync_catches_a_finite_explosion_and_names_the_same_checkpoint(tmp_path):
+    cfg = config_from_dict(tiny_regression_dict(steps=40, checkpoint_every=2, log_every=100, spike_window=4,
+                                                spike_factor=100, sync="deferred"), ["model.grow_from_call=8"])
+    with pytest.raises(TrainingDiverged) as err:
+        Trainer(cfg, tmp_path, progress=False).fit()
+    msg = str(err.value)
+    assert "at step 10 (" in msg and f"(at step 9) is {tmp_path}/checkpoints/step_0000006" in msg
+    assert not (tmp_path / "checkpoints" / "step_0000010").exists()

@@ -72,7 +72,7 @@ def record(name: str, title: str, rows: list[dict[str, Any]], notes: str = "", c
                "date": time.strftime("%Y-%m-%d"), "rows": rows}
     out.write_text(json.dumps(payload, indent=2, default=_plain) + "\n")
 
-    columns = list(rows[0]) if rows else []
+    columns = list(dict.fromkeys(k for r in rows for k in r))  # every row's keys, in order of first appearance
     lines = [f"## {title}", "", f"Machine: {machine}. Date: {payload['date']}. Command: `{command}`", ""]
     if notes:
         lines += [notes, ""]

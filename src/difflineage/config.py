@@ -135,6 +135,11 @@ class TrainConfig:
         over the last ``spike_window`` steps (a finite explosion that wrecks the weights before any NaN shows);
         0 turns the check off. Non-finite values always stop the run.
     :param spike_window: steps in that median; the check starts once this many steps have been seen.
+    :param sync: when the loop reads the loss and gradient norm from the device: ``step`` (every step, checked
+        before the weights change), ``deferred`` (only at log, sample and checkpoint steps: no host
+        synchronisation on the other steps; a non-finite step is skipped on the device by the fused optimizer and
+        the EMA, and found at the next read) or ``auto`` (deferred on CUDA, step on the CPU, where a read costs
+        nothing).
     """
 
     steps: int = 3000
@@ -159,6 +164,7 @@ class TrainConfig:
     find_unused_parameters: bool = False
     spike_factor: float = 100.0
     spike_window: int = 50
+    sync: Literal["auto", "step", "deferred"] = "auto"
 
     def check(self) -> None:
         positive = {"steps": self.steps, "batch_size": self.batch_size, "log_every": self.log_every,

@@ -107,6 +107,20 @@ def score_samples(images: torch.Tensor, labels: Optional[torch.Tensor], referenc
     return out
 
 
+REFERENCE_LIMIT = 10000  # held-out images of a streamed source held in memory as the reference
+
+
+def in_memory(dataset, limit: int):
+    """``dataset`` itself when it is in memory; for one streamed from disk, ``limit`` images spread evenly over it
+    (sorted by class, so every class shows), decoded into memory."""
+    if getattr(dataset, "in_memory", True):
+        return dataset
+    pick = torch.linspace(0, len(dataset) - 1, min(limit, len(dataset))).long()
+    loaded = dataset.subset(pick).load()
+    loaded.name = f"{dataset.name} (spread)"
+    return loaded
+
+
 def evaluate_system(system, split: str = "heldout", n: int = 1000, features: str = "auto",
                     inception_weights: Optional[str | Path] = None, seed: int = 0, progress: bool = True,
                     out: Optional[Path] = None, npz: Optional[Path] = None, batch_size: int = 250,
@@ -146,8 +160,10 @@ def evaluate_system(system, split: str = "heldout", n: int = 1000, features: str
             result["npz"] = str(npz)
         if sample_options:
             result["sample_options"] = sample_options
-        reference = load_dataset(cfg.data, split)
-        train = load_dataset(cfg.data, "train")
+        reference = in_memory(load_dataset(cfg.data, split), REFERENCE_LIMIT)
+        train = in_memory(load_dataset(cfg.data, "train"), n)
+        if reference.name.endswith("(spread)"):
+            result["reference_note"] = f"a streamed source: {len(reference)} held-out images spread over the split"
         result.update(score_samples(images, labels, reference, train, net, seed=seed, progress=progress))
         result.update(clip_scores(system, images, labels, reference, clip_net))
     elif rank != 0:

@@ -13,6 +13,7 @@ Run directory::
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import shlex
@@ -28,7 +29,6 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
 from difflineage.checkpoint import checkpoints_of, latest_checkpoint, resolve_checkpoint, save_checkpoint
@@ -74,19 +74,46 @@ def ema_decay_at(decay: float, updates: int, warmup: bool = True) -> float:
     return min(decay, (1.0 + updates) / (10.0 + updates)) if warmup else decay
 
 
-def ema_or_copy(decay: float, warmup: bool = False):
-    """The EMA update for AveragedModel: floating-point tensors move toward the current weights by
-    ``1 - ema_decay_at(decay, n)``; integer buffers (counters, a tokenizer's bytes) are copied, not averaged.
-    (AveragedModel copies the weights on its first update, and groups tensors by dtype before calling this.)"""
+class EMA:
+    """The exponential moving average of a system's weights and buffers (what sampling uses).
+
+    The first update copies; then each floating-point tensor moves toward the current one by
+    ``1 - ema_decay_at(decay, n)`` (the arithmetic of ``torch.optim.swa_utils.AveragedModel`` with an EMA function,
+    bit for bit) and integer buffers (counters, a tokenizer's bytes) are copied, not averaged. The update count is
+    kept on the host, so an update costs no host-device synchronisation; ``skip`` (a 0-dim bool tensor on the
+    device) leaves the average unchanged without the host reading it.
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float, warmup: bool):
+        self.module = copy.deepcopy(model)
+        self.decay, self.warmup = decay, warmup
+        self.updates = 0
 
     @torch.no_grad()
-    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], n_averaged: torch.Tensor) -> None:
-        if averaged[0].is_floating_point():
-            d = ema_decay_at(decay, int(n_averaged.item()), warmup) if warmup else decay
-            torch._foreach_lerp_(averaged, current, 1.0 - d)
+    def update(self, model: torch.nn.Module, skip: Optional[torch.Tensor] = None) -> None:
+        mine = [*self.module.parameters(), *self.module.buffers()]
+        theirs = [t.detach() for t in (*model.parameters(), *model.buffers())]
+        if self.updates == 0:
+            for a, b in zip(mine, theirs):
+                a.detach().copy_(b) if skip is None else a.detach().copy_(torch.where(skip, a, b))
         else:
-            torch._foreach_copy_(averaged, current)
-    return update
+            weight = 1.0 - ema_decay_at(self.decay, self.updates, self.warmup)
+            groups: dict = {}
+            for a, b in zip(mine, theirs):
+                groups.setdefault((a.device, a.dtype), ([], []))
+                groups[(a.device, a.dtype)][0].append(a.detach())
+                groups[(a.device, a.dtype)][1].append(b)
+            for (device, dtype), (a, b) in groups.items():
+                if dtype.is_floating_point:
+                    if skip is not None:  # a skipped step moves toward the average itself: a NaN never enters
+                        b = [torch.where(skip.to(device), x, y) for x, y in zip(a, b)]
+                    torch._foreach_lerp_(a, b, weight)
+                elif skip is None:
+                    torch._foreach_copy_(a, b)
+                else:
+                    for x, y in zip(a, b):
+                        x.copy_(torch.where(skip.to(device), x, y))
+        self.updates += 1
 
 
 def adamw(groups, **kwargs) -> torch.optim.AdamW:
@@ -227,7 +254,7 @@ class Trainer:
         groups = system.param_groups()
         params = [p for g in groups for p in g["params"]]
         opt = adamw(groups, lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
-        ema = AveragedModel(system, multi_avg_fn=ema_or_copy(tc.ema_decay, tc.ema_warmup), use_buffers=True)
+        ema = EMA(system, tc.ema_decay, tc.ema_warmup)
         if tc.compile:
             compile_for_training(system.net if isinstance(system, Denoises) else system, device)
 
@@ -237,7 +264,7 @@ class Trainer:
             load_state_dict_strict(system, ckpt.model, f"{ckpt.path}/model.safetensors")
             load_state_dict_strict(ema.module, ckpt.ema, f"{ckpt.path}/ema.safetensors")
             st = ckpt.training_state
-            ema.n_averaged.fill_(int(st["ema_n_averaged"]))
+            ema.updates = int(st["ema_n_averaged"])
             opt.load_state_dict(st["optimizer"])
             step, epoch, position = int(st["step"]), int(st["epoch"]), int(st["position"])
             rng = st["rng"]
@@ -271,6 +298,42 @@ class Trainer:
         watch = DivergenceWatch(tc.spike_factor, tc.spike_window)
         last_ckpt = latest_checkpoint(self.run_dir)
         status = "finished"
+        # Host synchronisation: "step" reads the loss and gradient norm every step and checks them before the
+        # weights change; "deferred" (CUDA by default) reads them only at log, sample and checkpoint steps, while
+        # the fused optimizer skips, on the device, any step whose loss or gradient norm is not finite (its
+        # found_inf input) and the EMA skips it too; the checks then run over the steps since the last read, and
+        # nothing is written before they pass.
+        deferred = _deferred_sync(tc.sync, device, opt)
+        pending: list[tuple] = []  # (step, loss, grad norm, metrics) on the device, not yet read
+
+        def read_pending(at_step: int) -> bool:
+            """Read the pending steps (one synchronisation), check them, fold them into the log window; return
+            whether any process was asked to stop."""
+            nonlocal window_steps
+            stop_flag = torch.tensor([1.0 if self._stop_signal else 0.0], device=device)
+            if info.enabled and deferred:
+                dist.all_reduce(stop_flag)
+            if pending:
+                keys = list(pending[0][3])
+                rows = torch.stack([torch.stack([lo, gn, *[m[k].float() for k in keys]]) for _, lo, gn, m in pending]).cpu()
+                for (s, *_), row in zip(pending, rows.tolist()):
+                    lo, gn = row[0], row[1]
+                    if deferred:  # step mode checked these before the weights changed
+                        for what, value, name in (("the loss", lo, "loss"), ("the gradient norm", gn, "grad_norm")):
+                            if not math.isfinite(value):
+                                self._diverged(what, value, s, "", watch, info)
+                            jump = watch.jump(name, value, s)
+                            if jump:
+                                self._diverged(what, value, s, jump, watch, info)
+                        watch.record(s, lo, gn)
+                    window["loss"] = window.get("loss", 0.0) + lo
+                    window["grad_norm"] = window.get("grad_norm", 0.0) + gn
+                    for k, v in zip(keys, row[2:]):
+                        window[k] = window.get(k, 0.0) + v
+                    window_steps += 1
+                pending.clear()
+            return bool(stop_flag.item())
+
         try:
             while step < tc.steps:
                 step_start = time.perf_counter()
@@ -278,58 +341,73 @@ class Trainer:
 
                 with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=tc.bf16):
                     loss, metrics = model(batch, step)  # step: those done before this one
-                # One small all-reduce per step: the mean loss, and whether any process saw a non-finite
-                # loss or was asked to stop, so that every process takes the same branch.
-                flags = torch.tensor([loss.detach().float().item(), 0.0 if torch.isfinite(loss).item() else 1.0,
-                                      1.0 if self._stop_signal else 0.0], device=device)
-                if info.enabled:
-                    dist.all_reduce(flags)
-                mean_loss, nonfinite, stop = flags[0].item() / info.world_size, flags[1].item(), flags[2].item()
-                if nonfinite:
-                    self._diverged("the loss", mean_loss, step, "", watch, info)
-                jump = watch.jump("loss", mean_loss, step)
-                if jump:
-                    self._diverged("the loss", mean_loss, step, jump, watch, info)
+                loss_value = loss.detach().float()
+                stop = False
+                if not deferred:
+                    # One small all-reduce per step: the mean loss, and whether any process saw a non-finite
+                    # loss or was asked to stop, so that every process takes the same branch.
+                    flags = torch.tensor([loss_value.item(), 0.0 if torch.isfinite(loss).item() else 1.0,
+                                          1.0 if self._stop_signal else 0.0], device=device)
+                    if info.enabled:
+                        dist.all_reduce(flags)
+                    mean_loss, nonfinite, stop = flags[0].item() / info.world_size, flags[1].item(), bool(flags[2].item())
+                    if nonfinite:
+                        self._diverged("the loss", mean_loss, step, "", watch, info)
+                    jump = watch.jump("loss", mean_loss, step)
+                    if jump:
+                        self._diverged("the loss", mean_loss, step, jump, watch, info)
+                    loss_value = torch.tensor(mean_loss)
+                elif info.enabled:
+                    dist.all_reduce(loss_value)  # queued on the device; read with the others later
+                    loss_value = loss_value / info.world_size
 
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else float("inf"))
-                norm = grad_norm.item()
-                if not math.isfinite(norm):
-                    self._diverged("the gradient norm", norm, step, "", watch, info)
-                jump = watch.jump("grad_norm", norm, step)
-                if jump:
-                    self._diverged("the gradient norm", norm, step, jump, watch, info)
-                watch.record(step, mean_loss, norm)
+                skip = None
+                if not deferred:
+                    norm = grad_norm.item()
+                    if not math.isfinite(norm):
+                        self._diverged("the gradient norm", norm, step, "", watch, info)
+                    jump = watch.jump("grad_norm", norm, step)
+                    if jump:
+                        self._diverged("the gradient norm", norm, step, jump, watch, info)
+                    watch.record(step, mean_loss, norm)
+                else:
+                    skip = ~(torch.isfinite(loss_value) & torch.isfinite(grad_norm))
+                    opt.found_inf = skip.float()  # the fused AdamW leaves every weight and moment as it was
                 lr = lr_at(step, tc)
                 for group in opt.param_groups:
                     group["lr"] = lr * group.get("lr_scale", 1.0)
                 opt.step()
-                ema.update_parameters(system)
+                ema.update(system, skip)
+                pending.append((step, loss_value.to(device), grad_norm.detach().float(),
+                                {k: torch.as_tensor(v, device=device).detach() for k, v in metrics.items()}))
                 step, position = step + 1, position + 1  # position: batches of this epoch done
 
-                window["loss"] = window.get("loss", 0.0) + mean_loss
-                window["grad_norm"] = window.get("grad_norm", 0.0) + norm
-                for k, v in metrics.items():
-                    window[k] = window.get(k, 0.0) + float(v)
-                window_steps += 1
+                done = step == tc.steps
+                log_now = step % tc.log_every == 0 or done
+                draw_now = bool(tc.sample_every and step % tc.sample_every == 0) or done
+                save_now = bool(tc.checkpoint_every and step % tc.checkpoint_every == 0) or done
+                stop_at = self.stop_at is not None and step >= self.stop_at
+                if not deferred or log_now or draw_now or save_now or stop_at or (self._stop_signal and not info.enabled):
+                    stop = read_pending(step) or stop
                 window_time += time.perf_counter() - step_start
                 bar.update(1)
                 try:
-                    if info.is_main and (step % tc.log_every == 0 or step == tc.steps):
+                    if info.is_main and log_now:
                         row = {"step": step, "epoch": epoch, "lr": lr,
-                               **{k: v / window_steps for k, v in window.items()},
+                               **{k: v / max(window_steps, 1) for k, v in window.items()},
                                "images_per_s": window_steps * tc.batch_size / max(window_time, 1e-9)}
                         with writing(self.run_dir / "metrics.jsonl", "append to"):
                             with open(self.run_dir / "metrics.jsonl", "a") as fh:
                                 fh.write(json.dumps(row) + "\n")
                         bar.set_postfix(loss=f"{row['loss']:.4g}", img_s=f"{row['images_per_s']:.0f}")
+                    if log_now:
                         window, window_steps, window_time = {}, 0, 0.0
-
-                    done = step == tc.steps
-                    if tc.sample_every and step % tc.sample_every == 0 or done:
+                    if draw_now:
                         run.draw(step)
-                    if stop or (self.stop_at is not None and step >= self.stop_at):
+                    if stop or stop_at:
                         status = "interrupted" if stop else "stopped"
                         last_ckpt = run.checkpoint(step, epoch, position)
                         if info.is_main:
@@ -337,7 +415,7 @@ class Trainer:
                             bar.write(f"{why}: step {step} of {tc.steps}, checkpoint saved to {last_ckpt}. "
                                       f"Continue with: {self.resume_command(info)}")
                         break
-                    if (tc.checkpoint_every and step % tc.checkpoint_every == 0) or done:
+                    if save_now:
                         last_ckpt = run.checkpoint(step, epoch, position)
                 except StorageError as exc:
                     kept = (f"the last complete checkpoint, {last_ckpt}, is intact; once that is fixed, continue with: "
@@ -400,7 +478,7 @@ class _RunState:
     info: DistInfo
     config: Config
     system: System
-    ema: AveragedModel
+    ema: EMA
     opt: torch.optim.Optimizer
     run_dir: Path
 
@@ -409,7 +487,7 @@ class _RunState:
         path = self.run_dir / "checkpoints" / f"step_{step:07d}"
         if self.info.is_main:
             state = {"step": step, "epoch": epoch, "position": position, "world_size": self.info.world_size,
-                     "ema_n_averaged": int(self.ema.n_averaged.item()), "optimizer": self.opt.state_dict(), "rng": rng}
+                     "ema_n_averaged": self.ema.updates, "optimizer": self.opt.state_dict(), "rng": rng}
             save_checkpoint(path, self.config, self.system.state_dict(), self.ema.module.state_dict(), state)
             keep = self.config.train.keep_checkpoints
             if keep:
@@ -473,6 +551,16 @@ def _check_same_model(new: Config, old: Config, where: Path) -> None:
                               "overrides) or start a new run")
     if new.data.source != old.data.source or new.data.image_size != old.data.image_size:
         raise ConfigError(f"the config's data differs from the checkpoint's ({where}/config.yaml); resume with the same data")
+
+
+def _deferred_sync(mode: str, device: torch.device, opt: torch.optim.Optimizer) -> bool:
+    """Whether the loop reads its numbers only at log, sample and checkpoint steps (``train.sync``): needs the
+    fused optimizer, which can skip a non-finite step on the device."""
+    fused = all(g.get("fused") for g in opt.param_groups)
+    if mode == "deferred" and not fused:
+        raise ConfigError("train.sync=deferred needs the fused AdamW (floating-point parameters on the CPU or CUDA); "
+                          "use train.sync=step")
+    return mode == "deferred" or (mode == "auto" and device.type == "cuda" and fused)
 
 
 def _step_number(path: Path) -> Optional[int]:
