@@ -286,3 +286,26 @@ def test_clip_score_for_a_caption_conditioned_diffusion_model(tmp_path):
     assert "clip_score" not in plain  # no CLIP at hand: no score, rather than a made-up one
     scored = evaluate_system(ddpm, n=10, batch_size=10, progress=False, bpd_images=0, clip=tmp_path / "clip")
     assert 0 <= scored["clip_score"] <= 100 and 0 <= scored["clip_score_real"] <= 100
+
+
+def test_prior_trains_from_a_store_of_dvae_tokens(tmp_path):
+    """The same image tokens and captions from a latent store as from encoding the images (difflineage extract)."""
+    from difflineage.config import DataConfig
+    from difflineage.data.store import LatentStore, StoreDataset
+    from difflineage.extract import extract
+
+    Trainer(load_config("dalle-dvae-mnist", TINY + TINY_DVAE + ["train.steps=2"]), tmp_path / "dvae", progress=False).fit()
+    extract(str(tmp_path / "dvae"), DataConfig(source="digits", image_size=8, channels=1), tmp_path / "tokens",
+            progress=False)
+    cfg = load_config("dalle-mnist", TINY + TINY_GPT + ["train.steps=3", "train.bf16=false",
+                                                       f"model.first_stage={tmp_path / 'dvae'}",
+                                                       f"data.latents={tmp_path / 'tokens'}"])
+    t = Trainer(cfg, tmp_path / "prior", progress=False)
+    assert t.fit().status == "finished"
+    store = StoreDataset(LatentStore.open(tmp_path / "tokens"))
+    b = store.batch([0, 5])
+    data = load_dataset(cfg.data, "train").batch([0, 5])
+    assert b["caption"] == data["caption"] and b["caption"][0].startswith("a handwritten digit")
+    images = data["image"]
+    with torch.no_grad():
+        assert torch.equal(t.system._tokens_of(b), t.system.dvae.encode(images).flatten(1))

@@ -308,9 +308,9 @@ class Trainer:
 
         def read_pending(at_step: int) -> bool:
             """Read the pending steps (one synchronisation), check them, fold them into the log window; return
-            whether any process was asked to stop."""
+            whether any process was asked to stop (deferred mode; step mode agrees on that every step)."""
             nonlocal window_steps
-            stop_flag = torch.tensor([1.0 if self._stop_signal else 0.0], device=device)
+            stop_flag = torch.tensor([1.0 if (self._stop_signal and deferred) else 0.0], device=device)
             if info.enabled and deferred:
                 dist.all_reduce(stop_flag)
             if pending:
