@@ -146,3 +146,38 @@ def test_the_cache_of_a_flipped_set_gives_the_mirror_images_encodings():
     assert torch.equal(cache.lookup(batch["index"], batch["flip"]), encode(batch["image"]))
     assert EncodedTrainingSet.for_dataset(encode, ImageFiles(files=[], labels=None, image_size=4, channels=1),
                                           torch.device("cpu")) is None
+
+
+def test_parquet_shards_in_the_hugging_face_imagenet_schema(tmp_path, monkeypatch):
+    """An image struct with the encoded bytes and a ClassLabel label, as the imagenet-1k parquet files hold them."""
+    import io
+
+    datasets = pytest.importorskip("datasets")  # the [hf] extra; the test extra installs it
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["tench, Tinca tinca",
+                                                                                                "goldfish"])})
+    for split, n in (("train", 12), ("validation", 4)):
+        rows = {"image": [], "label": []}
+        for i in range(n):
+            a = rng.integers(0, 255, (int(rng.integers(30, 60)), int(rng.integers(30, 60)), 3), dtype=np.uint8)
+            buf = io.BytesIO()
+            Image.fromarray(a).save(buf, format="JPEG")
+            rows["image"].append({"bytes": buf.getvalue(), "path": None})
+            rows["label"].append(i % 2)
+        (tmp_path / "data").mkdir(exist_ok=True)
+        datasets.Dataset.from_dict(rows, features=features).to_parquet(tmp_path / "data" / f"{split}-00000-of-00001.parquet")
+    cfg = DataConfig(source=f"parquet:{tmp_path}", image_size=16, channels=3, flip=True)
+    train, held = load_dataset(cfg, "train"), load_dataset(cfg, "heldout")
+    assert len(train) == 12 and len(held) == 4 and train.class_names == ("tench", "goldfish")
+    b = train.batch([0, 3], epoch=0)
+    assert b["image"].shape == (2, 3, 16, 16) and b["label"].tolist() == [0, 1] and b["caption"] == ["tench", "goldfish"]
+    first = np.array(adm_center_crop(Image.open(io.BytesIO(datasets.Dataset.from_parquet(
+        str(tmp_path / "data" / "train-00000-of-00001.parquet")).cast_column("image", datasets.Image(decode=False))[0]
+        ["image"]["bytes"])).convert("RGB"), 16))
+    assert torch.equal(train.batch([0])["image"][0], torch.from_numpy(first).permute(2, 0, 1).float() / 127.5 - 1)
+    streamed = [b for _, (_, _, b) in zip(range(3), BatchStream(train, 4, workers=2))]  # through workers
+    assert all(s["image"].shape == (4, 3, 16, 16) for s in streamed)
+    with pytest.raises(DataError, match="has no validation-\\*.parquet"):
+        (tmp_path / "data" / "validation-00000-of-00001.parquet").unlink()
+        load_dataset(cfg, "heldout")

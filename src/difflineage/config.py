@@ -46,7 +46,8 @@ class DataConfig:
         8x8 digits), ``folder:PATH`` (an image folder), ``mnist-idx:PATH`` (MNIST / Fashion-MNIST
         IDX files in a directory) or ``imagenet:PATH`` (ImageNet's layout: ``PATH/train/<wnid>/*.JPEG``, and
         ``PATH/val/<wnid>/*.JPEG`` as the held-out split; classes by sorted folder name, as the official DiT
-        reads it; always streamed).
+        reads it; always streamed) or ``parquet:PATH`` (the Hugging Face imagenet-1k parquet shards,
+        ``train-*.parquet`` and ``validation-*.parquet``, through the optional ``datasets`` library; streamed).
     :param image_size: side of the square images the model sees, in pixels.
     :param channels: 1 (grayscale) or 3 (RGB); ``None`` keeps the files' own channel count.
     :param resize: how smaller sources reach ``image_size``: ``pad`` (centre, zero border) or
@@ -80,8 +81,8 @@ class DataConfig:
     latents: Optional[str] = None
 
     def check(self) -> None:
-        kinds = ("mnist5k", "digits", "folder:PATH", "mnist-idx:PATH", "imagenet:PATH")
-        paths = ("folder:", "mnist-idx:", "imagenet:")
+        kinds = ("mnist5k", "digits", "folder:PATH", "mnist-idx:PATH", "imagenet:PATH", "parquet:PATH")
+        paths = ("folder:", "mnist-idx:", "imagenet:", "parquet:")
         if self.source not in ("mnist5k", "digits") and not self.source.startswith(paths):
             raise ConfigError(f"data.source={self.source!r} is not a known source; choose one of {', '.join(kinds)}")
         if self.workers is not None and self.workers < 0:

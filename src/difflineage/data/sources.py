@@ -34,6 +34,12 @@ def load_dataset(cfg: DataConfig, split: str = "train", seed: int = 0) -> ImageD
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
     source = cfg.source
+    if source.startswith("parquet:"):
+        from difflineage.data.parquet import load_parquet
+
+        files = load_parquet(Path(source.split(":", 1)[1]).expanduser(), split, cfg.image_size, cfg.channels, cfg.caption)
+        files.flip, files.seed = cfg.flip and split == "train", seed
+        return files
     if source.startswith("imagenet:") or (cfg.stream and source.startswith("folder:")):
         files = _streamed(cfg, split)
         files.flip, files.seed = cfg.flip and split == "train", seed
@@ -47,7 +53,8 @@ def load_dataset(cfg: DataConfig, split: str = "train", seed: int = 0) -> ImageD
     elif source.startswith("mnist-idx:"):
         images, labels, names, captions = _mnist_idx(Path(source.split(":", 1)[1]).expanduser(), split)
     else:
-        raise DataError(f"unknown data source {source!r}; choose mnist5k, digits, folder:PATH, mnist-idx:PATH or imagenet:PATH")
+        raise DataError(f"unknown data source {source!r}; choose mnist5k, digits, folder:PATH, mnist-idx:PATH, "
+                        "imagenet:PATH or parquet:PATH")
 
     images = _to_channels(images, cfg.channels, source)
     images = fit_size(images, cfg.image_size, cfg.resize)
@@ -186,7 +193,12 @@ def check_source(cfg: DataConfig) -> None:
     """Check every file of both splits of ``cfg.source`` cheaply (image headers, IDX sizes) before a run spends
     time on it, so that a broken held-out image is named when training starts, not when it is evaluated."""
     source = cfg.source
-    if source.startswith("imagenet:") or (cfg.stream and source.startswith("folder:")):
+    if source.startswith("parquet:"):  # the Arrow tables are checked as they are mapped; rows decode in workers
+        from difflineage.data.parquet import parquet_files
+
+        for split in SPLITS:
+            parquet_files(Path(source.split(":", 1)[1]).expanduser(), split)
+    elif source.startswith("imagenet:") or (cfg.stream and source.startswith("folder:")):
         root = Path(source.split(":", 1)[1]).expanduser()
         paths = [Path(f) for split in SPLITS for f in _streamed(cfg, split).files]
         bad = [f"{p} ({why})" for p, why in _unreadable_headers(paths, progress=len(paths) > 20000)]
