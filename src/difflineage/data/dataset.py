@@ -88,8 +88,8 @@ class ImageDataset:
         if self.flip and epoch is not None:
             mirror = torch.from_numpy(flips(self.seed, epoch, idx.numpy()))
             images = torch.where(mirror[:, None, None, None], images.flip(-1), images)
-        image = images.to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
-        label = self.labels[idx].to(device) if self.labels is not None else None
+        image = to_device(images, device).float().div_(127.5).sub_(1.0)
+        label = to_device(self.labels[idx], device) if self.labels is not None else None
         caption = [self.captions[i] for i in idx.tolist()] if self.captions is not None else None
         out = {"image": image, "label": label, "caption": caption, "index": idx}
         if mirror is not None:
@@ -200,12 +200,21 @@ class ImageFiles:
                             name=self.name)
 
 
+def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A host tensor on ``device`` without making the host wait for the GPU: a copy from pageable memory is
+    synchronous, so on CUDA the tensor is pinned first and copied asynchronously."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return t.to(device)
+    return (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
+
+
 def collate(items: list[dict], device: torch.device | str = "cpu", scale: bool = True) -> Batch:
     """Stack items of ``ImageFiles.item`` into a batch: images to ``device`` in [-1, 1] (``scale``) or kept uint8."""
     images = torch.stack([it["image"] for it in items])
     labels = [it["label"] for it in items]
     captions = [it["caption"] for it in items]
-    image = images.to(device, non_blocking=True)
+    image = to_device(images, device)
     if scale:
         image = image.float().div_(127.5).sub_(1.0)
     return {"image": image,

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from difflineage.data.augment import flips
+from difflineage.data.dataset import to_device
 from difflineage.errors import DataError
 from difflineage.storage import fsync_dir, writing
 
@@ -292,12 +293,12 @@ class StoreDataset:
         mirror = torch.from_numpy(flips(self.seed, epoch, idx.numpy())) if self.flip and epoch is not None \
             else torch.zeros(len(idx), dtype=torch.bool)
         arrays = self.store.arrays(idx.numpy())
-        pick = {k: torch.where(mirror.view(-1, *([1] * (v.dim() - 2))), v[:, 1], v[:, 0]).to(device)
+        pick = {k: to_device(torch.where(mirror.view(-1, *([1] * (v.dim() - 2))), v[:, 1], v[:, 0]), device)
                 for k, v in arrays.items()}
         labels = self.store.labels
         captions = self.store.captions
         out = {"index": idx, "flip": mirror,
-               "label": None if labels is None else torch.from_numpy(labels[idx.numpy()]).to(device),
+               "label": None if labels is None else to_device(torch.from_numpy(labels[idx.numpy()]), device),
                "caption": None if captions is None else [captions[i] for i in idx.tolist()]}
         if self.meta["kind"] == "gaussian":
             out["latent_mean"], out["latent_std"] = pick["mean"].float(), pick["std"].float()
