@@ -180,3 +180,24 @@ def test_a_vq_prior_trains_from_a_store_of_codes(tmp_path):
     b = StoreDataset(LatentStore.open(tmp_path / "codes")).batch([0, 1])
     with torch.no_grad():
         assert torch.equal(t.system.codes_of(b), t.system.vqvae.encode(load_dataset(DIGITS, "train").batch([0, 1])["image"]))
+
+
+def test_dydit_fine_tunes_a_latent_dit_from_the_store(store, autoencoder, tmp_path):
+    """DyDiT over a latent DiT: the base's first stage made the store, so the store is accepted; the base's latent
+    scale is kept."""
+    dit = {"system": "dit", "data": {"source": "digits", "image_size": 8, "channels": 1},
+           "model": {"first_stage": str(autoencoder), "condition": "class",
+                     "dit": {"depth": 2, "hidden": 32, "heads": 2, "patch": 2},
+                     "diffusion": {"timesteps": 100, "sample_steps": 5, "guidance": 2.0, "variance": "learned_range"}},
+           "train": {"steps": 4, "batch_size": 32, "lr": 3e-3, "log_every": 1, "sample_every": 0, "checkpoint_every": 0,
+                     "sample_n": 10}}
+    base = Trainer(config_from_dict(dit), tmp_path / "dit", progress=False)
+    base.fit()
+    dydit = {"system": "dydit", "data": {"source": "digits", "image_size": 8, "channels": 1, "latents": str(store)},
+             "model": {"base": str(tmp_path / "dit"), "target": 0.5, "router_warmup": 2,
+                       "diffusion": {"sample_steps": 5, "guidance": 2.0}},
+             "train": {"steps": 4, "batch_size": 32, "lr": 1e-3, "log_every": 1, "sample_every": 0,
+                       "checkpoint_every": 0, "sample_n": 10, "ema_decay": 0.0}}
+    t = Trainer(config_from_dict(dydit), tmp_path / "dydit", progress=False)
+    assert t.fit().status == "finished"
+    assert t.system.space.latent_scale.item() == base.system.space.latent_scale.item()
