@@ -57,3 +57,30 @@ def test_missing_inception_weights_say_how_to_get_them(tmp_path):
         load_fid_inception(tmp_path / "nope.pth")
     with pytest.raises(FileNotFoundError, match="downloads nothing"):
         load_fid_inception(None)
+
+
+def test_tf1_bilinear_resize_on_a_hand_worked_case():
+    """TF1's ResizeBilinear (align_corners=False, no half-pixel centres), as the FID graph resizes: output i reads
+    input coordinate i * in / out. A row [0, 10, 20, 30] to 6 pixels reads 0, 2/3, 4/3, 2, 8/3, 10/3 (the last
+    clamped to pixel 3): 0, 6.667, 13.333, 20, 26.667, 30. PyTorch's half-pixel bilinear reads (i + 0.5) * 4/6 - 0.5
+    instead: 0, 5, 11.667, 18.333, 25, 30."""
+    from difflineage.eval.inception import resize_299, tf1_bilinear_resize
+
+    row = torch.tensor([0.0, 10.0, 20.0, 30.0]).view(1, 1, 1, 4).expand(1, 1, 3, 4)
+    tf = tf1_bilinear_resize(row, (3, 6))
+    assert torch.allclose(tf[0, 0, 1], torch.tensor([0, 20 / 3, 40 / 3, 20, 80 / 3, 30]), atol=1e-5)
+    torch_style = torch.nn.functional.interpolate(row, size=(3, 6), mode="bilinear", align_corners=False)
+    assert torch.allclose(torch_style[0, 0, 1], torch.tensor([0, 5, 35 / 3, 55 / 3, 25, 30]), atol=1e-5)
+    # the columns: a column [0, 9] to 3 rows reads 0, 2/3, 4/3 -> 0, 6, 9 (clamped)
+    col = torch.tensor([0.0, 9.0]).view(1, 1, 2, 1)
+    assert torch.allclose(tf1_bilinear_resize(col, (3, 1)).flatten(), torch.tensor([0.0, 6.0, 9.0]))
+    # the same size is the image itself; halving reads every other pixel (no averaging, as TF1 did)
+    x = torch.rand(2, 3, 8, 8)
+    assert torch.allclose(tf1_bilinear_resize(x, (8, 8)), x, atol=1e-6)
+    assert torch.allclose(tf1_bilinear_resize(x, (4, 4)), x[:, :, ::2, ::2], atol=1e-6)
+    # at the FID's 256 -> 299 the two conventions differ by grey levels, which is why the choice is recorded
+    img = torch.rand(1, 3, 256, 256) * 2 - 1
+    gap = (resize_299(img, "tf") - resize_299(img, "pytorch-fid")).abs().mean() * 127.5
+    assert gap > 2, gap
+    with pytest.raises(ValueError, match="unknown Inception resize"):
+        FIDInceptionV3(resize="antialias")

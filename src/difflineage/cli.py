@@ -132,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="feature network: the MNIST classifier (1-channel data, the auto choice) or InceptionV3")
     e.add_argument("--inception-weights", type=Path, default=None, metavar="FILE",
                    help="the standard FID weights file pt_inception-2015-12-05-6726825d.pth (nothing is downloaded)")
+    e.add_argument("--inception-resize", choices=["tf", "pytorch-fid"], default="tf",
+                   help="how InceptionV3 resizes to 299 px: tf (default; the TensorFlow FID graph's TF1 bilinear, as "
+                        "the papers' evaluator) or pytorch-fid (PyTorch's half-pixel bilinear, as pytorch-fid)")
     e.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (systems that have it)")
     e.add_argument("--steps", type=int, default=None, help="sampling steps (systems that have them)")
     e.add_argument("--temperature", type=float, default=None, help="sampling temperature (systems that have it)")
@@ -344,6 +347,7 @@ def cmd_evaluate(args) -> int:
         try:
             metrics = evaluate_system(system, split=args.split, n=args.n, features=args.features,
                                       inception_weights=args.inception_weights, seed=args.seed,
+                                      inception_resize=args.inception_resize,
                                       progress=not args.no_progress, out=out, npz=args.npz, batch_size=args.batch_size,
                                       sample_options=options, k=args.k, bpd_images=args.bpd_images,
                                       bpd_steps=args.bpd_steps, bf16=args.bf16, clip=args.clip, checkpoint=path)

@@ -125,12 +125,16 @@ def evaluate_system(system, split: str = "heldout", n: int = 1000, features: str
                     inception_weights: Optional[str | Path] = None, seed: int = 0, progress: bool = True,
                     out: Optional[Path] = None, npz: Optional[Path] = None, batch_size: int = 250,
                     sample_options: Optional[dict] = None, bf16: bool = False, clip: Optional[str | Path] = None,
-                    checkpoint: Optional[str | Path] = None, **system_options: Any) -> dict[str, Any]:
+                    checkpoint: Optional[str | Path] = None, inception_resize: str = "tf",
+                    **system_options: Any) -> dict[str, Any]:
     """Sample-quality metrics (``n`` > 0) and the system's own held-out scores; rank 0 writes ``out``.
     ``bf16`` draws the samples under bfloat16 autocast (the held-out scores stay in fp32). For a
     caption-conditioned system, the CLIP score of the samples against their captions (beside that of the
     held-out images against theirs), with the CLIP of ``clip`` (a checkpoint holding one: a DALL-E clip or
     prior stage) or the one the system carries.
+
+    ``inception_resize``: how InceptionV3 brings images to 299 px: ``tf`` (the FID graph's TF1 bilinear, behind the
+    papers' numbers) or ``pytorch-fid`` (PyTorch's half-pixel bilinear); recorded in ``feature_network``.
 
     ``sample_options`` go to ``system.sample`` (guidance, steps, temperature, ...); ``system_options`` to
     ``system.evaluate`` (the VAE's ``k``). ``checkpoint``: where the system came from, recorded in the result.
@@ -147,6 +151,7 @@ def evaluate_system(system, split: str = "heldout", n: int = 1000, features: str
         # so a missing weights file stops the run before any time is spent.
         if rank == 0:
             net = feature_network(features, channels=cfg.data.channels or 1, inception_weights=inception_weights,
+                                  inception_resize=inception_resize,
                                   progress=progress, device=system.device)
         images, labels = generate(system, n, batch_size=batch_size, seed=seed, progress=progress, bf16=bf16,
                                   **(sample_options or {}))

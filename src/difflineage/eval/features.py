@@ -43,12 +43,15 @@ class FeatureNetwork:
 
 
 def feature_network(kind: str = "auto", channels: int = 1, inception_weights: Optional[str | Path] = None,
-                    progress: bool = True, device: str | torch.device = "cpu") -> FeatureNetwork:
-    """Pick the feature network: ``auto`` is the MNIST classifier for 1-channel data, InceptionV3 otherwise."""
+                    progress: bool = True, device: str | torch.device = "cpu",
+                    inception_resize: str = "tf") -> FeatureNetwork:
+    """Pick the feature network: ``auto`` is the MNIST classifier for 1-channel data, InceptionV3 otherwise
+    (``inception_resize``: ``tf``, the FID graph's resize, or ``pytorch-fid``'s; eval.inception)."""
     if kind not in FEATURE_KINDS:
         raise ValueError(f"unknown feature network {kind!r}; choose one of {', '.join(FEATURE_KINDS)}")
     if kind == "auto":
         kind = "mnist" if channels == 1 else "inception"
     if kind == "mnist":
         return FeatureNetwork("MNIST features", "mnist", mnist_classifier(progress=progress).to(device))
-    return FeatureNetwork("InceptionV3 features", "inception", load_fid_inception(inception_weights).to(device))
+    net = load_fid_inception(inception_weights, resize=inception_resize).to(device)
+    return FeatureNetwork(f"InceptionV3 features ({inception_resize} resize)", "inception", net)

@@ -3,10 +3,18 @@
 
 This is the network behind the standard FID weights file ``pt_inception-2015-12-05-6726825d.pth``:
 torchvision's Inception-v3 layout with 1008 output classes and the FID graph's pooling quirks (average
-pools that do not count padding, a max pool in the last block). Images are resized to 299x299
-(bilinear) and read in [-1, 1]; the 2048-d pool features give FID, KID and precision/recall, and the
-logits the Inception Score. The weights are never downloaded: pass the file's path
-(``--inception-weights FILE``).
+pools that do not count padding, a max pool in the last block). Images are read in [-1, 1] and resized
+to 299x299 bilinearly, by one of two conventions:
+
+- ``tf`` (the default): the TensorFlow FID graph's own ``ResizeBilinear`` of TF1 (align_corners=False, no
+  half-pixel centres: output pixel i samples input coordinate i * in / out). This is the resize behind the
+  papers' FIDs (ADM's evaluator, and so DiT's and DyDiT's numbers).
+- ``pytorch-fid``: PyTorch's half-pixel bilinear (``F.interpolate``, align_corners=False), which pytorch-fid and
+  torchmetrics use. It differs from the graph's by several grey levels per pixel at 256 -> 299 (tens at 32 -> 299),
+  and its FIDs differ accordingly.
+
+The 2048-d pool features give FID, KID and precision/recall, and the logits the Inception Score. The weights are
+never downloaded: pass the file's path (``--inception-weights FILE``).
 """
 
 from __future__ import annotations
@@ -134,13 +142,49 @@ class BlockE(nn.Module):
         return torch.cat([self.branch1x1(x), b3, d, self.branch_pool(pool)], 1)
 
 
+RESIZES = ("tf", "pytorch-fid")
+
+
+def _tf1_weights(n_in: int, n_out: int) -> torch.Tensor:
+    """(n_out, n_in) matrix of TF1's legacy bilinear resize along one axis: output i reads input coordinate
+    x = i * n_in / n_out, between pixels floor(x) and floor(x) + 1 (clamped to the last), weighted by the fraction."""
+    x = torch.arange(n_out, dtype=torch.float64) * (n_in / n_out)
+    lo = x.floor().long().clamp(max=n_in - 1)
+    hi = (lo + 1).clamp(max=n_in - 1)
+    frac = x - lo.double()
+    w = torch.zeros(n_out, n_in, dtype=torch.float64)
+    w[torch.arange(n_out), lo] += 1 - frac
+    w[torch.arange(n_out), hi] += frac
+    return w
+
+
+def tf1_bilinear_resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(N, C, H, W) -> (N, C, size[0], size[1]) as TF1's ``tf.image.resize_bilinear`` (align_corners=False,
+    half_pixel_centers=False) does it: separable, one interpolation matrix per axis."""
+    h, w = images.shape[-2:]
+    wh = _tf1_weights(h, size[0]).to(images.device, torch.float32)
+    ww = _tf1_weights(w, size[1]).to(images.device, torch.float32)
+    return torch.einsum("oh,nchw,pw->ncop", wh, images.float(), ww)
+
+
+def resize_299(images: torch.Tensor, convention: str) -> torch.Tensor:
+    if convention == "tf":
+        return tf1_bilinear_resize(images, (299, 299))
+    if convention == "pytorch-fid":
+        return F.interpolate(images.float(), size=(299, 299), mode="bilinear", align_corners=False)
+    raise ValueError(f"unknown Inception resize {convention!r}; choose one of {', '.join(RESIZES)}")
+
+
 class FIDInceptionV3(nn.Module):
-    """(N, C, H, W) images in [-1, 1] -> 2048-d pool features; ``logits`` gives the 1008-way logits."""
+    """(N, C, H, W) images in [-1, 1] -> 2048-d pool features; ``logits`` gives the 1008-way logits.
+    ``resize``: ``tf`` (the FID graph's) or ``pytorch-fid`` (see the module's docstring)."""
 
     num_features = 2048
 
-    def __init__(self):
+    def __init__(self, resize: str = "tf"):
         super().__init__()
+        resize_299(torch.zeros(1, 1, 2, 2), resize)  # an unknown name fails here, not after sampling
+        self.resize = resize
         self.Conv2d_1a_3x3 = ConvBN(3, 32, 3, stride=2)
         self.Conv2d_2a_3x3 = ConvBN(32, 32, 3)
         self.Conv2d_2b_3x3 = ConvBN(32, 64, 3, padding=1)
@@ -163,7 +207,7 @@ class FIDInceptionV3(nn.Module):
         x = images.float()
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
-        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)  # (N, 3, 299, 299)
+        x = resize_299(x, self.resize)  # (N, 3, 299, 299)
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
         x = F.max_pool2d(x, 3, stride=2)  # (N, 64, 73, 73)
         x = F.max_pool2d(self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x)), 3, stride=2)  # (N, 192, 35, 35)
@@ -180,7 +224,7 @@ class FIDInceptionV3(nn.Module):
         return self.features(images)
 
 
-def load_fid_inception(path: str | Path | None) -> FIDInceptionV3:
+def load_fid_inception(path: str | Path | None, resize: str = "tf") -> FIDInceptionV3:
     """Build the network and load the FID weights file, strictly (every key named on a mismatch)."""
     if path is None:
         raise FileNotFoundError(WEIGHTS_HELP)
@@ -188,7 +232,7 @@ def load_fid_inception(path: str | Path | None) -> FIDInceptionV3:
     if not path.is_file():
         raise FileNotFoundError(f"no InceptionV3 weights at '{path}'. {WEIGHTS_HELP}")
     state = read_weights(path, "InceptionV3 weights")  # safetensors or weights_only: never runs pickled code
-    model = FIDInceptionV3()
+    model = FIDInceptionV3(resize)
     # Old files lack BatchNorm's step counters; the auxiliary classifier is not part of the FID network.
     own = model.state_dict()
     state = {k: v for k, v in state.items() if not k.startswith("AuxLogits.")}
