@@ -1,4 +1,4 @@
-"""The ``difflineage`` command: quickstart, train, sample, evaluate, convert, info.
+"""The ``difflineage`` command: quickstart, train, sample, evaluate, score, extract, convert, info.
 
 Every sub-command explains its options with ``--help``. Errors in the user's input (config,
 data, checkpoint) print one message naming the problem and the fix, and exit with status 2;
@@ -186,6 +186,23 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--device", default="auto", help="auto, cpu or cuda")
     x.add_argument("--no-progress", action="store_true", help="no progress bar")
     x.set_defaults(func=cmd_extract)
+
+    r = sub.add_parser("score", help="score an ADM-layout sample npz against an ADM reference batch (FID-50K etc.)",
+                       description="FID, sFID, Inception Score and precision/recall of samples (uint8 N x H x W x 3 in "
+                                   "arr_0, as 'sample --npz' and 'evaluate --npz' write them) against an ADM reference "
+                                   "batch (e.g. VIRTUAL_imagenet256_labeled.npz), computed as ADM's evaluator does: the "
+                                   "numbers the DiT and DyDiT papers report.")
+    r.add_argument("samples", type=Path, help="sample batch .npz (arr_0)")
+    r.add_argument("--reference", type=Path, required=True, help="ADM reference batch .npz (arr_0, mu, sigma, mu_s, sigma_s)")
+    r.add_argument("--inception-weights", type=Path, required=True, metavar="FILE",
+                   help="the standard FID weights file pt_inception-2015-12-05-6726825d.pth (nothing is downloaded)")
+    r.add_argument("--inception-resize", choices=["tf", "pytorch-fid"], default="tf",
+                   help="tf (default: the evaluator's) or pytorch-fid")
+    r.add_argument("--out", type=Path, default=None, help="also write the scores as JSON")
+    r.add_argument("--batch-size", type=int, default=64)
+    r.add_argument("--device", default="cpu")
+    r.add_argument("--no-progress", action="store_true")
+    r.set_defaults(func=cmd_score)
 
     c = sub.add_parser("convert", help="convert DiT weights between the official, diffusers and difflineage layouts",
                        description="Read a DiT from an official checkpoint (DiT-XL-2-256x256.pt style), a diffusers "
@@ -398,6 +415,26 @@ def cmd_extract(args) -> int:
     data = data_config({"source": args.data, "image_size": args.image_size, "channels": args.channels}, args.overrides)
     extract(args.first_stage, data, args.out, shard_size=args.shard_size, batch_size=args.batch_size, dtype=args.dtype,
             device=args.device, workers=args.workers, progress=not args.no_progress)
+    return 0
+
+
+def cmd_score(args) -> int:
+    from difflineage.eval import adm
+    from difflineage.eval.inception import load_fid_inception
+
+    try:
+        net = load_fid_inception(args.inception_weights, resize=args.inception_resize).to(args.device)
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    result = adm.score(args.samples, args.reference, net, device=args.device, progress=not args.no_progress,
+                       batch=args.batch_size)
+    for key in ("fid", "sfid", "inception_score", "precision", "recall"):
+        print(f"{key:>16}: {result[key]:.4f}")
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.out}")
     return 0
 
 

@@ -204,6 +204,11 @@ class FIDInceptionV3(nn.Module):
         self.fc = nn.Linear(2048, 1008)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.features_and_spatial(images, spatial=False)[0]
+
+    def features_and_spatial(self, images: torch.Tensor, spatial: bool = True):
+        """(pool features (N, 2048), the TF graph's ``mixed_6/conv`` (N, 192, 17, 17) or None): the latter is the
+        1x1 branch of Mixed_6d (TF's mixed_6) after its BatchNorm and ReLU, which ADM's sFID reads."""
         x = images.float()
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
@@ -211,10 +216,13 @@ class FIDInceptionV3(nn.Module):
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
         x = F.max_pool2d(x, 3, stride=2)  # (N, 64, 73, 73)
         x = F.max_pool2d(self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x)), 3, stride=2)  # (N, 192, 35, 35)
+        mixed_6 = None
         for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b, self.Mixed_6c,
                       self.Mixed_6d, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c):
+            if spatial and block is self.Mixed_6d:
+                mixed_6 = block.branch1x1(x)  # (N, 192, 17, 17)
             x = block(x)  # ... (N, 2048, 8, 8)
-        return x.mean(dim=(2, 3))  # (N, 2048)
+        return x.mean(dim=(2, 3)), mixed_6  # (N, 2048)
 
     def logits_from_features(self, feats: torch.Tensor) -> torch.Tensor:
         """Logits without the bias ("logits_unbiased"), as torch-fidelity computes the Inception Score."""

@@ -1,0 +1,217 @@
+"""FID-50K and friends as ADM's evaluator computes them (guided-diffusion's ``evaluations/evaluator.py``, which
+the DiT and DyDiT papers report): samples in ADM's ``.npz`` layout scored against an ADM reference batch.
+
+- Layout: ``arr_0`` holds uint8 images, N x H x W x 3. A reference batch (``VIRTUAL_imagenet256_labeled.npz``)
+  also holds the pool statistics ``mu``/``sigma`` and the spatial ones ``mu_s``/``sigma_s`` of the whole dataset;
+  its 10,000 images are the reference for precision and recall.
+- Features: InceptionV3 of the TensorFlow FID graph with its own resize (TF1 bilinear to 299) and input scaling
+  ((x - 128) / 128); ``pool_3`` (2048-d) for FID, IS, precision and recall, and ``mixed_6/conv`` (the 1x1 branch
+  of Mixed_6d, 17 x 17 x 192), its first 7 channels flattened in TF's H, W, C order (2,023-d), for sFID.
+- FID and sFID: the Frechet distance of the sample statistics to the reference's (scipy's sqrtm, the evaluator's
+  1e-6 diagonal offset when the product is singular).
+- Inception Score: softmax of the unbiased logits, in splits of 5,000 (10 splits for 50,000 samples).
+- Precision and recall: k = 3 manifolds over squared Euclidean distances, computed in fp16 when finite (as the
+  evaluator does), recall against the reference batch's images.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from difflineage.errors import DataError
+from difflineage.eval.inception import FIDInceptionV3
+
+REFERENCE_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
+SPATIAL_CHANNELS = 7
+
+
+def check_npz(path: Path) -> tuple[int, int, int, int]:
+    """The shape of ``arr_0`` in an ADM-layout npz; refuses, by name, anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"no sample or reference batch at '{path}'")
+    try:
+        with np.load(path, mmap_mode="r") as obj:
+            if "arr_0" not in obj.files:
+                raise DataError(f"{path} holds no arr_0 (it has {', '.join(obj.files) or 'nothing'}); ADM's layout is "
+                                "uint8 N x H x W x 3 images in arr_0")
+            arr = obj["arr_0"]
+            shape, dtype = arr.shape, arr.dtype
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise DataError(f"{path} is not a readable .npz ({exc})") from None
+    if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3:
+        raise DataError(f"{path}: arr_0 is {dtype} {tuple(shape)}; ADM's layout is uint8 N x H x W x 3")
+    return tuple(shape)
+
+
+def batches_of(path: Path, batch: int) -> Iterator[np.ndarray]:
+    """``arr_0`` in batches (memory-mapped where the npz is stored uncompressed, as np.savez writes it)."""
+    with np.load(path, mmap_mode="r") as obj:
+        arr = obj["arr_0"]
+        for s in range(0, len(arr), batch):
+            yield np.asarray(arr[s : s + batch])
+
+
+@dataclass
+class Activations:
+    pool: np.ndarray  # (N, 2048)
+    spatial: np.ndarray  # (N, 2023)
+    logits: np.ndarray  # (N, 1008), unbiased
+
+
+@torch.no_grad()
+def activations(net: FIDInceptionV3, path: Path, batch: int = 64, device: str | torch.device = "cpu",
+                progress: bool = True) -> Activations:
+    """The evaluator's features of every image in ``path`` (ADM layout)."""
+    n = check_npz(path)[0]
+    pool, spatial = [], []
+    for x in tqdm(batches_of(path, batch), total=(n + batch - 1) // batch, desc=f"features: {Path(path).name}",
+                  disable=not progress, dynamic_ncols=True):
+        images = torch.from_numpy(x).to(device).permute(0, 3, 1, 2).float()
+        # the graph's own scaling of its uint8 input (pytorch-fid's convention is x / 127.5 - 1)
+        unit = (images - 128.0) / 128.0 if net.resize == "tf" else images / 127.5 - 1.0
+        p, s = net.features_and_spatial(unit)
+        pool.append(p.double().cpu())
+        spatial.append(s[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1).reshape(len(s), -1).double().cpu())
+    pool_t = torch.cat(pool)
+    logits = net.logits_from_features(pool_t.float().to(device)).double().cpu()
+    return Activations(pool_t.numpy(), torch.cat(spatial).numpy(), logits.numpy())
+
+
+def statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
+                     eps: float = 1e-6) -> float:
+    """The Frechet distance between two Gaussians, as the evaluator computes it."""
+    from scipy import linalg
+
+    mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
+    sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise DataError(f"statistics of different sizes: {mu1.shape} vs {mu2.shape}")
+    covmean = linalg.sqrtm(sigma1.dot(sigma2))
+    if not np.isfinite(covmean).all():
+        offset = np.eye(sigma1.shape[0]) * eps
+        covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise DataError(f"the Frechet distance has an imaginary part of {np.max(np.abs(covmean.imag)):.3g}; "
+                            "too few samples for the feature size?")
+        covmean = covmean.real
+    diff = mu1 - mu2
+    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def inception_score(logits: np.ndarray, split_size: int = 5000) -> float:
+    """The mean over splits of exp(E KL(p(y|x) || p(y))), the evaluator's splits of 5,000."""
+    p = torch.softmax(torch.from_numpy(logits).double(), dim=1).numpy()
+    scores = []
+    for s in range(0, len(p), split_size):
+        part = p[s : s + split_size]
+        kl = part * (np.log(part) - np.log(part.mean(axis=0, keepdims=True)))
+        scores.append(np.exp(kl.sum(axis=1).mean()))
+    return float(np.mean(scores))
+
+
+def _squared_distances(u: torch.Tensor, v: torch.Tensor, fp16: bool) -> torch.Tensor:
+    def dist(a, b):
+        return (a.pow(2).sum(1, keepdim=True) - 2 * a @ b.T + b.pow(2).sum(1)[None]).clamp_min(0)
+    if fp16:
+        d = dist(u.half().float(), v.half().float()).half()  # the evaluator's fp16 distance block
+        if torch.isfinite(d).all():
+            return d.float()
+    return dist(u.float(), v.float())
+
+
+def precision_recall(ref: np.ndarray, sample: np.ndarray, k: int = 3, fp16: bool = True,
+                     chunk: int = 10000) -> tuple[float, float]:
+    """Improved precision/recall with k-NN manifolds, the evaluator's way (squared distances, fp16 when finite)."""
+    a, b = torch.from_numpy(ref).float(), torch.from_numpy(sample).float()
+
+    def radii(x):
+        out = []
+        for s in range(0, len(x), chunk):
+            d = torch.cat([_squared_distances(x[s : s + chunk], x[t : t + chunk], fp16) for t in range(0, len(x), chunk)], 1)
+            out.append(d.kthvalue(k + 1, dim=1).values)  # the k-th neighbour (the nearest is the point itself)
+        return torch.cat(out)
+
+    def inside(points, support, r):
+        hits = []
+        for s in range(0, len(points), chunk):
+            d = torch.cat([_squared_distances(points[s : s + chunk], support[t : t + chunk], fp16)
+                           for t in range(0, len(support), chunk)], 1)
+            hits.append((d <= r[None]).any(1))
+        return torch.cat(hits).double().mean().item()
+
+    ra, rb = radii(a), radii(b)
+    return inside(b, a, ra), inside(a, b, rb)
+
+
+def read_reference(path: Path) -> dict[str, np.ndarray]:
+    """An ADM reference batch's statistics (``mu``, ``sigma``, ``mu_s``, ``sigma_s``); refused by name if absent."""
+    check_npz(path)
+    with np.load(path) as obj:
+        missing = [k for k in REFERENCE_KEYS if k not in obj.files]
+        if missing:
+            raise DataError(f"{path} is not an ADM reference batch: it lacks {', '.join(missing)} (a reference batch "
+                            "holds the dataset's pool and spatial statistics beside its images, e.g. "
+                            "VIRTUAL_imagenet256_labeled.npz)")
+        stats = {k: np.asarray(obj[k], dtype=np.float64) for k in REFERENCE_KEYS}
+    if stats["mu"].shape != (2048,) or stats["mu_s"].shape != (2023,):
+        raise DataError(f"{path}: statistics of sizes {stats['mu'].shape} and {stats['mu_s'].shape}, not the "
+                        "evaluator's 2048 (pool_3) and 2023 (mixed_6/conv, 7 channels)")
+    return stats
+
+
+def write_reference(path: Path, images: np.ndarray, net: FIDInceptionV3, statistics_of: Optional[np.ndarray] = None,
+                    device: str | torch.device = "cpu", progress: bool = True) -> Path:
+    """A reference batch in ADM's layout from ``images`` (uint8 N x H x W x 3): the statistics of
+    ``statistics_of`` (default: the same images) beside the images themselves."""
+    path = Path(path)
+    tmp = path.with_suffix(".images.npz")
+    np.savez(tmp, arr_0=images)
+    acts = activations(net, tmp, device=device, progress=progress)
+    if statistics_of is not None:
+        np.savez(tmp, arr_0=statistics_of)
+        source = activations(net, tmp, device=device, progress=progress)
+    else:
+        source = acts
+    tmp.unlink()
+    mu, sigma = statistics(source.pool)
+    mu_s, sigma_s = statistics(source.spatial)
+    np.savez(path, arr_0=images, mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s)
+    return path
+
+
+def score(samples: Path, reference: Path, net: FIDInceptionV3, device: str | torch.device = "cpu",
+          progress: bool = True, batch: int = 64) -> dict:
+    """FID, sFID, Inception Score and precision/recall of ``samples`` against ``reference``, the evaluator's way."""
+    stats = read_reference(reference)
+    ref_shape, sample_shape = check_npz(reference), check_npz(samples)
+    if ref_shape[1:] != sample_shape[1:]:
+        raise DataError(f"samples are {sample_shape[1]}x{sample_shape[2]} but the reference batch is "
+                        f"{ref_shape[1]}x{ref_shape[2]}; score against the reference of the samples' resolution")
+    ref = activations(net, reference, batch, device, progress)
+    got = activations(net, samples, batch, device, progress)
+    mu, sigma = statistics(got.pool)
+    mu_s, sigma_s = statistics(got.spatial)
+    precision, recall = precision_recall(ref.pool, got.pool)
+    return {"evaluator": "ADM (guided-diffusion evaluations/evaluator.py) conventions",
+            "feature_network": f"InceptionV3 ({net.resize} resize)", "samples": int(sample_shape[0]),
+            "reference": str(reference), "reference_images": int(ref_shape[0]),
+            "fid": frechet_distance(mu, sigma, stats["mu"], stats["sigma"]),
+            "sfid": frechet_distance(mu_s, sigma_s, stats["mu_s"], stats["sigma_s"]),
+            "inception_score": inception_score(got.logits), "precision": precision, "recall": recall}
+
+
+__all__ = ["Activations", "activations", "check_npz", "frechet_distance", "inception_score", "precision_recall",
+           "read_reference", "score", "statistics", "write_reference"]
