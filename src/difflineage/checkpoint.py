@@ -15,7 +15,6 @@ checkpoint that is truncated, corrupt or does not fit the model.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from difflineage.config import Config
 from difflineage.errors import CheckpointError, ConfigError
-from difflineage.storage import fsync_dir, remove_tree, save_torch, writing
+from difflineage.storage import fsync_dir, remove_tree, save_torch, sha256_of, writing
 from difflineage.weights import plain_tensors, strip_prefix, torch_load_safely
 
 FILES = ("config.yaml", "model.safetensors", "ema.safetensors", "training_state.pt")
@@ -71,7 +70,7 @@ def save_checkpoint(path: Path, config: Config, model: dict[str, torch.Tensor], 
             save_file(plain_tensors(model), str(tmp / "model.safetensors"), metadata=meta)
             save_file(plain_tensors(ema if ema is not None else model), str(tmp / "ema.safetensors"), metadata=meta)
             save_torch(training_state, tmp / "training_state.pt")
-            (tmp / CHECKSUMS).write_text("".join(f"{_sha256(tmp / f)}  {f}\n" for f in FILES))
+            (tmp / CHECKSUMS).write_text("".join(f"{sha256_of(tmp / f)}  {f}\n" for f in FILES))
             for f in tmp.iterdir():  # make the files durable before the rename publishes them
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
@@ -131,7 +130,7 @@ def verify_checksums(path: Path) -> None:
             if name == "training_state.pt":
                 continue  # allowed: exported checkpoints may drop the training state
             raise CheckpointError(f"{f} is missing from the checkpoint")
-        if _sha256(f) != digest:
+        if sha256_of(f) != digest:
             raise CheckpointError(f"{f} is corrupt: its sha256 differs from the one recorded in {listing}; "
                                   "use another checkpoint of the run (checkpoints/step_*)")
 
@@ -171,10 +170,3 @@ def latest_checkpoint(run_dir: Path) -> Optional[Path]:
     steps = checkpoints_of(run_dir)
     return steps[-1] if steps else None
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

@@ -137,6 +137,17 @@ def save_torch(obj, path: Path) -> None:
         fh.close()
 
 
+def sha256_of(path: Path) -> str:
+    """The sha256 of a file's bytes, read in 4 MiB blocks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def fsync_dir(path: Path) -> None:
     """Make a rename inside ``path`` durable (where the platform allows opening a directory)."""
     try:
@@ -271,4 +282,4 @@ class DirectoryLock:
 
 
 __all__ = ["DirectoryLock", "LOCK_NAME", "RecordingFile", "describe", "errno_of", "fsync_dir", "remove_tree",
-           "save_torch", "writing"]
+           "save_torch", "sha256_of", "writing"]

@@ -17,7 +17,6 @@ first shard it lacks. Readers verify each shard's size when opening and its sha2
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ import torch
 from difflineage.data.augment import flips
 from difflineage.data.dataset import to_device
 from difflineage.errors import DataError
-from difflineage.storage import fsync_dir, writing
+from difflineage.storage import fsync_dir, sha256_of, writing
 
 FORMAT = 1
 META = "store.json"
@@ -41,13 +40,6 @@ DTYPES = {"fp16": (np.float16, torch.float16), "bf16": (np.uint16, torch.bfloat1
 def shard_name(k: int) -> str:
     return f"shard_{k:06d}"
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def to_numpy(t: torch.Tensor, dtype: str) -> np.ndarray:
@@ -103,7 +95,7 @@ def write_shard(root: Path, k: int, arrays: dict[str, np.ndarray], labels: Optio
                     fh.write(np.ascontiguousarray(arr).tobytes())
                     fh.flush()
                     os.fsync(fh.fileno())
-                digests[key] = _sha256(tmp)
+                digests[key] = sha256_of(tmp)
             for key in arrays:
                 os.replace(root / f".tmp-{name}.{key}.bin", root / f"{name}.{key}.bin")
             side = {"count": count, "sha256": digests,
@@ -158,7 +150,8 @@ class LatentStore:
         root = Path(root)
         if not (root / META).is_file():
             hint = ("its extraction has not finished: run the same difflineage extract command again"
-                    if complete_shards(root) else "make one with difflineage extract --first-stage ... --data ... --out STORE")
+                    if complete_shards(root)
+                    else "make one with difflineage extract --first-stage ... --data ... --out STORE")
             raise DataError(f"no latent store at '{root}' ({META} missing); {hint}")
         try:
             meta = json.loads((root / META).read_text())
@@ -191,7 +184,7 @@ class LatentStore:
                 if f.stat().st_size != want:
                     raise DataError(f"latent store shard {f} is truncated or padded: {f.stat().st_size} bytes, "
                                     f"{want} expected; extract the store again")
-                if verify and _sha256(f) != digest:
+                if verify and sha256_of(f) != digest:
                     raise DataError(f"latent store shard {f} is corrupt: its sha256 differs from the one in "
                                     f"{self.root / META}; extract the store again")
 
@@ -344,6 +337,6 @@ def normalise_source(source: str) -> str:
     return f"{kind}:{Path(path).expanduser().resolve()}" if path else source
 
 
-__all__ = ["DTYPES", "FORMAT", "LatentStore", "StoreDataset", "check_store_first_stage", "complete_shards", "finish_store",
-           "from_numpy", "normalise_source", "open_store_dataset", "remove_partial", "shard_name", "to_numpy",
-           "write_shard"]
+__all__ = ["DTYPES", "FORMAT", "LatentStore", "StoreDataset", "check_store_first_stage", "complete_shards",
+           "finish_store", "from_numpy", "normalise_source", "open_store_dataset", "remove_partial", "shard_name",
+           "to_numpy", "write_shard"]
