@@ -103,3 +103,12 @@ def test_ldm_resumes_from_its_config(first_stage, tmp_path):
     Trainer(config_from_dict(ldm_dict(first_stage, steps=2)), tmp_path, progress=False).fit()
     result = Trainer(config_from_dict(ldm_dict(first_stage, steps=3)), tmp_path, resume=True, progress=False).fit()
     assert result.step == 3 and result.status == "finished"
+
+
+def test_a_fixed_latent_scale_is_used_instead_of_measured(first_stage, tmp_path):
+    d = ldm_dict(first_stage, steps=1)
+    d["model"]["latent_scale"] = 0.18215  # as the official DiT multiplies the SD VAE's latents
+    t = Trainer(config_from_dict(d), tmp_path, progress=False)
+    t.fit()
+    assert t.system.space.latent_scale.item() == pytest.approx(0.18215)
+    assert difflineage.load(tmp_path).space.latent_scale.item() == pytest.approx(0.18215)

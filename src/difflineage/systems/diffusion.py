@@ -62,12 +62,15 @@ class LatentSpaceFields:
         system, or ``sd-vae:PATH`` for Stable Diffusion VAE weights (LDM or diffusers layout).
     :param autoencoder: its architecture; filled in from ``first_stage`` when training starts.
     :param sd_vae_norm_groups: GroupNorm groups of an SD VAE file (not stored in the weights; 32 for SD).
-    :param cache_latents: encode the training images once and draw each step's latents from their moments."""
+    :param cache_latents: encode the training images once and draw each step's latents from their moments.
+    :param latent_scale: a fixed latent scale (Stable Diffusion's VAE: 0.18215, which the official DiT uses);
+        None measures 1 / std on the training data (LDM's scale_by_std)."""
 
     first_stage: str = ""
     autoencoder: Optional[AutoencoderKLConfig] = None
     sd_vae_norm_groups: int = 32
     cache_latents: bool = True
+    latent_scale: Optional[float] = None
 
 
 class DiffusionSystem(System):

@@ -82,6 +82,7 @@ class LatentSpace(nn.Module):
         super().__init__()
         m = config.model
         self.spec, self.norm_groups, self.cache_latents = m.first_stage, m.sd_vae_norm_groups, m.cache_latents
+        self.fixed_scale = getattr(m, "latent_scale", None)
         self.shape = self.shape_of(config)
         self.first_stage = AutoencoderKL(m.autoencoder, image_channels=config.data.channels or 1)
         self.first_stage.requires_grad_(False)
@@ -136,6 +137,9 @@ class LatentSpace(nn.Module):
         dataset streamed from disk is not cached (each batch is encoded as it comes) and its scale is measured on
         2,048 images spread over it."""
         device = self.latent_scale.device
+        if self.fixed_scale is not None and measure_scale:
+            self.latent_scale.fill_(self.fixed_scale)
+            measure_scale = False
         if trains_from_store(dataset, self.first_stage, "gaussian", self.spec):
             if measure_scale:
                 spread = torch.linspace(0, len(dataset) - 1, min(2048, len(dataset))).long()
