@@ -37,6 +37,13 @@ class Batch(TypedDict, total=False):
     flip: torch.Tensor
 
 
+def count_classes(class_names: Optional[Sequence[str]], labels) -> Optional[int]:
+    """A dataset's number of classes: one per class name, else the largest label + 1 (None when unlabelled)."""
+    if class_names is not None:
+        return len(class_names)
+    return None if labels is None else int(labels.max()) + 1
+
+
 @dataclass
 class ImageDataset:
     """Images held in memory as uint8 (N, C, H, W), with optional labels and captions.
@@ -68,11 +75,7 @@ class ImageDataset:
 
     @property
     def num_classes(self) -> Optional[int]:
-        if self.class_names is not None:
-            return len(self.class_names)
-        if self.labels is None:
-            return None
-        return int(self.labels.max()) + 1
+        return count_classes(self.class_names, self.labels)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -140,9 +143,7 @@ class ImageFiles:
 
     @property
     def num_classes(self) -> Optional[int]:
-        if self.class_names is not None:
-            return len(self.class_names)
-        return None if self.labels is None else int(self.labels.max()) + 1
+        return count_classes(self.class_names, self.labels)
 
     @property
     def shape(self) -> tuple[int, int, int]:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from difflineage.data.augment import flips
-from difflineage.data.dataset import to_device
+from difflineage.data.dataset import count_classes, to_device
 from difflineage.errors import DataError
 from difflineage.storage import fsync_dir, sha256_of, writing
 
@@ -267,10 +267,7 @@ class StoreDataset:
 
     @property
     def num_classes(self) -> Optional[int]:
-        if self.class_names is not None:
-            return len(self.class_names)
-        labels = self.store.labels
-        return None if labels is None else int(labels.max()) + 1
+        return count_classes(self.class_names, self.store.labels)
 
     @property
     def shape(self) -> tuple[int, int, int]:
