@@ -5,35 +5,36 @@ a classifier trained on the digits themselves. Its 128-d penultimate activations
 features)", KID and precision/recall; its logits give the Inception Score analogue and the class accuracy
 of conditional samples.
 
-The classifier is trained deterministically (fixed seeds, a fixed recipe) and cached under
-``$DIFFLINEAGE_CACHE`` (default ``~/.cache/difflineage``) by a content hash of everything that defines it:
-the training images and labels, the architecture and the recipe. Change any of them and it is trained
-again; otherwise it is trained once per machine (about half a minute on two CPU cores).
+The classifier is an instrument, so it is the same on every machine: it was trained once, with the fixed
+recipe below, by ``python benchmarks/train_mnist_classifier.py``, and its weights ship in the package
+(``mnist-classifier.safetensors`` beside this module). :func:`mnist_classifier` loads that file and nothing
+else, after checking its sha256 against ``SHIPPED_SHA256``; it never trains. docs/evaluation.md ("The MNIST
+feature classifier") gives the file's hash, held-out accuracy, the machine that trained it, and the
+real-vs-real FIDs it reads.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from difflineage.config import DataConfig
-from difflineage.data import ImageDataset, load_dataset
+from difflineage.data import ImageDataset
+from difflineage.errors import CheckpointError
+from difflineage.storage import sha256_of
 
 ARCH_VERSION = "mnist-cnn-v2"
 RECIPE = {"epochs": 20, "batch_size": 128, "lr": 5e-3, "weight_decay": 1e-4, "max_shift": 2, "seed": 0}
 INPUT_SIZE = 32
 
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("DIFFLINEAGE_CACHE", Path.home() / ".cache" / "difflineage"))
+SHIPPED_PATH = Path(__file__).resolve().with_name("mnist-classifier.safetensors")
+SHIPPED_SHA256 = "f369a924cb5f2fe2c9c91e6e4e1262d84980adc2e5bb22208816e146ccec2e4a"
+TRAIN_COMMAND = "python benchmarks/train_mnist_classifier.py"
 
 
 def to_classifier_input(images: torch.Tensor) -> torch.Tensor:
@@ -83,7 +84,8 @@ class MnistClassifier(nn.Module):
         return self.head(self.dropout(self.features(images)))
 
 
-def _content_hash(train: ImageDataset) -> str:
+def content_hash(train: ImageDataset) -> str:
+    """A hash of everything that defines the classifier: architecture, recipe, training images and labels."""
     h = hashlib.sha256()
     h.update(ARCH_VERSION.encode())
     h.update(json.dumps(RECIPE, sort_keys=True).encode())
@@ -140,26 +142,20 @@ def train_classifier(train: ImageDataset, progress: bool = True) -> MnistClassif
     return model.eval()
 
 
-def mnist_classifier(progress: bool = True, cache: Optional[Path] = None) -> MnistClassifier:
-    """The cached classifier, trained first if this machine has none for the current content hash."""
-    from safetensors.torch import load_file, save_file
+def mnist_classifier(path: Path = SHIPPED_PATH, sha256: str = SHIPPED_SHA256) -> MnistClassifier:
+    """The shipped classifier, in eval mode; a missing or altered weights file is refused (CheckpointError)."""
+    from safetensors.torch import load_file
 
-    data = DataConfig(source="mnist5k", image_size=INPUT_SIZE, resize="pad")
-    train = load_dataset(data, "train")
-    digest = _content_hash(train)
-    path = (cache or cache_dir()) / f"mnist-classifier-{digest}.safetensors"
-    if path.exists():
-        try:
-            model = MnistClassifier()
-            model.load_state_dict(load_file(str(path)))
-            return model.eval()
-        except Exception:  # a damaged cache entry is rebuilt, never trusted
-            path.unlink(missing_ok=True)
-    model = train_classifier(train, progress=progress)
-    held = accuracy(model, load_dataset(data, "heldout"))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp),
-              metadata={"heldout_accuracy": f"{held:.4f}", "content_hash": digest, "recipe": json.dumps(RECIPE)})
-    os.replace(tmp, path)
-    return model
+    regenerate = ("reinstall difflineage, or restore src/difflineage/eval/mnist-classifier.safetensors from the "
+                  f"repository; to train a new instrument, `{TRAIN_COMMAND}` rewrites that file, and SHIPPED_SHA256 "
+                  "in difflineage/eval/classifier.py and the docs' digit FIDs must then change with it")
+    if not path.is_file():
+        raise CheckpointError(f"the MNIST feature classifier's weights {path} are missing; {regenerate}")
+    found = sha256_of(path)
+    if found != sha256:
+        raise CheckpointError(f"the MNIST feature classifier's weights {path} have sha256 {found}, not the shipped "
+                              f"{sha256}: the file was altered, and FIDs on MNIST features read with it would "
+                              f"not be comparable to the docs'; {regenerate}")
+    model = MnistClassifier()
+    model.load_state_dict(load_file(str(path)))
+    return model.eval()

@@ -52,6 +52,6 @@ def feature_network(kind: str = "auto", channels: int = 1, inception_weights: Op
     if kind == "auto":
         kind = "mnist" if channels == 1 else "inception"
     if kind == "mnist":
-        return FeatureNetwork("MNIST features", "mnist", mnist_classifier(progress=progress).to(device))
+        return FeatureNetwork("MNIST features", "mnist", mnist_classifier().to(device))
     net = load_fid_inception(inception_weights, resize=inception_resize).to(device)
     return FeatureNetwork(f"InceptionV3 features ({inception_resize} resize)", "inception", net)
