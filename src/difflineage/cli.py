@@ -147,8 +147,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--clip", type=Path, default=None, metavar="CKPT",
                    help="caption-conditioned systems: the CLIP for the CLIP score (a DALL-E clip-stage checkpoint); "
                         "default: the CLIP the system carries, if any")
+    e.add_argument("--reference", type=Path, default=None, metavar="NPZ",
+                   help="FID-50K as the papers: score against this ADM reference batch (e.g. "
+                        "VIRTUAL_imagenet256_labeled.npz) with the ADM evaluator's conventions; the samples are drawn "
+                        "into NPZ.parts/ over the torchrun processes (run the command again to continue an interrupted "
+                        "run), labels uniform, DiT/DyDiT at 250 DDPM steps and guidance 1.5 unless told otherwise, then "
+                        "merged into --npz. Needs --inception-weights")
+    e.add_argument("--keep-parts", action="store_true", help="with --reference: keep NPZ.parts/ after the merge")
     e.add_argument("--batch-size", type=int, default=250, help="samples per sampling batch (default 250)")
-    e.add_argument("--npz", type=Path, default=None, help="also save the samples as ADM's samples.npz (arr_0, uint8 NHWC)")
+    e.add_argument("--npz", type=Path, default=None,
+                   help="also save the samples as ADM's samples.npz (arr_0, uint8 NHWC); with --reference, where the "
+                        "merged samples go (default CHECKPOINT/samples_N.npz)")
     e.add_argument("--split", default="heldout", choices=["heldout", "train"], help="reference split (default heldout)")
     e.add_argument("--k", type=int, default=1000, help="VAE: importance samples per image for the NLL bound (default 1000)")
     e.add_argument("--bpd-images", type=int, default=100,
@@ -359,8 +368,10 @@ def cmd_evaluate(args) -> int:
         device = str(info.device) if info.enabled else args.device
         path = resolve_checkpoint(args.checkpoint)
         system = load(path, use_ema=not args.no_ema, device=device)
-        out = args.out or path / "metrics.json"
         options = sampling_options(args)
+        if args.reference is not None:
+            return _evaluate_adm(args, system, path, options, info)
+        out = args.out or path / "metrics.json"
         try:
             metrics = evaluate_system(system, split=args.split, n=args.n, features=args.features,
                                       inception_weights=args.inception_weights, seed=args.seed,
@@ -379,6 +390,38 @@ def cmd_evaluate(args) -> int:
             print("note: no CLIP score without a CLIP: add --clip CKPT (a DALL-E clip-stage checkpoint, e.g. "
                   "runs/quickstart-dalle/clip from `difflineage quickstart --system dalle`)")
         print(f"wrote {out}")
+    return 0
+
+
+def _evaluate_adm(args, system, path: Path, options: dict, info) -> int:
+    """``evaluate --reference``: FID-50K in ADM's convention (eval.evaluate_adm)."""
+    from difflineage.errors import CheckpointError, DataError
+    from difflineage.eval import evaluate_adm
+
+    if args.inception_weights is None:
+        print("error: --reference needs --inception-weights FILE (pt_inception-2015-12-05-6726825d.pth, the FID "
+              "graph's weights; nothing is downloaded)", file=sys.stderr)
+        return 2
+    if args.n == 0:
+        print("error: --reference scores samples: give --num-samples (50000 for FID-50K)", file=sys.stderr)
+        return 2
+    out = args.out or path / f"metrics_adm_{args.n}.json"
+    try:
+        metrics = evaluate_adm(system, args.reference, args.inception_weights, n=args.n,
+                               npz=args.npz or path / f"samples_{args.n}.npz", batch_size=args.batch_size,
+                               seed=args.seed, sample_options=options, bf16=args.bf16, checkpoint=path,
+                               inception_resize=args.inception_resize, out=out, keep_parts=args.keep_parts,
+                               progress=not args.no_progress)
+    except (FileNotFoundError, ValueError, CheckpointError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if info.is_main:
+        opts = ", ".join(f"{k} {v}" for k, v in metrics["sample_options"].items())
+        print(f"{metrics['samples']} samples ({opts}; {metrics['processes']} processes) scored against "
+              f"{metrics['reference']} with the ADM evaluator's conventions:")
+        for key in ("fid", "sfid", "inception_score", "precision", "recall"):
+            print(f"  {key:<16}{metrics[key]:>10.4f}")
+        print(f"wrote {metrics['npz']} and {out}")
     return 0
 
 

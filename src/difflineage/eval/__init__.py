@@ -5,14 +5,18 @@ against the data's held-out split with FID, KID, Inception Score and precision/r
 (the MNIST classifier for digits, InceptionV3 for natural images), reports each beside its real-vs-real
 value at the same count, adds the class accuracy of conditional samples and the system's own held-out
 scores (the VAE's ELBO and importance-weighted NLL), and writes metrics.json.
+
+``evaluate_adm`` is FID-50K as the papers compute it: samples drawn into files over the torchrun processes
+(eval.sampling), merged into ADM's npz and scored against an ADM reference batch with the evaluator's conventions
+(eval.adm).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -20,59 +24,24 @@ from typing import Any, Optional
 import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm.auto import tqdm
 
 from difflineage.data import ImageDataset, load_dataset
+from difflineage.eval import adm
 from difflineage.eval.features import FeatureNetwork, feature_network
+from difflineage.eval.inception import load_fid_inception
 from difflineage.eval.metrics import frechet_distance, inception_score, kernel_inception_distance, precision_recall
+from difflineage.eval.sampling import (
+    bf16_autocast,
+    fid_sampling_defaults,
+    generate,
+    merge_shards,
+    quantise,
+    sample_shards,
+    to_unit,
+)
 from difflineage.models.clip import clip_score
 from difflineage.systems import load
 from difflineage.systems.base import CarriesClip
-
-
-def generate(system, n: int, batch_size: int = 250, seed: int = 0, progress: bool = True, bf16: bool = False,
-             **options: Any) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Draw ``n`` samples as uint8 (n, C, H, W), with the labels asked for (conditional systems: the
-    classes in turn). Batch b always uses seed (seed, b), so the samples are the same whatever the number
-    of processes; under torchrun the batches are dealt round-robin and gathered on every process.
-    ``bf16`` samples under bfloat16 autocast (faster on CPUs with AVX-512 bf16 and on recent GPUs)."""
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    k = system.num_classes
-    mine = []
-    batches = range(rank, math.ceil(n / batch_size), world)
-    for b in tqdm(batches, desc=f"sampling {n}", disable=not (progress and rank == 0), leave=False):
-        m = min(batch_size, n - b * batch_size)
-        labels = torch.arange(b * batch_size, b * batch_size + m) % k if k else None
-        g = torch.Generator().manual_seed(seed * 1_000_003 + b)
-        try:
-            with bf16_autocast(system.device, bf16):
-                images = system.sample(m, condition=labels, generator=g, **options).float()
-        except TypeError as exc:
-            raise ValueError(f"the {system.config.system} system does not take these sampling options: {exc}") from None
-        mine.append((b, quantise(images), labels))
-    if world > 1:
-        everything: list = [None] * world
-        dist.all_gather_object(everything, mine)
-        mine = [item for part in everything for item in part]
-    mine.sort(key=lambda item: item[0])
-    images = torch.cat([item[1] for item in mine])
-    labels = torch.cat([item[2] for item in mine]) if k else None
-    return images, labels
-
-
-def bf16_autocast(device: torch.device | str, enabled: bool = True):
-    """bfloat16 autocast on ``device``'s type (a no-op context when not enabled)."""
-    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=enabled)
-
-
-def quantise(images: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] floats -> uint8 (N, C, H, W): what an image file (and ADM's npz) holds, and what is scored."""
-    return ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
-def to_unit(images_uint8: torch.Tensor) -> torch.Tensor:
-    return images_uint8.float() / 127.5 - 1.0
 
 
 def score_samples(images: torch.Tensor, labels: Optional[torch.Tensor], reference: ImageDataset, train: ImageDataset,
@@ -184,6 +153,55 @@ def evaluate_system(system, split: str = "heldout", n: int = 1000, features: str
     return result
 
 
+def parts_folder(npz: Path) -> Path:
+    """Where the batches of ``npz`` are drawn before they are merged into it: ``NPZ.parts/`` beside it."""
+    return Path(npz).with_name(Path(npz).name + ".parts")
+
+
+def evaluate_adm(system, reference: str | Path, inception_weights: str | Path, n: int = 50000,
+                 npz: Optional[Path] = None, batch_size: int = 250, seed: int = 0,
+                 sample_options: Optional[dict] = None, bf16: bool = False, checkpoint: Optional[str | Path] = None,
+                 inception_resize: str = "tf", out: Optional[Path] = None, keep_parts: bool = False,
+                 progress: bool = True) -> dict[str, Any]:
+    """FID-50K as the papers report it: ``n`` samples drawn in batches spread over the torchrun processes, each
+    batch written to ``NPZ.parts/`` as it is drawn (an interrupted run drawn again continues), labels drawn uniformly,
+    and, for DiT and DyDiT, the paper's sampling settings by default (250 DDPM steps, guidance 1.5); the batches are
+    merged into ``npz`` (ADM's layout) and rank 0 scores it against the ADM reference batch ``reference`` with the
+    evaluator's conventions (eval.adm): FID, sFID, Inception Score, precision and recall. Returns the result on rank
+    0 (empty elsewhere) and writes it to ``out``."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    start = time.perf_counter()
+    # Read the reference's header and the Inception weights before any sampling, so a wrong path costs nothing.
+    adm.check_npz(reference)
+    adm.read_reference(reference)
+    net = load_fid_inception(inception_weights, resize=inception_resize).to(system.device) if rank == 0 else None
+    options = {**fid_sampling_defaults(system), **(sample_options or {})}
+    npz = Path(npz) if npz is not None else Path(f"samples_{n}.npz")
+    parts = parts_folder(npz)
+    drawn = sample_shards(system, parts, n, batch_size=batch_size, seed=seed, options=options, bf16=bf16,
+                          checkpoint=checkpoint, progress=progress)
+    sampled_s = time.perf_counter() - start
+    if rank != 0:
+        return {}
+    merge_shards(parts, npz, n, batch_size)
+    if not keep_parts:
+        shutil.rmtree(parts)
+    result: dict[str, Any] = {"system": system.config.system, "checkpoint": str(checkpoint or ""), "seed": seed,
+                              "labels": "uniform over the classes" if system.num_classes else "none",
+                              "sample_options": options, "npz": str(npz),
+                              "processes": dist.get_world_size() if dist.is_initialized() else 1,
+                              "batches_drawn_by_rank_0": drawn, "sampling_seconds": round(sampled_s, 2)}
+    if bf16:
+        result["sampled_in"] = "bf16 autocast"
+    result.update(adm.score(npz, reference, net, device=system.device, progress=progress))
+    result["seconds"] = round(time.perf_counter() - start, 2)
+    result["machine"] = machine_description()
+    if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
 def find_clip(system, clip: Optional[str | Path] = None):
     """The CLIP for the CLIP score: from ``clip`` (a checkpoint holding one: a DALL-E clip or prior stage), else
     the one the system carries; None when the system is not caption-conditioned or no CLIP is at hand."""
@@ -229,4 +247,5 @@ def machine_description() -> str:
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
 
 
-__all__ = ["evaluate_system", "generate", "score_samples", "quantise", "machine_description", "feature_network"]
+__all__ = ["bf16_autocast", "evaluate_adm", "evaluate_system", "feature_network", "generate", "machine_description",
+           "parts_folder", "quantise", "score_samples"]

@@ -16,10 +16,11 @@ the DiT and DyDiT papers report): samples in ADM's ``.npz`` layout scored agains
 
 from __future__ import annotations
 
+import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -32,37 +33,90 @@ REFERENCE_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
 SPATIAL_CHANNELS = 7
 
 
+def _open_array(zf: zipfile.ZipFile, path: Path, name: str = "arr_0"):
+    """The open member ``name`` of an npz and its (shape, dtype), read from the .npy header alone."""
+    member = f"{name}.npy"
+    if member not in zf.namelist():
+        names = ", ".join(n.removesuffix(".npy") for n in zf.namelist()) or "nothing"
+        raise DataError(f"{path} holds no {name} (it has {names}); ADM's layout is uint8 N x H x W x 3 images in arr_0")
+    fh = zf.open(member)
+    version = np.lib.format.read_magic(fh)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read_header(fh)
+    if fortran:
+        raise DataError(f"{path}: {name} is stored in Fortran order; save it with np.savez from a C-ordered array")
+    return fh, tuple(shape), dtype
+
+
 def check_npz(path: Path) -> tuple[int, int, int, int]:
-    """The shape of ``arr_0`` in an ADM-layout npz; refuses, by name, anything else."""
+    """The shape of ``arr_0`` in an ADM-layout npz, from its header (nothing else is read); refuses, by name,
+    anything else."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"no sample or reference batch at '{path}'")
     try:
-        with np.load(path, mmap_mode="r") as obj:
-            if "arr_0" not in obj.files:
-                raise DataError(f"{path} holds no arr_0 (it has {', '.join(obj.files) or 'nothing'}); ADM's layout is "
-                                "uint8 N x H x W x 3 images in arr_0")
-            arr = obj["arr_0"]
-            shape, dtype = arr.shape, arr.dtype
+        with zipfile.ZipFile(path) as zf:
+            fh, shape, dtype = _open_array(zf, path)
+            fh.close()
     except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        if isinstance(exc, DataError):
+            raise
         raise DataError(f"{path} is not a readable .npz ({exc})") from None
     if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3:
         raise DataError(f"{path}: arr_0 is {dtype} {tuple(shape)}; ADM's layout is uint8 N x H x W x 3")
-    return tuple(shape)
+    return shape
 
 
 def batches_of(path: Path, batch: int) -> Iterator[np.ndarray]:
-    """``arr_0`` in batches (memory-mapped where the npz is stored uncompressed, as np.savez writes it)."""
-    with np.load(path, mmap_mode="r") as obj:
-        arr = obj["arr_0"]
-        for s in range(0, len(arr), batch):
-            yield np.asarray(arr[s : s + batch])
+    """``arr_0`` in batches of ``batch`` images, read from the file as it goes (as the evaluator reads it), so a
+    50,000-image batch never sits in memory whole."""
+    with zipfile.ZipFile(path) as zf:
+        fh, shape, dtype = _open_array(zf, Path(path))
+        with fh:
+            per_image = int(np.prod(shape[1:])) * dtype.itemsize
+            for s in range(0, shape[0], batch):
+                m = min(batch, shape[0] - s)
+                raw = fh.read(m * per_image)
+                if len(raw) != m * per_image:
+                    raise DataError(f"{path} ends after {s + len(raw) // per_image} of its {shape[0]} images: the file "
+                                    "is truncated; write it again")
+                yield np.frombuffer(bytearray(raw), dtype=dtype).reshape(m, *shape[1:])
+
+
+def write_npz(path: Path, shape: tuple[int, ...], chunks: Iterable[np.ndarray],
+              extra: Optional[dict[str, np.ndarray]] = None) -> Path:
+    """Write an npz that np.load reads as ``arr_0`` (uint8, ``shape``) plus ``extra`` arrays, streaming ``arr_0``
+    from ``chunks`` (stored uncompressed, as np.savez does), so it is never whole in memory. Written under a
+    temporary name and renamed, so an interrupted write leaves no npz behind."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False, "shape": tuple(shape)}
+    written = 0
+    try:
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+            with zf.open("arr_0.npy", "w", force_zip64=True) as fh:
+                np.lib.format.write_array_header_1_0(fh, header)
+                for chunk in chunks:
+                    chunk = np.ascontiguousarray(chunk, dtype=np.uint8)
+                    if chunk.shape[1:] != tuple(shape[1:]):
+                        raise DataError(f"a chunk of {chunk.shape} does not fit images of {tuple(shape[1:])}")
+                    fh.write(chunk.tobytes())
+                    written += len(chunk)
+            if written != shape[0]:
+                raise DataError(f"{written} images were written to {path}, not the {shape[0]} its header promises")
+            for name, value in (extra or {}).items():
+                with zf.open(f"{name}.npy", "w", force_zip64=True) as fh:
+                    np.lib.format.write_array(fh, np.ascontiguousarray(value))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 @dataclass
 class Activations:
-    pool: np.ndarray  # (N, 2048)
-    spatial: np.ndarray  # (N, 2023)
+    pool: np.ndarray  # (N, 2048) float32
+    spatial: np.ndarray  # (N, 2023) float32
     logits: np.ndarray  # (N, 1008), unbiased
 
 
@@ -78,15 +132,16 @@ def activations(net: FIDInceptionV3, path: Path, batch: int = 64, device: str | 
         # the graph's own scaling of its uint8 input (pytorch-fid's convention is x / 127.5 - 1)
         unit = (images - 128.0) / 128.0 if net.resize == "tf" else images / 127.5 - 1.0
         p, s = net.features_and_spatial(unit)
-        pool.append(p.double().cpu())
-        spatial.append(s[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1).reshape(len(s), -1).double().cpu())
+        pool.append(p.float().cpu())  # float32 as the network gives them; the statistics are float64
+        spatial.append(s[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1).reshape(len(s), -1).float().cpu())
     pool_t = torch.cat(pool)
     logits = net.logits_from_features(pool_t.float().to(device)).double().cpu()
     return Activations(pool_t.numpy(), torch.cat(spatial).numpy(), logits.numpy())
 
 
 def statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    return features.mean(axis=0), np.cov(features, rowvar=False)
+    """Mean and covariance in float64 (of float32 features, as the evaluator keeps them)."""
+    return features.mean(axis=0, dtype=np.float64), np.cov(features, rowvar=False)
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
@@ -214,4 +269,4 @@ def score(samples: Path, reference: Path, net: FIDInceptionV3, device: str | tor
 
 
 __all__ = ["Activations", "activations", "check_npz", "frechet_distance", "inception_score", "precision_recall",
-           "read_reference", "score", "statistics", "write_reference"]
+           "read_reference", "score", "statistics", "write_npz", "write_reference"]
