@@ -149,3 +149,25 @@ def test_bits_per_dim_bound_rewards_the_model_that_knows_the_data():
     assert torch.isfinite(good["bits_per_dim"]).all() and (good["prior_bits_per_dim"] >= 0).all()
     assert (good["prior_bits_per_dim"] < 1e-3).all()  # q(x_T | x_0) is almost N(0, I)
     assert (good["bits_per_dim"] * 2 < bad["bits_per_dim"]).all()
+
+
+def test_schedule_lookups_come_from_float32_tables_made_once_per_device():
+    # No host-device copy per lookup (a host wait on CUDA, every step) and no float64 on the device (MPS has none):
+    # each table is copied once as float32 and indexed there; the values are those of rounding each float64 entry.
+    d = GaussianDiffusion(linear_betas(100), prediction="v", variance="learned_range", loss_weighting="min_snr")
+    t = torch.tensor([0, 1, 50, 99])
+    for arr in (d.sqrt_alphas_cumprod, d.posterior_log_variance_clipped, d.log_betas, d.log_fixed_large):
+        got = d._at(arr, t, torch.zeros(4, 1, 1))
+        assert got.dtype == torch.float32 and got.shape == (4, 1, 1)
+        assert torch.equal(got.flatten(), torch.as_tensor(arr, dtype=torch.float64)[t].float())
+    tables = dict(d._tables)
+    assert all(copy.dtype in (torch.float32, torch.long) for _, copy in tables.values())
+    d.training_losses(lambda x, tt: torch.zeros(len(x), 2, 2, 2), torch.zeros(4, 1, 2, 2), t)
+    again = len(d._tables)
+    d.training_losses(lambda x, tt: torch.zeros(len(x), 2, 2, 2), torch.zeros(4, 1, 2, 2), t)
+    assert len(d._tables) == again and all(d._tables[k][1] is v[1] for k, v in tables.items())  # reused, not remade
+    snr = d.alphas_cumprod / (1 - d.alphas_cumprod)
+    want = torch.as_tensor(np.minimum(snr, 5.0) / (snr + 1))[t].float()
+    assert torch.equal(d.min_snr_weight(t), want)
+    assert torch.equal(d.model_timesteps(t), t) and torch.equal(d.respaced(10).model_timesteps(torch.tensor([0, 9])),
+                                                                 torch.tensor([0, 99]))

@@ -6,7 +6,9 @@ Notation: x_0 data in [-1, 1]; q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I
 (x_t, t) and predicts eps, x_0 or v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0, plus (learned range)
 an interpolation v_var in [-1, 1] between log beta_t and the log posterior variance.
 
-All schedule arithmetic is float64 numpy; each lookup returns float32 tensors shaped to broadcast.
+All schedule arithmetic is float64 numpy; each lookup returns float32 tensors shaped to broadcast, indexed on the
+device from a float32 copy of the table made there once (no host-device copy, and so no host wait, per step;
+no float64 on the device, which MPS lacks).
 The network is any callable ``model_fn(x_t, t) -> output`` where t is the *original* timestep (0..T-1),
 so a respaced chain (250 of 1000 steps) feeds the network the timesteps it was trained on.
 """
@@ -21,6 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from difflineage.data.dataset import to_device
 from difflineage.diffusion.schedules import space_timesteps
 from difflineage.nn.distributions import discretized_gaussian_log_likelihood, gaussian_kl
 
@@ -75,6 +78,12 @@ class GaussianDiffusion:
             if len(betas) > 1 else np.log(np.maximum(self.posterior_variance, 1e-20))
         self.posterior_mean_coef1 = betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
         self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
+        self.log_one_minus_alphas_cumprod = np.log(1.0 - self.alphas_cumprod)
+        self.log_betas = np.log(betas)
+        # fixed_large: beta_t, with beta~_1 at t = 0 (as improved-diffusion)
+        self.log_fixed_large = np.log(np.append(self.posterior_variance[1], betas[1:]) if len(betas) > 1 else betas)
+        self._tables: dict = {}  # (id of a table, device, dtype) -> (the table, its copy on the device)
+        self._min_snr: dict = {}  # (prediction, gamma) -> the weights of every timestep, float64
 
     # -- respacing ------------------------------------------------------------------------------
 
@@ -94,15 +103,23 @@ class GaussianDiffusion:
 
     def model_timesteps(self, t: torch.Tensor) -> torch.Tensor:
         """Indices into this chain -> the original timesteps the network was trained with."""
-        return torch.as_tensor(self.timestep_map, device=t.device)[t]
+        return self._table(self.timestep_map, t.device, torch.long)[t]
+
+    def _table(self, arr: np.ndarray, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``arr`` as a ``dtype`` tensor on ``device``, copied there on first use and kept (the float64 values
+        rounded to float32 once: the same numbers as rounding each looked-up value)."""
+        key = (id(arr), device, dtype)
+        held = self._tables.get(key)
+        if held is None or held[0] is not arr:
+            held = (arr, to_device(torch.from_numpy(np.asarray(arr)).to(dtype), device))
+            self._tables[key] = held
+        return held[1]
 
     # -- the forward process --------------------------------------------------------------------
 
-    @staticmethod
-    def _at(arr: np.ndarray, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    def _at(self, arr: np.ndarray, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """arr[t] as a float32 tensor shaped (N, 1, 1, ...) to broadcast against ``like``."""
-        out = torch.as_tensor(arr, dtype=torch.float64, device=t.device)[t].float()
-        return out.view(-1, *([1] * (like.dim() - 1)))
+        return self._table(arr, t.device)[t].view(-1, *([1] * (like.dim() - 1)))
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps."""
@@ -111,7 +128,7 @@ class GaussianDiffusion:
     def q_mean_variance(self, x0: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and log-variance of q(x_t | x_0)."""
         mean = self._at(self.sqrt_alphas_cumprod, t, x0) * x0
-        return mean, self._at(np.log(1.0 - self.alphas_cumprod), t, x0).expand_as(x0)
+        return mean, self._at(self.log_one_minus_alphas_cumprod, t, x0).expand_as(x0)
 
     def q_posterior(self, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor):
         """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0)."""
@@ -148,12 +165,11 @@ class GaussianDiffusion:
         pred, var_out = self.split_output(out, xt.shape[1])
         if self.variance == Variance.LEARNED_RANGE:
             min_log = self._at(self.posterior_log_variance_clipped, t, xt)
-            max_log = self._at(np.log(self.betas), t, xt)
+            max_log = self._at(self.log_betas, t, xt)
             frac = (var_out + 1) / 2  # the network's v in [-1, 1] -> [0, 1]
             log_variance = frac * max_log + (1 - frac) * min_log
         elif self.variance == Variance.FIXED_LARGE:
-            large = np.append(self.posterior_variance[1], self.betas[1:]) if self.num_timesteps > 1 else self.betas
-            log_variance = self._at(np.log(large), t, xt).expand_as(xt)
+            log_variance = self._at(self.log_fixed_large, t, xt).expand_as(xt)
         else:
             log_variance = self._at(self.posterior_log_variance_clipped, t, xt).expand_as(xt)
 
@@ -211,10 +227,13 @@ class GaussianDiffusion:
 
     def min_snr_weight(self, t: torch.Tensor, gamma: float = 5.0) -> torch.Tensor:
         """min(SNR_t, gamma) / SNR_t for eps, / (SNR_t + 1) for v, and min(SNR_t, gamma) for x_0."""
-        snr = torch.as_tensor(self.alphas_cumprod / (1 - self.alphas_cumprod), device=t.device)[t]
-        clipped = snr.clamp(max=gamma)
-        w = {Prediction.EPS: clipped / snr, Prediction.V: clipped / (snr + 1), Prediction.X0: clipped}[self.prediction]
-        return w.float()
+        key = (self.prediction, gamma)
+        if key not in self._min_snr:  # the weights in float64 once, looked up as float32
+            snr = self.alphas_cumprod / (1 - self.alphas_cumprod)
+            clipped = np.minimum(snr, gamma)
+            self._min_snr[key] = {Prediction.EPS: clipped / snr, Prediction.V: clipped / (snr + 1),
+                                  Prediction.X0: clipped}[self.prediction]
+        return self._table(self._min_snr[key], t.device)[t]
 
     @torch.no_grad()
     def bits_per_dim(self, model_fn: ModelFn, x0: torch.Tensor, generator: Optional[torch.Generator] = None,
@@ -224,7 +243,7 @@ class GaussianDiffusion:
         prior = total.clone()
         for i in tqdm(list(range(self.num_timesteps))[::-1], desc="bits/dim bound", disable=not progress, leave=False):
             t = torch.full((len(x0),), i, device=x0.device, dtype=torch.long)
-            noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+            noise = to_device(torch.randn(x0.shape, generator=generator), x0.device)
             xt = self.q_sample(x0, t, noise)
             total = total + self.vb_terms_bpd(model_fn(xt, self.model_timesteps(t)), x0, xt, t, clip_denoised=clip_denoised)
         return {"bits_per_dim": total, "prior_bits_per_dim": prior}
@@ -255,15 +274,15 @@ class GaussianDiffusion:
                generator: Optional[torch.Generator] = None, device: torch.device | str = "cpu",
                clip_denoised: bool = True, progress: bool = True, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Run the reverse chain from x_T ~ N(0, I) (or ``noise``) to x_0. Random draws come from ``generator``
-        on the CPU, so a seed gives the same images on any device."""
+        on the CPU, so a seed gives the same images on any device (copied to it without a host wait)."""
         if sampler not in ("ddpm", "ddim"):
             raise ValueError(f"unknown sampler {sampler!r}; choose ddpm or ddim")
-        x = (torch.randn(shape, generator=generator) if noise is None else noise).to(device)
+        x = to_device(torch.randn(shape, generator=generator), device) if noise is None else noise.to(device)
         for i in tqdm(list(range(self.num_timesteps))[::-1], desc=f"{sampler} {self.num_timesteps} steps",
                       disable=not progress, leave=False):
             t = torch.full((shape[0],), i, device=device, dtype=torch.long)
             out = model_fn(x, self.model_timesteps(t))
-            z = torch.randn(shape, generator=generator).to(device) if (i > 0 and (sampler == "ddpm" or eta > 0)) \
+            z = to_device(torch.randn(shape, generator=generator), device) if (i > 0 and (sampler == "ddpm" or eta > 0)) \
                 else torch.zeros(shape, device=device)
             step = self.ddpm_step(out, x, t, z, clip_denoised) if sampler == "ddpm" \
                 else self.ddim_step(out, x, t, z, eta, clip_denoised)
