@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from difflineage.checkpoint import checkpoints_of, latest_checkpoint, resolve_checkpoint, save_checkpoint
 from difflineage.config import Config
 from difflineage.data import BatchStream, ImageDataset, check_source, load_dataset, stream_workers
+from difflineage.data.dataset import to_device
 from difflineage.data.store import open_store_dataset
 from difflineage.errors import CheckpointError, ConfigError, StorageError, TrainingDiverged
 from difflineage.images import save_grid
@@ -382,7 +383,7 @@ class Trainer:
                 opt.step()
                 ema.update(system, skip)
                 pending.append((step, loss_value.to(device), grad_norm.detach().float(),
-                                {k: torch.as_tensor(v, device=device).detach() for k, v in metrics.items()}))
+                                {k: _on_device(v, device) for k, v in metrics.items()}))
                 step, position = step + 1, position + 1  # position: batches of this epoch done
 
                 done = step == tc.steps
@@ -512,6 +513,14 @@ class _RunState:
             grid = save_grid(images, self.run_dir / "samples" / f"step_{step:07d}.png", nrow=per_class or None, scale=2)
             (self.run_dir / "samples.png").write_bytes(grid.read_bytes())
             plot_metrics(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png", title=f"{self.config.system} training")
+
+
+def _on_device(value, device: torch.device) -> torch.Tensor:
+    """A step's metric as a tensor on ``device``, kept for the next read: a device tensor as it is (moved if on
+    another device), a host one (a number, a CPU tensor) copied without making the host wait for the device."""
+    if isinstance(value, torch.Tensor) and value.device.type != "cpu":
+        return value.detach().to(device)
+    return to_device(torch.as_tensor(value).detach(), device)
 
 
 def _get_rng(device: torch.device) -> dict[str, Any]:
