@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 
 from difflineage.systems import SYSTEMS, System, config_from_dict
 
@@ -132,3 +134,19 @@ def run_as_printed(command: str, *extra: str, **kwargs):
     script = Path(sys.executable).with_name("difflineage")
     argv = [str(script), *argv[1:]] if script.exists() else [sys.executable, "-m", "difflineage", *argv[1:]]
     return subprocess.run([*argv, *extra], capture_output=True, text=True, **kwargs)
+
+
+def fake_imagenet(root, per_class=6, val=2):
+    """ImageNet's layout at toy size: train/<wnid>/*.JPEG of mixed sizes, val/<wnid>/, and Kaggle's synset file."""
+    rng = np.random.default_rng(0)
+    wnids = ["n02", "n01", "n03"]  # out of order on purpose: classes go by sorted name
+    for split, n in (("train", per_class), ("val", val)):
+        for k, w in enumerate(wnids):
+            (root / split / w).mkdir(parents=True)
+            for i in range(n):
+                h, wd = int(rng.integers(40, 90)), int(rng.integers(40, 90))
+                a = np.full((h, wd, 3), 40 * (k + 1), np.uint8)
+                a[: h // 2] = 250  # structure: top half bright
+                Image.fromarray(a).save(root / split / w / f"{w}_{i}.JPEG", quality=95)
+    (root / "LOC_synset_mapping.txt").write_text("n01 tench, Tinca tinca\nn02 goldfish\nn03 great white shark, white shark\n")
+    return root

@@ -1,22 +1,15 @@
-"""FID-50K as the papers compute it: ADM's npz written and read in pieces, sampling spread over processes into
-batch files that resume, merged and scored against a reference batch."""
+"""FID-50K as the papers compute it: ADM's npz written and read in pieces, sampling into batch files that resume,
+merged in order. Two torchrun processes, and the scoring against a reference batch: test_imagenet_chain.py."""
 
-import json
-import os
-import subprocess
-import sys
 import zipfile
 
 import numpy as np
 import pytest
-import torch
 from helpers import tiny_ddpm_dict
-from safetensors.torch import save_file
 
 import difflineage
 from difflineage.errors import DataError
-from difflineage.eval import adm, parts_folder
-from difflineage.eval.inception import FIDInceptionV3
+from difflineage.eval import adm
 from difflineage.eval.sampling import DIT_FID_SAMPLING, fid_sampling_defaults, merge_shards, sample_shards
 from difflineage.systems import config_from_dict
 from difflineage.train import Trainer
@@ -97,43 +90,6 @@ def test_sampling_into_parts_resumes_and_refuses_other_settings(run, tmp_path):
     (folder / "batch-000000.npz").unlink()
     with pytest.raises(DataError, match="lacks 1 of its 4 batches.*batch-000000.npz.*run the same command again"):
         merge_shards(folder, tmp_path / "x.npz", 10, 3)
-
-
-def _inception_file(tmp_path):
-    torch.manual_seed(0)
-    net = FIDInceptionV3().eval()
-    for m in net.modules():
-        if isinstance(m, torch.nn.Conv2d):
-            torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp_path / "inception.safetensors"))
-    return net, tmp_path / "inception.safetensors"
-
-
-@pytest.mark.slow
-def test_fid50k_over_two_processes_equals_one_process(run, tmp_path):
-    """The command the papers' numbers need, at 12 samples: the DiT defaults, two torchrun processes against one,
-    the merged npz identical, scored against a reference batch."""
-    net, weights = _inception_file(tmp_path)
-    rng = np.random.default_rng(0)
-    adm.write_reference(tmp_path / "ref.npz", rng.integers(0, 256, (16, 8, 8, 3), dtype=np.uint8), net, progress=False)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = ["-m", "difflineage", "evaluate", str(run), "--reference", str(tmp_path / "ref.npz"), "--inception-weights",
-           str(weights), "--num-samples", "12", "--batch-size", "4", "--no-progress"]
-    results = {}
-    for name, launcher in (("one", []), ("two", ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"])):
-        proc = subprocess.run([sys.executable, *launcher, *cmd, "--npz", str(tmp_path / f"{name}.npz"), "--out",
-                               str(tmp_path / f"{name}.json")], env=env, capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        results[name] = json.loads((tmp_path / f"{name}.json").read_text())
-        assert not parts_folder(tmp_path / f"{name}.npz").exists()  # merged, then removed
-    one, two = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
-    assert one["arr_0"].shape == (12, 8, 8, 3) and np.array_equal(one["arr_0"], two["arr_0"])
-    assert np.array_equal(one["arr_1"], two["arr_1"])
-    assert results["one"]["sample_options"] == DIT_FID_SAMPLING and results["two"]["processes"] == 2
-    for key in ("fid", "sfid", "inception_score", "precision", "recall"):
-        assert results["two"][key] == pytest.approx(results["one"][key], rel=1e-6), key
-    assert results["one"]["fid"] > 0 and results["one"]["reference_images"] == 16
-    assert "ADM" in results["one"]["evaluator"]
 
 
 def test_evaluate_reference_needs_inception_weights(run, tmp_path, capsys):

@@ -4,7 +4,7 @@ resume in the middle of an epoch that is still exact."""
 import numpy as np
 import pytest
 import torch
-from helpers import state_equal
+from helpers import fake_imagenet, state_equal
 from PIL import Image
 
 from difflineage.config import DataConfig
@@ -38,24 +38,8 @@ def test_flips_are_half_different_each_epoch_and_the_same_everywhere():
     assert not np.array_equal(flips(8, 0, idx), e0)
 
 
-def _fake_imagenet(root, per_class=6, val=2):
-    """ImageNet's layout at toy size: train/<wnid>/*.JPEG of mixed sizes, val/<wnid>/, and Kaggle's synset file."""
-    rng = np.random.default_rng(0)
-    wnids = ["n02", "n01", "n03"]  # out of order on purpose: classes go by sorted name
-    for split, n in (("train", per_class), ("val", val)):
-        for k, w in enumerate(wnids):
-            (root / split / w).mkdir(parents=True)
-            for i in range(n):
-                h, wd = int(rng.integers(40, 90)), int(rng.integers(40, 90))
-                a = np.full((h, wd, 3), 40 * (k + 1), np.uint8)
-                a[: h // 2] = 250  # structure: top half bright
-                Image.fromarray(a).save(root / split / w / f"{w}_{i}.JPEG", quality=95)
-    (root / "LOC_synset_mapping.txt").write_text("n01 tench, Tinca tinca\nn02 goldfish\nn03 great white shark, white shark\n")
-    return root
-
-
 def test_the_imagenet_layout_is_read_lazily_by_sorted_class_folder(tmp_path):
-    root = _fake_imagenet(tmp_path / "imagenet")
+    root = fake_imagenet(tmp_path / "imagenet")
     cfg = DataConfig(source=f"imagenet:{root}", image_size=16, channels=3, flip=True)
     train, held = load_dataset(cfg, "train"), load_dataset(cfg, "heldout")
     assert isinstance(train, ImageFiles) and len(train) == 18 and len(held) == 6

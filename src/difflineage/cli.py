@@ -213,6 +213,27 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-progress", action="store_true")
     r.set_defaults(func=cmd_score)
 
+    f = sub.add_parser("reference", help="write an ADM reference batch of a data source's held-out images",
+                       description="Write a reference batch in ADM's layout (arr_0 images, mu/sigma pool statistics, "
+                                   "mu_s/sigma_s spatial statistics) from --n images spread over a split of a data "
+                                   "source, cropped as training crops them, for `evaluate --reference` and `score`. "
+                                   "For data of one's own; ImageNet-256 FID-50K is scored against ADM's "
+                                   "VIRTUAL_imagenet256_labeled.npz, as the papers are.")
+    f.add_argument("--data", required=True, metavar="SOURCE", help="the data source (imagenet:PATH, folder:PATH, ...)")
+    f.add_argument("--image-size", type=int, required=True, help="the side the images are cropped to")
+    f.add_argument("--channels", type=int, default=3, help="image channels (default 3)")
+    f.add_argument("--split", default="heldout", choices=["heldout", "train"], help="the split (default heldout)")
+    f.add_argument("--n", type=int, default=10000, help="images (default 10000, the ADM batches' count)")
+    f.add_argument("--out", type=Path, required=True, help="the reference batch .npz to write")
+    f.add_argument("--inception-weights", type=Path, required=True, metavar="FILE",
+                   help="the standard FID weights file pt_inception-2015-12-05-6726825d.pth (nothing is downloaded)")
+    f.add_argument("--inception-resize", choices=["tf", "pytorch-fid"], default="tf",
+                   help="how InceptionV3 resizes to 299 px (default tf, the evaluator's)")
+    f.add_argument("--batch-size", type=int, default=64)
+    f.add_argument("--device", default="cpu")
+    f.add_argument("--no-progress", action="store_true")
+    f.set_defaults(func=cmd_reference)
+
     c = sub.add_parser("convert", help="convert DiT weights between the official, diffusers and difflineage layouts",
                        description="Read a DiT from an official checkpoint (DiT-XL-2-256x256.pt style), a diffusers "
                                    "DiTTransformer2DModel folder or file, or a difflineage checkpoint, and write it in "
@@ -478,6 +499,24 @@ def cmd_score(args) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_reference(args) -> int:
+    from difflineage.config import data_config
+    from difflineage.data import load_dataset
+    from difflineage.eval import write_reference_batch
+
+    data = data_config({"source": args.data, "image_size": args.image_size, "channels": args.channels})
+    try:
+        made = write_reference_batch(load_dataset(data, args.split), args.out, args.inception_weights, n=args.n,
+                                     inception_resize=args.inception_resize, device=args.device,
+                                     batch_size=args.batch_size, progress=not args.no_progress)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {made['reference']}: {made['images']} of the {made['of']} {args.split} images, "
+          f"{made['size'][0]}x{made['size'][1]}, statistics on {made['feature_network']}")
     return 0
 
 

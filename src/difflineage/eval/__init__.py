@@ -24,6 +24,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 import torch.distributed as dist
+from tqdm.auto import tqdm
 
 from difflineage.data import ImageDataset, load_dataset
 from difflineage.eval import adm
@@ -202,6 +203,34 @@ def evaluate_adm(system, reference: str | Path, inception_weights: str | Path, n
     return result
 
 
+def write_reference_batch(dataset, path: Path, inception_weights: str | Path, n: int = 10000,
+                          inception_resize: str = "tf", device: str | torch.device = "cpu", batch_size: int = 64,
+                          progress: bool = True) -> dict[str, Any]:
+    """An ADM reference batch of ``dataset`` (a held-out split, say): ``n`` of its images spread evenly over it (all
+    of them when it holds fewer), as the data pipeline crops them, with their pool and spatial statistics, for
+    ``evaluate --reference`` and ``score``. For a dataset of one's own, where no published reference batch exists;
+    ImageNet's FID-50K is scored against ADM's own VIRTUAL_imagenet256_labeled.npz."""
+    net = load_fid_inception(inception_weights, resize=inception_resize).to(device)
+    pick = torch.linspace(0, len(dataset) - 1, min(n, len(dataset))).round().long()
+
+    def chunks():
+        for s in tqdm(range(0, len(pick), batch_size), desc="reading the reference images", disable=not progress,
+                      dynamic_ncols=True):
+            pixels = quantise(dataset.batch(pick[s : s + batch_size])["image"]).permute(0, 2, 3, 1).numpy()
+            yield np.repeat(pixels, 3, axis=-1) if pixels.shape[-1] == 1 else pixels
+
+    h, w = dataset.batch(pick[:1])["image"].shape[-2:]
+    path = Path(path)
+    images = path.with_name(path.name + ".images.npz")
+    try:
+        adm.write_npz(images, (len(pick), h, w, 3), chunks())
+        adm.reference_from_npz(path, images, net, device=device, progress=progress, batch=batch_size)
+    finally:
+        images.unlink(missing_ok=True)
+    return {"reference": str(path), "images": len(pick), "of": len(dataset), "size": [int(h), int(w)],
+            "feature_network": f"InceptionV3 ({inception_resize} resize)"}
+
+
 def find_clip(system, clip: Optional[str | Path] = None):
     """The CLIP for the CLIP score: from ``clip`` (a checkpoint holding one: a DALL-E clip or prior stage), else
     the one the system carries; None when the system is not caption-conditioned or no CLIP is at hand."""
@@ -248,4 +277,4 @@ def machine_description() -> str:
 
 
 __all__ = ["bf16_autocast", "evaluate_adm", "evaluate_system", "feature_network", "generate", "machine_description",
-           "parts_folder", "quantise", "score_samples"]
+           "parts_folder", "quantise", "score_samples", "write_reference_batch"]

@@ -232,19 +232,31 @@ def write_reference(path: Path, images: np.ndarray, net: FIDInceptionV3, statist
     """A reference batch in ADM's layout from ``images`` (uint8 N x H x W x 3): the statistics of
     ``statistics_of`` (default: the same images) beside the images themselves."""
     path = Path(path)
-    tmp = path.with_suffix(".images.npz")
-    np.savez(tmp, arr_0=images)
-    acts = activations(net, tmp, device=device, progress=progress)
-    if statistics_of is not None:
-        np.savez(tmp, arr_0=statistics_of)
-        source = activations(net, tmp, device=device, progress=progress)
-    else:
-        source = acts
-    tmp.unlink()
+    tmp = path.with_name(path.name + ".images.npz")
+    try:
+        np.savez(tmp, arr_0=images)
+        if statistics_of is None:
+            return reference_from_npz(path, tmp, net, device=device, progress=progress)
+        stats_tmp = path.with_name(path.name + ".stats.npz")
+        np.savez(stats_tmp, arr_0=statistics_of)
+        try:
+            return reference_from_npz(path, tmp, net, statistics_of=stats_tmp, device=device, progress=progress)
+        finally:
+            stats_tmp.unlink(missing_ok=True)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def reference_from_npz(path: Path, images: Path, net: FIDInceptionV3, statistics_of: Optional[Path] = None,
+                       device: str | torch.device = "cpu", progress: bool = True, batch: int = 64) -> Path:
+    """A reference batch at ``path`` from the images of the npz ``images`` (ADM layout), with the statistics of
+    ``statistics_of`` (default: the same images); the images are streamed, never whole in memory."""
+    source = activations(net, statistics_of or images, batch, device, progress)
     mu, sigma = statistics(source.pool)
     mu_s, sigma_s = statistics(source.spatial)
-    np.savez(path, arr_0=images, mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s)
-    return path
+    shape = check_npz(images)
+    return write_npz(path, shape, batches_of(images, batch), extra={"mu": mu, "sigma": sigma, "mu_s": mu_s,
+                                                                   "sigma_s": sigma_s})
 
 
 def score(samples: Path, reference: Path, net: FIDInceptionV3, device: str | torch.device = "cpu",
@@ -269,4 +281,5 @@ def score(samples: Path, reference: Path, net: FIDInceptionV3, device: str | tor
 
 
 __all__ = ["Activations", "activations", "check_npz", "frechet_distance", "inception_score", "precision_recall",
-           "read_reference", "score", "statistics", "write_npz", "write_reference"]
+           "read_reference", "reference_from_npz", "score", "statistics", "write_npz",
+           "write_reference"]
