@@ -23,16 +23,17 @@ from difflineage.interop.dit import diffusers_dit_config, diffusers_to_dit, dit_
 from difflineage.models.dit import DiT, DiTConfig
 from difflineage.train.trainer import adamw, compile_for_training
 
-
 FUSED_DIFFUSERS = "diffusers bf16, fused AdamW"  # a training-only row
 
 
-def build_pair(name: str, side: int, device: torch.device):
-    """Our DiT with random (non-zero) weights and diffusers' model holding the same weights."""
+def build_pair(name: str | DiTConfig, side: int, device: torch.device):
+    """Our DiT with random (non-zero) weights and diffusers' model holding the same weights (``name``: a named
+    configuration such as DiT-B/2, or a DiTConfig)."""
     import diffusers
 
     torch.manual_seed(0)
-    ours = DiT(DiTConfig(name=name), in_channels=4, input_size=side, num_classes=1000)
+    cfg = name if isinstance(name, DiTConfig) else DiTConfig(name=name)
+    ours = DiT(cfg, in_channels=4, input_size=side, num_classes=1000)
     with torch.no_grad():  # the official init zeroes the adaLN and final layers; give every weight a value
         for p in ours.parameters():
             if p.requires_grad:

@@ -25,15 +25,17 @@ from difflineage.models.dit import DiT, DiTConfig
 from difflineage.models.dydit import DyDiT
 
 
-def build(name: str, side: int, device: torch.device) -> tuple[DiT, DyDiT]:
-    """A DiT with random non-zero weights, and a DyDiT holding the same weights."""
+def build(name: str | DiTConfig, side: int, device: torch.device) -> tuple[DiT, DyDiT]:
+    """A DiT with random non-zero weights, and a DyDiT holding the same weights (``name``: a named configuration,
+    or a DiTConfig)."""
+    cfg = name if isinstance(name, DiTConfig) else DiTConfig(name=name)
     torch.manual_seed(0)
-    dit = DiT(DiTConfig(name=name), in_channels=4, input_size=side, num_classes=1000)
+    dit = DiT(cfg, in_channels=4, input_size=side, num_classes=1000)
     with torch.no_grad():
         for p in dit.parameters():
             if p.requires_grad:
                 p.normal_(0, 0.02)
-    dy = DyDiT(DiTConfig(name=name), in_channels=4, input_size=side, num_classes=1000)
+    dy = DyDiT(cfg, in_channels=4, input_size=side, num_classes=1000)
     dy.load_dit_weights(dit.state_dict(), "the benchmark's DiT")
     return dit.to(device).eval(), dy.to(device).eval()
 

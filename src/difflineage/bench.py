@@ -72,13 +72,25 @@ def record(name: str, title: str, rows: list[dict[str, Any]], notes: str = "", c
                "date": time.strftime("%Y-%m-%d"), "rows": rows}
     out.write_text(json.dumps(payload, indent=2, default=_plain) + "\n")
 
-    columns = list(dict.fromkeys(k for r in rows for k in r))  # every row's keys, in order of first appearance
     lines = [f"## {title}", "", f"Machine: {machine}. Date: {payload['date']}. Command: `{command}`", ""]
     if notes:
         lines += [notes, ""]
-    lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    section = "\n".join(lines) + "\n" + markdown_table(rows)
+    write_section(name, section, docs)
+    print(section)  # the same table on the terminal
+    return out
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """A markdown table of ``rows``: every row's keys as columns, in order of first appearance."""
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_cell(r.get(c)) for c in columns) + " |" for r in rows]
-    section = "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n"
+
+
+def write_section(name: str, section: str, docs: Path = DOCS) -> Path:
+    """Put ``section`` between NAME's markers in ``docs`` (replacing what was there), or append it with them."""
     begin, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
     text = docs.read_text() if docs.exists() else "# Benchmarks\n\nEvery table here is written by a script in benchmarks/; rerun it to refresh.\n"
     block = f"{begin}\n{section}{end}"
@@ -86,9 +98,9 @@ def record(name: str, title: str, rows: list[dict[str, Any]], notes: str = "", c
         text = text[: text.index(begin)] + block + text[text.index(end) + len(end):]
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
+    docs.parent.mkdir(parents=True, exist_ok=True)
     docs.write_text(text)
-    print(section)  # the same table on the terminal
-    return out
+    return docs
 
 
 def _cell(v: Any) -> str:
