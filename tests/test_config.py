@@ -100,3 +100,39 @@ def test_the_imagenet_dydit_recipes_state_the_released_settings(recipe, target):
 
     c = load_config(recipe)
     assert c.model.target == target and (c.train.lr, c.train.batch_size, c.train.grad_clip) == (1e-4, 256, 1.0)
+
+
+@pytest.fixture(scope="module")
+def sd_vae_sized(tmp_path_factory):
+    """An SD-VAE-shaped file (83.7M parameters, random weights): the recipes read their first stage's shape from it."""
+    import torch
+
+    from difflineage.interop.sd_vae import save_sd_vae
+    from difflineage.models.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(AutoencoderKLConfig(channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                                            norm_groups=32), image_channels=3)
+    return save_sd_vae(vae, tmp_path_factory.mktemp("vae") / "sd-vae.safetensors")
+
+
+@pytest.mark.parametrize("recipe,millions", [("dit-s2-imagenet256", 33.0), ("dit-b2-imagenet256", 130.5),
+                                             ("dit-xl2-imagenet256", 675.1), ("dydit-xl2-imagenet256", 678.4),
+                                             ("dydit-xl2-imagenet256-l07", 678.4)])
+def test_the_imagenet_recipes_build_at_full_size(recipe, millions, sd_vae_sized):
+    """Each recipe builds its network at the paper's size (DiT Table 4: S/2 33M, B/2 130M, XL/2 675M; DyDiT-XL/2
+    adds its routers) over 32 x 32 x 4 latents and 1,000 classes, on the meta device (shapes, no memory); the
+    dress rehearsal (benchmarks/dress_rehearsal.py) trains them for real."""
+    import torch
+
+    from difflineage.systems import SYSTEMS, load_config
+
+    cfg = load_config(recipe, [f"model.first_stage=sd-vae:{sd_vae_sized}", "data.num_classes=1000"])
+    cls = SYSTEMS[cfg.system]
+    cfg = cls.resolve_config(cfg)
+    with torch.device("meta"):
+        system = cls.for_config(cfg).from_config(cfg)
+    net = system.net
+    assert sum(p.numel() for p in net.parameters()) / 1e6 == pytest.approx(millions, abs=0.05)
+    assert (system.channels, system.side) == (4, 32) and net.y_embedder.embedding_table.num_embeddings == 1001  # + null
+    assert net.out_channels == 8  # learned sigma
