@@ -102,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--temperature", type=float, default=None, help="scale of the prior noise (systems that support it)")
     s.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (diffusion systems, DALL-E)")
     s.add_argument("--steps", type=int, default=None, help="sampling steps (diffusion systems; respaced chain)")
-    s.add_argument("--sampler", choices=["ddpm", "ddim"], default=None, help="diffusion sampler (default: the recipe's)")
+    s.add_argument("--sampler", choices=["ddpm", "ddim", "dpmpp_2m"], default=None,
+                   help="diffusion sampler: ddpm, ddim or dpmpp_2m (DPM-Solver++(2M), 10-20 steps); default: the recipe's")
     s.add_argument("--caption", default=None, help="caption to draw (caption-conditioned systems)")
     s.add_argument("--rerank", type=int, default=None, metavar="N",
                    help="DALL-E: draw N candidates per image and keep the one its CLIP scores highest")
@@ -137,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "the papers' evaluator) or pytorch-fid (PyTorch's half-pixel bilinear, as pytorch-fid)")
     e.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (systems that have it)")
     e.add_argument("--steps", type=int, default=None, help="sampling steps (systems that have them)")
+    e.add_argument("--sampler", choices=["ddpm", "ddim", "dpmpp_2m"], default=None,
+                   help="diffusion sampler: ddpm, ddim or dpmpp_2m (DPM-Solver++(2M)); default: the recipe's")
     e.add_argument("--temperature", type=float, default=None, help="sampling temperature (systems that have it)")
     e.add_argument("--mode", choices=["fast", "masked", "full"], default=None,
                    help="DyDiT: fast (default: sliced weights, active tokens only), masked (every unit computed, switched-off ones zeroed, as the released code) or full (routers off)")

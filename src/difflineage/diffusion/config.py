@@ -16,14 +16,15 @@ class DiffusionConfig:
     :param prediction: what the network predicts: eps (noise), x0 or v.
     :param variance: fixed_small, fixed_large, or learned_range (the hybrid loss of improved-diffusion and DiT).
     :param loss_weighting: none, or min_snr (Hang et al. 2023, faster convergence).
-    :param sampler, sample_steps, eta, guidance: sampling defaults (overridable per call)."""
+    :param sampler, sample_steps, eta, guidance: sampling defaults (overridable per call); sampler ddpm, ddim or
+        dpmpp_2m (DPM-Solver++(2M), for 10-20 steps)."""
 
     schedule: Literal["linear", "cosine"] = "linear"
     timesteps: int = 1000
     prediction: Literal["eps", "x0", "v"] = "eps"
     variance: Literal["fixed_small", "fixed_large", "learned_range"] = "fixed_small"
     loss_weighting: Literal["none", "min_snr"] = "none"
-    sampler: Literal["ddpm", "ddim"] = "ddim"
+    sampler: Literal["ddpm", "ddim", "dpmpp_2m"] = "ddim"
     sample_steps: int = 50
     eta: float = 0.0
     guidance: float = 1.0

@@ -24,10 +24,15 @@ import torch
 from tqdm.auto import tqdm
 
 from difflineage.data.dataset import to_device
+from difflineage.diffusion.dpm_solver import dpm_solver_pp_2m
 from difflineage.diffusion.schedules import space_timesteps
 from difflineage.nn.distributions import discretized_gaussian_log_likelihood, gaussian_kl
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+# ddpm: ancestral (Ho et al.); ddim: Song et al. (eta 0: deterministic); dpmpp_2m: DPM-Solver++(2M) (diffusion/dpm_solver.py)
+SAMPLERS = ("ddpm", "ddim", "dpmpp_2m")
 
 
 class Prediction(str, Enum):
@@ -275,9 +280,11 @@ class GaussianDiffusion:
                clip_denoised: bool = True, progress: bool = True, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Run the reverse chain from x_T ~ N(0, I) (or ``noise``) to x_0. Random draws come from ``generator``
         on the CPU, so a seed gives the same images on any device (copied to it without a host wait)."""
-        if sampler not in ("ddpm", "ddim"):
-            raise ValueError(f"unknown sampler {sampler!r}; choose ddpm or ddim")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
         x = to_device(torch.randn(shape, generator=generator), device) if noise is None else noise.to(device)
+        if sampler == "dpmpp_2m":  # an ODE solver: no noise after x_T (the chain's steps: dpm_solver_timesteps)
+            return dpm_solver_pp_2m(self, model_fn, x, clip_denoised=clip_denoised, progress=progress)
         for i in tqdm(list(range(self.num_timesteps))[::-1], desc=f"{sampler} {self.num_timesteps} steps",
                       disable=not progress, leave=False):
             t = torch.full((shape[0],), i, device=device, dtype=torch.long)

@@ -18,7 +18,7 @@ import torch
 
 from difflineage.config import Config
 from difflineage.data import Batch, ImageDataset
-from difflineage.diffusion import DiffusionConfig, GaussianDiffusion, guided
+from difflineage.diffusion import DiffusionConfig, GaussianDiffusion, dpm_solver_timesteps, guided
 from difflineage.errors import ConfigError
 from difflineage.models.autoencoder_kl import AutoencoderKLConfig
 from difflineage.nn.text import TextEncoder, TextEncoderConfig
@@ -179,19 +179,24 @@ class DiffusionSystem(System):
 
     # -- sampling -------------------------------------------------------------------------------
 
-    def chain(self, steps: Optional[int]) -> GaussianDiffusion:
+    def chain(self, steps: Optional[int], sampler: str = "ddpm") -> GaussianDiffusion:
+        """The chain of ``steps`` timesteps a sampler visits: improved-diffusion's spacing for ddpm and ddim,
+        diffusers' linspace spacing (from T - 1 down) for DPM-Solver++."""
         steps = steps or self.config.model.diffusion.sample_steps
-        if steps == self.diffusion.num_timesteps:
-            return self.diffusion
-        if steps not in self._respaced:
-            self._respaced[steps] = self.diffusion.respaced(steps)
-        return self._respaced[steps]
+        key = (steps, sampler == "dpmpp_2m")
+        if key not in self._respaced:
+            T = self.diffusion.num_timesteps
+            if sampler == "dpmpp_2m":
+                self._respaced[key] = self.diffusion.respaced(dpm_solver_timesteps(T, steps))
+            else:
+                self._respaced[key] = self.diffusion if steps == T else self.diffusion.respaced(steps)
+        return self._respaced[key]
 
     @torch.no_grad()
     def sample(self, n: int, condition: Condition = None, generator: Optional[torch.Generator] = None,
                steps: Optional[int] = None, guidance: Optional[float] = None, sampler: Optional[str] = None,
                eta: Optional[float] = None, progress: bool = False, **options: Any) -> torch.Tensor:
-        """Draw n images: ``steps`` of the chain (respaced), ``sampler`` ddpm or ddim, ``guidance`` scale
+        """Draw n images: ``steps`` of the chain (respaced), ``sampler`` ddpm, ddim or dpmpp_2m, ``guidance`` scale
         (1 = the conditional model); ``condition`` labels, captions, or None (classes in turn)."""
         if options:
             raise TypeError(f"unknown sampling options {sorted(options)}; this system takes steps, guidance, sampler, eta")
@@ -211,7 +216,8 @@ class DiffusionSystem(System):
                 captions = self.captions_for(labels)
         cond = self.condition_kwargs(labels, captions) if self.config.model.condition != "none" else {}
         fn = self.guide(guidance, cond, self.null_kwargs(n)) if cond else (lambda x, t: self.net(x, t))
-        x = self.chain(steps).sample(fn, (n, self.channels, self.side, self.side), sampler=sampler or dc.sampler,
+        sampler = sampler or dc.sampler
+        x = self.chain(steps, sampler).sample(fn, (n, self.channels, self.side, self.side), sampler=sampler,
                                      eta=dc.eta if eta is None else eta, generator=generator, device=self.device,
                                      clip_denoised=self.space.clip_denoised, progress=progress)
         return self.space.decode(x)
