@@ -119,3 +119,38 @@ def test_missing_checkpoint_message(tmp_path):
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     with pytest.raises(CheckpointError, match="holds no complete checkpoint yet"):
         difflineage.load(tmp_path / "run")
+
+
+def test_checkpoint_files_are_written_a_tensor_at_a_time_and_read_by_safetensors(tmp_path):
+    """save_safetensors writes what safetensors' own writer would hold whole in memory: every dtype, shared memory,
+    empty and 0-d tensors and the metadata come back bit for bit."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from difflineage.weights import save_safetensors
+
+    base = torch.randn(4, 6)
+    state = {"w": base, "view": base[1:3], "bf16": torch.randn(3, 5).bfloat16(), "half": torch.randn(7).half(),
+             "long": torch.arange(5), "flag": torch.tensor([True, False]), "empty": torch.zeros(0, 3),
+             "scalar": torch.tensor(2.5), "t": base.t()}
+    save_safetensors(state, tmp_path / "x.safetensors", metadata={"step": "7"})
+    back = load_file(str(tmp_path / "x.safetensors"))
+    assert set(back) == set(state)
+    for k, v in state.items():
+        assert back[k].dtype == v.dtype and back[k].shape == v.shape and torch.equal(back[k], v), k
+    with safe_open(str(tmp_path / "x.safetensors"), framework="pt") as fh:
+        assert fh.metadata() == {"step": "7"}
+
+
+def test_a_sample_grid_of_many_classes_draws_about_n_images():
+    """ImageNet's 1,000 classes: the training grid spreads sample_n classes, instead of one image of every class
+    (1,000 images at 250 steps on rank 0, which ran the rehearsal of the XL recipe out of memory)."""
+    from types import SimpleNamespace
+
+    from difflineage.systems.base import System
+
+    labels, per_class = System.grid_labels(SimpleNamespace(num_classes=1000), 16)
+    assert len(labels) == 16 and per_class == 0 and labels[0] == 0 and labels[-1] == 999
+    assert len(set(labels.tolist())) == 16
+    labels, per_class = System.grid_labels(SimpleNamespace(num_classes=10), 20)
+    assert per_class == 2 and labels.tolist() == [c for c in range(10) for _ in range(2)]

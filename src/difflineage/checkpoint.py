@@ -23,12 +23,12 @@ from typing import Any, Callable, Optional
 
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from difflineage.config import Config
 from difflineage.errors import CheckpointError, ConfigError
 from difflineage.storage import fsync_dir, remove_tree, save_torch, sha256_of, writing
-from difflineage.weights import plain_tensors, strip_prefix, torch_load_safely
+from difflineage.weights import save_safetensors, strip_prefix, torch_load_safely
 
 FILES = ("config.yaml", "model.safetensors", "ema.safetensors", "training_state.pt")
 CHECKSUMS = "checksums.sha256"
@@ -67,8 +67,8 @@ def save_checkpoint(path: Path, config: Config, model: dict[str, torch.Tensor], 
             meta = {"format": "pt", "producer": "difflineage", "system": config.system,
                     "step": str(training_state.get("step", ""))}
             (tmp / "config.yaml").write_text(config.to_yaml())
-            save_file(plain_tensors(model), str(tmp / "model.safetensors"), metadata=meta)
-            save_file(plain_tensors(ema if ema is not None else model), str(tmp / "ema.safetensors"), metadata=meta)
+            save_safetensors(model, tmp / "model.safetensors", metadata=meta)
+            save_safetensors(ema if ema is not None else model, tmp / "ema.safetensors", metadata=meta)
             save_torch(training_state, tmp / "training_state.pt")
             (tmp / CHECKSUMS).write_text("".join(f"{sha256_of(tmp / f)}  {f}\n" for f in FILES))
             for f in tmp.iterdir():  # make the files durable before the rename publishes them

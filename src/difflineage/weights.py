@@ -6,9 +6,12 @@ Nothing here unpickles code: weights come from safetensors, or from a torch file
 
 from __future__ import annotations
 
+import json
 import pickle
 import re
+import struct
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -109,9 +112,39 @@ def plain_tensors(state: StateDict) -> StateDict:
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
 
 
+SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+                      torch.bool: "BOOL"}
+
+
+def save_safetensors(state: StateDict, path: str | Path, metadata: Optional[dict[str, str]] = None) -> Path:
+    """Write ``state`` as a safetensors file one tensor at a time: the header, then each tensor's bytes, so the
+    memory it needs beyond the tensors is one tensor on the CPU, not a copy of the whole state (safetensors'
+    ``save_file`` holds a clone and a byte string of everything: 5.4 GB more for a DiT-XL/2 checkpoint file).
+    The file is the format's (8-byte header length, JSON header, data); safetensors reads it back bit for bit."""
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name, t in state.items():
+        if t.dtype not in SAFETENSORS_DTYPES:
+            raise ValueError(f"{name}: {t.dtype} tensors cannot be written to safetensors here")
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<Q", len(raw)))
+        fh.write(raw)
+        for t in state.values():
+            if t.numel():
+                fh.write(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    return Path(path)
+
+
 def strip_prefix(state: StateDict, prefix: str) -> StateDict:
     """The entries of ``state`` whose keys start with ``prefix`` (one part of a system), the prefix removed."""
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-__all__ = ["StateDict", "load_state_dict_strict", "plain_tensors", "read_weights", "state_digest", "strip_prefix", "torch_load_safely"]
+__all__ = ["StateDict", "load_state_dict_strict", "plain_tensors", "read_weights", "save_safetensors", "state_digest",
+           "strip_prefix", "torch_load_safely"]

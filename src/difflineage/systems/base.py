@@ -162,9 +162,13 @@ class System(nn.Module, abc.ABC):
 
     def grid_labels(self, n: int) -> tuple[Optional[torch.Tensor], int]:
         """Labels for a grid of about ``n`` samples with one row per class, and the row length: a whole number
-        per class (at least one). Unconditional systems: (None, 0) and the caller keeps ``n``."""
+        per class (at least one). With more classes than ``n`` (ImageNet's 1,000), ``n`` classes spread evenly over
+        them in a square grid (row length 0), not one image of every class. Unconditional systems: (None, 0) and
+        the caller keeps ``n``."""
         if not self.num_classes:
             return None, 0
+        if self.num_classes > n:
+            return torch.linspace(0, self.num_classes - 1, max(1, n)).round().long(), 0
         per_class = max(1, round(n / self.num_classes))
         return torch.arange(self.num_classes).repeat_interleave(per_class), per_class
 
