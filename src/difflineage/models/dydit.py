@@ -29,7 +29,7 @@ Only the adaLN-Zero block (DiT's default, and DyDiT's) is dynamic.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -292,16 +292,13 @@ class DyDiT(DiT):
             raise ValueError(f"unknown DyDiT mode {mode!r}; choose one of {', '.join(MODES)}")
         e = self.embed(x, t, labels, context, context_mask, pooled)
         tokens, c, t_emb = e["tokens"], e["c"], e["t_emb"]
-        usage: list[dict[str, torch.Tensor]] = []
         if mode == "full":
-            for block in self.blocks:
-                tokens = self.run_block(DiTBlock.forward, block, tokens, c)
             ones = tokens.new_ones(len(tokens))
-            usage = [{"heads": ones, "groups": ones, "tokens": ones}] * len(self.blocks)
+            tokens, usage = self._run_blocks(tokens, lambda i, x: (
+                self.run_block(DiTBlock.forward, self.blocks[i], x, c), {"heads": ones, "groups": ones, "tokens": ones}))
         elif mode == "masked":
-            for block in self.blocks:
-                tokens, u = self.run_block(block.forward_masked, tokens, c, t_emb, self.training)
-                usage.append(u)
+            tokens, usage = self._run_blocks(tokens, lambda i, x: self.run_block(self.blocks[i].forward_masked, x, c,
+                                                                                 t_emb, self.training))
         else:
             tokens, usage = self._forward_fast(tokens, c, t_emb, t)
         out = self.head(tokens, c, e["n_image"])
@@ -314,6 +311,8 @@ class DyDiT(DiT):
         values, inverse = torch.unique(t, return_inverse=True)
         if len(values) == 1:
             return self._run_fast(tokens, c, t_emb[:1])
+        if self.step_cache is not None:
+            raise ValueError("step caching follows one sampler step per network call: all samples must share a timestep")
         out = torch.empty_like(tokens)
         parts: list[tuple[torch.Tensor, list]] = []
         for i in range(len(values)):
@@ -333,10 +332,27 @@ class DyDiT(DiT):
         return out, usage
 
     def _run_fast(self, tokens: torch.Tensor, c: torch.Tensor, t_emb_row: torch.Tensor):
-        usage = []
-        for block in self.blocks:
-            heads, groups = block.active_units(t_emb_row)
-            tokens, u = block.forward_fast(tokens, c, heads, groups)
+        return self._run_blocks(tokens, lambda i, x: self.blocks[i].forward_fast(x, c, *self.blocks[i].active_units(t_emb_row)))
+
+    def _run_blocks(self, tokens: torch.Tensor, step: Callable[[int, torch.Tensor], tuple[torch.Tensor, dict]]):
+        """The block stack, ``step(i, x)`` -> (x, usage) for block i, through the step cache when sampling with one:
+        a reused block counts no units (its residual of the step before is added instead)."""
+        cache, usage = self.step_cache, []
+        if cache is not None:
+            cache.begin_step()
+        for i in range(len(self.blocks)):
+            if cache is None:
+                tokens, u = step(i, tokens)
+            else:
+                got: dict = {}
+
+                def compute(x, i=i):
+                    y, got["u"] = step(i, x)
+                    return y
+
+                tokens = cache.run(i, compute, tokens)
+                zero = tokens.new_zeros(len(tokens))
+                u = got.get("u", {"heads": zero, "groups": zero, "tokens": zero})
             usage.append(u)
         return tokens, usage
 

@@ -16,6 +16,8 @@ import torch
 from difflineage.diffusion import DiffusionConfig, guided
 from difflineage.errors import ConfigError
 from difflineage.models.dit import DiT, DiTConfig
+from difflineage.models.step_cache import StepCache, choose_reuse
+from difflineage.systems.base import Condition
 from difflineage.systems.diffusion import DiffusionModelConfig, DiffusionSystem, LatentSpaceFields
 
 
@@ -57,3 +59,29 @@ class DiTSystem(DiffusionSystem):
     def guide(self, scale: float, cond: dict[str, Any], null: dict[str, Any]):
         k = self.config.model.guidance_channels or self.channels
         return guided(self.net, scale, cond, null, guide_channels=min(k, self.channels))
+
+    @torch.no_grad()
+    def sample(self, n: int, condition: Condition = None, generator: Optional[torch.Generator] = None,
+               step_cache: Optional[StepCache] = None, **options: Any) -> torch.Tensor:
+        """As the diffusion system's; ``step_cache`` (from :meth:`calibrate_step_cache`) reuses blocks' residuals
+        from the previous sampler step where its schedule says so."""
+        if step_cache is None:
+            return super().sample(n, condition, generator, **options)
+        step_cache.reset()
+        self.net.step_cache = step_cache
+        try:
+            return super().sample(n, condition, generator, **options)
+        finally:
+            self.net.step_cache = None
+
+    def calibrate_step_cache(self, fraction: float, steps: Optional[int] = None, sampler: Optional[str] = None,
+                             n: int = 8, seed: int = 0, **options: Any) -> StepCache:
+        """A step cache for this sampler and step count, from a calibration run on ``n`` samples with every block
+        computed: the ``fraction`` of block evaluations whose residual changed least are reused
+        (models/step_cache.py)."""
+        dc = self.config.model.diffusion
+        steps, sampler = steps or dc.sample_steps, sampler or dc.sampler
+        calibration = StepCache.off(steps, len(self.net.blocks), record=True)
+        self.sample(n, generator=torch.Generator().manual_seed(seed), steps=steps, sampler=sampler,
+                    step_cache=calibration, **options)
+        return StepCache(choose_reuse(calibration.deltas, fraction), calibration=calibration.deltas.clone())

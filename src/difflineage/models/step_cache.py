@@ -1,0 +1,138 @@
+"""Step caching for DiT and DyDiT sampling: reuse a block's residual from the previous sampler step instead of
+recomputing the block, where a calibration run on the model itself shows that the residual barely changes.
+
+A transformer block maps tokens x to x + r(x). From one sampler step to the next the input moves little, and for
+many (block, step) pairs so does r: Learning-to-Cache (Ma et al. 2024) learns which blocks to skip (1.30x on
+DiT-XL/2 at DDIM-50, FID 4.29 -> 4.23), Delta-DiT (Chen et al. 2024) caches by a fixed rule. Here no training:
+
+1. **Calibrate** (``calibrate``): sample a few images with every block computed, and record for each block b and
+   step k the relative change of its residual from step k - 1: delta[k, b] = mean |r_k - r_{k-1}| / mean |r_{k-1}|.
+2. **Choose** (``choose_reuse``): mark for reuse the (k, b) with the smallest delta, up to a share of all block
+   evaluations, never the first step and never the same block on two steps in a row, so every reused residual is
+   the one computed on the step just before (the change the calibration measured).
+3. **Sample** with the schedule (``StepCache``): the network asks the cache for each block; a reused block costs one
+   addition. ``reuse`` all False gives exactly the plain path (tested).
+
+The cache counts network calls, so it works with any sampler that calls the network once per step (DDPM, DDIM,
+DPM-Solver++; with guidance both halves run in one call) and with DyDiT's fast and masked paths.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+
+class StepCache:
+    """The per-(step, block) decisions for one sampling run, and the residuals they reuse.
+
+    :param reuse: (steps, blocks) bool; True reuses the block's residual from the previous step.
+    :param record: keep, for every step and block, the relative change of the residual (the calibration), in
+        ``deltas``.
+    :param calibration: the deltas the schedule was chosen from (drawn beside it)."""
+
+    def __init__(self, reuse: torch.Tensor, record: bool = False, calibration: Optional[torch.Tensor] = None):
+        if reuse.dim() != 2 or reuse.dtype != torch.bool:
+            raise ValueError(f"reuse must be a (steps, blocks) bool tensor, got {reuse.dtype} {tuple(reuse.shape)}")
+        if reuse[0].any():
+            raise ValueError("the first sampler step has no residual to reuse: reuse[0] must be all False")
+        self.reuse = reuse
+        self.record = record
+        self.calibration = calibration
+        self.reset()
+
+    @classmethod
+    def off(cls, steps: int, blocks: int, record: bool = False) -> "StepCache":
+        """Every block recomputed on every step (with ``record``: a calibration run)."""
+        return cls(torch.zeros(steps, blocks, dtype=torch.bool), record=record)
+
+    def reset(self) -> None:
+        self.step = -1  # the network call under way
+        self.residuals: dict[int, torch.Tensor] = {}
+        self.deltas = torch.zeros(self.reuse.shape, dtype=torch.float64)
+
+    def begin_step(self) -> None:
+        """Called by the network at the start of each forward pass (one per sampler step)."""
+        self.step += 1
+        if self.step >= len(self.reuse):
+            raise RuntimeError(f"the cache was made for {len(self.reuse)} sampler steps and the network was called a "
+                               f"{self.step + 1}th time; calibrate it for this sampler and step count")
+
+    def reused(self, block: int) -> bool:
+        return bool(self.reuse[self.step, block]) and block in self.residuals
+
+    def run(self, block: int, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """Block ``block`` on tokens ``x``: ``fn(x)``, or x plus its residual of the step before."""
+        if self.reused(block):
+            return x + self.residuals[block]
+        y = fn(x)
+        r = (y - x).detach()
+        if self.record and block in self.residuals:
+            prev = self.residuals[block]
+            self.deltas[self.step, block] = ((r - prev).abs().mean() / prev.abs().mean().clamp_min(1e-12)).item()
+        self.residuals[block] = r
+        return y
+
+    @property
+    def reuse_fraction(self) -> float:
+        return self.reuse.double().mean().item()
+
+
+def choose_reuse(deltas: torch.Tensor, fraction: float) -> torch.Tensor:
+    """The (steps, blocks) reuse schedule: the ``fraction`` of all block evaluations whose residual changed least in
+    the calibration, never on step 0 and never the same block on consecutive steps."""
+    if not 0 <= fraction < 0.5:
+        raise ValueError(f"the reused share of block evaluations must lie in [0, 0.5), not {fraction} (a block is "
+                         "never reused on two steps in a row, so at most every other step)")
+    steps, blocks = deltas.shape
+    budget = int(round(fraction * steps * blocks))
+    reuse = torch.zeros(steps, blocks, dtype=torch.bool)
+    order = torch.argsort(deltas[1:].flatten(), stable=True)  # step 0 is never a candidate
+    for flat in order.tolist():
+        if int(reuse.sum()) >= budget:
+            break
+        k, b = flat // blocks + 1, flat % blocks
+        if reuse[k - 1, b] or (k + 1 < steps and reuse[k + 1, b]):
+            continue
+        reuse[k, b] = True
+    return reuse
+
+
+def draw_schedule(cache: StepCache, path: str | Path, title: str = "") -> Path:
+    """A picture of the decisions, blocks x sampler steps (reused in colour), over the calibrated changes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps, blocks = cache.reuse.shape
+    fig, axes = plt.subplots(2, 1, figsize=(max(6, steps * 0.18), max(4, blocks * 0.35)), sharex=True)
+    deltas = cache.calibration if cache.calibration is not None else cache.deltas
+    im = axes[0].imshow(deltas.T.numpy(), aspect="auto", cmap="viridis", origin="lower")
+    fig.colorbar(im, ax=axes[0], label="residual change from the step before")
+    axes[0].set_ylabel("block")
+    axes[0].set_title(title or "calibration: how much each block's residual changes per step")
+    axes[1].imshow(cache.reuse.T.numpy(), aspect="auto", cmap="Oranges", origin="lower", vmin=0, vmax=1)
+    axes[1].set_ylabel("block")
+    axes[1].set_xlabel("sampler step (first = most noise)")
+    axes[1].set_title(f"reused (orange): {cache.reuse_fraction:.0%} of block evaluations")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def cached_blocks(cache: Optional[StepCache], blocks, run: Callable[[int, torch.Tensor], torch.Tensor],
+                  tokens: torch.Tensor) -> torch.Tensor:
+    """Run ``blocks`` in order over ``tokens`` (``run(i, x)`` runs block i), through ``cache`` when there is one."""
+    if cache is not None:
+        cache.begin_step()
+    for i in range(len(blocks)):
+        tokens = cache.run(i, lambda x, i=i: run(i, x), tokens) if cache is not None else run(i, tokens)
+    return tokens
+
+
+__all__ = ["StepCache", "cached_blocks", "choose_reuse", "draw_schedule"]

@@ -1,0 +1,82 @@
+"""Step caching: with every block recomputed it is the plain path exactly; a schedule chosen from a calibration run
+reuses the residuals it names, and composes with DyDiT's fast path and with every sampler."""
+
+import pytest
+import torch
+from test_dit_system import tiny_dit_dict
+
+import difflineage
+from difflineage.models.step_cache import StepCache, choose_reuse, draw_schedule
+from difflineage.systems import config_from_dict
+from difflineage.train import Trainer
+
+
+@pytest.fixture(scope="module")
+def dit(tmp_path_factory):
+    d = tmp_path_factory.mktemp("dit")
+    Trainer(config_from_dict(tiny_dit_dict(steps=20)), d, progress=False).fit()
+    return difflineage.load(d)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm", "dpmpp_2m"])
+def test_every_block_recomputed_equals_the_plain_path(dit, sampler):
+    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    plain = dit.sample(6, condition=1, generator=g(), steps=5, sampler=sampler)
+    off = StepCache.off(5, len(dit.net.blocks))
+    assert torch.equal(dit.sample(6, condition=1, generator=g(), steps=5, sampler=sampler, step_cache=off), plain)
+    assert dit.net.step_cache is None  # only while sampling
+
+
+def test_a_schedule_reuses_what_it_names_and_costs_no_block(dit):
+    cache = dit.calibrate_step_cache(0.3, steps=10, n=4)
+    assert cache.calibration.shape == (10, 2) and (cache.calibration[1:] > 0).all() and not cache.reuse[0].any()
+    assert cache.reuse.sum() == 6  # 30% of 20 block evaluations
+    assert not (cache.reuse[1:] & cache.reuse[:-1]).any()  # never the same block on two steps in a row
+    calls = []
+    for blk in dit.net.blocks:
+        blk.register_forward_hook(lambda m, i, o: calls.append(1))
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    cached = dit.sample(4, condition=2, generator=g(), steps=10, step_cache=cache)
+    assert len(calls) == 20 - 6  # reused blocks are not run
+    plain = dit.sample(4, condition=2, generator=g(), steps=10)
+    assert 0 < (cached - plain).abs().mean() < 0.5 * plain.abs().mean()  # near the plain samples, not equal
+    for blk in dit.net.blocks:
+        blk._forward_hooks.clear()
+
+
+def test_choose_reuse_takes_the_smallest_changes_and_refuses_impossible_shares():
+    deltas = torch.tensor([[0.0, 0.0], [0.1, 0.9], [0.05, 0.8], [0.2, 0.01]], dtype=torch.float64)
+    reuse = choose_reuse(deltas, 0.25)  # 2 of 8
+    assert reuse.tolist() == [[False, False], [False, False], [True, False], [False, True]]
+    with pytest.raises(ValueError, match=r"\[0, 0.5\)"):
+        choose_reuse(deltas, 0.5)
+    with pytest.raises(ValueError, match="reuse\\[0\\] must be all False"):
+        StepCache(torch.ones(3, 2, dtype=torch.bool))
+
+
+def test_a_cache_called_more_often_than_calibrated_says_so(dit):
+    with pytest.raises(RuntimeError, match="made for 3 sampler steps.*calibrate it for this sampler"):
+        dit.sample(2, condition=0, steps=5, step_cache=StepCache.off(3, 2))
+
+
+def test_the_schedule_picture(dit, tmp_path):
+    cache = dit.calibrate_step_cache(0.2, steps=6, n=2)
+    assert draw_schedule(cache, tmp_path / "cache.png").stat().st_size > 1000
+
+
+def test_caching_composes_with_dydits_fast_path(tmp_path):
+    from test_dydit import tiny_dydit_dict
+
+    Trainer(config_from_dict(tiny_dit_dict(steps=5)), tmp_path / "dit", progress=False).fit()
+    cfg = tiny_dydit_dict(str(tmp_path / "dit"))
+    cfg["train"].update(steps=3)
+    Trainer(config_from_dict(cfg), tmp_path / "dy", progress=False).fit()
+    dy = difflineage.load(tmp_path / "dy")
+    g = lambda: torch.Generator().manual_seed(5)  # noqa: E731
+    for mode in ("fast", "masked"):
+        plain = dy.sample(4, condition=3, generator=g(), steps=5, mode=mode)
+        off = StepCache.off(5, len(dy.net.blocks))
+        assert torch.equal(dy.sample(4, condition=3, generator=g(), steps=5, mode=mode, step_cache=off), plain)
+    cache = dy.calibrate_step_cache(0.3, steps=5, n=2, mode="fast")
+    out = dy.sample(4, condition=3, generator=g(), steps=5, mode="fast", step_cache=cache)
+    assert out.shape == plain.shape and torch.isfinite(out).all()
