@@ -12,10 +12,15 @@ from difflineage.train import Trainer
 
 
 @pytest.fixture(scope="module")
-def dit(tmp_path_factory):
+def dit_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("dit")
     Trainer(config_from_dict(tiny_dit_dict(steps=20)), d, progress=False).fit()
-    return difflineage.load(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def dit(dit_dir):
+    return difflineage.load(dit_dir)
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm", "dpmpp_2m"])
@@ -80,3 +85,12 @@ def test_caching_composes_with_dydits_fast_path(tmp_path):
     cache = dy.calibrate_step_cache(0.3, steps=5, n=2, mode="fast")
     out = dy.sample(4, condition=3, generator=g(), steps=5, mode="fast", step_cache=cache)
     assert out.shape == plain.shape and torch.isfinite(out).all()
+
+
+def test_sample_fast_says_what_it_chose_and_its_error(dit_dir, tmp_path, capsys):
+    from difflineage.cli import main
+
+    assert main(["sample", str(dit_dir), "--n", "4", "--fast", "--steps", "6", "--out", str(tmp_path / "g.png")]) == 0
+    out = capsys.readouterr().out
+    assert "fast path: dpmpp_2m 6 steps, step cache reusing 17% of block evaluations" in out  # 2 of 12
+    assert "fast path against the plain path (steps 6): mean |difference|" in out
