@@ -117,7 +117,7 @@ def evaluate_system(system, split: str = "heldout", n: int = 1000, features: str
     net = None
     clip_net = find_clip(system, clip) if n > 0 else None  # a wrong path stops the run before any sampling
     if n > 0:
-        # Build the feature network (and train the MNIST classifier if this machine has none) before sampling,
+        # Build the feature network (and read the shipped MNIST classifier or the Inception file) before sampling,
         # so a missing weights file stops the run before any time is spent.
         if rank == 0:
             net = feature_network(features, channels=cfg.data.channels or 1, inception_weights=inception_weights,
