@@ -146,6 +146,11 @@ def evaluate_system(system, split: str = "heldout", n: int = 1000, features: str
     dataset = load_dataset(cfg.data, split)
     result.update(system.evaluate(dataset, generator=torch.Generator().manual_seed(seed), progress=progress,
                                   **system_options))
+    return finish(result, start, out)
+
+
+def finish(result: dict[str, Any], start: float, out: Optional[Path]) -> dict[str, Any]:
+    """Stamp ``result`` with its duration and the machine, and write it to ``out`` as JSON (when given)."""
     result["seconds"] = round(time.perf_counter() - start, 2)
     result["machine"] = machine_description()
     if out is not None:
@@ -195,12 +200,7 @@ def evaluate_adm(system, reference: str | Path, inception_weights: str | Path, n
     if bf16:
         result["sampled_in"] = "bf16 autocast"
     result.update(adm.score(npz, reference, net, device=system.device, progress=progress))
-    result["seconds"] = round(time.perf_counter() - start, 2)
-    result["machine"] = machine_description()
-    if out is not None:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    return finish(result, start, out)
 
 
 def write_reference_batch(dataset, path: Path, inception_weights: str | Path, n: int = 10000,
