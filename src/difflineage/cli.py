@@ -135,11 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "--num-samples: torchrun reads --n as one of its own options")
     e.add_argument("--features", default="auto", choices=["auto", "mnist", "inception"],
                    help="feature network: the MNIST classifier (1-channel data, the auto choice) or InceptionV3")
-    e.add_argument("--inception-weights", type=Path, default=None, metavar="FILE",
-                   help="the standard FID weights file pt_inception-2015-12-05-6726825d.pth (nothing is downloaded)")
-    e.add_argument("--inception-resize", choices=["tf", "pytorch-fid"], default="tf",
-                   help="how InceptionV3 resizes to 299 px: tf (default; the TensorFlow FID graph's TF1 bilinear, as "
-                        "the papers' evaluator) or pytorch-fid (PyTorch's half-pixel bilinear, as pytorch-fid)")
+    add_inception_options(e, standalone=False)
     e.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (systems that have it)")
     e.add_argument("--steps", type=int, default=None, help="sampling steps (systems that have them)")
     e.add_argument("--sampler", choices=["ddpm", "ddim", "dpmpp_2m"], default=None,
@@ -210,14 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "numbers the DiT and DyDiT papers report.")
     r.add_argument("samples", type=Path, help="sample batch .npz (arr_0)")
     r.add_argument("--reference", type=Path, required=True, help="ADM reference batch .npz (arr_0, mu, sigma, mu_s, sigma_s)")
-    r.add_argument("--inception-weights", type=Path, required=True, metavar="FILE",
-                   help="the standard FID weights file pt_inception-2015-12-05-6726825d.pth (nothing is downloaded)")
-    r.add_argument("--inception-resize", choices=["tf", "pytorch-fid"], default="tf",
-                   help="tf (default: the evaluator's) or pytorch-fid")
     r.add_argument("--out", type=Path, default=None, help="also write the scores as JSON")
-    r.add_argument("--batch-size", type=int, default=64)
-    r.add_argument("--device", default="cpu")
-    r.add_argument("--no-progress", action="store_true")
+    add_inception_options(r, standalone=True)
     r.set_defaults(func=cmd_score)
 
     f = sub.add_parser("reference", help="write an ADM reference batch of a data source's held-out images",
@@ -232,13 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--split", default="heldout", choices=["heldout", "train"], help="the split (default heldout)")
     f.add_argument("--n", type=int, default=10000, help="images (default 10000, the ADM batches' count)")
     f.add_argument("--out", type=Path, required=True, help="the reference batch .npz to write")
-    f.add_argument("--inception-weights", type=Path, required=True, metavar="FILE",
-                   help="the standard FID weights file pt_inception-2015-12-05-6726825d.pth (nothing is downloaded)")
-    f.add_argument("--inception-resize", choices=["tf", "pytorch-fid"], default="tf",
-                   help="how InceptionV3 resizes to 299 px (default tf, the evaluator's)")
-    f.add_argument("--batch-size", type=int, default=64)
-    f.add_argument("--device", default="cpu")
-    f.add_argument("--no-progress", action="store_true")
+    add_inception_options(f, standalone=True)
     f.set_defaults(func=cmd_reference)
 
     c = sub.add_parser("convert", help="convert DiT weights between the official, diffusers and difflineage layouts",
@@ -265,6 +249,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # --------------------------------------------------------------------------------------------
+
+
+def add_inception_options(p: argparse.ArgumentParser, standalone: bool) -> None:
+    """The InceptionV3 options of the commands that score with it. ``standalone``: a command that only runs
+    InceptionV3 (score, reference): the weights are required, and it takes its batch size, device and progress
+    switch from here (evaluate has its own)."""
+    p.add_argument("--inception-weights", type=Path, required=standalone, default=None, metavar="FILE",
+                   help="the standard FID weights file pt_inception-2015-12-05-6726825d.pth (nothing is downloaded)")
+    p.add_argument("--inception-resize", choices=["tf", "pytorch-fid"], default="tf",
+                   help="how InceptionV3 resizes to 299 px: tf (default; the TensorFlow FID graph's TF1 bilinear, as "
+                        "the papers' evaluator) or pytorch-fid (PyTorch's half-pixel bilinear, as pytorch-fid)")
+    if standalone:
+        p.add_argument("--batch-size", type=int, default=64, help="images per InceptionV3 call (default 64)")
+        p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+        p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def cmd_train(args) -> int:
