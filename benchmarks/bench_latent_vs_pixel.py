@@ -17,6 +17,7 @@ import torch
 from difflineage.bench import record, side_by_side
 from difflineage.data import load_dataset
 from difflineage.eval.flops import count_flops
+from difflineage.nn.precision import resolve_bf16
 from difflineage.systems import load_config
 from difflineage.train import build_system, resolve_data
 
@@ -50,7 +51,7 @@ def main() -> None:
         batch = data.batch(range(args.batch))
         opt = torch.optim.AdamW([q for q in system.parameters() if q.requires_grad], lr=1e-4)
         for label, forced in precisions.items():
-            bf16 = cfg.train.bf16 if forced is None else forced
+            bf16 = resolve_bf16(cfg.train.bf16, "cpu") if forced is None else forced
 
             def step(system=system, batch=batch, opt=opt, bf16=bf16):
                 system.train()

@@ -23,6 +23,18 @@ def test_overrides_are_typed_and_dotted():
     assert cfg.train.bf16 is True and cfg.train.betas == (0.5, 0.9)
 
 
+def test_bf16_auto_means_bf16_only_where_it_is_native(monkeypatch):
+    from difflineage.nn import precision
+
+    assert config_from_dict(base(), ["train.bf16=auto"]).train.bf16 == "auto"
+    with pytest.raises(ConfigError, match="train.bf16='sometimes'"):
+        config_from_dict(base(), ["train.bf16=sometimes"])
+    monkeypatch.setattr(precision, "native_bf16", lambda device: True)
+    assert precision.resolve_bf16("auto", "cpu") is True and precision.resolve_bf16(False, "cpu") is False
+    monkeypatch.setattr(precision, "native_bf16", lambda device: False)
+    assert precision.resolve_bf16("auto", "cpu") is False and precision.resolve_bf16(True, "cpu") is True
+
+
 def test_unknown_key_lists_valid_keys_and_suggests():
     with pytest.raises(ConfigError) as err:
         config_from_dict(base(), ["model.latent_dims=2"])
@@ -136,3 +148,21 @@ def test_the_imagenet_recipes_build_at_full_size(recipe, millions, sd_vae_sized)
     assert sum(p.numel() for p in net.parameters()) / 1e6 == pytest.approx(millions, abs=0.05)
     assert (system.channels, system.side) == (4, 32) and net.y_embedder.embedding_table.num_embeddings == 1001  # + null
     assert net.out_channels == 8  # learned sigma
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_training_with_bf16_auto_is_the_precision_it_resolves_to(tmp_path, monkeypatch, capsys, native):
+    import json
+
+    from test_dit_system import tiny_dit_dict
+
+    from difflineage.train import Trainer, trainer
+
+    monkeypatch.setattr(trainer, "resolve_bf16", lambda setting, device: native if setting == "auto" else setting)
+    losses = {}
+    for setting in ("auto", native):
+        out = tmp_path / str(setting)
+        Trainer(config_from_dict(tiny_dit_dict(steps=3, bf16=setting)), out, progress=False).fit()
+        losses[setting] = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert losses["auto"] == losses[native]
+    assert f"train.bf16=auto: {'bf16 autocast' if native else 'fp32'} on cpu" in capsys.readouterr().err

@@ -123,7 +123,8 @@ class TrainConfig:
         initialisation (0.999 reaches its full value after about 9,000 steps). false: ``ema_decay`` from the first
         update (how runs were trained before this option; set it to reproduce their numbers exactly).
     :param bf16: run the forward pass under bfloat16 autocast (a real speed-up on CPUs with
-        AVX-512 bf16 and on recent GPUs).
+        AVX-512 bf16 or AMX and on recent GPUs); ``auto``: only where bf16 is native (nn.precision), so a CPU that
+        emulates it (about 11x slower than fp32) trains in fp32.
     :param compile: compile the denoising network with torch.compile (fuses element-wise work; pays off on
         GPUs and in long runs; needs a C++ compiler on the CPU; see docs/dit.md for measurements).
     :param device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
@@ -153,7 +154,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     ema_warmup: bool = True
-    bf16: bool = False
+    bf16: Union[bool, Literal["auto"]] = False
     compile: bool = False
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from difflineage.errors import DataError
 from difflineage.eval.adm import batches_of, check_npz, write_npz
+from difflineage.nn.precision import native_bf16
 
 PLAN = "plan.json"
 # The DiT paper's FID-50K sampling (its sample_ddp.py): 250 DDPM steps, guidance 1.5 (on the channels the model's
@@ -90,19 +91,6 @@ FAST_STEPS = 20
 FAST_REUSE = 0.2
 
 
-def native_bf16(device: torch.device | str) -> bool:
-    """Whether bf16 autocast is a speed-up here: a CUDA device with bf16, or a CPU with AVX-512 BF16 or AMX (on
-    other CPUs bf16 matmuls are emulated, about 11x slower than fp32 on the AMD EPYC this project was measured on)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return False
-    return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
-
-
 def fast_sampling(system, options: dict[str, Any], n_calibrate: int = 4, seed: int = 0) -> tuple[dict[str, Any], bool, str]:
     """The fastest sampling this machine has for ``system``: (options, bf16, a line saying what was chosen).
     Diffusion systems: DPM-Solver++ at ``FAST_STEPS`` steps unless told otherwise; DiT and DyDiT: a step cache
@@ -118,10 +106,20 @@ def fast_sampling(system, options: dict[str, Any], n_calibrate: int = 4, seed: i
         calibration = {k: v for k, v in fast.items() if k in ("guidance", "mode", "eta")}
         fast["step_cache"] = system.calibrate_step_cache(FAST_REUSE, steps=fast["steps"], sampler=fast["sampler"],
                                                          n=n_calibrate, seed=seed, **calibration)
+        if dist.is_initialized():  # every process samples with rank 0's decisions (a GPU's calibration may differ in ulps)
+            box = [fast["step_cache"]]
+            dist.broadcast_object_list(box, src=0)
+            fast["step_cache"] = box[0]
         said.append(f"step cache reusing {fast['step_cache'].reuse_fraction:.0%} of block evaluations")
     bf16 = native_bf16(system.device)
     said.append("bf16 autocast" if bf16 else "fp32 (no native bf16 here)")
     return fast, bf16, ", ".join(said)
+
+
+def recorded_options(options: dict[str, Any]) -> dict[str, Any]:
+    """Sampling options as a result file records them (JSON): an object that describes itself (a step cache) by
+    its ``describe()``, everything else as it is."""
+    return {k: v.describe() if hasattr(v, "describe") else v for k, v in options.items()}
 
 
 def checkpoint_digest(path: Optional[str | Path]) -> str:
@@ -189,7 +187,7 @@ def sample_shards(system, folder: Path, n: int, batch_size: int = 250, seed: int
     options = dict(options or {})
     k = system.num_classes
     plan = {"checkpoint": checkpoint_digest(checkpoint), "n": n, "batch_size": batch_size, "seed": seed,
-            "labels": "uniform" if k else "none", "options": options, "bf16": bool(bf16)}
+            "labels": "uniform" if k else "none", "options": recorded_options(options), "bf16": bool(bf16)}
     _agree(plan, folder, rank)
     total = math.ceil(n / batch_size)
     mine = [b for b in range(rank, total, world) if not (folder / part_name(b)).is_file()]
@@ -238,5 +236,5 @@ def merge_shards(folder: Path, npz: Path, n: int, batch_size: int) -> Path:
     return Path(npz)
 
 
-__all__ = ["DIT_FID_SAMPLING", "FAST_REUSE", "FAST_STEPS", "bf16_autocast", "fast_sampling", "native_bf16", "checkpoint_digest", "draw_batch", "fid_sampling_defaults", "generate",
+__all__ = ["DIT_FID_SAMPLING", "FAST_REUSE", "FAST_STEPS", "bf16_autocast", "fast_sampling", "native_bf16", "checkpoint_digest", "recorded_options", "draw_batch", "fid_sampling_defaults", "generate",
            "merge_shards", "quantise", "sample_shards", "to_unit"]

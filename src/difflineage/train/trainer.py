@@ -38,6 +38,7 @@ from difflineage.data.dataset import to_device
 from difflineage.data.store import open_store_dataset
 from difflineage.errors import CheckpointError, ConfigError, StorageError, TrainingDiverged
 from difflineage.images import save_grid
+from difflineage.nn.precision import resolve_bf16
 from difflineage.storage import remove_tree, writing
 from difflineage.systems import System, build_system, load_checkpoint, system_for
 from difflineage.systems.base import Denoises
@@ -249,6 +250,10 @@ class Trainer:
             raise ConfigError(f"train.batch_size={tc.batch_size} exceeds the {len(dataset)} training images of "
                               f"{config.data.source}; lower train.batch_size")
         device = info.device
+        bf16 = resolve_bf16(tc.bf16, device)
+        if tc.bf16 == "auto" and info.is_main:
+            print(f"train.bf16=auto: {'bf16 autocast' if bf16 else 'fp32'} on {device} "
+                  f"({'native' if bf16 else 'no native'} bf16 here)", file=sys.stderr)
         torch.manual_seed(tc.seed)  # the same initial weights on every rank
         system = build_system(config).to(device)
         system.prepare(dataset)
@@ -340,7 +345,7 @@ class Trainer:
                 step_start = time.perf_counter()
                 epoch, position, batch = next(batches)  # position: this batch's place in its epoch
 
-                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=tc.bf16):
+                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
                     loss, metrics = model(batch, step)  # step: those done before this one
                 loss_value = loss.detach().float()
                 stop = False
