@@ -94,3 +94,36 @@ def test_sample_fast_says_what_it_chose_and_its_error(dit_dir, tmp_path, capsys)
     out = capsys.readouterr().out
     assert "fast path: dpmpp_2m 6 steps, step cache reusing 17% of block evaluations" in out  # 2 of 12
     assert "fast path against the plain path (steps 6): mean |difference|" in out
+
+
+def test_evaluate_fast_records_its_choices_and_scores_the_cached_samples(dit_dir, tmp_path, capsys):
+    import json
+
+    from difflineage.cli import main
+
+    out = tmp_path / "m.json"
+    assert main(["evaluate", str(dit_dir), "--n", "8", "--fast", "--steps", "6", "--bpd-images", "0", "--no-progress",
+                 "--batch-size", "4", "--out", str(out)]) == 0
+    assert "fast path: dpmpp_2m 6 steps, step cache reusing 17% of block evaluations" in capsys.readouterr().out
+    metrics = json.loads(out.read_text())
+    options = metrics["sample_options"]
+    assert options["sampler"] == "dpmpp_2m" and options["steps"] == 6
+    assert options["step_cache"]["reuse_fraction"] == pytest.approx(2 / 12, abs=1e-4)
+    assert options["step_cache"]["steps"] == 6 and len(options["step_cache"]["schedule"]) == 12
+    assert metrics["sampling_seconds"] > 0 and metrics["samples"] == 8
+
+
+def test_sharded_sampling_records_the_cache_and_refuses_another_schedule(dit, tmp_path):
+    import json
+
+    from difflineage.errors import DataError
+    from difflineage.eval.sampling import sample_shards
+
+    cache = dit.calibrate_step_cache(0.2, steps=5, sampler="dpmpp_2m", n=2)
+    options = {"steps": 5, "sampler": "dpmpp_2m", "step_cache": cache}
+    assert sample_shards(dit, tmp_path, 4, batch_size=2, options=options, progress=False) == 2
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["options"]["step_cache"] == cache.describe()
+    other = StepCache(torch.zeros_like(cache.reuse))  # every block recomputed: other decisions, same options
+    with pytest.raises(DataError, match="step_cache"):
+        sample_shards(dit, tmp_path, 4, batch_size=2, options={**options, "step_cache": other}, progress=False)

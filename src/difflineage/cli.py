@@ -173,6 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--bf16", action="store_true",
                    help="draw the samples under bfloat16 autocast (the held-out likelihood stays fp32); docs/dit.md "
                         "compares the scores with and without")
+    e.add_argument("--fast", action="store_true",
+                   help="draw the samples the fastest way here (as sample --fast: DPM-Solver++ at 20 steps unless "
+                        "--steps, a step cache for DiT and DyDiT calibrated on the model, bf16 autocast where native); "
+                        "metrics.json records the choices (docs/sampling.md measures what they cost in FID)")
     e.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     e.add_argument("--no-progress", action="store_true", help="no progress bars")
     e.set_defaults(func=cmd_evaluate)
@@ -410,6 +414,8 @@ def cmd_evaluate(args) -> int:
         path = resolve_checkpoint(args.checkpoint)
         system = load(path, use_ema=not args.no_ema, device=device)
         options = sampling_options(args)
+        if args.fast and args.n > 0:
+            options, args.bf16 = fast_evaluation(args, system, options, info.is_main)
         if args.reference is not None:
             return _evaluate_adm(args, system, path, options, info)
         out = args.out or path / "metrics.json"
@@ -432,6 +438,19 @@ def cmd_evaluate(args) -> int:
                   "runs/quickstart-dalle/clip from `difflineage quickstart --system dalle`)")
         print(f"wrote {out}")
     return 0
+
+
+def fast_evaluation(args, system, options: dict, say: bool) -> tuple[dict, bool]:
+    """``evaluate --fast``: the fast path's sampling options and bf16 choice (eval.sampling.fast_sampling), with
+    FID-50K's guidance kept under --reference (its sampler and step count are what --fast replaces)."""
+    from difflineage.eval.sampling import fast_sampling, fid_sampling_defaults
+
+    if args.reference is not None:
+        options = {**{k: v for k, v in fid_sampling_defaults(system).items() if k == "guidance"}, **options}
+    options, bf16, said = fast_sampling(system, options, seed=args.seed)
+    if say:
+        print(f"fast path: {said}")
+    return options, bf16 or args.bf16
 
 
 def _evaluate_adm(args, system, path: Path, options: dict, info) -> int:

@@ -37,6 +37,7 @@ from difflineage.eval.sampling import (
     generate,
     merge_shards,
     quantise,
+    recorded_options,
     sample_shards,
     to_unit,
 )
@@ -123,8 +124,10 @@ def evaluate_system(system, split: str = "heldout", n: int = 1000, features: str
             net = feature_network(features, channels=cfg.data.channels or 1, inception_weights=inception_weights,
                                   inception_resize=inception_resize,
                                   progress=progress, device=system.device)
+        sampling_start = time.perf_counter()
         images, labels = generate(system, n, batch_size=batch_size, seed=seed, progress=progress, bf16=bf16,
                                   **(sample_options or {}))
+        result["sampling_seconds"] = round(time.perf_counter() - sampling_start, 2)
         if bf16:
             result["sampled_in"] = "bf16 autocast"
         if rank != 0:
@@ -134,7 +137,7 @@ def evaluate_system(system, split: str = "heldout", n: int = 1000, features: str
             np.savez(npz, arr_0=images.permute(0, 2, 3, 1).numpy())
             result["npz"] = str(npz)
         if sample_options:
-            result["sample_options"] = sample_options
+            result["sample_options"] = recorded_options(sample_options)
         reference = in_memory(load_dataset(cfg.data, split), REFERENCE_LIMIT)
         train = in_memory(load_dataset(cfg.data, "train"), n)
         if reference.name.endswith("(spread)"):
@@ -194,7 +197,7 @@ def evaluate_adm(system, reference: str | Path, inception_weights: str | Path, n
         shutil.rmtree(parts)
     result: dict[str, Any] = {"system": system.config.system, "checkpoint": str(checkpoint or ""), "seed": seed,
                               "labels": "uniform over the classes" if system.num_classes else "none",
-                              "sample_options": options, "npz": str(npz),
+                              "sample_options": recorded_options(options), "npz": str(npz),
                               "processes": dist.get_world_size() if dist.is_initialized() else 1,
                               "batches_drawn_by_rank_0": drawn, "sampling_seconds": round(sampled_s, 2)}
     if bf16:

@@ -19,6 +19,7 @@ DPM-Solver++; with guidance both halves run in one call) and with DyDiT's fast a
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -78,6 +79,17 @@ class StepCache:
     @property
     def reuse_fraction(self) -> float:
         return self.reuse.double().mean().item()
+
+    def describe(self) -> dict:
+        """What a result file records of this cache (JSON): the share reused, the shape, and a digest of the
+        schedule, so two runs with different decisions are told apart."""
+        steps, blocks = self.reuse.shape
+        digest = hashlib.sha256(self.reuse.to(torch.uint8).numpy().tobytes()).hexdigest()[:12]
+        return {"reuse_fraction": round(self.reuse_fraction, 4), "steps": steps, "blocks": blocks, "schedule": digest}
+
+    def __repr__(self) -> str:
+        steps, blocks = self.reuse.shape
+        return f"StepCache(reusing {self.reuse_fraction:.0%} of {steps} steps x {blocks} blocks)"
 
 
 def choose_reuse(deltas: torch.Tensor, fraction: float) -> torch.Tensor:
