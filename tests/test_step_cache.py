@@ -87,7 +87,15 @@ def test_caching_composes_with_dydits_fast_path(tmp_path):
     assert out.shape == plain.shape and torch.isfinite(out).all()
 
 
-def test_sample_fast_says_what_it_chose_and_its_error(dit_dir, tmp_path, capsys):
+@pytest.fixture
+def no_compile(monkeypatch):
+    """The CLI's fast path without compiling (test_compiled_blocks_sample_as_the_eager_ones covers that)."""
+    from difflineage.systems.dit import DiTSystem
+
+    monkeypatch.setattr(DiTSystem, "compile_blocks", lambda self: False)
+
+
+def test_sample_fast_says_what_it_chose_and_its_error(dit_dir, tmp_path, capsys, no_compile):
     from difflineage.cli import main
 
     assert main(["sample", str(dit_dir), "--n", "4", "--fast", "--steps", "6", "--out", str(tmp_path / "g.png")]) == 0
@@ -96,7 +104,7 @@ def test_sample_fast_says_what_it_chose_and_its_error(dit_dir, tmp_path, capsys)
     assert "fast path against the plain path (steps 6): mean |difference|" in out
 
 
-def test_evaluate_fast_records_its_choices_and_scores_the_cached_samples(dit_dir, tmp_path, capsys):
+def test_evaluate_fast_records_its_choices_and_scores_the_cached_samples(dit_dir, tmp_path, capsys, no_compile):
     import json
 
     from difflineage.cli import main
@@ -127,3 +135,14 @@ def test_sharded_sampling_records_the_cache_and_refuses_another_schedule(dit, tm
     other = StepCache(torch.zeros_like(cache.reuse))  # every block recomputed: other decisions, same options
     with pytest.raises(DataError, match="step_cache"):
         sample_shards(dit, tmp_path, 4, batch_size=2, options={**options, "step_cache": other}, progress=False)
+
+
+def test_compiled_blocks_sample_as_the_eager_ones(dit_dir):
+    eager, compiled = difflineage.load(dit_dir), difflineage.load(dit_dir)
+    if not compiled.compile_blocks():
+        pytest.skip("no C++ compiler for inductor on this machine")
+    cache = eager.calibrate_step_cache(0.2, steps=4, sampler="dpmpp_2m", n=2)
+    a, b = (s.sample(3, condition=torch.tensor([1, 2, 3]), generator=torch.Generator().manual_seed(5), steps=4,
+                     sampler="dpmpp_2m", step_cache=cache) for s in (eager, compiled))
+    assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
+    assert list(compiled.state_dict()) == list(eager.state_dict())  # parameter names kept (checkpoints unchanged)

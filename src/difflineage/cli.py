@@ -367,19 +367,20 @@ def cmd_sample(args) -> int:
         condition, per_class = system.grid_labels(args.n)  # one row per class
         args.n = len(condition)
     bf16 = args.bf16
+
+    def draw(options: dict, bf16: bool):
+        with bf16_autocast(system.device, bf16):
+            return system.sample(args.n, condition=condition, generator=torch.Generator().manual_seed(args.seed),
+                                 **options).float()
+
     try:
-        if args.fast:
-            plain_options = options
+        if args.fast:  # the plain samples first (before the fast path compiles anything), then the fast ones
+            plain = draw(options, args.bf16)
+            told = ", ".join(f"{k} {v}" for k, v in options.items()) or "the recipe's settings"
             options, bf16, said = fast_sampling(system, options, seed=args.seed)
             print(f"fast path: {said}")
-        with bf16_autocast(system.device, bf16):
-            images = system.sample(args.n, condition=condition, generator=torch.Generator().manual_seed(args.seed),
-                                   **options).float()
-        if args.fast:  # the error of the fast path: the same samples drawn the plain way
-            with bf16_autocast(system.device, args.bf16):
-                plain = system.sample(args.n, condition=condition, generator=torch.Generator().manual_seed(args.seed),
-                                      **plain_options).float()
-            told = ", ".join(f"{k} {v}" for k, v in plain_options.items()) or "the recipe's settings"
+        images = draw(options, bf16)
+        if args.fast:  # the error of the fast path against the same samples drawn the plain way
             diff = (images - plain).abs()
             print(f"fast path against the plain path ({told}): mean |difference| {diff.mean():.4f}, max "
                   f"{diff.max():.4f} (pixels in [-1, 1])")

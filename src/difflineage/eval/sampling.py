@@ -91,11 +91,13 @@ FAST_STEPS = 20
 FAST_REUSE = 0.2
 
 
-def fast_sampling(system, options: dict[str, Any], n_calibrate: int = 4, seed: int = 0) -> tuple[dict[str, Any], bool, str]:
+def fast_sampling(system, options: dict[str, Any], n_calibrate: int = 4, seed: int = 0,
+                  compile: bool = True) -> tuple[dict[str, Any], bool, str]:
     """The fastest sampling this machine has for ``system``: (options, bf16, a line saying what was chosen).
     Diffusion systems: DPM-Solver++ at ``FAST_STEPS`` steps unless told otherwise; DiT and DyDiT: a step cache
-    calibrated on ``n_calibrate`` samples reusing ``FAST_REUSE`` of the block evaluations; bf16 autocast where it
-    is native (``native_bf16``). Other systems keep their options (and get bf16 where native)."""
+    calibrated on ``n_calibrate`` samples reusing ``FAST_REUSE`` of the block evaluations; DiT with ``compile``: its
+    blocks compiled in place (``DiTSystem.compile_blocks``; the first call pays the compilation); bf16 autocast where
+    it is native (``native_bf16``). Other systems keep their options (and get bf16 where native)."""
     fast = dict(options)
     said = []
     if hasattr(system, "chain"):  # a diffusion system
@@ -111,6 +113,8 @@ def fast_sampling(system, options: dict[str, Any], n_calibrate: int = 4, seed: i
             dist.broadcast_object_list(box, src=0)
             fast["step_cache"] = box[0]
         said.append(f"step cache reusing {fast['step_cache'].reuse_fraction:.0%} of block evaluations")
+    if compile and hasattr(system, "compile_blocks") and system.compile_blocks():
+        said.append("compiled blocks")
     bf16 = native_bf16(system.device)
     said.append("bf16 autocast" if bf16 else "fp32 (no native bf16 here)")
     return fast, bf16, ", ".join(said)

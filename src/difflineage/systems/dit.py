@@ -8,6 +8,7 @@ guidance applied to every prediction channel or, as the official sampler does, t
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Optional
 
@@ -73,6 +74,19 @@ class DiTSystem(DiffusionSystem):
             return super().sample(n, condition, generator, **options)
         finally:
             self.net.step_cache = None
+
+    def compile_blocks(self) -> bool:
+        """Compile each transformer block for sampling (torch.compile, static shapes; on the CPU inductor needs a C++
+        compiler, and without one this returns False and changes nothing). Block by block rather than the whole
+        network, so the step cache's choices between blocks stay plain Python. Parameter names are kept. DyDiT's
+        fast path gathers a different number of tokens at every step, so its blocks are left as they are."""
+        if self.config.system != "dit":
+            return False
+        if self.device.type == "cpu" and not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
+            return False
+        for block in self.net.blocks:
+            block.compile(dynamic=False)
+        return True
 
     def calibrate_step_cache(self, fraction: float, steps: Optional[int] = None, sampler: Optional[str] = None,
                              n: int = 8, seed: int = 0, **options: Any) -> StepCache:
