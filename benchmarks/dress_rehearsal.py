@@ -91,17 +91,10 @@ def chain_rows(work: Path, images: Path, inception: Path | None, n: int, steps: 
         save_sd_vae(AutoencoderKL(AutoencoderKLConfig(channels=(32, 32, 64, 64), layers_per_block=1, latent_channels=4,
                                                       norm_groups=32), image_channels=3), vae)
     if inception is None:
-        from safetensors.torch import save_file
+        from difflineage.eval.inception import random_fid_inception
 
-        from difflineage.eval.inception import FIDInceptionV3
-
-        torch.manual_seed(0)
-        net = FIDInceptionV3().eval()
-        for m in net.modules():
-            if isinstance(m, torch.nn.Conv2d):
-                torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
         inception = work / "inception-random.safetensors"
-        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(inception))
+        random_fid_inception(seed=0, path=inception)
     store, run, ref, npz = work / "store-64", work / "run-small", work / "reference-64.npz", work / "samples.npz"
     for stale in (store, run):
         shutil.rmtree(stale, ignore_errors=True)

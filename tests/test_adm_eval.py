@@ -6,19 +6,14 @@ import torch
 
 from difflineage.errors import DataError
 from difflineage.eval import adm
-from difflineage.eval.inception import FIDInceptionV3
+from difflineage.eval.inception import FIDInceptionV3, random_fid_inception
 
 
 @pytest.fixture(scope="module")
 def net():
     """Random weights (the arithmetic, not the numbers of the real file), scaled so that activations neither die
     nor explode through the 11 blocks."""
-    torch.manual_seed(0)
-    model = FIDInceptionV3().eval()
-    for m in model.modules():
-        if isinstance(m, torch.nn.Conv2d):
-            torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-    return model
+    return random_fid_inception(seed=0)
 
 
 def _images(n, seed, size=32):

@@ -12,10 +12,9 @@ import numpy as np
 import pytest
 import torch
 from helpers import fake_imagenet
-from safetensors.torch import save_file
 
 import difflineage
-from difflineage.eval.inception import FIDInceptionV3
+from difflineage.eval.inception import random_fid_inception
 from difflineage.eval.sampling import DIT_FID_SAMPLING, merge_shards, sample_shards
 from difflineage.interop.sd_vae import save_sd_vae
 from difflineage.models.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig
@@ -37,12 +36,8 @@ def test_imagenet_chain_from_folder_to_fid(tmp_path):
     vae = save_sd_vae(AutoencoderKL(AutoencoderKLConfig(channels=(32, 32, 32, 32), layers_per_block=1,
                                                         latent_channels=4, norm_groups=32), image_channels=3),
                       tmp_path / "vae.safetensors")
-    net = FIDInceptionV3().eval()  # random weights: the arithmetic, not the numbers of the real file
-    for m in net.modules():
-        if isinstance(m, torch.nn.Conv2d):
-            torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-    weights = tmp_path / "inception.safetensors"
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(weights))
+    weights = tmp_path / "inception.safetensors"  # random weights: the arithmetic, not the numbers of the real file
+    random_fid_inception(seed=0, path=weights)
 
     store, run = tmp_path / "store", tmp_path / "run"
     difflineage_cli("extract", "--first-stage", f"sd-vae:{vae}", "--data", f"imagenet:{root}", "--image-size", 32,

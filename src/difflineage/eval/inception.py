@@ -20,6 +20,7 @@ never downloaded: pass the file's path (``--inception-weights FILE``).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -249,3 +250,22 @@ def load_fid_inception(path: str | Path | None, resize: str = "tf") -> FIDIncept
             state[k] = own[k]
     load_state_dict_strict(model, state, str(path))
     return model.eval()
+
+
+def random_fid_inception(seed: int = 0, path: Optional[str | Path] = None) -> FIDInceptionV3:
+    """The FID network with random weights (Kaiming-normal convolutions, so activations neither die nor explode
+    through the 11 blocks), written to ``path`` as safetensors when given: for dry runs of the FID plumbing (tests,
+    the ImageNet dress rehearsal) where the real weights file is not at hand. Its scores mean nothing."""
+    generator = torch.Generator().manual_seed(seed)
+    model = FIDInceptionV3().eval()
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            with torch.no_grad():
+                std = (2.0 / (m.weight[0].numel())) ** 0.5  # kaiming_normal_, fan_in, ReLU gain
+                m.weight.copy_(torch.randn(m.weight.shape, generator=generator) * std)
+    if path is not None:
+        from safetensors.torch import save_file
+
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return model
