@@ -25,6 +25,7 @@ import difflineage
 from difflineage.bench import record, side_by_side
 from difflineage.checkpoint import latest_checkpoint
 from difflineage.eval import bf16_autocast, evaluate_system
+from difflineage.eval.dydit_pictures import token_picture, width_picture
 from difflineage.eval.flops import sampling_macs
 from difflineage.systems import load_config
 from difflineage.train import Trainer
@@ -44,82 +45,6 @@ def fine_tune(base: str, target: float, run_dir: Path, steps: int, retrain: bool
     cfg = load_config("dydit-mnist", [f"model.base={base}", f"model.target={target}", f"train.steps={steps}"])
     Trainer(cfg, run_dir).fit()
     return run_dir
-
-
-def width_picture(system, path: Path) -> Path:
-    """Heads and MLP groups on, per layer, against the timestep (the paper's Figure 5 style)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    net = system.net
-    ts = torch.arange(0, 1000, 5)
-    with torch.no_grad():
-        t_emb = net.t_embedder(ts)
-        masks = [blk.width_masks(t_emb, train=False) for blk in net.blocks]
-    heads = torch.stack([m[0].sum(1) for m in masks]).numpy()  # (layers, timesteps)
-    groups = torch.stack([m[1].sum(1) for m in masks]).numpy()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.2), sharey=True)
-    for ax, data, what in zip(axes, (heads, groups), ("attention heads on", "MLP channel groups on")):
-        im = ax.imshow(data, aspect="auto", cmap="viridis", vmin=0, vmax=net.blocks[0].heads,
-                       extent=(0, 1000, len(net.blocks) - 0.5, -0.5), interpolation="nearest")
-        ax.set_xlabel("timestep t (0 = clean image)")
-        ax.set_title(what)
-        fig.colorbar(im, ax=ax, fraction=0.04)
-    axes[0].set_ylabel("layer")
-    fig.suptitle(f"DyDiT lambda={system.config.model.target}: width per layer and timestep")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def token_picture(system, path: Path, n: int = 8, shown_steps: int = 6) -> Path:
-    """Where the token routers send tokens through the MLP (share of layers), over the final samples,
-    at several timesteps of the sampling run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    net = system.net
-    record: list = []
-    for blk in net.blocks:
-        blk.token_record = record
-    calls: list = []
-    hook = net.register_forward_hook(lambda mod, args, out: calls.append((int(args[1][0]), len(record))))
-    try:
-        images = system.sample(n, condition=torch.arange(n) % 10, generator=torch.Generator().manual_seed(3))
-    finally:
-        hook.remove()
-        for blk in net.blocks:
-            blk.token_record = None
-    depth, grid = len(net.blocks), net.grid
-    per_call, start = [], 0
-    for t, end in calls:
-        keeps = torch.stack(record[start:end])  # (depth, 2n, T): both guidance halves
-        per_call.append((t, keeps[:, :n].float().mean(0).view(n, grid, grid)))
-        start = end
-    picks = [per_call[i] for i in torch.linspace(0, len(per_call) - 1, shown_steps).round().long().tolist()]
-    fig, axes = plt.subplots(len(picks), n, figsize=(1.3 * n, 1.4 * len(picks)))
-    for r, (t, share) in enumerate(picks):
-        for c in range(n):
-            ax = axes[r, c]
-            ax.imshow(images[c, 0].cpu().numpy(), cmap="gray", vmin=-1, vmax=1)
-            side = images.shape[-1]
-            ax.imshow(share[c].numpy(), cmap="magma", alpha=0.55, vmin=0, vmax=1, extent=(-0.5, side - 0.5, side - 0.5, -0.5),
-                      interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if c == 0:
-                ax.set_ylabel(f"t={t}", fontsize=8)
-    fig.suptitle(f"DyDiT lambda={system.config.model.target}: share of layers whose MLP each token goes through "
-                 f"(bright = more), over the final samples; {depth} layers", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 def main(argv=None) -> None:
