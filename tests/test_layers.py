@@ -17,7 +17,7 @@ LAYERS = [
     {"interop"},
     {"systems"},
     {"train", "eval"},
-    {"convert", "bench", "extract", ""},  # "": the package's own __init__ (difflineage.load)
+    {"convert", "bench", "extract", "demo", ""},  # "": the package's own __init__ (difflineage.load)
     {"cli"},
     {"__main__"},
 ]

@@ -1,4 +1,4 @@
-"""The ``difflineage`` command: quickstart, train, sample, evaluate, score, extract, convert, info.
+"""The ``difflineage`` command: quickstart, train, sample, evaluate, score, extract, convert, info, demo.
 
 Every sub-command explains its options with ``--help``. Errors in the user's input (config,
 data, checkpoint) print one message naming the problem and the fix, and exit with status 2;
@@ -249,6 +249,22 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("checkpoint", type=Path, help="checkpoint directory or run directory")
     i.add_argument("--json", action="store_true", help="print JSON")
     i.set_defaults(func=cmd_info)
+
+    w = sub.add_parser("demo", help="serve a page on localhost that samples trained runs in the browser",
+                       description="Start the browser demo (Gradio, an optional extra: pip install -e \".[demo]\") on "
+                                   "http://HOST:PORT: a class or caption, the number of images, a seed and the options of "
+                                   "the run's family; a gallery with the time and counted FLOPs per image; a DyDiT beside "
+                                   "its base DiT, with its active heads, MLP groups and tokens per sample "
+                                   "(docs/demo.md). Works offline.")
+    w.add_argument("runs", nargs="*", type=Path, metavar="RUN",
+                   help="run (or checkpoint) directories to offer, the first shown first (default: every run under "
+                        "--runs-dir)")
+    w.add_argument("--runs-dir", type=Path, default=Path("runs"),
+                   help="where to look for runs when none is named (default runs/)")
+    w.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine only)")
+    w.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    w.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    w.set_defaults(func=cmd_demo)
     return p
 
 
@@ -617,6 +633,35 @@ def cmd_info(args) -> int:
               f"{sf['full_macs'] / 1e6:.3f} M")
     print("config:")
     print("  " + system.config.to_yaml().replace("\n", "\n  ").rstrip())
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from difflineage.demo import DemoError, check_run, find_runs, serve
+
+    runs = list(args.runs) or find_runs(args.runs_dir)
+    if not runs:
+        print(f"error: no runs under {args.runs_dir}/ (a run directory holds checkpoints/step_*): train one, e.g. "
+              "`make quickstart`, or name a run directory: difflineage demo RUN", file=sys.stderr)
+        return 2
+    try:
+        for run in args.runs:
+            check_run(run)
+    except DemoError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not args.runs:
+        print(f"runs found under {args.runs_dir}/: " + ", ".join(r.name for r in runs))
+    print(f"serving the demo of {len(runs)} run{'s' if len(runs) > 1 else ''} on http://{args.host}:{args.port} "
+          "(Ctrl-C stops it)", flush=True)
+    try:
+        serve(runs, host=args.host, port=args.port, device=args.device)
+    except DemoError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the port is taken, or the address is not this machine's
+        print(f"error: cannot serve on {args.host}:{args.port} ({exc}); give another --port or --host", file=sys.stderr)
+        return 2
     return 0
 
 
