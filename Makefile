@@ -6,7 +6,7 @@ SYSTEM ?= dit
 # The CPU build of torch that lies on this machine's disk; installed only when no torch is importable.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: install install-test quickstart test clean
+.PHONY: install install-test install-demo quickstart demo test clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -17,16 +17,28 @@ $(VENV)/.installed: $(PY) pyproject.toml
 	$(PY) -m pip install -e .
 	@touch $@
 
+# The test extras and the demo's (its browser test is part of the suite).
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(PY) -m pip install -e ".[test]"
+	$(PY) -m pip install -e ".[test,demo]"
+	@touch $@
+
+$(VENV)/.installed-demo: $(VENV)/.installed
+	$(PY) -m pip install -e ".[demo]"
 	@touch $@
 
 install: $(VENV)/.installed
 
 install-test: $(VENV)/.installed-test
 
+install-demo: $(VENV)/.installed-demo
+
 quickstart: install
 	$(PY) -m difflineage quickstart --system $(SYSTEM)
+
+# The browser demo on the quickstart's run (make quickstart first), http://127.0.0.1:7860
+demo: install-demo
+	@test -d runs/quickstart-$(SYSTEM) || { echo "no runs/quickstart-$(SYSTEM) yet: run make quickstart SYSTEM=$(SYSTEM) first"; exit 2; }
+	$(PY) -m difflineage demo runs/quickstart-$(SYSTEM)
 
 test: install-test
 	$(PY) -m pytest -q
