@@ -94,6 +94,7 @@ def test_a_dit_request_draws_times_counts_and_writes_its_images(dit, tmp_path):
     result = draw(dit, request, tmp_path / "a", progress=lambda f, what: heard.append((f, what)))
     (d,) = result.drawn
     assert d.images.shape == (5, 1, 8, 8) and d.seconds > 0 and heard[0] == (0.0, "sampling DiT") and heard[-1][0] == 1
+    assert [what for _, what in heard[1:-1]] == [f"sampling DiT: step {k} of 4" for k in (1, 2, 3, 4)]
     assert d.options == {"guidance": 2.0, "sampler": "ddim", "steps": 4}  # the run's own guidance and sampler
     # the same seed draws the same images, as an independent sample call does
     expected = dit.system.sample(5, condition=3, generator=torch.Generator().manual_seed(11), steps=4, sampler="ddim",

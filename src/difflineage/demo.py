@@ -29,7 +29,7 @@ import threading
 import time
 import traceback
 from collections import OrderedDict
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -378,11 +378,12 @@ def _slug(title: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in title.lower().split(" (")[0]).strip("-")
 
 
-def draw(run: DemoRun, request: Request, out_dir: Path, progress: Optional[Callable[[float, str], None]] = None,
-         bars: bool = False) -> Result:
+def draw(run: DemoRun, request: Request, out_dir: Path,
+         progress: Optional[Callable[[float, str], None]] = None) -> Result:
     """Sample ``request`` from every model of ``run`` (a DyDiT, then its base DiT, each with the same seed and
-    settings), timing each and writing its images into ``out_dir``. ``progress(fraction, what)`` hears of each
-    model as it starts; ``bars`` lets the samplers show their own progress bars (which the page follows).
+    settings), timing each and writing its images into ``out_dir``. ``progress(fraction of the request, what)``
+    hears of each model as it starts and, for a diffusion system, of each step of its sampler (a hook on the
+    denoiser counts the calls).
     Arithmetic is counted afterwards, by ``count``, so that the time is the sampling's alone."""
     n = int(request.n)
     if not 1 <= n <= MAX_IMAGES:
@@ -402,21 +403,40 @@ def draw(run: DemoRun, request: Request, out_dir: Path, progress: Optional[Calla
         opts, bf16, said = model.options_for(options, request.fast and run.diffusion, seed)
         if model.compiles_at(n):
             said += f" (this first call at {n} images includes compiling them)"
-        if bars and (run.diffusion or "progress" in run.sample_parameters):
-            opts["progress"] = True
         with ExitStack() as stack:
+            if progress and isinstance(model.system, Denoises):
+                stack.enter_context(step_progress(model.system.net, opts.get("steps"), progress, i, len(run.models),
+                                                  f"sampling {model.title}"))
             trace = stack.enter_context(trace_tokens(model.system.net)) if model.dynamic else None
             stack.enter_context(bf16_autocast(model.system.device, bf16))
             start = time.perf_counter()
             images = model.system.sample(n, condition=condition, generator=torch.Generator().manual_seed(seed),
                                          **opts).float()
             seconds = time.perf_counter() - start
-        opts.pop("progress", None)
         drawn.append(write_images(model, images, seconds, said, bf16, opts, trace, seed, labels, out_dir))
     if progress:
         progress(1.0, "done")
     return Result(run=str(run.path), seed=seed, randomized=bool(request.randomize), condition=condition,
                   captions=captions, drawn=drawn, out_dir=out_dir)
+
+
+@contextmanager
+def step_progress(net: torch.nn.Module, steps: Optional[int], progress: Callable[[float, str], None], i: int,
+                  models: int, what: str):
+    """Tell ``progress`` of every call of ``net`` (one per sampler step) while the context is open: model ``i`` of
+    ``models`` is that far through its ``steps``."""
+    calls = [0]
+
+    def after(mod, args, out):
+        calls[0] += 1
+        if steps:
+            progress((i + min(calls[0], steps) / steps) / models, f"{what}: step {calls[0]} of {steps}")
+
+    handle = net.register_forward_hook(after)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def write_images(model: Model, images: torch.Tensor, seconds: float, said: str, bf16: bool, options: dict,
@@ -686,7 +706,7 @@ def build_app(demo: Demo):
         fast.change(on_fast, [fast], [sampler, steps])
 
         def on_generate(path, cls, caption, n, seed, rand, g, k, smp, fst, temp, rr,
-                        progress=gr.Progress(track_tqdm=True)):
+                        progress=gr.Progress()):
             blank = ["", [], "", [], "", None, "", None, None, 0]
             try:
                 with demo.lock:
@@ -695,7 +715,7 @@ def build_app(demo: Demo):
                                       seed=seed, randomize=rand, guidance=g, steps=k, sampler=smp, fast=fst,
                                       temperature=temp, rerank=rr)
                     key, out_dir = demo.new_dir()
-                    result = draw(run, request, out_dir, progress=lambda f, what: progress(f, desc=what), bars=True)
+                    result = draw(run, request, out_dir, progress=lambda f, what: progress(f, desc=what))
                     demo.keep(key, result)
             except Exception as exc:  # noqa: BLE001
                 yield [message(exc)] + blank
