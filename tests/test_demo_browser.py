@@ -40,6 +40,7 @@ except ImportError:
     _missing("Playwright's Python package is not installed (pip install -e '.[demo]')")
 if not Path(CHROMIUM).exists():
     _missing(f"Debian's chromium is not at {CHROMIUM} (apt-get install chromium)")
+expect.set_options(timeout=120_000)  # a sampling request on a loaded machine (the docs' runs) takes its time
 
 
 def _free_port() -> int:
@@ -129,8 +130,9 @@ class Page:
     def images(self, gallery: str):
         return self.page.locator(f"#{gallery} img")
 
-    def shot(self, name: str, tmp_path: Path) -> Path:
-        path = Path(SCREENSHOTS) / f"{name}.png" if SCREENSHOTS else tmp_path / f"{name}.png"
+    def shot(self, name: str, tmp_path: Path, docs: bool = True) -> Path:
+        """A full-page screenshot: into DIFFLINEAGE_DEMO_SCREENSHOTS for the docs' pictures, else the test's folder."""
+        path = Path(SCREENSHOTS) / f"{name}.png" if SCREENSHOTS and docs else tmp_path / f"{name}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         self.page.screenshot(path=str(path), full_page=True)
         return path
@@ -207,7 +209,10 @@ def test_bad_requests_are_messages_and_the_page_keeps_serving(browser, server, r
     expect(page.page.locator("#status")).to_have_text("")
     page.choose("class", "two")
     page.set_number("n", 3)
+    page.page.locator("#sampler label:has-text('dpmpp_2m')").click()
+    page.set_number("steps", 5)
     page.page.click("#generate")
     wait_for_images(page, "gallery-0", 3)
     assert page.images("gallery-0").count() == 3
-    page.shot("demo_errors", tmp_path)
+    expect(page.page.locator("#stats-0")).to_contain_text("sampler dpmpp_2m, steps 5")
+    page.shot("demo_errors", tmp_path, docs=False)

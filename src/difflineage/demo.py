@@ -501,7 +501,8 @@ def summary(run: DemoRun, result: Result, i: int) -> str:
     else:
         line = f"FLOPs: **{flops_text(2 * d.macs)} per image** counted, all of its sampling"
         if d.denoiser_macs is not None:
-            line += f" (the denoiser: {flops_text(2 * d.denoiser_macs)} per call, {d.denoiser_calls} calls)"
+            halves = ", both halves of guidance" if d.options.get("guidance", 1.0) != 1.0 else ""
+            line += f" (the denoiser: {flops_text(2 * d.denoiser_macs)} per call{halves}, {d.denoiser_calls} calls)"
         lines.append(line)
         base = result.drawn[-1] if i == 0 and len(result.drawn) > 1 else None
         if base is not None and base.macs:
