@@ -99,8 +99,8 @@ class Model:
 
     def options_for(self, options: dict[str, Any], fast: bool, seed: int) -> tuple[dict[str, Any], bool, str]:
         """(sampling options, bf16, a line saying what was chosen): as asked, or on the fast path."""
-        if not fast:
-            return dict(options), False, describe_options(options)
+        if not fast:  # blocks compiled by an earlier fast-path request stay compiled (in place)
+            return dict(options), False, describe_options(options) + (", compiled blocks" if self.compiled else "")
         key = tuple(sorted((k, v) for k, v in options.items()))
         if key not in self.step_caches:  # calibrated once per sampler, steps and guidance
             self.step_caches[key] = fast_sampling(self.system, options, seed=0, compile=False)
