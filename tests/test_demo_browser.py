@@ -8,7 +8,7 @@ The server is started once for the module. Each case saves a screenshot; with DI
 two of docs/demo.md are written into DIR, of the runs named by DIFFLINEAGE_DEMO_DIT and DIFFLINEAGE_DEMO_DYDIT
 (default: the tiny runs):
 
-    DIFFLINEAGE_DEMO_DIT=runs/quickstart-dit DIFFLINEAGE_DEMO_DYDIT=/tmp/dydit-demo \\
+    DIFFLINEAGE_DEMO_DIT=runs/dit-nowarm DIFFLINEAGE_DEMO_DYDIT=runs/dydit-mnist/lambda-0.5 \\
         DIFFLINEAGE_DEMO_SCREENSHOTS=docs/images .venv/bin/python -m pytest tests/test_demo_browser.py
 """
 
