@@ -146,3 +146,5 @@ def test_compiled_blocks_sample_as_the_eager_ones(dit_dir):
                      sampler="dpmpp_2m", step_cache=cache) for s in (eager, compiled))
     assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
     assert list(compiled.state_dict()) == list(eager.state_dict())  # parameter names kept (checkpoints unchanged)
+    wrappers = [blk._compiled_call_impl for blk in compiled.net.blocks]
+    assert compiled.compile_blocks() and [blk._compiled_call_impl for blk in compiled.net.blocks] == wrappers

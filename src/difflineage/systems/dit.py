@@ -79,13 +79,15 @@ class DiTSystem(DiffusionSystem):
         """Compile each transformer block for sampling (torch.compile, static shapes; on the CPU inductor needs a C++
         compiler, and without one this returns False and changes nothing). Block by block rather than the whole
         network, so the step cache's choices between blocks stay plain Python. Parameter names are kept. DyDiT's
-        fast path gathers a different number of tokens at every step, so its blocks are left as they are."""
+        fast path gathers a different number of tokens at every step, so its blocks are left as they are. Calling it
+        again (each fast request of the demo does) compiles nothing more."""
         if self.config.system != "dit":
             return False
         if self.device.type == "cpu" and not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
             return False
         for block in self.net.blocks:
-            block.compile(dynamic=False)
+            if getattr(block, "_compiled_call_impl", None) is None:  # once: a second call keeps the first's wrapper
+                block.compile(dynamic=False)
         return True
 
     def calibrate_step_cache(self, fraction: float, steps: Optional[int] = None, sampler: Optional[str] = None,
