@@ -29,7 +29,7 @@ import torch
 import difflineage
 from difflineage.bench import record, side_by_side
 from difflineage.checkpoint import latest_checkpoint
-from difflineage.eval import evaluate_system
+from difflineage.eval import evaluate_system, machine_description
 from difflineage.eval.sampling import fast_sampling, native_bf16
 from difflineage.models.step_cache import draw_schedule
 from difflineage.systems import load_config
@@ -108,26 +108,43 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", type=int, default=250, help="samples per sampling call")
     ap.add_argument("--repeats", type=int, default=3, help="repeats of the side-by-side timing of the headline")
     ap.add_argument("--timing-n", type=int, default=100, help="samples per call in the side-by-side timing")
+    ap.add_argument("--rows", type=Path, default=REPO / "runs" / "sampling-pareto" / "rows.jsonl",
+                    help="where each configuration's row is kept as it is measured (a rerun resumes from it)")
     args = ap.parse_args(argv)
     models = {"DiT": difflineage.load(args.dit),
               "DyDiT": difflineage.load(fine_tuned_dydit(args.dit, Path(args.dydit), args.target, args.dydit_steps))}
 
     configs = [(model, sampler, steps, cached) for sampler, steps in SAMPLERS for cached in (False, True)
                for model in models]
+    # Each configuration's row is kept as soon as it is measured, so an interruption loses one configuration, not
+    # the grid; a rerun reuses only rows measured on this machine with these models and settings.
+    setting = {"machine": machine_description(), "dit": args.dit, "dydit": args.dydit, "n": args.n,
+               "batch": args.batch, "reuse": args.reuse}
+    saved = {}
+    if args.rows.is_file():
+        for line in args.rows.read_text().splitlines():
+            row = json.loads(line)
+            if row.pop("_setting") == setting:
+                saved[row["_label"]] = row
+    args.rows.parent.mkdir(parents=True, exist_ok=True)
     rows, options_of = [], {}
     for i, (model, sampler, steps, cached) in enumerate(configs):
         system = models[model]
         options = {"sampler": sampler, "steps": steps}
+        label = f"{model} {NAMES[sampler]}-{steps}{' + cache' if cached else ''}"
         calibration_s = 0.0
         if cached:
             start = time.perf_counter()
             options["step_cache"] = system.calibrate_step_cache(args.reuse, steps=steps, sampler=sampler, n=4)
             calibration_s = time.perf_counter() - start
-        label = f"{model} {NAMES[sampler]}-{steps}{' + cache' if cached else ''}"
+        options_of[label] = (model, options)
+        if label in saved:
+            print(f"[{i + 1}/{len(configs)}] {label}: measured before on this machine ({args.rows})", file=sys.stderr)
+            rows.append(saved[label])
+            continue
         print(f"[{i + 1}/{len(configs)}] {label}", file=sys.stderr)
         scores = evaluate_system(system, n=args.n, features="mnist", progress=False, bpd_images=0,
                                  batch_size=args.batch, sample_options=options)
-        options_of[label] = (model, options)
         rows.append({"model": model, "sampler": NAMES[sampler], "steps": steps,
                      "cache": f"{options['step_cache'].reuse_fraction:.0%} reused" if cached else "-",
                      "sampling (s)": round(scores["sampling_seconds"], 1),
@@ -136,6 +153,8 @@ def main(argv=None) -> None:
                      "_time": scores["sampling_seconds"], "_fid": scores["fid"], "_acc": scores["class_accuracy"],
                      "_sampler": sampler, "_cached": cached, "_label": label, "_n": args.n,
                      "_real": scores["fid_real"]})
+        with args.rows.open("a") as f:
+            f.write(json.dumps({**rows[-1], "_setting": setting}) + "\n")
 
     anchor = next(r for r in rows if r["_label"] == "DiT DDIM-50")
     slow = next(r for r in rows if r["_label"] == "DiT DDPM-250")
