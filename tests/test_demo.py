@@ -14,6 +14,7 @@ import difflineage
 from difflineage.checkpoint import latest_checkpoint
 from difflineage.demo import (
     EVERY_CLASS,
+    Demo,
     DemoError,
     DemoRun,
     Request,
@@ -226,3 +227,15 @@ def test_the_command_refuses_what_it_cannot_serve(tmp_path, capsys):
     assert "no runs under" in capsys.readouterr().err
     assert main(["demo", str(tmp_path)]) == 2
     assert "is not a checkpoint or run directory" in capsys.readouterr().err
+
+
+def test_the_demos_own_image_folder_is_removed_and_a_given_one_kept(tmp_path):
+    own = Demo([])
+    assert own.out_root.is_dir()
+    (own.out_root / "request-00001").mkdir()
+    own.close()
+    assert not own.out_root.exists()
+    given = Demo([], out_root=tmp_path / "images")
+    given.out_root.mkdir()
+    given.close()
+    assert given.out_root.is_dir()

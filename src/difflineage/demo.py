@@ -18,6 +18,7 @@ class-conditional run, a directory that is not a run, an option out of range) co
 message the page shows; the server keeps serving.
 """
 
+import atexit
 import inspect
 import math
 import os
@@ -563,7 +564,10 @@ class Demo:
     def __init__(self, runs: list[Path], device: str = "cpu", out_root: Optional[Path] = None):
         self.runs = [Path(r) for r in runs]
         self.device = device
+        self.owns_out_root = out_root is None  # a temp folder of its own is removed at exit; a given one is kept
         self.out_root = Path(out_root or tempfile.mkdtemp(prefix="difflineage-demo-"))
+        if self.owns_out_root:
+            atexit.register(self.close)
         self.loaded: dict[str, DemoRun] = {}
         self.results: OrderedDict[str, Result] = OrderedDict()
         self.lock = threading.Lock()
@@ -581,6 +585,11 @@ class Demo:
         self.counter += 1
         key = f"request-{self.counter:05d}"
         return key, self.out_root / key
+
+    def close(self) -> None:
+        """Remove the images of the recent requests when the folder is the demo's own temp folder."""
+        if self.owns_out_root:
+            shutil.rmtree(self.out_root, ignore_errors=True)
 
     def keep(self, key: str, result: Result) -> None:
         self.results[key] = result
