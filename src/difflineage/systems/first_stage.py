@@ -103,7 +103,7 @@ class EncodedTrainingSet:
         ``flip`` is set."""
         encoded = self.compute()
         pick = lambda e: e[index.to(e.device)]  # noqa: E731
-        if flip is None or not self.flips or not bool(flip.any()):
+        if flip is None or not self.flips:  # (no test of flip.any(): on a GPU that would wait for the device)
             return tuple(pick(e) for e in encoded) if isinstance(encoded, tuple) else pick(encoded)
 
         def choose(plain: torch.Tensor, mirrored: torch.Tensor) -> torch.Tensor:
