@@ -194,6 +194,7 @@ def test_three_stages_train_sample_rerank_and_score(tmp_path):
     log = [json.loads(x) for x in (tmp_path / "dvae" / "metrics.jsonl").read_text().splitlines()]
     assert log[-1]["mse"] < 0.8 * log[0]["mse"]
     assert log[0]["tau"] == 1.0 and log[-1]["tau"] < 0.2 and log[-1]["beta"] > log[0]["beta"]  # both annealed
+    assert all(float(r["codes_used"]).is_integer() and 1 <= r["codes_used"] <= 16 for r in log)  # the 16 codes
     Trainer(load_config("dalle-clip-mnist", TINY + TINY_CLIP + ["train.steps=30"]), tmp_path / "clip", progress=False).fit()
     clog = [json.loads(x) for x in (tmp_path / "clip" / "metrics.jsonl").read_text().splitlines()]
     assert clog[-1]["loss"] < clog[0]["loss"]

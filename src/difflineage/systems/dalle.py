@@ -160,9 +160,10 @@ class DalleDVAE(Reconstructs, DalleSystem):
         loss = (rec_nats + beta * kl).mean() / pixels
         with torch.no_grad():
             mse = F.mse_loss(recon.float(), x)
-            used = logits.argmax(1).unique().numel()
+            # codes used in the batch, counted on the device (unique() would wait for a GPU on every step)
+            used = torch.zeros(logits.shape[1], device=logits.device).index_fill_(0, logits.argmax(1).flatten(), 1.0).sum()
         return loss, {"mse": mse, "kl_nats_per_token": kl.mean().detach() / logits[0, 0].numel(), "tau": torch.tensor(tau),
-                      "beta": torch.tensor(beta), "codes_used": torch.tensor(float(used))}
+                      "beta": torch.tensor(beta), "codes_used": used}
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
