@@ -3,7 +3,10 @@ sizes (small 4 x 128, base 6 x 256 = the quickstart's, large 8 x 384; adaLN-Zero
 the flagship recipe for the same steps (bf16 only where it is native), then sampled with DDIM at 5 to 250 steps; FID (MNIST features) and class
 accuracy of each, with the sampling Gflops spent per image (network Gflops x steps x 2 for guidance).
 
-    python benchmarks/dit_steps_vs_size.py                   # trains the three models into runs/dit-steps-vs-size
+    python benchmarks/dit_steps_vs_size.py --run base=runs/quickstart-dit   # the quickstart's DiT as the base size
+
+About four hours on two CPU cores (the large model's training and the 250-step rows dominate); each row is kept as
+it is measured, so an interrupted run continues where it stopped.
 
 Each model's run is reused when complete. Writes docs/images/dit_steps_vs_size.png and a table in
 docs/benchmarks.md, and says plainly whether the small model at its most steps reaches the large one at its fewest.
@@ -19,9 +22,9 @@ from pathlib import Path
 import torch
 
 from difflineage import load
-from difflineage.bench import REPO, record
+from difflineage.bench import REPO, KeptRows, record
 from difflineage.checkpoint import latest_checkpoint
-from difflineage.eval import evaluate_system
+from difflineage.eval import evaluate_system, machine_description
 from difflineage.eval.flops import count_flops
 from difflineage.eval.sampling import native_bf16
 from difflineage.systems import load_config
@@ -38,9 +41,17 @@ def first_stage() -> Path:
     return ae
 
 
-def trained(size: str, out: Path, ae: Path, steps: int) -> Path:
+def trained(size: str, out: Path, ae: Path, steps: int, given: dict[str, Path]) -> Path:
     depth, hidden, heads = SIZES[size]
-    run_dir = out / size
+    run_dir = given.get(size, out / size)
+    if size in given:  # a run trained elsewhere with the same recipe (the quickstart's DiT is the base size)
+        model = load_config(run_dir / "config.yaml").model
+        dit = model.dit
+        if Path(model.first_stage).resolve() != ae.resolve():
+            sys.exit(f"{run_dir} was trained over the first stage {model.first_stage}, not this study's {ae}")
+        if (dit.depth, dit.hidden, dit.heads, dit.patch, dit.block) != (depth, hidden, heads, 2, "adaln_zero"):
+            sys.exit(f"{run_dir} is a {dit.depth} x {dit.hidden} DiT ({dit.block}, patch {dit.patch}), not the {size} "
+                     f"size of this study ({depth} x {hidden}, adaLN-Zero, patch 2)")
     log = run_dir / "metrics.jsonl"
     if latest_checkpoint(run_dir) is not None and log.is_file() and \
             json.loads(log.read_text().splitlines()[-1])["step"] >= steps:
@@ -88,14 +99,29 @@ def main(argv=None) -> None:
     ap.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     ap.add_argument("--n", type=int, default=500, help="samples scored per (size, steps)")
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "dit-steps-vs-size")
+    ap.add_argument("--run", nargs="+", default=[], metavar="SIZE=DIR",
+                    help="use a run trained with the same recipe for a size, e.g. base=runs/quickstart-dit")
     args = ap.parse_args(argv)
+    given = {}
+    for item in args.run:
+        size, _, path = item.partition("=")
+        if size not in SIZES or not path:
+            sys.exit(f"--run {item!r}: give SIZE=DIR with SIZE one of {', '.join(SIZES)}")
+        given[size] = Path(path)
     ae = first_stage()
+    # Each (size, steps) row is kept as it is measured (hours in all on two cores); a rerun on this machine with the
+    # same settings reuses them, and the trained models are reused wherever they are complete.
+    kept = KeptRows(args.out / "rows.jsonl", {"machine": machine_description(), "n": args.n,
+                                              "train_steps": args.train_steps, "runs": sorted(args.run)})
     rows = []
     for size in args.sizes:
-        system = load(trained(size, args.out, ae, args.train_steps))
+        system = load(trained(size, args.out, ae, args.train_steps, given))
         x = torch.zeros(1, system.channels, system.side, system.side)
         gmacs = count_flops(system.dit, x, torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long)).gmacs
         for steps in args.steps:
+            if kept.get(f"{size}-{steps}") is not None:
+                rows.append(kept.get(f"{size}-{steps}"))
+                continue
             print(f"== {size}, {steps} steps", file=sys.stderr)
             m = evaluate_system(system, n=args.n, bpd_images=0, progress=False, features="mnist",
                                 sample_options={"sampler": "ddim", "steps": steps})
@@ -103,7 +129,8 @@ def main(argv=None) -> None:
                          "params (M)": round(sum(p.numel() for p in system.dit.parameters()) / 1e6, 2),
                          "sampling steps": steps, "sampling Gflops per image": round(gmacs * steps * 2, 3),
                          "FID": round(m["fid"], 1), "class accuracy": f"{100 * m['class_accuracy']:.1f}%",
-                         "sampling (s)": m["sampling_seconds"], "_real": m["fid_real"]})
+                         "sampling (s)": round(m["sampling_seconds"], 1), "_real": m["fid_real"]})
+            kept.keep(f"{size}-{steps}", rows[-1])
     real = rows[0]["_real"]
     smallest, largest = args.sizes[0], args.sizes[-1]
     small_best = min(r["FID"] for r in rows if r["size"] == smallest)

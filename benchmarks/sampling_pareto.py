@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 import difflineage
-from difflineage.bench import record, side_by_side
+from difflineage.bench import KeptRows, record, side_by_side
 from difflineage.checkpoint import latest_checkpoint
 from difflineage.eval import evaluate_system, machine_description
 from difflineage.eval.sampling import fast_sampling, native_bf16
@@ -118,15 +118,8 @@ def main(argv=None) -> None:
                for model in models]
     # Each configuration's row is kept as soon as it is measured, so an interruption loses one configuration, not
     # the grid; a rerun reuses only rows measured on this machine with these models and settings.
-    setting = {"machine": machine_description(), "dit": args.dit, "dydit": args.dydit, "n": args.n,
-               "batch": args.batch, "reuse": args.reuse}
-    saved = {}
-    if args.rows.is_file():
-        for line in args.rows.read_text().splitlines():
-            row = json.loads(line)
-            if row.pop("_setting") == setting:
-                saved[row["_label"]] = row
-    args.rows.parent.mkdir(parents=True, exist_ok=True)
+    kept = KeptRows(args.rows, {"machine": machine_description(), "dit": args.dit, "dydit": args.dydit, "n": args.n,
+                                "batch": args.batch, "reuse": args.reuse})
     rows, options_of = [], {}
     for i, (model, sampler, steps, cached) in enumerate(configs):
         system = models[model]
@@ -138,9 +131,9 @@ def main(argv=None) -> None:
             options["step_cache"] = system.calibrate_step_cache(args.reuse, steps=steps, sampler=sampler, n=4)
             calibration_s = time.perf_counter() - start
         options_of[label] = (model, options)
-        if label in saved:
+        if kept.get(label) is not None:
             print(f"[{i + 1}/{len(configs)}] {label}: measured before on this machine ({args.rows})", file=sys.stderr)
-            rows.append(saved[label])
+            rows.append(kept.get(label))
             continue
         print(f"[{i + 1}/{len(configs)}] {label}", file=sys.stderr)
         scores = evaluate_system(system, n=args.n, features="mnist", progress=False, bpd_images=0,
@@ -153,8 +146,7 @@ def main(argv=None) -> None:
                      "_time": scores["sampling_seconds"], "_fid": scores["fid"], "_acc": scores["class_accuracy"],
                      "_sampler": sampler, "_cached": cached, "_label": label, "_n": args.n,
                      "_real": scores["fid_real"]})
-        with args.rows.open("a") as f:
-            f.write(json.dumps({**rows[-1], "_setting": setting}) + "\n")
+        kept.keep(label, rows[-1])
 
     anchor = next(r for r in rows if r["_label"] == "DiT DDIM-50")
     slow = next(r for r in rows if r["_label"] == "DiT DDPM-250")

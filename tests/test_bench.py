@@ -23,3 +23,22 @@ def test_record_writes_json_and_replaces_its_own_docs_section(tmp_path):
     assert "Machine:" in text
     data = json.loads((tmp_path / "demo.json").read_text())
     assert data["rows"] == [{"what": "x", "ms": 3.25}] and data["machine"]
+
+
+def test_kept_rows_are_reused_only_under_the_same_setting_and_a_cut_line_is_measured_again(tmp_path):
+    from difflineage.bench import KeptRows
+
+    path = tmp_path / "rows.jsonl"
+    first = KeptRows(path, {"machine": "A", "n": 10})
+    assert first.get("ddim-50") is None
+    first.keep("ddim-50", {"FID": 12.5, "time": 3.0})
+    first.keep("ddpm-250", {"FID": 11.0, "time": 9.0})
+    with path.open("a") as f:
+        f.write('{"key": "dpm-10", "setting": {"machine": "A", "n": 1')  # the interruption cut this one short
+    again = KeptRows(path, {"machine": "A", "n": 10})
+    assert again.get("ddim-50") == {"FID": 12.5, "time": 3.0} and again.get("ddpm-250")["time"] == 9.0
+    assert again.get("dpm-10") is None
+    again.keep("dpm-10", {"FID": 13.0, "time": 0.5})  # measured again, on a line of its own
+    assert KeptRows(path, {"machine": "A", "n": 10}).get("dpm-10") == {"FID": 13.0, "time": 0.5}
+    elsewhere = KeptRows(path, {"machine": "B", "n": 10})  # another machine's times are not this one's
+    assert elsewhere.get("ddim-50") is None

@@ -81,6 +81,38 @@ def record(name: str, title: str, rows: list[dict[str, Any]], notes: str = "", c
     return out
 
 
+class KeptRows:
+    """The rows of a long benchmark kept in a JSON-lines file as each is measured, so that an interrupted run loses
+    one row, not all: a rerun reuses the rows measured under the same ``setting`` (a dict that should name the
+    machine, e.g. ``machine_description()``, when the rows hold times) and measures the rest."""
+
+    def __init__(self, path: Path, setting: dict[str, Any]):
+        self.path, self.setting = Path(path), setting
+        self.rows: dict[str, dict[str, Any]] = {}
+        if self.path.is_file():
+            for line in self.path.read_text().splitlines():
+                if not line.strip():
+                    continue
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by the interruption itself: measured again
+                    continue
+                if entry.get("setting") == setting:
+                    self.rows[entry["key"]] = entry["row"]
+
+    def get(self, key: str) -> Any:
+        """The row kept under ``key`` for this setting, or None."""
+        return self.rows.get(key)
+
+    def keep(self, key: str, row: dict[str, Any]) -> None:
+        self.rows[key] = row
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        cut = self.path.is_file() and self.path.stat().st_size and not self.path.read_bytes().endswith(b"\n")
+        with self.path.open("a") as f:  # a line cut short stays on its own line
+            f.write(("\n" if cut else "") + json.dumps({"key": key, "setting": self.setting, "row": row},
+                                                       default=_plain) + "\n")
+
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     """A markdown table of ``rows``: every row's keys as columns, in order of first appearance."""
     columns = list(dict.fromkeys(k for r in rows for k in r))
