@@ -42,3 +42,16 @@ def test_kept_rows_are_reused_only_under_the_same_setting_and_a_cut_line_is_meas
     assert KeptRows(path, {"machine": "A", "n": 10}).get("dpm-10") == {"FID": 13.0, "time": 0.5}
     elsewhere = KeptRows(path, {"machine": "B", "n": 10})  # another machine's times are not this one's
     assert elsewhere.get("ddim-50") is None
+
+
+def test_a_cpu_is_named_with_its_generation_and_vector_unit():
+    from difflineage.eval import cpu_description
+
+    zen3 = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 1\nmodel name\t: AMD EPYC\n" \
+           "flags\t\t: fpu sse2 avx avx2 fma\n\nprocessor\t: 1\nmodel name\t: other\n"
+    zen4 = zen3.replace("model\t\t: 1", "model\t\t: 17").replace("avx2 fma", "avx2 fma avx512f avx512_bf16")
+    xeon = "cpu family\t: 6\nmodel\t\t: 143\nmodel name\t: Intel(R) Xeon(R) Platinum\nflags\t: avx2 avx512f amx_bf16\n"
+    assert cpu_description(zen3) == "AMD EPYC (family 25 model 1, AVX2)"
+    assert cpu_description(zen4) == "AMD EPYC (family 25 model 17, AVX-512 BF16)"  # the same name, told apart
+    assert cpu_description(xeon) == "Intel(R) Xeon(R) Platinum (family 6 model 143, AMX)"
+    assert cpu_description("", "arm64") == "arm64"

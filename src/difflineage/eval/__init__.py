@@ -264,20 +264,33 @@ def clip_scores(system, images: torch.Tensor, labels: Optional[torch.Tensor], re
             "clip_score_real": clip_score(clip, to_unit(reference.images), reference.captions)}
 
 
+def cpu_description(cpuinfo: str, fallback: str = "CPU") -> str:
+    """The CPU of a /proc/cpuinfo text: its model name, x86 family and model, and widest vector unit, since one model
+    name covers several generations (an "AMD EPYC" with and without native bf16)."""
+    info = {}
+    for line in cpuinfo.split("\n\n")[0].splitlines():  # the first processor
+        key, sep, value = line.partition(":")
+        if sep:
+            info[key.strip()] = value.strip()
+    detail = [f"family {info['cpu family']} model {info['model']}"] if "cpu family" in info and "model" in info else []
+    flags = info.get("flags", "").split()
+    detail += [name for flag, name in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX-512 BF16"), ("avx512f", "AVX-512"),
+                                       ("avx2", "AVX2")) if flag in flags][:1]
+    name = info.get("model name", fallback)
+    return f"{name} ({', '.join(detail)})" if detail else name
+
+
 def machine_description() -> str:
     """One line naming the machine a number came from."""
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
     cpu = platform.processor() or platform.machine()
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+        cpu = cpu_description(Path("/proc/cpuinfo").read_text(), cpu)
     except OSError:
         pass
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
 
 
-__all__ = ["bf16_autocast", "evaluate_adm", "evaluate_system", "feature_network", "generate", "machine_description",
+__all__ = ["bf16_autocast", "cpu_description", "evaluate_adm", "evaluate_system", "feature_network", "generate", "machine_description",
            "parts_folder", "quantise", "score_samples", "write_reference_batch"]
