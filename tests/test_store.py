@@ -201,3 +201,18 @@ def test_dydit_fine_tunes_a_latent_dit_from_the_store(store, autoencoder, tmp_pa
     t = Trainer(config_from_dict(dydit), tmp_path / "dydit", progress=False)
     assert t.fit().status == "finished"
     assert t.system.space.latent_scale.item() == base.system.space.latent_scale.item()
+
+
+def test_a_stable_diffusion_vae_file_with_its_own_group_count_is_extracted(tmp_path):
+    from difflineage.interop import load_sd_vae, save_sd_vae
+    from difflineage.models.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig
+
+    torch.manual_seed(0)  # a small SD-layout VAE with 4 GroupNorm groups (Stable Diffusion's have 32)
+    vae = AutoencoderKL(AutoencoderKLConfig(channels=[8, 8], latent_channels=2, norm_groups=4), 1)
+    path = save_sd_vae(vae, tmp_path / "vae.safetensors", layout="ldm")
+    meta = extract(f"sd-vae:{path}", DIGITS, tmp_path / "s", shard_size=1000, progress=False, vae_norm_groups=4)
+    assert meta["kind"] == "gaussian" and meta["count"] == 1618
+    got = LatentStore.open(tmp_path / "s", verify=True).arrays([3])
+    with torch.no_grad():
+        mean, _ = load_sd_vae(path, norm_groups=4).encode(load_dataset(DIGITS, "train").batch([3])["image"])
+    assert torch.allclose(got["mean"][:, 0].float(), mean, atol=2e-3, rtol=1e-3)

@@ -200,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16", help="storage type of the moments")
     x.add_argument("--workers", type=int, default=None, help="decoding worker processes (streamed sources)")
     x.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    x.add_argument("--vae-norm-groups", type=int, default=32,
+                   help="GroupNorm groups of a Stable Diffusion VAE file given as --first-stage (32 in Stable Diffusion)")
     x.add_argument("--no-progress", action="store_true", help="no progress bar")
     x.set_defaults(func=cmd_extract)
 
@@ -534,7 +536,7 @@ def cmd_extract(args) -> int:
 
     data = data_config({"source": args.data, "image_size": args.image_size, "channels": args.channels}, args.overrides)
     extract(args.first_stage, data, args.out, shard_size=args.shard_size, batch_size=args.batch_size, dtype=args.dtype,
-            device=args.device, workers=args.workers, progress=not args.no_progress)
+            device=args.device, workers=args.workers, progress=not args.no_progress, vae_norm_groups=args.vae_norm_groups)
     return 0
 
 

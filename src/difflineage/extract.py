@@ -55,14 +55,15 @@ class FirstStage:
         return state_digest(self.module.state_dict())
 
 
-def first_stage_for(spec: str, device: torch.device) -> FirstStage:
+def first_stage_for(spec: str, device: torch.device, vae_norm_groups: int = 32) -> FirstStage:
     """``spec``: an ``autoencoder_kl`` run or checkpoint, ``sd-vae:PATH`` (or the path of a Stable Diffusion VAE
-    file itself), a VQ-VAE / VQ-VAE-2 autoencoder-stage run, or a DALL-E dVAE-stage run."""
+    file itself, with ``vae_norm_groups`` GroupNorm groups: 32 in Stable Diffusion), a VQ-VAE / VQ-VAE-2
+    autoencoder-stage run, or a DALL-E dVAE-stage run."""
     path = Path(spec.split(":", 1)[1] if spec.startswith("sd-vae:") else spec)
     if spec.startswith("sd-vae:") or path.is_file():
         from difflineage.interop.sd_vae import load_sd_vae
 
-        vae = load_sd_vae(path).to(device)
+        vae = load_sd_vae(path, norm_groups=vae_norm_groups).to(device)
         return FirstStage(f"sd-vae:{path}", "gaussian", vae, vae.image_channels, _gaussian(vae))
     from difflineage.systems import load
 
@@ -96,20 +97,23 @@ def _codes(encode_fn) -> Callable:
 
 
 def extract(first_stage: str, data: DataConfig, out: str | Path, shard_size: int = 16384, batch_size: int = 64,
-            dtype: str = "fp16", device: str = "auto", workers: Optional[int] = None, progress: bool = True) -> dict:
-    """Encode the training split of ``data`` into the store ``out``; returns the store's metadata."""
+            dtype: str = "fp16", device: str = "auto", workers: Optional[int] = None, progress: bool = True,
+            vae_norm_groups: int = 32) -> dict:
+    """Encode the training split of ``data`` into the store ``out``; returns the store's metadata.
+    ``vae_norm_groups``: the GroupNorm groups of a Stable Diffusion VAE file given as the first stage."""
     if shard_size < 1 or batch_size < 1:
         raise DataError("--shard-size and --batch-size must be at least 1")
     info = init_distributed(device)
     try:
-        return _extract(info, first_stage, data, Path(out), shard_size, batch_size, dtype, workers, progress)
+        return _extract(info, first_stage, data, Path(out), shard_size, batch_size, dtype, workers, progress,
+                        vae_norm_groups)
     finally:
         cleanup(info)
 
 
 @torch.no_grad()
-def _extract(info, spec, data, out, shard_size, batch_size, dtype, workers, progress) -> dict:
-    stage = first_stage_for(spec, info.device)
+def _extract(info, spec, data, out, shard_size, batch_size, dtype, workers, progress, vae_norm_groups) -> dict:
+    stage = first_stage_for(spec, info.device, vae_norm_groups)
     if data.channels is None:
         data = replace(data, channels=stage.channels)
     if data.channels != stage.channels:
