@@ -48,7 +48,9 @@ def fine_tune(base: str, target: float, run_dir: Path, steps: int, retrain: bool
         print(f"reusing {run_dir}", file=sys.stderr)
         return run_dir
     cfg = load_config("dydit-mnist", [f"model.base={base}", f"model.target={target}", f"train.steps={steps}"])
-    Trainer(cfg, run_dir).fit()
+    # an interrupted fine-tuning continues from its last checkpoint (exactly); --retrain starts it again
+    resume = True if latest_checkpoint(run_dir) is not None and not retrain else None
+    Trainer(cfg, run_dir, resume=resume, overwrite=retrain and run_dir.exists()).fit()
     return run_dir
 
 
