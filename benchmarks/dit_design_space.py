@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from difflineage import load
-from difflineage.bench import REPO, record
+from difflineage.bench import REPO, finished, record
 from difflineage.checkpoint import latest_checkpoint
 from difflineage.eval import evaluate_system
 from difflineage.eval.flops import count_flops
@@ -60,7 +60,7 @@ def first_stage(root: Path) -> Path:
         return ae
     ae = root / "autoencoder"
     if not (ae / "checkpoints").is_dir():
-        Trainer(load_config("autoencoder-mnist", ["train.steps=800"]), ae, progress=True).fit()
+        finished(Trainer(load_config("autoencoder-mnist", ["train.steps=800"]), ae, progress=True).fit())
     return ae
 
 
@@ -80,6 +80,7 @@ def train_and_score(r: dict, ae: Path, run_dir: Path, steps: int, n: int, args) 
     print(f"== {tag(r)}: to step {steps}", flush=True)
     res = Trainer(load_config("dit-mnist", overrides), run_dir, resume=(run_dir / "checkpoints").is_dir() or None,
                   progress=True).fit()
+    finished(res)
     system = load(res.checkpoint)
     x = torch.zeros(1, system.channels, system.side, system.side)
     gflops = count_flops(system.dit, x, torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long)).gmacs

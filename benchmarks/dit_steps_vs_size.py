@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from difflineage import load
-from difflineage.bench import REPO, KeptRows, record
+from difflineage.bench import REPO, KeptRows, finished, record
 from difflineage.checkpoint import latest_checkpoint
 from difflineage.eval import evaluate_system, machine_description
 from difflineage.eval.flops import count_flops
@@ -61,7 +61,7 @@ def trained(size: str, out: Path, ae: Path, steps: int, given: dict[str, Path]) 
                                     f"train.bf16={str(native_bf16('cpu')).lower()}",
                                     f"model.dit.depth={depth}", f"model.dit.hidden={hidden}", f"model.dit.heads={heads}",
                                     "train.sample_every=0"])
-    Trainer(cfg, run_dir, resume=True if latest_checkpoint(run_dir) is not None else None).fit()
+    finished(Trainer(cfg, run_dir, resume=True if latest_checkpoint(run_dir) is not None else None).fit())
     return run_dir
 
 

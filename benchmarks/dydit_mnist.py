@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 import difflineage
-from difflineage.bench import record, side_by_side
+from difflineage.bench import finished, record, side_by_side
 from difflineage.checkpoint import latest_checkpoint
 from difflineage.eval import bf16_autocast, evaluate_system
 from difflineage.eval.dydit_pictures import token_picture, width_picture
@@ -50,7 +50,7 @@ def fine_tune(base: str, target: float, run_dir: Path, steps: int, retrain: bool
     cfg = load_config("dydit-mnist", [f"model.base={base}", f"model.target={target}", f"train.steps={steps}"])
     # an interrupted fine-tuning continues from its last checkpoint (exactly); --retrain starts it again
     resume = True if latest_checkpoint(run_dir) is not None and not retrain else None
-    Trainer(cfg, run_dir, resume=resume, overwrite=retrain and run_dir.exists()).fit()
+    finished(Trainer(cfg, run_dir, resume=resume, overwrite=retrain and run_dir.exists()).fit())
     return run_dir
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 import difflineage
-from difflineage.bench import KeptRows, record, side_by_side
+from difflineage.bench import KeptRows, finished, record, side_by_side
 from difflineage.checkpoint import latest_checkpoint
 from difflineage.eval import evaluate_system, machine_description
 from difflineage.eval.sampling import fast_sampling, native_bf16
@@ -50,7 +50,7 @@ def fine_tuned_dydit(base: str, run_dir: Path, target: float, steps: int) -> Pat
         return run_dir
     cfg = load_config("dydit-mnist", [f"model.base={base}", f"model.target={target}", f"train.steps={steps}",
                                       f"train.bf16={str(native_bf16('cpu')).lower()}"])  # emulated bf16 is ~11x slower
-    Trainer(cfg, run_dir, resume=True if latest_checkpoint(run_dir) is not None else None).fit()
+    finished(Trainer(cfg, run_dir, resume=True if latest_checkpoint(run_dir) is not None else None).fit())
     return run_dir
 
 

@@ -55,3 +55,16 @@ def test_a_cpu_is_named_with_its_generation_and_vector_unit():
     assert cpu_description(zen4) == "AMD EPYC (family 25 model 17, AVX-512 BF16)"  # the same name, told apart
     assert cpu_description(xeon) == "Intel(R) Xeon(R) Platinum (family 6 model 143, AMX)"
     assert cpu_description("", "arm64") == "arm64"
+
+
+def test_a_benchmark_refuses_to_score_a_training_that_a_signal_stopped(tmp_path):
+    import pytest
+
+    from difflineage.bench import finished
+    from difflineage.train.trainer import TrainResult
+
+    done = TrainResult(tmp_path, 400, "finished", tmp_path / "checkpoints" / "step_0000400", None)
+    assert finished(done) is done
+    cut = TrainResult(tmp_path, 219, "interrupted", tmp_path / "checkpoints" / "step_0000219", None)
+    with pytest.raises(SystemExit, match="interrupted at step 219; run this command again"):
+        finished(cut)

@@ -113,6 +113,15 @@ class KeptRows:
                                                        default=_plain) + "\n")
 
 
+def finished(result: Any) -> Any:
+    """A benchmark's training ``result`` (a ``TrainResult``), or an exit naming where it stopped: a run stopped by a
+    signal must not be scored as if it were trained (rerunning the benchmark resumes it)."""
+    if result.status != "finished":
+        raise SystemExit(f"training in {result.run_dir} was {result.status} at step {result.step}; run this command "
+                         "again to continue it (it resumes from the checkpoint) before anything is scored")
+    return result
+
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     """A markdown table of ``rows``: every row's keys as columns, in order of first appearance."""
     columns = list(dict.fromkeys(k for r in rows for k in r))
