@@ -89,6 +89,8 @@ class KeptRows:
     def __init__(self, path: Path, setting: dict[str, Any]):
         self.path, self.setting = Path(path), setting
         self.rows: dict[str, dict[str, Any]] = {}
+        # a last line cut short by an interruption gets a newline before the next row (read once, here)
+        self._cut = self.path.is_file() and not self.path.read_bytes().endswith(b"\n") and self.path.stat().st_size > 0
         if self.path.is_file():
             for line in self.path.read_text().splitlines():
                 if not line.strip():
@@ -107,10 +109,10 @@ class KeptRows:
     def keep(self, key: str, row: dict[str, Any]) -> None:
         self.rows[key] = row
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        cut = self.path.is_file() and self.path.stat().st_size and not self.path.read_bytes().endswith(b"\n")
-        with self.path.open("a") as f:  # a line cut short stays on its own line
-            f.write(("\n" if cut else "") + json.dumps({"key": key, "setting": self.setting, "row": row},
-                                                       default=_plain) + "\n")
+        with self.path.open("a") as f:
+            f.write(("\n" if self._cut else "") + json.dumps({"key": key, "setting": self.setting, "row": row},
+                                                              default=_plain) + "\n")
+        self._cut = False
 
 
 def finished(result: Any) -> Any:
