@@ -15,20 +15,16 @@ docs/benchmarks.md, and says plainly whether the small model at its most steps r
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 
 from difflineage import load
-from difflineage.bench import REPO, KeptRows, finished, record
+from difflineage.bench import REPO, KeptRows, record, trained_run
 from difflineage.checkpoint import latest_checkpoint
 from difflineage.eval import evaluate_system, machine_description
 from difflineage.eval.flops import count_flops
-from difflineage.eval.sampling import native_bf16
-from difflineage.systems import load_config
-from difflineage.train import Trainer
 
 SIZES = {"small": (4, 128, 2), "base": (6, 256, 4), "large": (8, 384, 6)}  # depth, hidden, heads
 STEPS = (5, 10, 25, 50, 100, 250)
@@ -44,25 +40,12 @@ def first_stage() -> Path:
 def trained(size: str, out: Path, ae: Path, steps: int, given: dict[str, Path]) -> Path:
     depth, hidden, heads = SIZES[size]
     run_dir = given.get(size, out / size)
-    if size in given:  # a run trained elsewhere with the same recipe (the quickstart's DiT is the base size)
-        model = load_config(run_dir / "config.yaml").model
-        dit = model.dit
-        if Path(model.first_stage).resolve() != ae.resolve():
-            sys.exit(f"{run_dir} was trained over the first stage {model.first_stage}, not this study's {ae}")
-        if (dit.depth, dit.hidden, dit.heads, dit.patch, dit.block) != (depth, hidden, heads, 2, "adaln_zero"):
-            sys.exit(f"{run_dir} is a {dit.depth} x {dit.hidden} DiT ({dit.block}, patch {dit.patch}), not the {size} "
-                     f"size of this study ({depth} x {hidden}, adaLN-Zero, patch 2)")
-    log = run_dir / "metrics.jsonl"
-    if latest_checkpoint(run_dir) is not None and log.is_file() and \
-            json.loads(log.read_text().splitlines()[-1])["step"] >= steps:
-        print(f"reusing {run_dir}", file=sys.stderr)
-        return run_dir
-    cfg = load_config("dit-mnist", [f"model.first_stage={ae}", f"train.steps={steps}",
-                                    f"train.bf16={str(native_bf16('cpu')).lower()}",
-                                    f"model.dit.depth={depth}", f"model.dit.hidden={hidden}", f"model.dit.heads={heads}",
-                                    "train.sample_every=0"])
-    finished(Trainer(cfg, run_dir, resume=True if latest_checkpoint(run_dir) is not None else None).fit())
-    return run_dir
+    # a run trained elsewhere with the same recipe may stand in (the quickstart's DiT is the base size)
+    return trained_run("dit-mnist", [f"model.first_stage={ae}", f"model.dit.depth={depth}",
+                                     f"model.dit.hidden={hidden}", f"model.dit.heads={heads}", "train.sample_every=0"],
+                       run_dir, steps,
+                       same=("model.first_stage", "model.dit.depth", "model.dit.hidden", "model.dit.heads",
+                             "model.dit.patch", "model.dit.block"))
 
 
 def plot(rows: list[dict], path: Path, real: float) -> Path:

@@ -22,36 +22,16 @@ from pathlib import Path
 import torch
 
 import difflineage
-from difflineage.bench import finished, record, side_by_side
-from difflineage.checkpoint import latest_checkpoint
+from difflineage.bench import record, side_by_side, trained_run
 from difflineage.eval import bf16_autocast, evaluate_system
 from difflineage.eval.dydit_pictures import token_picture, width_picture
 from difflineage.eval.flops import sampling_macs
 from difflineage.eval.sampling import native_bf16
-from difflineage.systems import load_config
-from difflineage.train import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGES = REPO / "docs" / "images"
 PAPER = {0.7: "DiT-XL: 71% of DiT's FLOPs, FID 2.12 vs 2.27", 0.5: "DiT-S: 52% FLOPs, 1.54x; DiT-XL: 49%, FID 2.07, 1.73x",
          0.3: "-"}
-
-
-def fine_tune(base: str, target: float, run_dir: Path, steps: int, retrain: bool) -> Path:
-    done = run_dir / "checkpoints"
-    if not retrain and done.is_dir() and latest_checkpoint(run_dir) is not None and \
-            json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])["step"] >= steps:
-        trained_from = load_config(run_dir / "config.yaml").model.base
-        if Path(trained_from).resolve() != Path(base).resolve():
-            sys.exit(f"{run_dir} was fine-tuned from {trained_from}, not from --base {base}: give another --out, "
-                     "or --retrain")
-        print(f"reusing {run_dir}", file=sys.stderr)
-        return run_dir
-    cfg = load_config("dydit-mnist", [f"model.base={base}", f"model.target={target}", f"train.steps={steps}"])
-    # an interrupted fine-tuning continues from its last checkpoint (exactly); --retrain starts it again
-    resume = True if latest_checkpoint(run_dir) is not None and not retrain else None
-    finished(Trainer(cfg, run_dir, resume=resume, overwrite=retrain and run_dir.exists()).fit())
-    return run_dir
 
 
 def main(argv=None) -> None:
@@ -66,7 +46,8 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args(argv)
     out = Path(args.out)
-    runs = {t: fine_tune(args.base, t, out / f"lambda-{t}", args.steps, args.retrain) for t in args.targets}
+    runs = {t: trained_run("dydit-mnist", [f"model.base={args.base}", f"model.target={t}"], out / f"lambda-{t}",
+                           args.steps, retrain=args.retrain, same=("model.base", "model.target")) for t in args.targets}
     dit = difflineage.load(args.base)
     models = {"DiT": dit, **{f"DyDiT lambda={t}": difflineage.load(d) for t, d in runs.items()}}
 

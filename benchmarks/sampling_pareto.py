@@ -27,31 +27,16 @@ from pathlib import Path
 import torch
 
 import difflineage
-from difflineage.bench import KeptRows, finished, record, side_by_side
-from difflineage.checkpoint import latest_checkpoint
+from difflineage.bench import KeptRows, record, side_by_side, trained_run
 from difflineage.eval import evaluate_system, machine_description
-from difflineage.eval.sampling import fast_sampling, native_bf16
+from difflineage.eval.sampling import fast_sampling
 from difflineage.models.step_cache import draw_schedule
-from difflineage.systems import load_config
-from difflineage.train import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGES = REPO / "docs" / "images"
 SAMPLERS = [("ddpm", 250), ("ddim", 50), ("ddim", 25), ("ddim", 10), ("dpmpp_2m", 20), ("dpmpp_2m", 10),
             ("dpmpp_2m", 5)]
 NAMES = {"ddpm": "DDPM", "ddim": "DDIM", "dpmpp_2m": "DPM-Solver++"}
-
-
-def fine_tuned_dydit(base: str, run_dir: Path, target: float, steps: int) -> Path:
-    """The DyDiT at ``target`` fine-tuned from ``base`` (the run in ``run_dir`` when it is complete)."""
-    if latest_checkpoint(run_dir) is not None and (run_dir / "metrics.jsonl").is_file() and \
-            json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])["step"] >= steps:
-        print(f"reusing {run_dir}", file=sys.stderr)
-        return run_dir
-    cfg = load_config("dydit-mnist", [f"model.base={base}", f"model.target={target}", f"train.steps={steps}",
-                                      f"train.bf16={str(native_bf16('cpu')).lower()}"])  # emulated bf16 is ~11x slower
-    finished(Trainer(cfg, run_dir, resume=True if latest_checkpoint(run_dir) is not None else None).fit())
-    return run_dir
 
 
 def pareto(points: list[tuple[float, float]]) -> list[int]:
@@ -111,8 +96,9 @@ def main(argv=None) -> None:
     ap.add_argument("--rows", type=Path, default=REPO / "runs" / "sampling-pareto" / "rows.jsonl",
                     help="where each configuration's row is kept as it is measured (a rerun resumes from it)")
     args = ap.parse_args(argv)
-    models = {"DiT": difflineage.load(args.dit),
-              "DyDiT": difflineage.load(fine_tuned_dydit(args.dit, Path(args.dydit), args.target, args.dydit_steps))}
+    dydit = trained_run("dydit-mnist", [f"model.base={args.dit}", f"model.target={args.target}"], Path(args.dydit),
+                        args.dydit_steps, same=("model.base",))
+    models = {"DiT": difflineage.load(args.dit), "DyDiT": difflineage.load(dydit)}
 
     configs = [(model, sampler, steps, cached) for sampler, steps in SAMPLERS for cached in (False, True)
                for model in models]

@@ -68,3 +68,26 @@ def test_a_benchmark_refuses_to_score_a_training_that_a_signal_stopped(tmp_path)
     cut = TrainResult(tmp_path, 219, "interrupted", tmp_path / "checkpoints" / "step_0000219", None)
     with pytest.raises(SystemExit, match="interrupted at step 219; run this command again"):
         finished(cut)
+
+
+def test_a_study_reuses_a_complete_run_resumes_a_longer_one_and_refuses_one_trained_for_another(tmp_path):
+    import pytest
+    import yaml
+    from helpers import tiny_vae_dict
+
+    from difflineage.bench import trained_run
+
+    recipe = tmp_path / "tiny-vae.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_vae_dict()))
+    run = trained_run(str(recipe), [], tmp_path / "run", steps=2)
+    first = run / "checkpoints" / "step_0000002" / "model.safetensors"
+    made = first.stat().st_mtime_ns
+    assert trained_run(str(recipe), [], run, steps=2) == run and first.stat().st_mtime_ns == made  # reused
+    trained_run(str(recipe), [], run, steps=4)  # continued from step 2, not started again
+    assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_0000002", "step_0000004"]
+    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert first.stat().st_mtime_ns == made and last["step"] == 4
+    with pytest.raises(SystemExit, match="trained with model.latent_dim=4, not 6"):
+        trained_run(str(recipe), ["model.latent_dim=6"], run, steps=4, same=("model.latent_dim",))
+    trained_run(str(recipe), ["model.latent_dim=6"], run, steps=2, retrain=True, same=("model.latent_dim",))
+    assert "latent_dim: 6" in (run / "config.yaml").read_text() and not (run / "checkpoints" / "step_0000004").exists()

@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import json
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+
+from difflineage.checkpoint import latest_checkpoint
+from difflineage.systems import load_config
+from difflineage.train import Trainer
 
 REPO = Path(__file__).resolve().parents[2]
 DOCS = REPO / "docs" / "benchmarks.md"
@@ -122,6 +127,35 @@ def finished(result: Any) -> Any:
         raise SystemExit(f"training in {result.run_dir} was {result.status} at step {result.step}; run this command "
                          "again to continue it (it resumes from the checkpoint) before anything is scored")
     return result
+
+
+def trained_run(recipe: str, overrides: list[str], run_dir: Path, steps: int, retrain: bool = False,
+                same: tuple[str, ...] = ()) -> Path:
+    """``run_dir`` trained from ``recipe`` with ``overrides`` to ``steps``: reused when it is complete, resumed
+    (exactly, from its last checkpoint) when it was interrupted, trained otherwise; ``retrain`` starts it again. A run
+    kept from before must agree with this request at the config keys ``same`` (dotted; paths compared resolved), or
+    this exits naming both values, so that a study never scores a model trained for another one."""
+    run_dir = Path(run_dir)
+    cfg = load_config(recipe, [*overrides, f"train.steps={steps}"])
+    kept = latest_checkpoint(run_dir) is not None and not retrain
+    if kept:
+        before = load_config(run_dir / "config.yaml")
+        for key in same:
+            was, asked = (_setting(c.to_dict(), key) for c in (before, cfg))
+            if was != asked:
+                sys.exit(f"{run_dir} was trained with {key}={was}, not {asked}: give another run folder, or retrain it")
+        log = run_dir / "metrics.jsonl"
+        if log.is_file() and json.loads(log.read_text().splitlines()[-1])["step"] >= steps:
+            print(f"reusing {run_dir}", file=sys.stderr)
+            return run_dir
+    finished(Trainer(cfg, run_dir, resume=True if kept else None, overwrite=retrain and run_dir.exists()).fit())
+    return run_dir
+
+
+def _setting(raw: dict, key: str) -> Any:
+    for part in key.split("."):
+        raw = raw[part]
+    return str(Path(raw).resolve()) if isinstance(raw, str) and ("/" in raw or Path(raw).exists()) else raw
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
