@@ -114,22 +114,27 @@ def choose_reuse(deltas: torch.Tensor, fraction: float) -> torch.Tensor:
 
 def draw_schedule(cache: StepCache, path: str | Path, title: str = "") -> Path:
     """A picture of the decisions, blocks x sampler steps (reused in colour), over the calibrated changes."""
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     steps, blocks = cache.reuse.shape
-    fig, axes = plt.subplots(2, 1, figsize=(max(6, steps * 0.18), max(4, blocks * 0.35)), sharex=True)
+    fig, axes = plt.subplots(2, 1, figsize=(max(7, steps * 0.18), max(4.5, blocks * 0.35)), sharex=True)
     deltas = cache.calibration if cache.calibration is not None else cache.deltas
     im = axes[0].imshow(deltas.T.numpy(), aspect="auto", cmap="viridis", origin="lower")
-    fig.colorbar(im, ax=axes[0], label="residual change from the step before")
+    fig.colorbar(im, ax=axes[0], label="residual change")
     axes[0].set_ylabel("block")
-    axes[0].set_title(title or "calibration: how much each block's residual changes per step")
-    axes[1].imshow(cache.reuse.T.numpy(), aspect="auto", cmap="Oranges", origin="lower", vmin=0, vmax=1)
+    axes[0].set_title(textwrap.fill(title or "calibration: how much each block's residual changes from the step "
+                                    "before", 70), fontsize=10)
+    used = axes[1].imshow(cache.reuse.T.numpy(), aspect="auto", cmap="Oranges", origin="lower", vmin=0, vmax=1)
+    bar = fig.colorbar(used, ax=axes[1], ticks=[0, 1])  # a bar here too, so both panels share the x axis's width
+    bar.ax.set_yticklabels(["computed", "reused"])
     axes[1].set_ylabel("block")
     axes[1].set_xlabel("sampler step (first = most noise)")
-    axes[1].set_title(f"reused (orange): {cache.reuse_fraction:.0%} of block evaluations")
+    axes[1].set_title(f"decisions: {cache.reuse_fraction:.0%} of block evaluations reused", fontsize=10)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)
