@@ -137,25 +137,26 @@ def trained_run(recipe: str, overrides: list[str], run_dir: Path, steps: int, re
     this exits naming both values, so that a study never scores a model trained for another one."""
     run_dir = Path(run_dir)
     cfg = load_config(recipe, [*overrides, f"train.steps={steps}"])
-    kept = latest_checkpoint(run_dir) is not None and not retrain
-    if kept:
-        before = load_config(run_dir / "config.yaml")
+    last = None if retrain else latest_checkpoint(run_dir)
+    if last is not None:
+        before = load_config(run_dir / "config.yaml").to_dict()
         for key in same:
-            was, asked = (_setting(c.to_dict(), key) for c in (before, cfg))
-            if was != asked:
+            was, asked = _setting(before, key), _setting(cfg.to_dict(), key)
+            if was != asked and not (isinstance(was, str) and isinstance(asked, str)
+                                     and Path(was).resolve() == Path(asked).resolve()):
                 sys.exit(f"{run_dir} was trained with {key}={was}, not {asked}: give another run folder, or retrain it")
-        log = run_dir / "metrics.jsonl"
-        if log.is_file() and json.loads(log.read_text().splitlines()[-1])["step"] >= steps:
+        if int(last.name.split("_")[-1]) >= steps:  # checkpoints are named by their step
             print(f"reusing {run_dir}", file=sys.stderr)
             return run_dir
-    finished(Trainer(cfg, run_dir, resume=True if kept else None, overwrite=retrain and run_dir.exists()).fit())
+    finished(Trainer(cfg, run_dir, resume=True if last is not None else None,
+                     overwrite=retrain and run_dir.exists()).fit())
     return run_dir
 
 
 def _setting(raw: dict, key: str) -> Any:
     for part in key.split("."):
         raw = raw[part]
-    return str(Path(raw).resolve()) if isinstance(raw, str) and ("/" in raw or Path(raw).exists()) else raw
+    return raw
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
