@@ -1,4 +1,4 @@
-"""The browser demo's functions (difflineage/demo.py), without a browser: runs found and refused, requests in the
+"""The browser demo's functions (difflineage/demo/), without a browser: runs found and refused, requests in the
 user's words, sampling a DiT and a DyDiT beside its base with counted FLOPs, the DyDiT pictures of one sample, the
 family's controls on every system's tiny fixture, and bad requests as messages."""
 

@@ -1,0 +1,282 @@
+"""The demo's runs: which directories are runs, a loaded run (``DemoRun``: its system, the base DiT beside a DyDiT,
+the controls its family takes) and a request in the page's words (``Request``) turned into sampling arguments,
+every bad one a ``DemoError`` that says what to give instead."""
+
+import inspect
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from difflineage.checkpoint import checkpoints_of, resolve_checkpoint
+from difflineage.config import unknown
+from difflineage.data import DIGIT_NAMES
+from difflineage.errors import CheckpointError, ConfigError, DataError
+from difflineage.eval.sampling import FAST_STEPS, fast_sampling
+from difflineage.systems import System, load
+from difflineage.systems.base import DynamicCompute, Reranks
+
+EVERY_CLASS = "every class in turn"
+MAX_RERANK = 16
+SAMPLERS = ("ddpm", "ddim", "dpmpp_2m")
+
+
+class DemoError(Exception):
+    """A request the page cannot serve; the message says what was wrong and what to do instead."""
+
+
+def find_runs(root: Path) -> list[Path]:
+    """The run directories directly under ``root`` that hold a complete checkpoint, in name order."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and checkpoints_of(p))
+
+
+def check_run(path: Path) -> Path:
+    """The checkpoint a run (or checkpoint) directory resolves to; anything else is a ``DemoError``."""
+    try:
+        return resolve_checkpoint(path)
+    except CheckpointError as exc:
+        raise DemoError(str(exc)) from None
+
+
+@dataclass
+class Request:
+    """What the page asks for. ``condition``: a class name (or its number, or EVERY_CLASS) or a caption."""
+
+    condition: str = ""
+    n: int = 16
+    seed: int = 0
+    randomize: bool = False
+    guidance: Optional[float] = None
+    steps: Optional[int] = None
+    sampler: Optional[str] = None
+    temperature: Optional[float] = None
+    rerank: Optional[int] = None
+    fast: bool = False
+
+
+@dataclass
+class Model:
+    """One system the page samples: the run's own, or beside a DyDiT the DiT it was fine-tuned from. Keeps what the
+    fast path prepared for it (a step cache per sampler, steps and guidance; whether its blocks are compiled)."""
+
+    system: System
+    title: str
+    source: str
+    step_caches: dict = field(default_factory=dict)
+    compiled: bool = False
+    compiled_sizes: set = field(default_factory=set)  # batch sizes its compiled blocks have run at
+
+    @property
+    def dynamic(self) -> bool:
+        """Whether its arithmetic changes with the sample (DyDiT): then FLOPs are counted on every image."""
+        return isinstance(self.system, DynamicCompute)
+
+    def options_for(self, options: dict[str, Any], fast: bool, seed: int) -> tuple[dict[str, Any], bool, str]:
+        """(sampling options, bf16, a line saying what was chosen): as asked, or on the fast path."""
+        if not fast:  # blocks compiled by an earlier fast-path request stay compiled (in place)
+            return dict(options), False, describe_options(options) + (", compiled blocks" if self.compiled else "")
+        key = tuple(sorted((k, v) for k, v in options.items()))
+        if key not in self.step_caches:  # calibrated once per sampler, steps and guidance
+            self.step_caches[key] = fast_sampling(self.system, options, seed=0, compile=False)
+        fast_options, bf16, said = self.step_caches[key]
+        if not self.compiled and hasattr(self.system, "compile_blocks"):
+            self.compiled = self.system.compile_blocks()
+        return dict(fast_options), bf16, said + (", compiled blocks" if self.compiled else "")
+
+    def compiles_at(self, n: int) -> bool:
+        """Whether sampling ``n`` images now first compiles its blocks for that batch size (and note that it has)."""
+        first = self.compiled and n not in self.compiled_sizes
+        if self.compiled:
+            self.compiled_sizes.add(n)
+        return first
+
+
+class DemoRun:
+    """A loaded run: its system, the base DiT beside a DyDiT, and the controls its family takes."""
+
+    def __init__(self, path: Path, device: str = "cpu"):
+        self.path = Path(path)
+        self.checkpoint = check_run(self.path)
+        try:
+            system = load(self.checkpoint, device=device)
+        except (CheckpointError, ConfigError, DataError) as exc:
+            raise DemoError(f"{self.path} could not be loaded: {exc}") from None
+        self.system = system
+        self.models = [Model(system, self.family_title(system), str(self.path))]
+        self.base_note = ""
+        if system.config.system == "dydit":
+            self._load_base(device)
+        self.sample_parameters = set(inspect.signature(type(system).sample).parameters)
+        if self.diffusion:
+            self.warm_up()
+
+    def warm_up(self) -> None:
+        """One tiny sample from each model before any is timed, so that neither the first model of a request nor
+        the first request pays for what only a first call does (allocations, weight slices)."""
+        for model in self.models:
+            label = 0 if self.condition_kind == "class" else None
+            caption = self.defaults()["condition"] if self.condition_kind == "caption" else None
+            model.system.sample(1, condition=[caption] if caption else label,
+                                generator=torch.Generator().manual_seed(0), steps=2, sampler="ddim")
+
+    @staticmethod
+    def family_title(system: System) -> str:
+        names = {"dit": "DiT", "dydit": "DyDiT", "ddpm": "DDPM", "ldm": "Latent diffusion", "vae": "VAE",
+                 "vqvae": "VQ-VAE", "vqvae2": "VQ-VAE-2", "dalle": "DALL-E", "autoencoder_kl": "Autoencoder (KL)"}
+        return names.get(system.config.system, system.config.system)
+
+    def _load_base(self, device: str) -> None:
+        base = self.system.config.model.base
+        candidates = [Path(base), self.path.parent.parent / base]  # as trained (from the repository), or beside
+        found = next((c for c in candidates if c.is_dir()), None)
+        if found is None:
+            self.base_note = (f"its base DiT ({base}) is not a run directory here"
+                              + (" (an official DiT file)" if Path(base).is_file() else "")
+                              + ": the DyDiT is shown alone")
+            return
+        try:
+            self.models.append(Model(load(check_run(found), device=device), "DiT (its base)", str(found)))
+        except (DemoError, CheckpointError, ConfigError, DataError) as exc:
+            self.base_note = f"its base DiT ({base}) could not be loaded ({exc}): the DyDiT is shown alone"
+
+    # -- what the family takes ------------------------------------------------------------------------------
+
+    @property
+    def diffusion(self) -> bool:
+        return hasattr(self.system, "chain")
+
+    @property
+    def condition_kind(self) -> str:
+        """"caption", "class" or "none": what the condition field asks for."""
+        if self.system.caption_conditioned:
+            return "caption"
+        return "class" if self.system.num_classes else "none"
+
+    @property
+    def class_names(self) -> list[str]:
+        """The names a class is asked for by (the data's, as captions use them; numbers where it has none)."""
+        k = self.system.num_classes
+        names = list(self.system.config.data.class_names or DIGIT_NAMES)
+        return names[:k] if len(names) >= k else [str(i) for i in range(k)]
+
+    @property
+    def takes_temperature(self) -> bool:
+        return "temperature" in self.sample_parameters
+
+    @property
+    def takes_guidance(self) -> bool:
+        if self.diffusion:
+            return self.condition_kind != "none"
+        return "guidance" in self.sample_parameters
+
+    @property
+    def can_rerank(self) -> bool:
+        return isinstance(self.system, Reranks) and "rerank" in self.sample_parameters and \
+            getattr(self.system, "clip_model", lambda: None)() is not None
+
+    @property
+    def latent_2d(self) -> bool:
+        return self.system.config.system == "vae" and self.system.config.model.latent_dim == 2
+
+    def defaults(self) -> dict[str, Any]:
+        """The controls' starting values: the run's own sampling settings."""
+        m = self.system.config.model
+        out: dict[str, Any] = {"condition": EVERY_CLASS if self.condition_kind == "class" else ""}
+        if self.condition_kind == "caption" and self.system.num_classes:  # the caption of a class, as an example
+            out["condition"] = self.system.captions_for(torch.tensor([self.system.num_classes - 1]))[0]
+        if self.diffusion:
+            dc = m.diffusion
+            out.update(guidance=dc.guidance, steps=dc.sample_steps, sampler=dc.sampler, max_steps=dc.timesteps)
+        else:
+            out["guidance"] = getattr(m, "guidance", 1.0)
+        out["temperature"] = getattr(m, "temperature", 1.0)
+        out["rerank"] = getattr(m, "rerank", 1)
+        return out
+
+    def describe(self) -> str:
+        """A few lines about the run for the top of the page."""
+        s = self.system
+        params = sum(p.numel() for p in s.parameters())
+        step = self.checkpoint.name.removeprefix("step_").lstrip("0") or "0"
+        lines = [f"**{self.path}**: {self.family_title(s)} ({s.config.system}), {params / 1e6:.2f}M parameters, "
+                 f"checkpoint {self.checkpoint.name} ({step} steps), {s.config.data.source} "
+                 f"{s.config.data.image_size}px; condition: {self.condition_kind}."]
+        if len(self.models) > 1:
+            lines.append(f"Drawn beside its base DiT, `{self.models[1].source}`, with the same seed and settings.")
+        if self.base_note:
+            lines.append(f"Note: {self.base_note}.")
+        return "  \n".join(lines)
+
+    # -- a request in the user's words -> sampling arguments ----------------------------------------------
+
+    def condition_of(self, text: str, n: int) -> tuple[Any, list[str]]:
+        """(the ``condition`` for System.sample, a caption per image) from what the user typed or chose."""
+        text = (text or "").strip()
+        kind = self.condition_kind
+        if kind == "caption":
+            if not text:
+                raise DemoError("give a caption: this run is caption-conditioned (e.g. "
+                                f"{self.defaults()['condition']!r})")
+            return [text] * n, [text] * n
+        names = self.class_names
+        if kind == "none":
+            if text and text != EVERY_CLASS:
+                raise DemoError(f"this run ({self.system.config.system}) is unconditional: it takes no class or "
+                                f"caption, and {text!r} was given; leave the condition empty")
+            return None, [""] * n
+        if not text or text == EVERY_CLASS:
+            labels = torch.arange(n) % len(names)
+            return labels, [names[i] for i in labels.tolist()]
+        lowered = {name.lower(): i for i, name in enumerate(names)}
+        if text.lower() in lowered:
+            label = lowered[text.lower()]
+        elif text.isdigit() and int(text) < len(names):
+            label = int(text)
+        elif len(text.split()) > 1:
+            raise DemoError(f"{text!r} reads as a caption, but this run ({self.system.config.system}) is "
+                            f"class-conditional: choose a class by name ({', '.join(names)}) or {EVERY_CLASS!r}")
+        else:
+            raise DemoError(unknown("class", text, names) + f" (or {EVERY_CLASS!r})")
+        return label, [names[label]] * n
+
+    def options_of(self, request: Request) -> dict[str, Any]:
+        """The sampling options of ``request`` that this family takes, checked. Options left out take the run's
+        own values, and all are passed explicitly, so that a DyDiT and its base DiT (whose recipes may differ)
+        sample with the same settings; on the fast path a sampler and step count left out are DPM-Solver++'s 20
+        steps, as ``sample --fast`` has them."""
+        d = self.defaults()
+        options: dict[str, Any] = {}
+        if self.takes_guidance:
+            guidance = d["guidance"] if request.guidance is None else request.guidance
+            if not 0 <= guidance <= 50:
+                raise DemoError(f"guidance {guidance} must lie in 0..50 (1: no guidance)")
+            options["guidance"] = float(guidance)
+        if self.diffusion:
+            T = d["max_steps"]
+            steps = request.steps if request.steps is not None else FAST_STEPS if request.fast else d["steps"]
+            if not 1 <= int(steps) <= T:
+                raise DemoError(f"steps {steps} must lie in 1..{T} (this run's chain has {T} timesteps)")
+            sampler = request.sampler or ("dpmpp_2m" if request.fast else d["sampler"])
+            if sampler not in SAMPLERS:
+                raise DemoError(unknown("sampler", sampler, list(SAMPLERS)))
+            options.update(sampler=sampler, steps=int(steps))
+        if self.takes_temperature and request.temperature is not None:
+            if not request.temperature > 0:
+                raise DemoError(f"temperature {request.temperature} must be positive")
+            options["temperature"] = float(request.temperature)
+        if request.rerank is not None and int(request.rerank) > 1:
+            if not self.can_rerank:
+                raise DemoError("this run cannot rerank: that needs a DALL-E prior that carries a CLIP "
+                                "(model.clip_stage); set rerank to 1")
+            if int(request.rerank) > MAX_RERANK:
+                raise DemoError(f"rerank {request.rerank}: at most {MAX_RERANK} candidates per image")
+            options["rerank"] = int(request.rerank)
+        return options
+
+
+def describe_options(options: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in options.items() if k != "step_cache") or "the run's own settings"
