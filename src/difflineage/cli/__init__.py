@@ -1,4 +1,4 @@
-"""The ``difflineage`` command: quickstart, train, sample, evaluate, score, extract, convert, info, demo.
+"""The ``difflineage`` command: quickstart, train, sample, evaluate, score, reference, extract, convert, info, demo.
 
 Every sub-command explains its options with ``--help``. Errors in the user's input (config,
 data, checkpoint) print one message naming the problem and the fix, and exit with status 2;

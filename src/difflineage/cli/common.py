@@ -7,7 +7,7 @@ import argparse
 import os
 from pathlib import Path
 
-SAMPLERS = ["ddpm", "ddim", "dpmpp_2m"]
+from difflineage.diffusion.gaussian import SAMPLERS
 
 
 def add_sampling_options(p: argparse.ArgumentParser) -> None:
@@ -17,7 +17,7 @@ def add_sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale (diffusion systems, DALL-E)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (diffusion systems; respaced chain)")
-    p.add_argument("--sampler", choices=SAMPLERS, default=None,
+    p.add_argument("--sampler", choices=list(SAMPLERS), default=None,
                    help="diffusion sampler: ddpm, ddim or dpmpp_2m (DPM-Solver++(2M), 10-20 steps); default: the "
                         "recipe's")
     p.add_argument("--rerank", type=int, default=None, metavar="N",

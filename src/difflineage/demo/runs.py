@@ -12,6 +12,7 @@ import torch
 from difflineage.checkpoint import checkpoints_of, resolve_checkpoint
 from difflineage.config import unknown
 from difflineage.data import DIGIT_NAMES
+from difflineage.diffusion.gaussian import SAMPLERS
 from difflineage.errors import CheckpointError, ConfigError, DataError
 from difflineage.eval.sampling import FAST_STEPS, fast_sampling
 from difflineage.systems import System, load
@@ -19,7 +20,6 @@ from difflineage.systems.base import DynamicCompute, Reranks
 
 EVERY_CLASS = "every class in turn"
 MAX_RERANK = 16
-SAMPLERS = ("ddpm", "ddim", "dpmpp_2m")
 
 
 class DemoError(Exception):
