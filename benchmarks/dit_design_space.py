@@ -3,7 +3,7 @@ best of two learning rates, with their learning curves; and three model sizes x 
 (MNIST features) and class accuracy against Gflops.
 
     python benchmarks/dit_design_space.py --steps 600 --lrs 2e-3        # the first study's budget (~30 min, 2 cores)
-    python benchmarks/dit_design_space.py                               # 3,000 steps, blocks at 2e-3 and 5e-4 (hours)
+    python benchmarks/dit_design_space.py                               # 3,000 steps, blocks at 2e-3 and 5e-4 (~11 h)
 
 Every model is a latent DiT over the flagship quickstart's first stage (8x8x4 latents; the autoencoder is
 trained first if runs/quickstart-dit/autoencoder is missing), trained with the flagship recipe for the same
@@ -74,7 +74,9 @@ def train_and_score(r: dict, ae: Path, run_dir: Path, steps: int, n: int, args) 
         sys.exit(f"{run_dir} is already past step {steps} ({last.name}), so its score there cannot be taken; "
                  f"remove the run or leave {steps} out of --track")
     overrides = [f"model.first_stage={ae}", f"train.steps={steps}", f"train.batch_size={args.batch}",
-                 f"train.lr={r['lr']}", "train.sample_every=0", f"train.checkpoint_every={steps}",
+                 f"train.lr={r['lr']}", "train.sample_every=0",
+                 # a checkpoint every 250 steps (the last two kept): a study of many hours loses little to a kill
+                 f"train.checkpoint_every={min(250, steps)}", "train.keep_checkpoints=2",
                  f"model.dit.depth={r['depth']}", f"model.dit.hidden={r['hidden']}", f"model.dit.heads={r['heads']}",
                  f"model.dit.patch={r['patch']}", f"model.dit.block={r['block']}"]
     print(f"== {tag(r)}: to step {steps}", flush=True)
