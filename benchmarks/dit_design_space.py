@@ -3,7 +3,7 @@ best of two learning rates, with their learning curves; and three model sizes x 
 (MNIST features) and class accuracy against Gflops.
 
     python benchmarks/dit_design_space.py --steps 600 --lrs 2e-3        # the first study's budget (~30 min, 2 cores)
-    python benchmarks/dit_design_space.py                               # 3,000 steps, blocks at 2e-3 and 5e-4 (~11 h)
+    python benchmarks/dit_design_space.py                               # 3,000 steps, blocks at 2e-3 and 5e-4 (~2.5 h, Zen 5)
 
 Every model is a latent DiT over the flagship quickstart's first stage (8x8x4 latents; the autoencoder is
 trained first if runs/quickstart-dit/autoencoder is missing), trained with the flagship recipe for the same
@@ -83,14 +83,30 @@ def train_and_score(r: dict, ae: Path, run_dir: Path, steps: int, n: int, args) 
     res = Trainer(load_config("dit-mnist", overrides), run_dir, resume=(run_dir / "checkpoints").is_dir() or None,
                   progress=True).fit()
     finished(res)
-    system = load(res.checkpoint)
+    return score(load(res.checkpoint), steps, n, args.guidance, done)
+
+
+def score(system, steps: int, n: int, guidance: float, done: Path) -> dict:
+    """Score ``n`` samples of ``system`` at ``guidance`` and keep the result in ``done``."""
     x = torch.zeros(1, system.channels, system.side, system.side)
     gflops = count_flops(system.dit, x, torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long)).gmacs
-    m = evaluate_system(system, n=n, bpd_images=0, progress=True, sample_options={"guidance": args.guidance})
+    m = evaluate_system(system, n=n, bpd_images=0, progress=True, sample_options={"guidance": guidance})
     result = {"steps": steps, "Gflops": gflops, "params (M)": sum(p.numel() for p in system.dit.parameters()) / 1e6,
               "FID": m["fid"], "FID real-vs-real": m["fid_real"], "class accuracy": m["class_accuracy"]}
     done.write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def score_checkpoint(run_dir: Path, steps: int, n: int, guidance: float, name: str) -> dict:
+    """Score ``n`` samples of the run's checkpoint at ``steps`` (kept in ``run_dir/name``)."""
+    done = run_dir / name
+    if done.exists():
+        return json.loads(done.read_text())
+    ckpt = run_dir / "checkpoints" / f"step_{steps:07d}"
+    if not ckpt.is_dir():
+        sys.exit(f"{run_dir} has no checkpoint at step {steps} to score; remove the run to train it again")
+    print(f"== {run_dir.name}: {n} samples at step {steps}, guidance {guidance:g}", flush=True)
+    return score(load(ckpt), steps, n, guidance, done)
 
 
 def main(argv=None) -> None:
@@ -106,8 +122,10 @@ def main(argv=None) -> None:
                     help="steps at which the block comparison is scored on the way (default: 4 even points)")
     ap.add_argument("--track-n", type=int, default=200, help="samples scored at each tracked step")
     ap.add_argument("--guidance", type=float, default=3.0,
-                    help="guidance scale of the scored samples (1: none, the paper's protocol, which needs far longer "
-                         "training than the default to separate the models)")
+                    help="guidance scale of the scored samples (1: none, the paper's protocol, which --unguided "
+                         "adds beside the guided scores of the final models)")
+    ap.add_argument("--unguided", action=argparse.BooleanOptionalAction, default=True,
+                    help="also score each final model without guidance (the paper's protocol)")
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "dit-design-space")
     args = ap.parse_args(argv)
     track = sorted(set(args.track if args.track is not None else [args.steps * i // 4 for i in (1, 2, 3)]) -
@@ -119,17 +137,27 @@ def main(argv=None) -> None:
         if r["study"] == "block":  # the learning curve first: each tracked step resumes the run where it stopped
             curves[tag(r)] = [train_and_score(r, ae, run_dir, s, args.track_n, args) for s in track if s < args.steps]
         result = train_and_score(r, ae, run_dir, args.steps, args.n, args)
-        if r["study"] == "block":
-            curves[tag(r)].append(result)
+        # the paper's protocol: no guidance (scale 1, the conditional model)
+        plain = (score_checkpoint(run_dir, args.steps, args.n, 1.0, f"scores-{args.steps}-{args.n}-unguided.json")
+                 if args.unguided else None)
+        if r["study"] == "block":  # the curve's last point at the curve's sample count (FID is biased by the count)
+            curves[tag(r)].append(result if args.track_n == args.n else score_checkpoint(
+                run_dir, args.steps, args.track_n, args.guidance, f"scores-{args.steps}-{args.track_n}.json"))
         real = result["FID real-vs-real"]
         rows.append({"study": r["study"], "block": r["block"], "lr": r["lr"], "size": r["size"],
                      "depth x hidden": f"{r['depth']} x {r['hidden']}", "patch": r["patch"],
                      "tokens": (8 // r["patch"]) ** 2, "params (M)": round(result["params (M)"], 2),
                      "Gflops (MACs)": round(result["Gflops"], 4), "FID": round(result["FID"], 1),
                      "class accuracy": round(result["class accuracy"], 3), "_tag": tag(r)})
-    for b in BLOCKS:  # each block's best learning rate by FID
+        if plain is not None:
+            rows[-1].update({"FID unguided": round(plain["FID"], 1),
+                             "accuracy unguided": round(plain["class accuracy"], 3)})
+    # each block's best learning rate by FID: unguided where scored (the paper's protocol; guided samples lose
+    # diversity as a model trains on, so their FID can favour the less trained model)
+    key = "FID unguided" if args.unguided else "FID"
+    for b in BLOCKS:
         mine = [x for x in rows if x["study"] == "block" and x["block"] == b]
-        best = min(mine, key=lambda x: x["FID"])
+        best = min(mine, key=lambda x: x[key])
         for x in mine:
             x["best lr"] = "yes" if x is best and len(mine) > 1 else ""
     plot(rows, curves, REPO / "docs" / "images" / "dit_design_space.png", args)
@@ -137,12 +165,17 @@ def main(argv=None) -> None:
              f"{args.batch} for every model; {args.n} samples at guidance {args.guidance} scored on MNIST features "
              f"against the held-out digits (real-vs-real FID at this count: {real:.1f}). Block comparison at "
              f"{args.blocks_size} size, patch 2, each block at learning rates {', '.join(f'{x:g}' for x in args.lrs)} "
-             f"(best lr: its lower FID); its learning curves ({args.track_n} samples at steps "
-             f"{', '.join(map(str, track))}) are in the plot. Gflops: one forward pass of one latent. "
+             f"(best lr: its lower FID{' unguided' if args.unguided else ''}); its learning curves ({args.track_n} samples at steps "
+             f"{', '.join(map(str, track))}) are in the plot. "
+             + (f"FID and accuracy unguided: {args.n} samples of the same final models without guidance (scale 1, "
+                "the paper's protocol). " if args.unguided else "")
+             + "Gflops: one forward pass of one latent. "
              "Plot: docs/images/dit_design_space.png.")
     table = [{k: v for k, v in x.items() if not k.startswith("_")} for x in rows]
     defaults = {k: ap.get_default(k) for k in ("steps", "batch", "n", "guidance", "track_n", "blocks_size")}
     given = "".join(f" --{k.replace('_', '-')} {getattr(args, k)}" for k, v in defaults.items() if getattr(args, k) != v)
+    if not args.unguided:
+        given += " --no-unguided"
     if args.lrs != ap.get_default("lrs"):
         given += " --lrs " + " ".join(f"{x:g}" for x in args.lrs)
     if args.track is not None:
@@ -157,36 +190,54 @@ def plot(rows: list[dict], curves: dict[str, list[dict]], path: Path, args) -> N
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b, c) = plt.subplots(1, 3, figsize=(16, 4.4))
+    fig, ((a, b), (c, f)) = plt.subplots(2, 2, figsize=(13, 9))
     for patch, marker in zip(PATCHES, ("o", "s")):
-        pts = sorted((r["Gflops (MACs)"], r["FID"], r["size"]) for r in rows if r["patch"] == patch and r["study"] == "size")
-        a.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=f"patch {patch} ({(8 // patch) ** 2} tokens)")
-        for g, f, name in pts:
-            a.annotate(name, (g, f), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        mine = sorted((r for r in rows if r["patch"] == patch and r["study"] == "size"), key=lambda r: r["Gflops (MACs)"])
+        g = [r["Gflops (MACs)"] for r in mine]
+        a.plot(g, [r["FID"] for r in mine], marker=marker, color=f"C{patch // 2 - 1}",
+               label=f"patch {patch} ({(8 // patch) ** 2} tokens), guidance {args.guidance:g}")
+        if args.unguided:
+            a.plot(g, [r["FID unguided"] for r in mine], marker=marker, color=f"C{patch // 2 - 1}", linestyle=":",
+                   label=f"patch {patch}, unguided")
+        for r in mine:
+            a.annotate(r["size"], (r["Gflops (MACs)"], r["FID"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
     a.set_xscale("log")
     a.set_xlabel("Gflops per forward pass (MACs)")
     a.set_ylabel("FID (MNIST features, lower is better)")
     a.set_title("adaLN-Zero: size and patch")
     a.legend()
     blocks = [r for r in rows if r["study"] == "block" and (r.get("best lr") or len(args.lrs) == 1)]
-    b.bar([r["block"] for r in blocks], [r["FID"] for r in blocks],
-          color=["C2" if r["block"] == "adaln_zero" else "C7" for r in blocks])
-    for i, r in enumerate(blocks):
-        b.annotate(f"lr {r['lr']:g}\n{100 * r['class accuracy']:.0f}%", (i, r["FID"]), ha="center",
-                   textcoords="offset points", xytext=(0, 3), fontsize=8)
-    b.set_ylim(0, 1.2 * max((r["FID"] for r in blocks), default=1))  # room for the labels
+    bars = [("FID", "class accuracy", f"guidance {args.guidance:g}")]
+    if args.unguided:
+        bars.append(("FID unguided", "accuracy unguided", "unguided"))
+    width = 0.8 / len(bars)
+    for j, (fid, acc, label) in enumerate(bars):
+        xs = [i + (j - (len(bars) - 1) / 2) * width for i in range(len(blocks))]
+        b.bar(xs, [r[fid] for r in blocks], width, label=label, color=f"C{j + 2}", alpha=1 if j == 0 else 0.6)
+        for x, r in zip(xs, blocks):
+            b.annotate(f"{100 * r[acc]:.0f}%", (x, r[fid]), ha="center", textcoords="offset points", xytext=(0, 3),
+                       fontsize=8)
+    b.set_xticks(range(len(blocks)), [f"{r['block']}\nlr {r['lr']:g}" for r in blocks])
+    b.set_ylim(0, 1.2 * max((r[f] for r in blocks for f, _, _ in bars), default=1))  # room for the labels
+    b.legend(fontsize=8)
     b.set_ylabel("FID")
-    b.set_title(f"conditioning block ({args.blocks_size}, patch 2), each at its best lr")
+    b.set_title(f"conditioning block ({args.blocks_size}, patch 2), at its best lr; labels: accuracy")
     for k, block in enumerate(BLOCKS):
         for r in (r for r in rows if r["study"] == "block" and r["block"] == block):
             pts = curves[r["_tag"]]
-            c.plot([p["steps"] for p in pts], [100 * p["class accuracy"] for p in pts], color=f"C{k}", marker="o",
-                   linestyle="-" if r.get("best lr") or len(args.lrs) == 1 else ":", label=f"{block}, lr {r['lr']:g}")
+            style = dict(color=f"C{k}", marker="o", label=f"{block}, lr {r['lr']:g}",
+                         linestyle="-" if r.get("best lr") or len(args.lrs) == 1 else ":")
+            c.plot([p["steps"] for p in pts], [100 * p["class accuracy"] for p in pts], **style)
+            f.plot([p["steps"] for p in pts], [p["FID"] for p in pts], **style)
     c.axhline(10, color="grey", linestyle=":", linewidth=1)
     c.set_xlabel("training steps")
     c.set_ylabel("class accuracy of guided samples (%)")
     c.set_title("learning curves (dotted: the other lr; grey: chance)")
     c.legend(fontsize=7)
+    f.set_yscale("log")
+    f.set_xlabel("training steps")
+    f.set_ylabel("FID of guided samples")
+    f.set_title(f"learning curves: FID ({args.track_n} samples each)")
     fig.suptitle(f"DiT design space on mnist5k: {args.steps} steps at batch {args.batch}, {args.n} samples at "
                  f"guidance {args.guidance}")
     fig.tight_layout()
