@@ -27,7 +27,9 @@ def _reference_module():
 
 ref = _reference_module()
 ENV = ref.environment()
-SAME_PLATFORM = ENV["cpu_model"] == MANIFEST["cpu_model"] and ENV["torch_version"] == MANIFEST["torch_version"]
+# bit-identical only where the model name, torch and the kernels' instruction set all match (a manifest from before
+# cpu_capability was recorded is compared with a tolerance)
+SAME_PLATFORM = all(ENV[k] == MANIFEST.get(k) for k in ("cpu_model", "torch_version", "cpu_capability"))
 
 
 def test_manifest_matches_the_shared_settings():
@@ -52,7 +54,8 @@ def test_fixture_reproduces_its_reference_outputs(name):
     got = ref.compute(path)
     assert sorted(got) == sorted(expected), f"{name}: outputs {sorted(got)} vs reference {sorted(expected)}"
     if SAME_PLATFORM:
-        how = f"bit-identical (same CPU model {ENV['cpu_model']!r} and torch {ENV['torch_version']} as the manifest)"
+        how = (f"bit-identical (same CPU model {ENV['cpu_model']!r}, kernels {ENV['cpu_capability']} and torch "
+               f"{ENV['torch_version']} as the manifest)")
     else:
         how = (f"allclose(rtol=1e-4, atol=1e-5): this machine (CPU {ENV['cpu_model']!r}, torch {ENV['torch_version']}) "
                f"differs from the fixtures' (CPU {MANIFEST['cpu_model']!r}, torch {MANIFEST['torch_version']}), and "
