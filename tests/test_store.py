@@ -13,7 +13,7 @@ from helpers import tiny_autoencoder_dict, tiny_ddpm_dict
 
 import difflineage
 from difflineage.config import DataConfig
-from difflineage.data import load_dataset
+from difflineage.data import DIGIT_NAMES, load_dataset
 from difflineage.data.store import LatentStore, StoreDataset
 from difflineage.errors import DataError, RunDirError
 from difflineage.extract import extract
@@ -216,3 +216,68 @@ def test_a_stable_diffusion_vae_file_with_its_own_group_count_is_extracted(tmp_p
     with torch.no_grad():
         mean, _ = load_sd_vae(path, norm_groups=4).encode(load_dataset(DIGITS, "train").batch([3])["image"])
     assert torch.allclose(got["mean"][:, 0].float(), mean, atol=2e-3, rtol=1e-3)
+
+
+def _copy(store: Path, to: Path) -> Path:
+    subprocess.run(["cp", "-r", str(store), str(to)], check=True)
+    return to
+
+
+def test_extract_again_repairs_a_damaged_store_shard_by_shard(store, autoencoder, tmp_path, capsys):
+    copy = _copy(store, tmp_path / "s")
+    f = copy / "shard_000001.std.bin"
+    raw = bytearray(f.read_bytes())
+    raw[1000] ^= 0xFF
+    f.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match="re-encodes only those that are damaged"):
+        LatentStore.open(copy, verify=True)
+    untouched = (copy / "shard_000002.mean.bin").stat().st_mtime_ns
+    capsys.readouterr()
+    extract(str(autoencoder), DIGITS, copy, shard_size=500, batch_size=64, progress=False)
+    err = capsys.readouterr().err
+    assert "shard_000001 is damaged (shard_000001.std.bin differs from its sha256)" in err
+    assert "damaged" not in err.replace("shard_000001 is damaged", "").replace("are damaged", "")  # only that one
+    assert (copy / "shard_000002.mean.bin").stat().st_mtime_ns == untouched
+    LatentStore.open(copy, verify=True)
+    assert _listing(copy) == _listing(store)
+
+
+def test_a_sidecar_that_lost_a_label_is_caught_and_repaired(store, autoencoder, tmp_path):
+    copy = _copy(store, tmp_path / "s")
+    side_file = copy / "shard_000001.json"
+    side = json.loads(side_file.read_text())
+    side["labels"], side["captions"] = side["labels"][1:], side["captions"][1:]  # every later label would shift by one
+    side_file.write_text(json.dumps(side))
+    with pytest.raises(DataError, match="sidecar .*shard_000001.json .*is corrupt: its sha256 differs"):
+        LatentStore.open(copy, verify=True)
+    with pytest.raises(DataError, match="shard_000001.json holds 499 labels for the shard's 500 items"):
+        LatentStore.open(copy).labels
+    extract(str(autoencoder), DIGITS, copy, shard_size=500, batch_size=64, progress=False)
+    assert LatentStore.open(copy, verify=True).labels.tolist() == LatentStore.open(store).labels.tolist()
+
+
+def test_an_empty_sidecar_left_by_a_crash_is_encoded_again(store, autoencoder, tmp_path):
+    copy = _copy(store, tmp_path / "s")
+    (copy / "store.json").unlink()
+    (copy / "shard_000002.json").write_text("")  # renamed into place, its data never reached the disk
+    extract(str(autoencoder), DIGITS, copy, shard_size=500, batch_size=64, progress=False)
+    assert _listing(copy) == _listing(store)
+    (copy / "extract.json").write_text("{")
+    with pytest.raises(RunDirError, match="extract.json is unreadable or corrupt .*delete the folder and extract again"):
+        extract(str(autoencoder), DIGITS, copy, shard_size=500, batch_size=64, progress=False)
+
+
+def test_a_store_is_refused_by_a_run_that_would_caption_or_crop_its_images_otherwise(store):
+    from difflineage.data.store import open_store_dataset
+
+    ds = open_store_dataset(DataConfig(source="digits", image_size=8, channels=1, latents=str(store)))
+    assert ds.captions[0] == f"a handwritten digit {DIGIT_NAMES[int(ds.store.labels[0])]}"
+    with pytest.raises(DataError, match="its captions were made as 'a handwritten digit \\{name\\}', this run's "
+                                        "data.caption_template makes 'a photo of \\{name\\}'"):
+        open_store_dataset(DataConfig(source="digits", image_size=8, channels=1, latents=str(store),
+                                      caption_template="a photo of {name}"))
+    with pytest.raises(DataError, match="brought to size by in-memory, resize=pad, this run's by in-memory, resize=resize"):
+        open_store_dataset(DataConfig(source="digits", image_size=8, channels=1, latents=str(store), resize="resize"))
+    with pytest.raises(DataError, match="its class names are zero, one, two ..."):
+        open_store_dataset(DataConfig(source="digits", image_size=8, channels=1, latents=str(store),
+                                      class_names=[str(i) for i in range(10)]))

@@ -98,6 +98,13 @@ class DataConfig:
         if self.caption_template is not None and "{name}" not in self.caption_template:
             raise ConfigError(f"data.caption_template={self.caption_template!r} must contain '{{name}}'")
 
+    def crop(self) -> str:
+        """How this source's images are brought to ``image_size``: ADM's centre crop where they are streamed from
+        files (ImageNet, parquet, folders with ``stream``), ``fit_size`` with ``resize`` where they are held in
+        memory. A latent store records it, so that a run reading the store sees the images it would have seen."""
+        streamed = self.source.startswith(("imagenet:", "parquet:")) or (self.stream and self.source.startswith("folder:"))
+        return "adm-center-crop" if streamed else f"in-memory, resize={self.resize}"
+
     def caption(self, name: str) -> str:
         """The caption of class ``name``: ``caption_template``, or the source's default (see above)."""
         template = self.caption_template

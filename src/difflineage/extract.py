@@ -25,19 +25,22 @@ from difflineage.data import load_dataset, ordered_batches, stream_workers
 from difflineage.data.store import (
     FORMAT,
     META,
+    ShardWriter,
     complete_shards,
     finish_store,
     normalise_source,
     remove_partial,
-    to_numpy,
-    write_shard,
+    remove_shard,
+    shard_name,
+    shard_problem,
 )
 from difflineage.errors import CheckpointError, DataError, RunDirError
-from difflineage.storage import DirectoryLock, writing
+from difflineage.storage import DirectoryLock, sha256_of, write_text_durably, writing
 from difflineage.train.distributed import all_gather_objects, barrier, cleanup, init_distributed
 from difflineage.weights import state_digest
 
 PLAN = "extract.json"
+PLAN_LATER = ("crop", "caption_template")  # data keys that plans written by earlier versions lack
 
 
 @dataclass
@@ -128,14 +131,15 @@ def _extract(info, spec, data, out, shard_size, batch_size, dtype, workers, prog
     plan = {"format": FORMAT, "kind": stage.kind,
             "first_stage": {"spec": stage.spec, "digest": stage.digest},
             "data": {"source": normalise_source(data.source), "image_size": data.image_size, "channels": data.channels,
-                     "split": "train", "count": n, "class_names": list(dataset.class_names or []) or None},
+                     "split": "train", "count": n, "class_names": list(dataset.class_names or []) or None,
+                     "crop": data.crop(), "caption_template": data.caption("{name}")},
             "arrays": arrays, "shard_size": shard_size, "count": n}
 
     lock, outcome = None, ("ok", None)
     if info.is_main:
         try:
-            lock, outcome = _open_store(out, plan)
-        except (RunDirError, DataError, OSError) as exc:
+            lock, outcome = _open_store(out, plan, shards, progress)
+        except Exception as exc:  # any failure reaches every process, which would otherwise wait for rank 0
             outcome = ("error", exc)
     outcome = all_gather_objects(outcome, info)[0]
     try:
@@ -151,20 +155,14 @@ def _extract(info, spec, data, out, shard_size, batch_size, dtype, workers, prog
                    disable=not (progress and info.is_main), dynamic_ncols=True)
         for k in mine:
             idx = list(range(k * shard_size, min(n, (k + 1) * shard_size)))
-            parts: dict[str, list[torch.Tensor]] = {key: [] for key in arrays}
-            labels, captions = [], []
-            for b in ordered_batches(dataset, idx, batch_size, info.device, stream_workers(workers)):
-                x = b["image"]
-                plain, mirror = stage.encode(x), stage.encode(x.flip(-1))
-                for key in arrays:
-                    parts[key].append(torch.stack([plain[key], mirror[key]], 1).cpu())
-                if b["label"] is not None:
-                    labels += b["label"].tolist()
-                if b["caption"] is not None:
-                    captions += list(b["caption"])
-                bar.update(len(x))
-            write_shard(out, k, {key: to_numpy(torch.cat(v), arrays[key]["dtype"]) for key, v in parts.items()},
-                        labels or None, captions or None)
+            with ShardWriter(out, k, arrays) as shard:  # written batch by batch: a shard is never held in memory
+                for b in ordered_batches(dataset, idx, batch_size, info.device, stream_workers(workers)):
+                    x = b["image"]
+                    plain, mirror = stage.encode(x), stage.encode(x.flip(-1))
+                    shard.add({key: torch.stack([plain[key], mirror[key]], 1).cpu() for key in arrays},
+                              None if b["label"] is None else b["label"].tolist(), b["caption"])
+                    bar.update(len(x))
+                shard.commit()
         bar.close()
         barrier(info)
         meta = None
@@ -183,8 +181,10 @@ def _codebook_fits_int16(stage: FirstStage) -> bool:
     return bool(sizes) and max(sizes) <= 32767
 
 
-def _open_store(out: Path, plan: dict):
-    """Lock the store folder, clean up after an interrupted run, and check that it is this extraction's."""
+def _open_store(out: Path, plan: dict, shards: int, progress: bool):
+    """Lock the store folder, clean up after an interrupted run, check that it is this extraction's, and check the
+    shards already written: a damaged one (unreadable sidecar, wrong size; in a finished store, a wrong sha256 too)
+    is deleted, to be encoded again. Returns the lock and ("complete" | "ok", None)."""
     if out.exists() and not out.is_dir():
         raise RunDirError(f"--out {out} is a file, not a folder; choose another --out")
     with writing(out, "create the latent store"):
@@ -198,13 +198,19 @@ def _open_store(out: Path, plan: dict):
             print(f"note: removed {f}, left by an interrupted extraction", file=sys.stderr)
         existing = out / PLAN
         if existing.exists():
-            old = json.loads(existing.read_text())
+            try:
+                old = json.loads(existing.read_text())
+            except (OSError, ValueError) as exc:
+                raise RunDirError(f"{existing} is unreadable or corrupt ({exc}), so the shards in {out} cannot be "
+                                  "told apart from another extraction's; delete the folder and extract again") from None
+            for key in PLAN_LATER:  # a plan written before these keys existed: the settings of its day
+                old.get("data", {}).setdefault(key, plan["data"][key])
             if old != plan:
                 diff = [k for k in ("kind", "first_stage", "data", "arrays", "shard_size") if old.get(k) != plan.get(k)]
                 raise RunDirError(f"{out} holds (part of) a latent store made with other settings ({', '.join(diff)} "
                                   f"differ: it has {', '.join(f'{k}={old.get(k)}' for k in diff)}); choose another --out, "
                                   "or delete that store to replace it")
-            if (out / META).exists():
+            if _check_written(out, plan, shards, progress):
                 return lock, ("complete", None)
             done = len(complete_shards(out))
             if done:
@@ -212,12 +218,48 @@ def _open_store(out: Path, plan: dict):
         elif [p for p in out.iterdir() if p.name != ".lock"]:
             raise RunDirError(f"{out} is not empty and holds no extraction of these images; choose an empty --out")
         else:
-            with writing(existing, "write"):
-                existing.write_text(json.dumps(plan, indent=1))
+            write_text_durably(existing, json.dumps(plan, indent=1))
     except BaseException:
         lock.release()
         raise
     return lock, ("ok", None)
+
+
+def _check_written(out: Path, plan: dict, shards: int, progress: bool) -> bool:
+    """Check the shards written so far and delete the damaged ones, to be encoded again. A finished store is checked
+    to the sha256 of every file against its store.json, which it loses if any shard is damaged; an unfinished one
+    by its sidecars and sizes. Returns whether the store is finished and intact."""
+    listing = None
+    if (out / META).exists():
+        try:
+            listing = {s["name"]: s for s in json.loads((out / META).read_text())["shards"]}
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            print(f"note: {out / META} is unreadable ({exc}); checking the shards and finishing the store again",
+                  file=sys.stderr)
+    finished = listing is not None
+    damaged = 0
+    for k in tqdm(sorted(complete_shards(out)), desc="checking the latent store", unit="shard",
+                  disable=not (progress and finished), dynamic_ncols=True):
+        entry = (listing or {}).get(shard_name(k))
+        if k >= shards:
+            problem = "it lies past the store's last shard"
+        elif finished and entry is None:
+            problem = f"{META} does not list it"
+        else:
+            problem = shard_problem(out, k, plan, verify=finished, digests=entry["sha256"] if entry else None)
+            if problem is None and entry and entry.get("sidecar") \
+                    and sha256_of(out / f"{shard_name(k)}.json") != entry["sidecar"]:
+                problem = "its sidecar differs from its sha256"
+        if problem is not None:
+            print(f"note: {shard_name(k)} is damaged ({problem}); deleting it to encode it again", file=sys.stderr)
+            remove_shard(out, k)
+            damaged += 1
+    intact = finished and not damaged and len(complete_shards(out)) == shards
+    if (out / META).exists() and not intact:
+        (out / META).unlink()
+        print(f"repairing the latent store {out}: {shards - len(complete_shards(out))} shard(s) to encode again",
+              file=sys.stderr)
+    return intact
 
 
 __all__ = ["FirstStage", "extract", "first_stage_for"]

@@ -162,6 +162,24 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def write_text_durably(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that a crash leaves either the old file or the whole new one: a temporary file
+    in the same folder, flushed to disk, renamed into place, and the rename made durable."""
+    path = Path(path)
+    tmp = path.parent / f".tmp-{path.name}"
+    with writing(path, "write"):
+        try:
+            with open(tmp, "w") as fh:
+                fh.write(text)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        fsync_dir(path.parent)
+
+
 def remove_tree(path: Path) -> None:
     """Delete ``path`` so that no reader ever sees it half-deleted: rename it to a hidden name first, then delete."""
     path = Path(path)
@@ -282,4 +300,4 @@ class DirectoryLock:
 
 
 __all__ = ["DirectoryLock", "LOCK_NAME", "RecordingFile", "describe", "errno_of", "fsync_dir", "remove_tree",
-           "save_torch", "sha256_of", "writing"]
+           "save_torch", "sha256_of", "write_text_durably", "writing"]

@@ -11,8 +11,10 @@
 Every item holds the encoding of the image and of its mirror image (index 0 and 1 of each array's first axis), so
 that training draws a fresh posterior sample and a fresh flip on every visit, as training on the images would; a
 discrete first stage (VQ-VAE, VQ-VAE-2, DALL-E's dVAE) stores its code maps (``codes0``, ``codes1``: int16/int32).
-Shards are written under a temporary name and renamed when complete, so an interrupted extraction resumes at the
-first shard it lacks. Readers verify each shard's size when opening and its sha256 with ``verify``.
+Shards are written batch by batch under a temporary name, flushed and renamed when complete, so an interrupted
+extraction resumes at the first shard it lacks. Readers verify each shard's size (and its sidecar's labels against
+its count) when opening, and the sha256 of its arrays and sidecar with ``verify``; extraction run again on a damaged
+store re-encodes only the damaged shards (extract.py).
 """
 
 from __future__ import annotations
@@ -29,10 +31,12 @@ import torch
 from difflineage.data.augment import flips
 from difflineage.data.dataset import count_classes, to_device
 from difflineage.errors import DataError
-from difflineage.storage import fsync_dir, sha256_of, writing
+from difflineage.storage import fsync_dir, sha256_of, write_text_durably, writing
 
 FORMAT = 1
 META = "store.json"
+REPAIR = ("run the same difflineage extract command again: it checks every shard and re-encodes only those that are "
+          "damaged")
 DTYPES = {"fp16": (np.float16, torch.float16), "bf16": (np.uint16, torch.bfloat16), "fp32": (np.float32, torch.float32),
           "int16": (np.int16, torch.int16), "int32": (np.int32, torch.int32)}
 
@@ -78,41 +82,124 @@ def remove_partial(root: Path) -> list[Path]:
     return left
 
 
-def write_shard(root: Path, k: int, arrays: dict[str, np.ndarray], labels: Optional[np.ndarray],
-                captions: Optional[list[str]]) -> None:
-    """Write shard ``k``: each array under a temporary name, renamed when complete, then the sidecar that marks
-    the shard complete. On any failure the temporary files are removed."""
-    root = Path(root)
-    name = shard_name(k)
-    count = len(next(iter(arrays.values())))
-    digests, tmps = {}, []
+def item_bytes(spec: dict) -> int:
+    """The bytes of one item of an array described by ``spec`` (its ``shape`` and ``dtype``)."""
+    return int(np.prod(spec["shape"])) * np.dtype(DTYPES[spec["dtype"]][0]).itemsize
+
+
+class ShardWriter:
+    """Writes shard ``k`` batch by batch, so that no more than a batch is held in memory: each array is appended, in
+    the store's dtype, to a temporary file and hashed as it goes. :meth:`commit` flushes the files to disk, renames
+    them into place and writes the sidecar that marks the shard complete; leaving the ``with`` block by an error
+    removes the temporary files."""
+
+    def __init__(self, root: Path, k: int, arrays: dict[str, dict]):
+        import hashlib
+
+        self.root, self.name, self.arrays = Path(root), shard_name(k), arrays
+        self.count, self.labels, self.captions = 0, [], []
+        self.tmps = {key: self.root / f".tmp-{self.name}.{key}.bin" for key in arrays}
+        self.hashes = {key: hashlib.sha256() for key in arrays}
+        self.files: dict = {}
+        with writing(self.root / self.name, "write the store shard"):
+            for key, tmp in self.tmps.items():
+                self.files[key] = open(tmp, "wb")
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, kind, exc, tb) -> None:
+        for fh in self.files.values():
+            fh.close()
+        if kind is not None:
+            for tmp in self.tmps.values():
+                tmp.unlink(missing_ok=True)
+
+    def add(self, arrays: dict[str, torch.Tensor], labels=None, captions=None) -> None:
+        """Append a batch: each array's rows (item first), and their labels and captions if the data has them."""
+        counts = {len(v) for v in arrays.values()}
+        if len(counts) != 1:
+            raise ValueError(f"a batch's arrays have different lengths: {counts}")
+        with writing(self.root / self.name, "write the store shard"):
+            for key, t in arrays.items():
+                data = np.ascontiguousarray(to_numpy(t, self.arrays[key]["dtype"])).tobytes()
+                self.files[key].write(data)
+                self.hashes[key].update(data)
+        self.count += counts.pop()
+        if labels is not None:
+            self.labels += [int(x) for x in labels]
+        if captions is not None:
+            self.captions += list(captions)
+
+    def commit(self) -> None:
+        for what, got in (("labels", self.labels), ("captions", self.captions)):
+            if got and len(got) != self.count:
+                raise DataError(f"store shard {self.name}: {len(got)} {what} for {self.count} items")
+        with writing(self.root / self.name, "write the store shard"):
+            for fh in self.files.values():
+                fh.flush()
+                os.fsync(fh.fileno())
+                fh.close()
+            for key, tmp in self.tmps.items():
+                os.replace(tmp, self.root / f"{self.name}.{key}.bin")
+        side = {"count": self.count, "sha256": {k: h.hexdigest() for k, h in self.hashes.items()},
+                "labels": self.labels or None, "captions": self.captions or None}
+        write_text_durably(self.root / f"{self.name}.json", json.dumps(side))
+
+
+def read_sidecar(path: Path) -> dict:
+    """A shard's sidecar, refused by name when it is unreadable or not one (a crash, a damaged disk)."""
     try:
-        with writing(root / name, "write the store shard"):
-            for key, arr in arrays.items():
-                tmp = root / f".tmp-{name}.{key}.bin"
-                tmps.append(tmp)
-                with open(tmp, "wb") as fh:
-                    fh.write(np.ascontiguousarray(arr).tobytes())
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                digests[key] = sha256_of(tmp)
-            for key in arrays:
-                os.replace(root / f".tmp-{name}.{key}.bin", root / f"{name}.{key}.bin")
-            side = {"count": count, "sha256": digests,
-                    "labels": None if labels is None else [int(x) for x in labels], "captions": captions}
-            tmp = root / f".tmp-{name}.json"
-            tmps.append(tmp)
-            tmp.write_text(json.dumps(side))
-            os.replace(tmp, root / f"{name}.json")
-            fsync_dir(root)
-    except BaseException:
-        for t in tmps:
-            t.unlink(missing_ok=True)
-        raise
+        side = json.loads(Path(path).read_text())
+        if not isinstance(side, dict) or not {"count", "sha256"} <= side.keys():
+            raise ValueError("it lacks the count or the digests")
+    except (OSError, ValueError) as exc:
+        raise DataError(f"latent store sidecar {path} is unreadable or corrupt ({exc}); run the same difflineage "
+                        "extract command again: it re-encodes the shards that are damaged") from None
+    return side
+
+
+def shard_problem(root: Path, k: int, meta: dict, verify: bool, digests: Optional[dict] = None) -> Optional[str]:
+    """Why shard ``k`` of the store that ``meta`` describes (its arrays, shard size and count) is not complete and
+    intact, or None: its sidecar readable and agreeing with the count, its labels and captions one per item, its
+    arrays of the right size and, with ``verify``, of the sha256 in ``digests`` (the sidecar's if None)."""
+    root, name = Path(root), shard_name(k)
+    want = min(int(meta["shard_size"]), int(meta["count"]) - k * int(meta["shard_size"]))
+    if not (root / f"{name}.json").is_file():
+        return "not written"
+    try:
+        side = read_sidecar(root / f"{name}.json")
+    except DataError:
+        return "its sidecar is unreadable"
+    if side["count"] != want:
+        return f"it holds {side['count']} items, {want} expected"
+    for what in ("labels", "captions"):
+        if side.get(what) is not None and len(side[what]) != want:
+            return f"its sidecar has {len(side[what])} {what} for {want} items"
+    digests = side["sha256"] if digests is None else digests
+    for key, spec in meta["arrays"].items():
+        f = root / f"{name}.{key}.bin"
+        if not f.is_file():
+            return f"{f.name} is missing"
+        if f.stat().st_size != want * item_bytes(spec):
+            return f"{f.name} has {f.stat().st_size} bytes, {want * item_bytes(spec)} expected"
+        if verify and sha256_of(f) != digests.get(key):
+            return f"{f.name} differs from its sha256"
+    return None
+
+
+def remove_shard(root: Path, k: int) -> None:
+    """Delete shard ``k``'s sidecar first (so that it no longer counts as complete), then its arrays."""
+    root = Path(root)
+    (root / f"{shard_name(k)}.json").unlink(missing_ok=True)
+    for f in root.glob(f"{shard_name(k)}.*.bin"):
+        f.unlink()
+    fsync_dir(root)
 
 
 def finish_store(root: Path, meta: dict[str, Any], shards: int) -> dict:
-    """Check that every shard is there with the sizes ``meta`` implies, and publish store.json (atomically)."""
+    """Check that every shard is there with the sizes ``meta`` implies, and publish store.json (atomically), with
+    each shard's array and sidecar digests."""
     root = Path(root)
     missing = sorted(set(range(shards)) - complete_shards(root))
     if missing:
@@ -120,16 +207,16 @@ def finish_store(root: Path, meta: dict[str, Any], shards: int) -> dict:
                         "run the same difflineage extract command again to finish it")
     listing = []
     for k in range(shards):
-        side = json.loads((root / f"{shard_name(k)}.json").read_text())
-        listing.append({"name": shard_name(k), "count": side["count"], "sha256": side["sha256"]})
-    if sum(s["count"] for s in listing) != meta["count"]:
-        raise DataError(f"latent store {root}: its shards hold {sum(s['count'] for s in listing)} items, not "
-                        f"{meta['count']}; extract it again into a new folder")
+        problem = shard_problem(root, k, meta, verify=False)
+        if problem:
+            raise DataError(f"latent store {root}: shard {shard_name(k)} is not intact ({problem}); run the same "
+                            "difflineage extract command again: it re-encodes the shards that are damaged")
+        side_file = root / f"{shard_name(k)}.json"
+        side = read_sidecar(side_file)
+        listing.append({"name": shard_name(k), "count": side["count"], "sha256": side["sha256"],
+                        "sidecar": sha256_of(side_file)})
     full = {**meta, "shards": listing}
-    with writing(root / META, "write"):
-        tmp = root / f".tmp-{META}"
-        tmp.write_text(json.dumps(full, indent=1))
-        os.replace(tmp, root / META)
+    write_text_durably(root / META, json.dumps(full, indent=1))
     return full
 
 
@@ -156,20 +243,16 @@ class LatentStore:
         try:
             meta = json.loads((root / META).read_text())
         except (OSError, ValueError) as exc:
-            raise DataError(f"{root / META} is unreadable or corrupt ({exc}); extract the store again") from None
+            raise DataError(f"{root / META} is unreadable or corrupt ({exc}); {REPAIR}") from None
         if meta.get("format") != FORMAT:
             raise DataError(f"{root} is a latent store of format {meta.get('format')}, this difflineage reads format "
                             f"{FORMAT}; extract it again")
         store = cls(root=root, meta=meta)
         store._check_files(verify, progress)
         store._maps: dict = {}
-        store._labels = None
-        store._captions = None
+        store._labels = store._captions = None
+        store._loaded = False
         return store
-
-    def _item_bytes(self, key: str) -> int:
-        spec = self.meta["arrays"][key]
-        return int(np.prod(spec["shape"])) * np.dtype(DTYPES[spec["dtype"]][0]).itemsize
 
     def _check_files(self, verify: bool, progress: bool) -> None:
         from tqdm.auto import tqdm
@@ -179,14 +262,20 @@ class LatentStore:
             for key, digest in shard["sha256"].items():
                 f = self.root / f"{shard['name']}.{key}.bin"
                 if not f.is_file():
-                    raise DataError(f"latent store shard {f} is missing; extract the store again (or restore the file)")
-                want = shard["count"] * self._item_bytes(key)
+                    raise DataError(f"latent store shard {f} is missing; restore the file, or {REPAIR}")
+                want = shard["count"] * item_bytes(self.meta["arrays"][key])
                 if f.stat().st_size != want:
                     raise DataError(f"latent store shard {f} is truncated or padded: {f.stat().st_size} bytes, "
-                                    f"{want} expected; extract the store again")
+                                    f"{want} expected; {REPAIR}")
                 if verify and sha256_of(f) != digest:
                     raise DataError(f"latent store shard {f} is corrupt: its sha256 differs from the one in "
-                                    f"{self.root / META}; extract the store again")
+                                    f"{self.root / META}; {REPAIR}")
+            side = self.root / f"{shard['name']}.json"
+            if not side.is_file():
+                raise DataError(f"latent store sidecar {side} (the shard's labels and captions) is missing; {REPAIR}")
+            if verify and shard.get("sidecar") and sha256_of(side) != shard["sidecar"]:  # older stores lack its digest
+                raise DataError(f"latent store sidecar {side} (the shard's labels and captions) is corrupt: its sha256 "
+                                f"differs from the one in {self.root / META}; {REPAIR}")
 
     def __len__(self) -> int:
         return int(self.meta["count"])
@@ -216,23 +305,36 @@ class LatentStore:
         return out
 
     def _sidecars(self) -> None:
-        labels, captions = [], []
-        for shard in self.meta["shards"]:
-            side = json.loads((self.root / f"{shard['name']}.json").read_text())
-            labels += side["labels"] or []
-            captions += side["captions"] or []
-        self._labels = np.asarray(labels, dtype=np.int64) if labels else None
-        self._captions = captions or None
+        """Read every shard's labels and captions once, refusing a sidecar whose lists do not hold one per item (or
+        that some shards have and others lack), since they would shift every label after it."""
+        lists: dict[str, list] = {"labels": [], "captions": []}
+        present: dict[str, bool] = {}
+        for i, shard in enumerate(self.meta["shards"]):
+            path = self.root / f"{shard['name']}.json"
+            side = read_sidecar(path)
+            for what, into in lists.items():
+                got = side.get(what)
+                present.setdefault(what, got is not None)
+                if present[what] != (got is not None):
+                    raise DataError(f"latent store sidecar {path} {'lacks' if got is None else 'has'} {what} where "
+                                    f"the first shard's {'has' if got is None else 'lacks'} them; {REPAIR}")
+                if got is not None and len(got) != shard["count"]:
+                    raise DataError(f"latent store sidecar {path} holds {len(got)} {what} for the shard's "
+                                    f"{shard['count']} items; {REPAIR}")
+                into += got or []
+        self._labels = np.asarray(lists["labels"], dtype=np.int64) if lists["labels"] else None
+        self._captions = lists["captions"] or None
+        self._loaded = True
 
     @property
     def labels(self) -> Optional[np.ndarray]:
-        if self._labels is None and self._captions is None:
+        if not self._loaded:
             self._sidecars()
         return self._labels
 
     @property
     def captions(self) -> Optional[list[str]]:
-        if self._labels is None and self._captions is None:
+        if not self._loaded:
             self._sidecars()
         return self._captions
 
@@ -310,10 +412,33 @@ def open_store_dataset(cfg, seed: int = 0, verify: bool = True, progress: bool =
         problems.append(f"its images were {d['image_size']} px, this run's data.image_size is {cfg.image_size}")
     if normalise_source(d["source"]) != normalise_source(cfg.source):
         problems.append(f"it encodes {d['source']}, this run's data.source is {cfg.source}")
+    if d.get("crop", cfg.crop()) != cfg.crop():  # stores made before it was recorded lack it
+        problems.append(f"its images were brought to size by {d['crop']}, this run's by {cfg.crop()} (data.stream, "
+                        "data.resize)")
+    names = d.get("class_names")
+    if cfg.class_names is not None and names and tuple(cfg.class_names) != tuple(names):
+        problems.append(f"its class names are {_few(names)}, this run's data.class_names are {_few(cfg.class_names)}")
+    template = d.get("caption_template")
+    if template and names and template != cfg.caption("{name}") and _captions_from_names(store, template, names):
+        problems.append(f"its captions were made as {template!r}, this run's data.caption_template makes "
+                        f"{cfg.caption('{name}')!r}")
     if problems:
         raise DataError(f"latent store {store.root} does not fit this run: " + "; ".join(problems)
                         + ". Extract a store for this run's data (difflineage extract), or point data.latents at one")
     return StoreDataset(store, flip=cfg.flip, seed=seed)
+
+
+def _few(names) -> str:
+    names = list(names)
+    return ", ".join(map(str, names[:3])) + (" ..." if len(names) > 3 else "")
+
+
+def _captions_from_names(store: LatentStore, template: str, names) -> bool:
+    """Whether the store's captions are its class names in ``template`` (and not captions of each file)."""
+    captions, labels = store.captions, store.labels
+    if captions is None or labels is None:
+        return False
+    return all(captions[i] == template.format(name=names[int(labels[i])]) for i in range(min(len(captions), 16)))
 
 
 def check_store_first_stage(dataset: StoreDataset, kind: str, digest: str, spec: str) -> None:
@@ -334,6 +459,6 @@ def normalise_source(source: str) -> str:
     return f"{kind}:{Path(path).expanduser().resolve()}" if path else source
 
 
-__all__ = ["DTYPES", "FORMAT", "LatentStore", "StoreDataset", "check_store_first_stage", "complete_shards",
-           "finish_store", "from_numpy", "normalise_source", "open_store_dataset", "remove_partial", "shard_name",
-           "to_numpy", "write_shard"]
+__all__ = ["DTYPES", "FORMAT", "LatentStore", "REPAIR", "ShardWriter", "StoreDataset", "check_store_first_stage",
+           "complete_shards", "finish_store", "from_numpy", "item_bytes", "normalise_source", "open_store_dataset",
+           "read_sidecar", "remove_partial", "remove_shard", "shard_name", "shard_problem", "to_numpy"]
