@@ -95,3 +95,23 @@ def test_the_score_command_refuses_a_missing_weights_file_and_a_plain_npz(tmp_pa
     assert main(["score", str(tmp_path / "s.npz"), "--reference", str(tmp_path / "s.npz"),
                  "--inception-weights", str(tmp_path / "w.pth"), "--no-progress"]) == 2
     assert "is not an ADM reference batch" in capsys.readouterr().err
+
+
+def test_a_reference_batch_crops_as_the_training_run_is_told_to(tmp_path):
+    from PIL import Image
+
+    from difflineage.cli import main
+    from difflineage.data.augment import adm_center_crop
+
+    rng = np.random.default_rng(0)
+    for i in range(20):  # wide images: the in-memory resize and ADM's centre crop cut them differently
+        Image.fromarray(rng.integers(0, 256, (24, 40, 3), dtype=np.uint8)).save(tmp_path / f"{i:02d}.png")
+    random_fid_inception(seed=0, path=tmp_path / "w.safetensors")
+    common = ["reference", "--data", f"folder:{tmp_path}", "--image-size", "16", "--n", "2", "--no-progress",
+              "--inception-weights", str(tmp_path / "w.safetensors")]
+    assert main([*common, "--out", str(tmp_path / "streamed.npz"), "--set", "data.stream=true"]) == 0
+    assert main([*common, "--out", str(tmp_path / "memory.npz")]) == 0
+    with Image.open(tmp_path / "09.png") as a, Image.open(tmp_path / "19.png") as b:  # the held-out files
+        want = np.stack([adm_center_crop(a, 16), adm_center_crop(b, 16)])
+    with np.load(tmp_path / "streamed.npz") as streamed, np.load(tmp_path / "memory.npz") as memory:
+        assert np.array_equal(streamed["arr_0"], want) and not np.array_equal(memory["arr_0"], want)

@@ -70,6 +70,18 @@ def test_folder_with_classes_and_captions(tmp_path):
     assert held.images[0].float().mean() == pytest.approx(50, abs=1) and held.images[1].float().mean() == pytest.approx(200, abs=1)
 
 
+def test_one_small_image_in_a_folder_does_not_shrink_the_others(tmp_path):
+    rng = np.random.default_rng(0)
+    pixels = {f"{i}.png": rng.integers(0, 256, (32, 32), dtype=np.uint8) for i in range(10)}
+    pixels["0.png"] = rng.integers(0, 256, (16, 16), dtype=np.uint8)  # in the training split (9.png is held out)
+    for name, arr in pixels.items():
+        Image.fromarray(arr).save(tmp_path / name)
+    train = load_dataset(DataConfig(source=f"folder:{tmp_path}", image_size=32, channels=1), "train")
+    assert len(train) == 9 and all(np.array_equal(train.images[i, 0].numpy(), pixels[f"{i}.png"]) for i in range(1, 9))
+    small = train.images[0, 0].numpy()  # the small one alone is centred on a zero border (resize=pad)
+    assert np.array_equal(small[8:24, 8:24], pixels["0.png"]) and small[:8].max() == 0
+
+
 def test_flat_folder_is_unlabelled_and_rgb_kept(tmp_path):
     for i in range(10):
         _png(tmp_path / f"{i}.jpg", mode="RGB")

@@ -36,6 +36,12 @@ def sampling_options(args) -> dict:
     return {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
 
 
+def add_data_overrides(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="data.KEY=VALUE",
+                   help="other data settings, as the training run's: e.g. data.stream=true data.resize=resize "
+                        "data.class_names=[...]")
+
+
 def add_inception_options(p: argparse.ArgumentParser, standalone: bool) -> None:
     """The InceptionV3 options of the commands that score with it. ``standalone``: a command that only runs
     InceptionV3 (score, reference): the weights are required, and it takes its batch size, device and progress

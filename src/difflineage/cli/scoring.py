@@ -8,7 +8,13 @@ import json
 import sys
 from pathlib import Path
 
-from difflineage.cli.common import add_inception_options, add_sampling_options, format_metrics, sampling_options
+from difflineage.cli.common import (
+    add_data_overrides,
+    add_inception_options,
+    add_sampling_options,
+    format_metrics,
+    sampling_options,
+)
 
 
 def add_parsers(sub) -> None:
@@ -83,6 +89,7 @@ def add_parsers(sub) -> None:
     f.add_argument("--split", default="heldout", choices=["heldout", "train"], help="the split (default heldout)")
     f.add_argument("--n", type=int, default=10000, help="images (default 10000, the ADM batches' count)")
     f.add_argument("--out", type=Path, required=True, help="the reference batch .npz to write")
+    add_data_overrides(f)
     add_inception_options(f, standalone=True)
     f.set_defaults(func=cmd_reference)
 
@@ -198,7 +205,7 @@ def cmd_reference(args) -> int:
     from difflineage.data import load_dataset
     from difflineage.eval import write_reference_batch
 
-    data = data_config({"source": args.data, "image_size": args.image_size, "channels": args.channels})
+    data = data_config({"source": args.data, "image_size": args.image_size, "channels": args.channels}, args.overrides)
     try:
         made = write_reference_batch(load_dataset(data, args.split), args.out, args.inception_weights, n=args.n,
                                      inception_resize=args.inception_resize, device=args.device,

@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from difflineage.cli.common import add_data_overrides
+
 
 def add_parsers(sub) -> None:
     x = sub.add_parser("extract", help="encode a training set once with a frozen first stage into a latent store",
@@ -22,8 +24,7 @@ def add_parsers(sub) -> None:
     x.add_argument("--out", required=True, type=Path, metavar="STORE", help="the store's folder")
     x.add_argument("--image-size", type=int, required=True, help="the side the images are cropped to (data.image_size)")
     x.add_argument("--channels", type=int, default=None, help="image channels (default: the first stage's)")
-    x.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="data.KEY=VALUE",
-                   help="other data settings, e.g. data.stream=true data.resize=resize")
+    add_data_overrides(x)
     x.add_argument("--shard-size", type=int, default=16384, help="images per shard (default 16384)")
     x.add_argument("--batch-size", type=int, default=64, help="images per encoder call (default 64)")
     x.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16", help="storage type of the moments")

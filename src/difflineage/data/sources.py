@@ -49,7 +49,8 @@ def load_dataset(cfg: DataConfig, split: str = "train", seed: int = 0) -> ImageD
     elif source == "digits":
         images, labels, names, captions = _digits(split)
     elif source.startswith("folder:"):
-        images, labels, names, captions = _folder(Path(source.split(":", 1)[1]).expanduser(), split, cfg.channels)
+        images, labels, names, captions = _folder(Path(source.split(":", 1)[1]).expanduser(), split, cfg.channels,
+                                                  cfg.image_size, cfg.resize)
     elif source.startswith("mnist-idx:"):
         images, labels, names, captions = _mnist_idx(Path(source.split(":", 1)[1]).expanduser(), split)
     else:
@@ -265,8 +266,10 @@ def _folder_files(root: Path, split: str) -> tuple[list[tuple[Path, Optional[int
     return files, subdirs, labelled
 
 
-def _folder(root: Path, split: str, channels: Optional[int]):
-    """An image folder: class subfolders give labels, a flat folder is unlabelled.
+def _folder(root: Path, split: str, channels: Optional[int], image_size: int, resize: str):
+    """An image folder: class subfolders give labels, a flat folder is unlabelled. Each image is brought to
+    ``image_size`` as it is read (``fit_size`` with ``resize``), so that the images held are only the small ones and
+    one image's size does not change another's.
 
     The split is fixed by file name: every tenth file of each class (sorted) is held out.
     ``captions.jsonl`` (one ``{"file": ..., "caption": ...}`` per line, file relative to the root)
@@ -280,23 +283,19 @@ def _folder(root: Path, split: str, channels: Optional[int]):
         try:
             with Image.open(path) as im:
                 im.load()
-                arrays.append(_pil_to_array(im, channels))
+                arrays.append(fit_size(torch.from_numpy(_pil_to_array(im, channels))[None], image_size, resize))
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
             bad.append(f"{path} ({type(exc).__name__}: {exc})")
     if bad:
         raise DataError(_bad_files_message(root, bad))
     counts = {}
     for (path, _), a in zip(files, arrays):
-        counts.setdefault(a.shape[0], path)
+        counts.setdefault(a.shape[1], path)
     if len(counts) > 1:
         examples = ", ".join(f"{c} channel(s): {p}" for c, p in sorted(counts.items()))
         raise DataError(f"dataset folder '{root}' mixes channel counts ({examples}); set data.channels=1 or "
                         "data.channels=3 to convert every image to one")
-
-    # Resize each image on its shorter side and centre-crop to a square of the smallest side seen,
-    # so that images of different sizes stack; load_dataset then brings them to image_size.
-    side = min(min(a.shape[1:]) for a in arrays)
-    images = torch.cat([fit_size(torch.from_numpy(a)[None], side, "resize") for a in arrays])
+    images = torch.cat(arrays)
     labels = torch.tensor([lab for _, lab in files], dtype=torch.long) if labelled else None
     names = tuple(d.name for d in subdirs) if labelled else None
     captions = _read_captions(root, [p for p, _ in files])
