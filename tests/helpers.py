@@ -21,6 +21,7 @@ class TinyConfig:
     nan_at_call: int = 0  # from this call of loss() on, the loss is NaN (0: never)
     grow_from_call: int = 0  # after this call of loss(), the loss grows by `growth` per call: a finite explosion
     growth: float = 30.0
+    grow_from_step: int = 0  # the same by training step, so that a resumed run grows where a straight one does
 
 
 class TinyRegression(System):
@@ -44,6 +45,8 @@ class TinyRegression(System):
         m = self.config.model
         if m.grow_from_call and self.calls > m.grow_from_call:
             loss = loss * m.growth ** (self.calls - m.grow_from_call)
+        if m.grow_from_step and step is not None and step >= m.grow_from_step:
+            loss = loss * m.growth ** (step + 1 - m.grow_from_step)
         return loss, {"mse": loss.detach()}
 
     @torch.no_grad()

@@ -1,5 +1,6 @@
 """Two processes under torchrun (gloo on the CPU) against one process on the same global batches."""
 
+import json
 import os
 import subprocess
 import sys
@@ -37,6 +38,10 @@ def test_two_processes_match_one_process_on_the_same_global_batches(tmp_path):
     single.fit()
     ref = {k: v for k, v in single.system.state_dict().items()}
     assert state_equal(ref, r0, atol=1e-6) == []
+    # every logged metric is averaged over the processes, as the loss is: the log does not depend on their number
+    log = lambda d: [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    for a, b in zip(log(tmp_path / "single"), log(tmp_path / "ddp" / "run"), strict=True):
+        assert abs(a["mse"] - b["mse"]) < 1e-6 and abs(a["loss"] - b["loss"]) < 1e-6
     initial = Trainer(config_from_dict(cfg, ["train.steps=1"]), tmp_path / "one", progress=False)
     initial.fit()
     assert state_equal(initial.system.state_dict(), r0, atol=1e-3) != []  # the comparison can fail: weights moved

@@ -108,6 +108,39 @@ def test_a_streamed_run_resumed_mid_epoch_with_two_workers_is_exact(tmp_path):
     assert state_equal(straight.ema.module.state_dict(), resumed.ema.module.state_dict()) == []
 
 
+def test_sigterm_to_the_process_group_with_workers_still_saves_a_checkpoint(tmp_path):
+    """SLURM, timeout and torchrun send SIGTERM to the whole process group, the DataLoader's workers included: the
+    workers leave it to the trainer, which finishes its step and writes a checkpoint."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    from difflineage.train import load_checkpoint
+
+    folder = _rgb_folder(tmp_path / "f")
+    d = {"system": "vae", "data": {"source": f"folder:{folder}", "image_size": 8, "channels": 3, "stream": True,
+                                   "workers": 1},
+         "model": {"latent_dim": 4, "channels": [8], "hidden": 32},
+         "train": {"steps": 100000, "batch_size": 8, "lr": 1e-3, "log_every": 1, "sample_every": 0,
+                   "checkpoint_every": 0, "sample_n": 4}}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(d))
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "difflineage", "train", str(tmp_path / "cfg.yaml"), "--out", str(run),
+                             "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    metrics, deadline = run / "metrics.jsonl", time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "stopped by SIGTERM" in out, out
+    assert load_checkpoint(run).step >= 3
+
+
 def test_a_file_that_fails_to_decode_in_a_worker_is_named(tmp_path):
     folder = _rgb_folder(tmp_path / "f")
     bad = folder / "c0" / "3.png"

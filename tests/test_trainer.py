@@ -11,7 +11,7 @@ import torch
 import yaml
 from helpers import run_as_printed, state_equal, tiny_regression_dict, tiny_vae, tiny_vae_dict
 
-from difflineage.errors import ConfigError
+from difflineage.errors import CheckpointError, ConfigError
 from difflineage.systems import config_from_dict
 from difflineage.train import Trainer, TrainingDiverged, load_checkpoint, lr_at
 
@@ -68,6 +68,49 @@ def test_signal_saves_a_checkpoint_and_resume_is_exact(tmp_path):
     straight = Trainer(cfg, tmp_path / "straight", progress=False)
     straight.fit()
     assert state_equal(straight.system.state_dict(), resumed.system.state_dict()) == []
+
+
+def test_resume_keeps_the_log_window_the_divergence_watch_and_the_configured_optimizer(tmp_path):
+    log = lambda d: [{k: v for k, v in json.loads(x).items() if k != "images_per_s"}  # noqa: E731
+                     for x in (d / "metrics.jsonl").read_text().splitlines()]
+    # stopped between two log steps: the next row averages the same steps as straight through
+    cfg = tiny_vae(steps=12, log_every=4)
+    Trainer(cfg, tmp_path / "a", progress=False).fit()
+    Trainer(cfg, tmp_path / "b", stop_at=6, progress=False).fit()
+    Trainer(None, tmp_path / "b", resume=True, progress=False).fit()
+    assert log(tmp_path / "a") == log(tmp_path / "b") and len(log(tmp_path / "a")) == 3
+
+    # the watch keeps its recent values: a resumed run stops where a straight one does and names the same checkpoint
+    grow = config_from_dict(tiny_regression_dict(steps=40, checkpoint_every=2, log_every=100, spike_window=4,
+                                                 spike_factor=100), ["model.grow_from_step=9"])
+    messages = []
+    for run, stop_at in (("straight", None), ("resumed", 8)):
+        if stop_at:
+            Trainer(grow, tmp_path / run, stop_at=stop_at, progress=False).fit()
+        with pytest.raises(TrainingDiverged) as err:
+            Trainer(grow if not stop_at else None, tmp_path / run, resume=bool(stop_at), progress=False).fit()
+        messages.append(str(err.value).replace(str(tmp_path / run), "RUN").split(". Continue")[0])
+    assert messages[0] == messages[1] and "at step 11 (" in messages[0], messages
+
+    # weight decay and betas changed on resume are the ones used, as in a fresh run (the loaded state had its own)
+    Trainer(tiny_vae(steps=4), tmp_path / "c", stop_at=2, progress=False).fit()
+    changed = ["train.weight_decay=0.5", "train.betas=[0.5,0.6]"]
+    resumed = Trainer(config_from_dict(tiny_vae_dict(steps=4), changed), tmp_path / "c", resume=True, progress=False)
+    resumed.fit()
+    fresh = Trainer(config_from_dict(tiny_vae_dict(steps=1), changed), tmp_path / "d", progress=False)
+    fresh.fit()
+    hyper = lambda t: [(g["weight_decay"], tuple(g["betas"])) for g in t.optimizer.param_groups]  # noqa: E731
+    assert hyper(resumed) == hyper(fresh) and (0.5, (0.5, 0.6)) in hyper(resumed)
+
+
+def test_resume_without_ema_weights_is_refused_by_name_and_keeps_the_runs_device(tmp_path):
+    Trainer(tiny_vae(steps=2, checkpoint_every=2, device="cpu"), tmp_path, progress=False).fit()
+    assert Trainer(None, tmp_path, resume=True, progress=False)._resumed_device() == "cpu"
+    ckpt = tmp_path / "checkpoints" / "step_0000002"
+    (ckpt / "ema.safetensors").unlink()
+    (ckpt / "checksums.sha256").unlink()  # as a hand-assembled checkpoint would be
+    with pytest.raises(CheckpointError, match="step_0000002 has no ema.safetensors, which resuming needs"):
+        Trainer(config_from_dict(tiny_vae_dict(steps=4)), tmp_path, resume=True, progress=False).fit()
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):

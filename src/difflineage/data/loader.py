@@ -112,8 +112,12 @@ def _collate(items) -> tuple[int, int, dict]:
 
 
 def _worker_init(_worker_id: int) -> None:
-    """Workers leave Ctrl-C to the trainer, which finishes its step and writes a checkpoint."""
+    """Workers leave Ctrl-C and SIGTERM to the trainer, which finishes its step and writes a checkpoint. SLURM,
+    ``timeout`` and torchrun send SIGTERM to the whole process group; a worker it killed would make the DataLoader
+    raise in the middle of that checkpoint. The DataLoader still ends its workers itself, and they exit when the
+    trainer dies."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def ordered_batches(dataset, indices: list[int], batch: int, device: torch.device | str = "cpu",

@@ -28,6 +28,7 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
+import yaml
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
@@ -171,7 +172,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------
     def fit(self) -> TrainResult:
-        info = init_distributed(self.config.train.device if self.config else "auto")
+        info = init_distributed(self.config.train.device if self.config else self._resumed_device())
         old_handlers = self._install_signal_handlers()
         lock = None
         try:
@@ -218,6 +219,15 @@ class Trainer:
             raise outcome[1]
         self.resume_from = Path(outcome[1]) if outcome[1] else None
         return lock
+
+    def _resumed_device(self) -> str:
+        """The ``train.device`` of the run that ``--resume`` continues without a config (read before the processes
+        pick their device; the checkpoint itself is found and checked again afterwards, with its errors)."""
+        try:
+            raw = yaml.safe_load((self._resolve_resume() / "config.yaml").read_text())
+            return str(raw["train"].get("device", "auto"))
+        except Exception:  # reported, by name, when the checkpoint is opened for real
+            return "auto"
 
     def _resolve_resume(self) -> Path:
         target = self.run_dir if self.resume is True else Path(self.resume)
@@ -268,10 +278,16 @@ class Trainer:
         torch.manual_seed(tc.seed + 1 + info.rank)  # the noise each process draws during training
         if ckpt is not None:
             load_state_dict_strict(system, ckpt.model, f"{ckpt.path}/model.safetensors")
+            if ckpt.ema is None:
+                raise CheckpointError(f"{ckpt.path} has no ema.safetensors, which resuming needs (the EMA weights "
+                                      "go on from it); restore the file, or resume from another checkpoint")
             load_state_dict_strict(ema.module, ckpt.ema, f"{ckpt.path}/ema.safetensors")
             st = ckpt.training_state
             ema.updates = int(st["ema_n_averaged"])
+            configured = [{k: g[k] for k in ("weight_decay", "betas")} for g in opt.param_groups]
             opt.load_state_dict(st["optimizer"])
+            for group, values in zip(opt.param_groups, configured):  # the config's, as a fresh run would use them
+                group.update(values)
             step, epoch, position = int(st["step"]), int(st["epoch"]), int(st["position"])
             rng = st["rng"]
             if len(rng) == info.world_size:
@@ -302,6 +318,10 @@ class Trainer:
         window: dict[str, float] = {}
         window_steps, window_time = 0, 0.0  # throughput counts training steps only, not drawing or saving
         watch = DivergenceWatch(tc.spike_factor, tc.spike_window)
+        if ckpt is not None:  # the log window and the watch's recent values, as they were (older checkpoints lack them)
+            window = dict(ckpt.training_state.get("log_window", {}).get("sums", {}))
+            window_steps = int(ckpt.training_state.get("log_window", {}).get("steps", 0))
+            watch.load_state(ckpt.training_state.get("divergence_watch"))
         last_ckpt = latest_checkpoint(self.run_dir)
         status = "finished"
         # Host synchronisation: "step" reads the loss and gradient norm every step and checks them before the
@@ -388,7 +408,7 @@ class Trainer:
                 opt.step()
                 ema.update(system, skip)
                 pending.append((step, loss_value.to(device), grad_norm.detach().float(),
-                                {k: _on_device(v, device) for k, v in metrics.items()}))
+                                _mean_over_processes({k: _on_device(v, device) for k, v in metrics.items()}, info)))
                 step, position = step + 1, position + 1  # position: batches of this epoch done
 
                 done = step == tc.steps
@@ -415,14 +435,14 @@ class Trainer:
                         run.draw(step)
                     if stop or stop_at:
                         status = "interrupted" if stop else "stopped"
-                        last_ckpt = run.checkpoint(step, epoch, position)
+                        last_ckpt = run.checkpoint(step, epoch, position, _resumable(window, window_steps, watch))
                         if info.is_main:
                             why = f"stopped by {self._stop_signal}" if stop else f"stopped at --stop-at {self.stop_at}"
                             bar.write(f"{why}: step {step} of {tc.steps}, checkpoint saved to {last_ckpt}. "
                                       f"Continue with: {self.resume_command(info)}")
                         break
                     if save_now:
-                        last_ckpt = run.checkpoint(step, epoch, position)
+                        last_ckpt = run.checkpoint(step, epoch, position, _resumable(window, window_steps, watch))
                 except StorageError as exc:
                     kept = (f"the last complete checkpoint, {last_ckpt}, is intact; once that is fixed, continue with: "
                             f"{self.resume_command(info)}") if last_ckpt else \
@@ -488,12 +508,13 @@ class _RunState:
     opt: torch.optim.Optimizer
     run_dir: Path
 
-    def checkpoint(self, step: int, epoch: int, position: int) -> Path:
+    def checkpoint(self, step: int, epoch: int, position: int, extra: Optional[dict] = None) -> Path:
         rng = all_gather_objects(_get_rng(self.info.device), self.info)  # every process's random state
         path = self.run_dir / "checkpoints" / f"step_{step:07d}"
         if self.info.is_main:
             state = {"step": step, "epoch": epoch, "position": position, "world_size": self.info.world_size,
-                     "ema_n_averaged": self.ema.updates, "optimizer": self.opt.state_dict(), "rng": rng}
+                     "ema_n_averaged": self.ema.updates, "optimizer": self.opt.state_dict(), "rng": rng,
+                     **(extra or {})}
             save_checkpoint(path, self.config, self.system.state_dict(), self.ema.module.state_dict(), state)
             keep = self.config.train.keep_checkpoints
             if keep:
@@ -518,6 +539,22 @@ class _RunState:
             grid = save_grid(images, self.run_dir / "samples" / f"step_{step:07d}.png", nrow=per_class or None, scale=2)
             (self.run_dir / "samples.png").write_bytes(grid.read_bytes())
             plot_metrics(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png", title=f"{self.config.system} training")
+
+
+def _resumable(window: dict[str, float], window_steps: int, watch: "DivergenceWatch") -> dict:
+    """What a checkpoint keeps so that the run goes on as if never stopped: the log window's sums so far (the next
+    metrics row averages the same steps) and the divergence watch's recent values."""
+    return {"log_window": {"sums": dict(window), "steps": window_steps}, "divergence_watch": watch.state()}
+
+
+def _mean_over_processes(metrics: dict[str, torch.Tensor], info: DistInfo) -> dict[str, torch.Tensor]:
+    """A step's metrics averaged over the processes, as the loss is (one small all-reduce, queued on the device),
+    so that metrics.jsonl does not depend on how many processes trained."""
+    if not info.enabled or not metrics:
+        return metrics
+    stacked = torch.stack([v.float().reshape(()) for v in metrics.values()])
+    dist.all_reduce(stacked)
+    return dict(zip(metrics, stacked / info.world_size))
 
 
 def _on_device(value, device: torch.device) -> torch.Tensor:
@@ -628,6 +665,18 @@ class DivergenceWatch:
         self._elevated_now = False
         self.history["loss"].append(loss)
         self.history["grad_norm"].append(grad_norm)
+
+    def state(self) -> dict:
+        return {"history": {k: list(v) for k, v in self.history.items()}, "elevated_since": self.elevated_since}
+
+    def load_state(self, state: Optional[dict]) -> None:
+        """The recent values a checkpoint kept (None: a checkpoint from before they were kept; the watch starts
+        empty, as it did then)."""
+        if not state:
+            return
+        for k, values in state["history"].items():
+            self.history[k].extend(float(v) for v in values)
+        self.elevated_since = None if state["elevated_since"] is None else int(state["elevated_since"])
 
     def onset(self, step: int) -> int:
         """Updates done before the first suspicious value (this step's, unless a build-up preceded it)."""
