@@ -87,6 +87,9 @@ def test_sampling_into_parts_resumes_and_refuses_other_settings(run, tmp_path):
     # the same parts folder asked for other samples: refused, naming what differs, and nothing is touched
     with pytest.raises(DataError, match="seed: 1 there, 2 now"):
         sample_shards(system, folder, 10, batch_size=3, seed=2, options=options, checkpoint=run, progress=False)
+    raw = difflineage.load(run, use_ema=False)  # the same checkpoint's raw weights: other samples, refused too
+    with pytest.raises(DataError, match="weights: '[0-9a-f]{16}' there"):
+        sample_shards(raw, folder, 10, batch_size=3, seed=1, options=options, checkpoint=run, progress=False)
     (folder / "batch-000000.npz").unlink()
     with pytest.raises(DataError, match="lacks 1 of its 4 batches.*batch-000000.npz.*run the same command again"):
         merge_shards(folder, tmp_path / "x.npz", 10, 3)

@@ -8,8 +8,8 @@ so the samples do not depend on how many processes draw them. Under torchrun the
 process writes each batch it draws as its own file in the parts folder (uint8 N x H x W x 3 and the labels, under a
 temporary name, then renamed), so at most one batch per process is in memory, and a run that is interrupted and
 started again draws only the batches that are missing. ``plan.json`` records what the parts were drawn with (the
-checkpoint's digest, the count, the batch size, the seed and the sampling options); a restart that asks for something
-else is refused by name rather than mixing two sets of samples.
+checkpoint's digest, that of the weights drawing, so the EMA's and the raw ones differ, the count, the batch size,
+the seed and the sampling options); a restart that asks for something else is refused by name rather than mixing two sets of samples.
 
 ``merge_shards`` streams the parts, in order, into one npz in ADM's layout (``arr_0``: the images, ``arr_1``: the
 labels, as guided-diffusion's sampling script writes them) without holding them all; ``difflineage score`` (eval.adm)
@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from difflineage.errors import DataError
 from difflineage.eval.adm import batches_of, check_npz, write_npz
 from difflineage.nn.precision import native_bf16
+from difflineage.weights import state_digest
 
 PLAN = "plan.json"
 # The DiT paper's FID-50K sampling (its sample_ddp.py): 250 DDPM steps, guidance 1.5 (on the channels the model's
@@ -190,7 +191,8 @@ def sample_shards(system, folder: Path, n: int, batch_size: int = 250, seed: int
     rank, world = _rank_world()
     options = dict(options or {})
     k = system.num_classes
-    plan = {"checkpoint": checkpoint_digest(checkpoint), "n": n, "batch_size": batch_size, "seed": seed,
+    plan = {"checkpoint": checkpoint_digest(checkpoint), "weights": state_digest(system.state_dict())[:16],
+            "n": n, "batch_size": batch_size, "seed": seed,
             "labels": "uniform" if k else "none", "options": recorded_options(options), "bf16": bool(bf16)}
     _agree(plan, folder, rank)
     total = math.ceil(n / batch_size)
