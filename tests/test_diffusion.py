@@ -87,6 +87,21 @@ def test_respacing_keeps_abar_at_the_kept_steps():
         d.respaced(2000)
 
 
+def test_respacing_takes_improved_diffusions_timesteps():
+    """Hand-worked against improved-diffusion's space_timesteps (the DiT code's respacing)."""
+    # "ddimK": the smallest stride giving exactly K steps (30 steps: stride 34, not 1000 // 30 = 33), or refused
+    assert space_timesteps(1000, "ddim3") == [0, 334, 668] and space_timesteps(1000, "ddim30")[-1] == 986
+    with pytest.raises(ValueError, match="no stride takes exactly 999 DDIM steps"):
+        space_timesteps(1000, "ddim999")
+    # K steps: the rounding of a running sum of the stride 999 / 20 = 49.95; after 10 additions the sum is
+    # 499.49999999999994 and rounds to 499, where 10 x 49.95 = 499.5 would give 500
+    assert 499 in space_timesteps(1000, 21) and 500 not in space_timesteps(1000, 21)
+    # sections: 1000 = 334 + 333 + 333 timesteps, 10, 15 and 20 steps spread over each
+    steps = space_timesteps(1000, "10,15,20")
+    assert len(steps) == 45 and steps[:2] == [0, 37] and steps[9] == 333 and steps[10] == 334 and steps[-1] == 999
+    assert space_timesteps(1000, 1) == [999]  # the deliberate difference: one step starts from pure noise
+
+
 def test_ddpm_step_matches_diffusers():
     from diffusers import DDPMScheduler
 

@@ -33,21 +33,38 @@ def make_betas(schedule: str, num_timesteps: int) -> np.ndarray:
 
 
 def space_timesteps(num_timesteps: int, steps: int | str) -> list[int]:
-    """The original timesteps a respaced sampler visits, ascending.
+    """The original timesteps a respaced sampler visits, ascending, as improved-diffusion's ``space_timesteps``
+    chooses them (the DiT code respaces with it).
 
-    ``steps`` = K (int or "K"): K steps evenly spread over 0..T-1, first and last included (improved-diffusion's
-    spacing for one section); "ddimK": the strided steps 0, T/K, 2T/K, ... that DDIM uses.
+    ``steps`` = K (int or "K"): K steps spread over 0..T-1, first and last included, each the rounding of a running
+    sum of the stride (T - 1) / (K - 1); "K1,K2,...": the timesteps cut into that many equal sections (the first
+    ones one longer when T does not divide), K1 steps spread over the first, and so on; "ddimK": the strided steps
+    0, s, 2s, ... with the smallest stride s that gives exactly K of them (refused when none does). One deliberate
+    difference: K = 1 visits T - 1, the pure-noise end, where improved-diffusion would visit 0.
     """
     if isinstance(steps, str) and steps.startswith("ddim"):
         k = int(steps[4:])
-        stride = num_timesteps // k
-        if k < 1 or stride < 1:
-            raise ValueError(f"cannot take {k} DDIM steps out of {num_timesteps}")
-        return list(range(0, num_timesteps, stride))[:k]
-    k = int(steps)
-    if not 1 <= k <= num_timesteps:
-        raise ValueError(f"cannot take {k} steps out of {num_timesteps}; choose 1..{num_timesteps}")
-    if k == 1:
+        for stride in range(1, num_timesteps + 1):
+            if len(range(0, num_timesteps, stride)) == k:
+                return list(range(0, num_timesteps, stride))
+        raise ValueError(f"no stride takes exactly {k} DDIM steps out of {num_timesteps}; choose another count, or "
+                         f"give {k} (without 'ddim') for evenly spread steps")
+    sections = [int(x) for x in steps.split(",")] if isinstance(steps, str) else [int(steps)]
+    if sections == [1]:
+        if num_timesteps < 1:
+            raise ValueError(f"cannot take 1 step out of {num_timesteps}")
         return [num_timesteps - 1]
-    stride = (num_timesteps - 1) / (k - 1)
-    return sorted({round(i * stride) for i in range(k)})
+    base, extra = divmod(num_timesteps, len(sections))
+    taken, start = [], 0
+    for i, k in enumerate(sections):
+        size = base + (1 if i < extra else 0)
+        if not 1 <= k <= size:
+            whole = f"section {i + 1} ({size} timesteps)" if len(sections) > 1 else str(num_timesteps)
+            raise ValueError(f"cannot take {k} steps out of {whole}; choose 1..{size}")
+        stride = (size - 1) / (k - 1) if k > 1 else 1.0
+        position = 0.0
+        for _ in range(k):
+            taken.append(start + round(position))
+            position += stride
+        start += size
+    return sorted(set(taken))
