@@ -33,7 +33,8 @@ def test_sample_writes_grid_and_adm_npz(run, tmp_path, capsys):
     assert main(["sample", str(run), "--n", "6", "--out", str(tmp_path / "g.png"), "--npz", str(tmp_path / "s.npz")]) == 0
     assert Image.open(tmp_path / "g.png").size[0] > 8
     arr = np.load(tmp_path / "s.npz")["arr_0"]
-    assert arr.shape == (6, 8, 8, 1) and arr.dtype == np.uint8
+    assert arr.shape == (6, 8, 8, 3) and arr.dtype == np.uint8  # ADM's layout: gray in all three channels
+    assert np.array_equal(arr[..., 0], arr[..., 2]) and "arr_1" not in np.load(tmp_path / "s.npz")  # unconditional
 
 
 def test_sample_writes_the_systems_pictures(run, tmp_path):
@@ -55,7 +56,7 @@ def test_evaluate_writes_metrics(run, tmp_path):
     assert m["samples"] == 40 and m["feature_network"] == "MNIST features" and m["real_baseline_images"] == 40
     for key in ("fid", "fid_real", "kid", "kid_real", "inception_score", "precision", "recall"):
         assert isinstance(m[key], float), key
-    assert np.load(tmp_path / "s.npz")["arr_0"].shape == (40, 8, 8, 1)
+    assert np.load(tmp_path / "s.npz")["arr_0"].shape == (40, 8, 8, 3)
     assert "machine" in m
 
 
@@ -78,7 +79,7 @@ def test_evaluate_spreads_sampling_over_torchrun_processes(run, tmp_path):
                          env=env, capture_output=True, text=True)
     assert two.returncode == 0, two.stderr
     a, b = np.load(tmp_path / "one.npz")["arr_0"], np.load(tmp_path / "two.npz")["arr_0"]
-    assert a.shape == (30, 8, 8, 1) and np.array_equal(a, b)  # the same samples, whatever the process count
+    assert a.shape == (30, 8, 8, 3) and np.array_equal(a, b)  # the same samples, whatever the process count
     assert json.loads((tmp_path / "two.json").read_text())["fid"] == pytest.approx(json.loads((tmp_path / "one.json").read_text())["fid"], rel=1e-6)
 
 

@@ -103,7 +103,7 @@ def test_a_dit_request_draws_times_counts_and_writes_its_images(dit, tmp_path):
     assert torch.equal(d.images, expected)
     assert torch.equal(draw(dit, request, tmp_path / "b").drawn[0].images, d.images)
     npz = np.load(d.npz_file)
-    assert npz["arr_0"].shape == (5, 8, 8, 1) and npz["arr_0"].dtype == np.uint8 and (npz["arr_1"] == 3).all()
+    assert npz["arr_0"].shape == (5, 8, 8, 3) and npz["arr_0"].dtype == np.uint8 and (npz["arr_1"] == 3).all()
     assert len(d.image_files) == 5 and all(f.stat().st_size > 0 for f in [*d.image_files, d.grid_file])
     assert d.macs is None and "counting" in summary(dit, result, 0)
     count(dit, result)

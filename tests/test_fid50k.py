@@ -100,3 +100,13 @@ def test_evaluate_reference_needs_inception_weights(run, tmp_path, capsys):
 
     assert main(["evaluate", str(run), "--reference", str(tmp_path / "ref.npz"), "--num-samples", "4"]) == 2
     assert "--reference needs --inception-weights" in capsys.readouterr().err
+
+
+def test_sample_and_evaluate_write_npz_files_that_score_reads(run, tmp_path):
+    from difflineage.cli import main
+
+    assert main(["sample", str(run), "--n", "4", "--label", "3", "--steps", "2", "--out", str(tmp_path / "g.png"),
+                 "--npz", str(tmp_path / "s.npz")]) == 0
+    assert adm.check_npz(tmp_path / "s.npz") == (4, 8, 8, 3)  # gray samples in ADM's RGB layout
+    with np.load(tmp_path / "s.npz") as obj:
+        assert obj["arr_1"].tolist() == [3, 3, 3, 3]  # and their labels, as guided-diffusion's sampler writes them

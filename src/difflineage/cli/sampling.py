@@ -40,6 +40,7 @@ def cmd_sample(args) -> int:
     import torch
 
     from difflineage.eval import bf16_autocast
+    from difflineage.eval.adm import as_rgb
     from difflineage.eval.sampling import fast_sampling
     from difflineage.images import save_grid, to_uint8
     from difflineage.systems import load
@@ -84,8 +85,11 @@ def cmd_sample(args) -> int:
     print(f"wrote {args.n} samples to {path}")
     if args.npz:
         args.npz.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(args.npz, arr_0=to_uint8(images))
-        print(f"wrote {args.npz} (arr_0: uint8 {args.n} x H x W x C)")
+        labels = condition if isinstance(condition, torch.Tensor) else \
+            torch.full((args.n,), condition) if isinstance(condition, int) else None
+        extra = {} if labels is None else {"arr_1": labels.cpu().numpy().astype(np.int64)}
+        np.savez(args.npz, arr_0=as_rgb(to_uint8(images)), **extra)  # ADM's layout: what `score` reads
+        print(f"wrote {args.npz} (arr_0: uint8 {args.n} x H x W x 3{'; arr_1: the labels' if extra else ''})")
     if args.pictures:
         for name, p in system.pictures(heldout(system), args.pictures, torch.Generator().manual_seed(args.seed)).items():
             print(f"wrote {name}: {p}")

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from difflineage.demo.runs import EVERY_CLASS, DemoError, DemoRun, Model, Request
+from difflineage.eval.adm import as_rgb
 from difflineage.eval.dydit_pictures import TokenTrace, sample_token_picture, sample_width_picture, trace_tokens
 from difflineage.eval.flops import count_flops, flops_per_call
 from difflineage.eval.sampling import bf16_autocast
@@ -144,7 +145,7 @@ def step_progress(net: torch.nn.Module, steps: Optional[int], progress: Callable
 
 def write_images(model: Model, images: torch.Tensor, seconds: float, said: str, bf16: bool, options: dict,
                  trace: Optional[TokenTrace], seed: int, labels: Optional[np.ndarray], out_dir: Path) -> Drawn:
-    """The gallery's PNGs (enlarged), a grid PNG and an npz (``arr_0`` uint8 N x H x W x C, and ``arr_1`` the class
+    """The gallery's PNGs (enlarged), a grid PNG and an npz (``arr_0`` uint8 N x H x W x 3, and ``arr_1`` the class
     labels of a class-conditional request, as ADM's sampling script writes them) of one model's images."""
     slug = _slug(model.title)
     side = images.shape[-1]
@@ -155,7 +156,7 @@ def write_images(model: Model, images: torch.Tensor, seconds: float, said: str, 
     grid = save_grid(images, out_dir / f"{slug}_seed{seed}.png", nrow=min(len(images), 10 if every_class else 8),
                      scale=2)
     npz = out_dir / f"{slug}_seed{seed}.npz"
-    np.savez(npz, arr_0=arrays, **({"arr_1": labels.astype(np.int64)} if labels is not None else {}))
+    np.savez(npz, arr_0=as_rgb(arrays), **({"arr_1": labels.astype(np.int64)} if labels is not None else {}))
     return Drawn(title=model.title, source=model.source, images=images.cpu(), seconds=seconds, said=said, bf16=bf16,
                  options=options, image_files=files, grid_file=grid, npz_file=npz, trace=trace)
 

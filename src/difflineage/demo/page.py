@@ -135,7 +135,7 @@ def build_app(demo: Demo):
                         gallery1 = gr.Gallery(label="DiT (its base)", columns=6, object_fit="contain", height="auto",
                                               elem_id="gallery-1")
                         stats1 = gr.Markdown(elem_id="stats-1")
-                files = gr.File(label="download: PNG grid and npz (arr_0: uint8 N x H x W x C)", file_count="multiple",
+                files = gr.File(label="download: PNG grid and npz (arr_0: uint8 N x H x W x 3)", file_count="multiple",
                                 elem_id="files", interactive=False)
                 with gr.Group(visible=False) as inspect_group:
                     gr.Markdown("DyDiT, for one sample (click an image of the DyDiT gallery): the heads and MLP "

@@ -134,7 +134,8 @@ def evaluate_system(system, split: str = "heldout", n: int = 1000, features: str
             return {}
         if npz is not None:
             Path(npz).parent.mkdir(parents=True, exist_ok=True)
-            np.savez(npz, arr_0=images.permute(0, 2, 3, 1).numpy())
+            extra = {} if labels is None else {"arr_1": np.asarray(labels, dtype=np.int64)}
+            np.savez(npz, arr_0=adm.as_rgb(images.permute(0, 2, 3, 1).numpy()), **extra)  # ADM's layout, as `score` reads
             result["npz"] = str(npz)
         if sample_options:
             result["sample_options"] = recorded_options(sample_options)
@@ -219,8 +220,7 @@ def write_reference_batch(dataset, path: Path, inception_weights: str | Path, n:
     def chunks():
         for s in tqdm(range(0, len(pick), batch_size), desc="reading the reference images", disable=not progress,
                       dynamic_ncols=True):
-            pixels = quantise(dataset.batch(pick[s : s + batch_size])["image"]).permute(0, 2, 3, 1).numpy()
-            yield np.repeat(pixels, 3, axis=-1) if pixels.shape[-1] == 1 else pixels
+            yield adm.as_rgb(quantise(dataset.batch(pick[s : s + batch_size])["image"]).permute(0, 2, 3, 1).numpy())
 
     h, w = dataset.batch(pick[:1])["image"].shape[-2:]
     path = Path(path)

@@ -48,6 +48,11 @@ def _open_array(zf: zipfile.ZipFile, path: Path, name: str = "arr_0"):
     return fh, tuple(shape), dtype
 
 
+def as_rgb(pixels: np.ndarray) -> np.ndarray:
+    """uint8 (N, H, W, C) in ADM's RGB layout: a gray image (C = 1) is its value in all three channels."""
+    return np.repeat(pixels, 3, axis=-1) if pixels.shape[-1] == 1 else pixels
+
+
 def check_npz(path: Path) -> tuple[int, int, int, int]:
     """The shape of ``arr_0`` in an ADM-layout npz, from its header (nothing else is read); refuses, by name,
     anything else."""

@@ -31,7 +31,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from difflineage.errors import DataError
-from difflineage.eval.adm import batches_of, check_npz, write_npz
+from difflineage.eval.adm import as_rgb, batches_of, check_npz, write_npz
 from difflineage.nn.precision import native_bf16
 from difflineage.weights import state_digest
 
@@ -204,9 +204,7 @@ def sample_shards(system, folder: Path, n: int, batch_size: int = 250, seed: int
         m = min(batch_size, n - b * batch_size)
         g = torch.Generator().manual_seed(seed * 1_000_003 + b)
         labels = torch.randint(0, k, (m,), generator=g) if k else None
-        pixels = draw_batch(system, m, labels, g, bf16, options).permute(0, 2, 3, 1).numpy()  # (m, H, W, C)
-        if pixels.shape[-1] == 1:  # ADM's layout is RGB: a gray image is its value in all three channels
-            pixels = np.repeat(pixels, 3, axis=-1)
+        pixels = as_rgb(draw_batch(system, m, labels, g, bf16, options).permute(0, 2, 3, 1).numpy())  # (m, H, W, 3)
         tmp = folder / f"batch-{b:06d}.tmp.npz"
         np.savez(tmp, arr_0=pixels, arr_1=(labels if k else torch.full((m,), -1)).numpy().astype(np.int64))
         os.replace(tmp, folder / part_name(b))
