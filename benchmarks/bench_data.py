@@ -165,7 +165,7 @@ def extraction_rows(root: Path, vae: Path, out: Path, n: int) -> list[dict]:
 
 def synthetic_store(out: Path, n: int) -> Path:
     """A store of n random latents of the SD VAE's shape at 256 px (2 x 4 x 32 x 32 fp16 mean and std)."""
-    from difflineage.data.store import FORMAT, finish_store, to_numpy, write_shard
+    from difflineage.data.store import FORMAT, ShardWriter, finish_store
 
     root = out / f"store-{n}"
     if (root / "store.json").exists():
@@ -176,9 +176,12 @@ def synthetic_store(out: Path, n: int) -> Path:
     g = torch.Generator().manual_seed(0)
     for k in range((n + shard - 1) // shard):
         m = min(shard, n - k * shard)
-        write_shard(root, k, {"mean": to_numpy(torch.randn(m, 2, 4, 32, 32, generator=g), "fp16"),
-                              "std": to_numpy(torch.rand(m, 2, 4, 32, 32, generator=g), "fp16")},
-                    np.arange(m) % 1000, None)
+        with ShardWriter(root, k, arrays) as writer:  # in pieces, as extract writes them
+            for s in range(0, m, 1024):
+                b = min(1024, m - s)
+                writer.add({"mean": torch.randn(b, 2, 4, 32, 32, generator=g),
+                            "std": torch.rand(b, 2, 4, 32, 32, generator=g)}, np.arange(s, s + b) % 1000)
+            writer.commit()
     plan = {"format": FORMAT, "kind": "gaussian", "first_stage": {"spec": "synthetic", "digest": "0" * 64},
             "data": {"source": "synthetic", "image_size": 256, "channels": 3, "split": "train", "count": n,
                      "class_names": None}, "arrays": arrays, "shard_size": shard, "count": n}

@@ -52,7 +52,7 @@ from bench_dydit_speed import build as build_dydit_pair
 from bench_dydit_speed import set_density
 
 from difflineage.bench import DOCS, RESULTS, markdown_table, side_by_side, write_section
-from difflineage.data.store import FORMAT, finish_store, normalise_source, to_numpy, write_shard
+from difflineage.data.store import FORMAT, ShardWriter, finish_store, normalise_source
 from difflineage.eval.flops import count_flops
 from difflineage.interop.sd_vae import load_sd_vae, save_sd_vae
 from difflineage.models.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig
@@ -167,24 +167,25 @@ def make_first_stage(root: Path, tiny: bool) -> tuple[str, int]:
 def make_store(root: Path, spec: str, norm_groups: int, source: str, image_size: int, latent_side: int,
                count: int, classes: int = 1000, shard_size: int = 256) -> Path:
     """A latent store of ``count`` random Gaussian moments (both orientations), random labels of ``classes``
-    classes, written as ``difflineage extract`` writes one (write_shard, then finish_store)."""
+    classes, written as ``difflineage extract`` writes one (a ShardWriter per shard, then finish_store)."""
     root.mkdir(parents=True, exist_ok=True)
     vae = load_sd_vae(spec.split(":", 1)[1], norm_groups=norm_groups)  # the digest the trainer will check
     g = np.random.default_rng(0)
     shape = [2, 4, latent_side, latent_side]
     shards = math.ceil(count / shard_size)
+    arrays = {"mean": {"dtype": "fp16", "shape": shape}, "std": {"dtype": "fp16", "shape": shape}}
     for k in range(shards):
         n = min(shard_size, count - k * shard_size)
         mean = torch.from_numpy(g.standard_normal((n, *shape), dtype=np.float32) * 5.0)
         std = torch.from_numpy(g.uniform(0.05, 0.5, (n, *shape)).astype(np.float32))
-        write_shard(root, k, {"mean": to_numpy(mean, "fp16"), "std": to_numpy(std, "fp16")},
-                    labels=g.integers(0, classes, n), captions=None)
+        with ShardWriter(root, k, arrays) as shard:
+            shard.add({"mean": mean, "std": std}, labels=g.integers(0, classes, n))
+            shard.commit()
     meta = {"format": FORMAT, "kind": "gaussian",
             "first_stage": {"spec": spec, "digest": state_digest(vae.state_dict())},
             "data": {"source": normalise_source(source), "image_size": image_size, "channels": 3, "split": "train",
                      "count": count, "class_names": [f"class {i}" for i in range(classes)]},
-            "arrays": {"mean": {"dtype": "fp16", "shape": shape}, "std": {"dtype": "fp16", "shape": shape}},
-            "shard_size": shard_size, "count": count}
+            "arrays": arrays, "shard_size": shard_size, "count": count}
     finish_store(root, meta, shards)
     return root
 
@@ -229,7 +230,7 @@ def train_with_trainer(args, name: str, spec: str, norm_groups: int, store: Path
     torch._dynamo.reset()  # a fresh compiler cache per model: static shapes, no recompilation limit reached
     # sample grids and checkpoints are not training throughput (and an XL checkpoint is ~11 GB): left out
     with mock.patch.object(_RunState, "draw", lambda self, step: None), \
-            mock.patch.object(_RunState, "checkpoint", lambda self, step, epoch, position: None), \
+            mock.patch.object(_RunState, "checkpoint", lambda self, step, epoch, position, extra=None: None), \
             Peak(device) as peak:
         start = time.perf_counter()
         result = trainer.fit()
