@@ -17,7 +17,8 @@ def add_parsers(sub) -> None:
                    help="number of samples (default 64; without --label, a whole number per class, one row each)")
     s.add_argument("--label", type=int, default=None, help="class to draw (class-conditional systems); default: all classes in turn")
     s.add_argument("--out", type=Path, default=Path("samples.png"), help="grid PNG to write (default samples.png)")
-    s.add_argument("--npz", type=Path, default=None, help="also write the samples as uint8 N x H x W x C (arr_0), ADM's layout")
+    s.add_argument("--npz", type=Path, default=None,
+                   help="also write the samples in ADM's layout (arr_0: uint8 N x H x W x 3; arr_1: the labels)")
     s.add_argument("--nrow", type=int, default=None, help="images per grid row (default: one row per class, or square)")
     s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     add_sampling_options(s)
