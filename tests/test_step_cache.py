@@ -57,6 +57,9 @@ def test_choose_reuse_takes_the_smallest_changes_and_refuses_impossible_shares()
         choose_reuse(deltas, 0.5)
     with pytest.raises(ValueError, match="reuse\\[0\\] must be all False"):
         StepCache(torch.ones(3, 2, dtype=torch.bool))
+    twice = torch.tensor([[False, False], [False, True], [False, True]])  # step 2 would reuse step 0's residual
+    with pytest.raises(ValueError, match="block 1 is reused on sampler steps 1 and 2"):
+        StepCache(twice)
 
 
 def test_a_cache_called_more_often_than_calibrated_says_so(dit):

@@ -39,6 +39,11 @@ class StepCache:
             raise ValueError(f"reuse must be a (steps, blocks) bool tensor, got {reuse.dtype} {tuple(reuse.shape)}")
         if reuse[0].any():
             raise ValueError("the first sampler step has no residual to reuse: reuse[0] must be all False")
+        twice = (reuse[1:] & reuse[:-1]).nonzero()
+        if len(twice):  # the residual reused must be the previous step's, not one computed further back
+            k, b = (int(v) for v in twice[0])
+            raise ValueError(f"block {b} is reused on sampler steps {k} and {k + 1}: a block's residual is reused "
+                             "from the step just before, so it must be computed on every other step at least")
         self.reuse = reuse
         self.record = record
         self.calibration = calibration
