@@ -121,8 +121,8 @@ def test_released_layout_loads_strictly(tmp_path):
     m = random_dydit()
     path = tmp_path / "DyDiT.pt"
     torch.save({k: v.clone() for k, v in m.state_dict().items()}, path)
-    loaded, info = load_official_dydit(path, )
-    assert info["heads"] == 4 and info["width"] and info["tokens"]
+    loaded, info = load_official_dydit(path)
+    assert info["heads"] == 4 and info["width"] and info["tokens"] and info["keep_first"]  # H - 1 router rows
     x, y = inputs()
     t = torch.full((6,), 250)
     with torch.no_grad():
@@ -135,6 +135,35 @@ def test_released_layout_loads_strictly(tmp_path):
     save_official_dit(dit, tmp_path / "dit.pt")
     with pytest.raises(CheckpointError, match="no DyDiT routers"):
         load_official_dydit(tmp_path / "dit.pt")
+
+
+def test_the_released_inference_codes_layout_routes_every_unit(tmp_path):
+    """dydit_0.7.pth's layout: width routers Linear(D, H), so head 0 and group 0 can be off too (here every head of
+    block 0 and every MLP group of block 1); loaded strictly, and the fast path still equals the masked one."""
+    from difflineage.interop.dydit import load_official_dydit
+
+    torch.manual_seed(0)
+    m = DyDiT(DiTConfig(depth=3, hidden=64, heads=4, patch=2), 4, 8, 10, dynamic=DyDiTConfig(keep_first=False))
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.05)
+        m.blocks[0].attn_rate.router.bias.fill_(-100.0)
+        m.blocks[1].mlp_rate.router.bias.fill_(-100.0)
+    assert m.state_dict()["blocks.0.attn_rate.router.weight"].shape == (4, 64)  # H rows: every head routed
+    torch.save({k: v.clone() for k, v in m.state_dict().items()}, tmp_path / "released.pt")
+    loaded, info = load_official_dydit(tmp_path / "released.pt")
+    assert info["heads"] == 4 and info["keep_first"] is False
+    x, y = inputs()
+    t = torch.tensor([5, 5, 900, 900, 300, 5])
+    with torch.no_grad():
+        ref, usage = loaded.eval()(x, t, y, mode="masked", return_usage=True)
+        fast = loaded(x, t, y, mode="fast")
+        assert torch.equal(ref, m.eval()(x, t, y, mode="masked"))
+    assert usage["heads"][:, 0].max() == 0 and usage["groups"][:, 1].max() == 0 and usage["heads"][:, 2].min() > 0
+    assert (fast - ref).abs().max().item() < 1e-5
+    with pytest.raises(CheckpointError, match="heads=8 was asked for, but the width routers have 4 outputs"):
+        load_official_dydit(tmp_path / "released.pt", heads=8)
 
 
 def tiny_dydit_dict(base: str, **model) -> dict:
@@ -228,6 +257,24 @@ def test_fine_tuning_starts_from_an_official_dit_file(tmp_path):
     d["train"]["steps"] = 2
     Trainer(config_from_dict(d), tmp_path / "dydit", progress=False).fit()  # and it trains from there
     assert difflineage.load(tmp_path / "dydit").config.model.dit.hidden == 64
+
+
+def test_fine_tuning_from_a_released_layout_dydit_file_keeps_its_routers(tmp_path):
+    from difflineage.data import load_dataset
+    from difflineage.systems import SYSTEMS
+    from difflineage.train import build_system
+    from difflineage.train.trainer import resolve_data
+
+    torch.manual_seed(0)
+    released = DyDiT(DiTConfig(depth=2, hidden=64, heads=4, patch=2), 1, 8, 10, dynamic=DyDiTConfig(keep_first=False))
+    torch.save({k: v.clone() for k, v in released.state_dict().items()}, tmp_path / "released.pt")
+    config = config_from_dict(tiny_dydit_dict(str(tmp_path / "released.pt")))
+    data = load_dataset(config.data, "train")
+    config = SYSTEMS["dydit"].resolve_config(resolve_data(config, data))
+    assert config.model.dydit.keep_first is False and config.model.dit.heads == 4  # read from the routers' rows
+    system = build_system(config)
+    system.prepare(data)
+    assert torch.equal(system.dit.blocks[1].mlp_rate.router.weight, released.blocks[1].mlp_rate.router.weight)
 
 
 def test_an_official_file_of_a_paper_size_gets_the_papers_heads(tmp_path):

@@ -4,6 +4,8 @@
   attention heads (``attn_rate.router``, Linear(D, H - 1)) and MLP channel groups (``mlp_rate.router``, the MLP
   hidden layer split into H groups) on or off. Unit 0 is always on; :meth:`DyDiT.rank_units_by_importance`
   reorders heads and groups (without changing the network's function) so that unit 0 is the most important.
+  The released inference code routes every unit instead (Linear(D, H)); ``keep_first=False`` is that layout,
+  which its checkpoint needs.
 - Spatial-wise dynamic tokens (SDT): a token router (``token_selection.mlp_head``: Linear(D, D/16) - ReLU -
   Linear(D/16, 1)) on the residual stream after the attention branch decides per token whether it goes through
   the MLP; a token that is off skips the MLP branch only (attention always sees every token).
@@ -49,11 +51,16 @@ WIDTH_BIAS, TOKEN_BIAS = 15.0, 35.0  # router bias at creation: every unit on
 class DyDiTConfig:
     """:param width: timestep-wise dynamic width (head and MLP-group routers).
     :param tokens: spatial-wise dynamic tokens (token routers before the MLP).
-    :param tau: temperature of the Gumbel-sigmoid in training."""
+    :param tau: temperature of the Gumbel-sigmoid in training.
+    :param keep_first: unit 0 (head 0, MLP group 0) always on, the width routers Linear(D, H - 1), as the DyDiT
+        training code makes them (and every DyDiT fine-tuned here); false: Linear(D, H), every unit routed, the
+        layout of the released inference code and its checkpoint (dydit_0.7.pth). Read from a file's router shapes
+        when one is loaded."""
 
     width: bool = True
     tokens: bool = True
     tau: float = 5.0
+    keep_first: bool = True
 
     def check(self) -> None:
         if self.tau <= 0:
@@ -73,17 +80,19 @@ def route(logits: torch.Tensor, tau: float, train: bool) -> torch.Tensor:
 
 
 class WidthRouter(nn.Module):
-    """``router``: Linear(D, units - 1) on the timestep embedding; unit 0 is always on."""
+    """``router``: Linear(D, units - 1) on the timestep embedding with unit 0 always on (``keep_first``), or
+    Linear(D, units), every unit routed (the released checkpoint's layout)."""
 
-    def __init__(self, dim: int, units: int):
+    def __init__(self, dim: int, units: int, keep_first: bool = True):
         super().__init__()
-        self.router = nn.Linear(dim, units - 1)
+        self.keep_first = keep_first
+        self.router = nn.Linear(dim, units - 1 if keep_first else units)
         nn.init.constant_(self.router.bias, WIDTH_BIAS)
 
     def forward(self, t_emb: torch.Tensor, tau: float, train: bool) -> torch.Tensor:
         """(N, D) -> (N, units) masks (straight-through in training)."""
         m = route(self.router(t_emb), tau, train)
-        return torch.cat([torch.ones_like(m[:, :1]), m], dim=1)
+        return torch.cat([torch.ones_like(m[:, :1]), m], dim=1) if self.keep_first else m
 
 
 class TokenRouter(nn.Module):
@@ -109,8 +118,8 @@ class DyDiTBlock(DiTBlock):
             raise ConfigError(f"DyDiT splits the MLP's {self.mlp_hidden} channels into {heads} groups (one per "
                               "head); choose mlp_ratio so that they divide")
         if dcfg.width:
-            self.attn_rate = WidthRouter(hidden, heads)
-            self.mlp_rate = WidthRouter(hidden, heads)
+            self.attn_rate = WidthRouter(hidden, heads, dcfg.keep_first)
+            self.mlp_rate = WidthRouter(hidden, heads, dcfg.keep_first)
         if dcfg.tokens:
             self.token_selection = TokenRouter(hidden)
         self._slices: Optional[tuple] = None  # (key, sliced weights) of the last width mask (fast path)
@@ -201,6 +210,8 @@ class DyDiTBlock(DiTBlock):
         seen = {}
 
         def attention_branch(y: torch.Tensor) -> torch.Tensor:
+            if k == 0:  # every head off (only where unit 0 is routed too): the projection of nothing, its bias
+                return self.attn.proj.bias.to(y.dtype).expand(n, t, d)
             q, kk, v = F.linear(y, w_qkv, b_qkv).view(n, t, 3, k, hd).permute(2, 0, 3, 1, 4)
             a = attention(q, kk, v).transpose(1, 2).reshape(n, t, k * hd)
             return F.linear(a, w_proj, self.attn.proj.bias)

@@ -32,7 +32,7 @@ from difflineage.config import Config
 from difflineage.data import Batch, ImageDataset
 from difflineage.errors import CheckpointError, ConfigError
 from difflineage.interop.dit import dit_config_of, infer_dit_settings
-from difflineage.interop.dydit import read_dydit_state, router_heads
+from difflineage.interop.dydit import read_dydit_state, width_layout
 from difflineage.models.dydit import MODES, DyDiT, DyDiTConfig, is_router_key, router_keys_of
 from difflineage.systems.base import Condition, read_stage
 from difflineage.systems.dit import DiTSystem, DiTSystemConfig
@@ -104,7 +104,10 @@ class DyDiTSystem(DiTSystem):
         if not base.is_file():
             raise ConfigError(f"model.base={m.base}: no such checkpoint directory or file")
         state, _ = read_dydit_state(base)
-        heads = router_heads(state) or (m.dit.resolved()[2] if m.dit.name != "custom" else None)
+        recipe_heads = m.dit.resolved()[2] if m.dit.name != "custom" else m.dit.heads
+        # a DyDiT file's width routers tell its heads and their layout (its routers are loaded as they are)
+        heads, keep_first = width_layout(state, str(base), fallback_heads=recipe_heads)
+        heads = heads or (m.dit.resolved()[2] if m.dit.name != "custom" else None)
         try:  # a paper size records its heads in the table; a custom size takes the recipe's model.dit.heads
             s = infer_dit_settings(state, str(base), heads=heads)
         except CheckpointError as exc:
@@ -112,6 +115,8 @@ class DyDiTSystem(DiTSystem):
                 raise
             s = infer_dit_settings(state, str(base), heads=m.dit.heads)
         dit = dit_config_of(s, base=m.dit)
+        if keep_first is not None:
+            m = replace(m, dydit=replace(m.dydit, keep_first=keep_first))
         variance = "learned_range" if s["learn_sigma"] else \
             (m.diffusion.variance if m.diffusion.variance != "learned_range" else "fixed_small")
         diffusion = replace(m.diffusion, variance=variance)  # the file's output layer says whether sigma is learned
