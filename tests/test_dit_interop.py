@@ -236,3 +236,44 @@ def test_convert_names_what_it_cannot_write(tmp_path, capsys):
     assert "give the VAE file" in capsys.readouterr().err  # 4 input channels: a latent DiT needs its --vae
     with pytest.raises(ValueError, match="only adaLN-Zero"):
         save_official_dit(model, tmp_path / "adaln.pt")
+
+
+def test_convert_reads_a_diffusers_file_and_refuses_what_would_lose_weights(tmp_path, capsys):
+    from difflineage.cli import main
+    from difflineage.interop.dit import save_diffusers_dit
+
+    model = small_dit()
+    save_diffusers_dit(model, tmp_path / "hf")
+    weights = tmp_path / "hf" / "diffusion_pytorch_model.safetensors"
+    assert main(["convert", str(weights), str(tmp_path / "o.pt"), "--to", "official"]) == 0  # config.json beside it
+    assert torch.equal(load_official_dit(tmp_path / "o.pt", heads=2)[0].state_dict()["pos_embed"],
+                       model.state_dict()["pos_embed"])
+    alone = tmp_path / "alone.safetensors"
+    alone.write_bytes(weights.read_bytes())
+    assert main(["convert", str(alone), str(tmp_path / "p.pt"), "--to", "official", "--heads", "2"]) == 2
+    assert f"{alone}: diffusers weights do not record the latent side" in capsys.readouterr().err
+    # a caption-conditioned DiT has neither layout: refused, and nothing is written
+    captioned = DiT(DiTConfig(**SMALL), in_channels=4, input_size=8, num_classes=10, context_dim=16)
+    with pytest.raises(ValueError, match="caption-conditioned DiT has no official layout"):
+        save_official_dit(captioned, tmp_path / "cap.pt")
+    with pytest.raises(ValueError, match="caption-conditioned DiT has no diffusers layout"):
+        save_diffusers_dit(captioned, tmp_path / "cap-hf")
+    assert not (tmp_path / "cap.pt").exists() and not (tmp_path / "cap-hf").exists()
+    # a VAE file that is not there is named as itself, not as the DiT file
+    official = save_official_dit(model, tmp_path / "dit.pt")
+    assert main(["convert", str(official), str(tmp_path / "c"), "--to", "difflineage", "--heads", "2",
+                 "--vae", str(tmp_path / "nope.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "nope.safetensors" in err and not err.startswith(f"error: {official}")
+
+
+def test_a_file_is_read_by_what_it_holds_not_by_its_name(tmp_path):
+    from safetensors.torch import save_file
+
+    model = small_dit()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "named.pt"))  # safetensors
+    loaded, _ = load_official_dit(tmp_path / "named.pt", heads=2)
+    assert torch.equal(loaded.state_dict()["blocks.1.mlp.fc2.weight"], model.state_dict()["blocks.1.mlp.fc2.weight"])
+    (tmp_path / "picture.pt").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
+    with pytest.raises(CheckpointError, match="picture.pt: not a torch file \\(it starts with b'\\\\x89PNG"):
+        load_official_dit(tmp_path / "picture.pt", heads=2)

@@ -26,7 +26,7 @@ def read_weights(path: Path, what: str, safe_classes: tuple = ()) -> dict:
     """Read a weights file from another project: safetensors, or a torch file with weights_only=True (plus
     ``safe_classes``, plain-data classes that need no code to rebuild). Anything else is refused by name."""
     path = Path(path)
-    if path.suffix == ".safetensors":
+    if path.suffix == ".safetensors" or _is_safetensors(_head(path)):  # by content too: a .pt that is safetensors
         try:
             return load_file(str(path), device="cpu")
         except Exception as exc:  # SafetensorError, OSError, ...
@@ -50,20 +50,31 @@ def torch_load_safely(path: Path, what: str, safe_classes: tuple = (), map_locat
         raise CheckpointError(f"{path}: no such file; check the path to {what}") from None
     except pickle.UnpicklingError as exc:
         found = re.search(r"GLOBAL (\S+)", str(exc))
-        holds = f" (it names {found.group(1)})" if found else ""
-        raise CheckpointError(f"{path}: refused: it holds pickled code or objects{holds}, not only tensors and plain "
-                              "values, and difflineage never unpickles code. Do not load it with weights_only=False "
-                              "unless you made it yourself; convert it to .safetensors where you trust it") from None
+        if found:  # a class or function to import: code the file would run
+            raise CheckpointError(f"{path}: refused: it holds pickled code or objects (it names {found.group(1)}), "
+                                  "not only tensors and plain values, and difflineage never unpickles code. Do not load "
+                                  "it with weights_only=False unless you made it yourself; convert it to .safetensors "
+                                  "where you trust it") from None
+        raise CheckpointError(f"{path}: {_kind_of(path)}; expected {what}. Check the path, or get the file again "
+                              f"(UnpicklingError)") from None
     except Exception as exc:
-        head = _head(path)
-        if head.startswith(b"PK"):
-            kind = "a damaged or truncated torch file (its zip archive cannot be read)"
-        elif head[:1] == b"\x80":
-            kind = "a damaged or truncated torch file (its pickle cannot be read)"
-        else:
-            kind = f"not a torch file (it starts with {head[:8]!r}; a torch file is a zip archive or a pickle)"
-        raise CheckpointError(f"{path}: {kind}; expected {what}. Check the path, or get the file again "
+        raise CheckpointError(f"{path}: {_kind_of(path)}; expected {what}. Check the path, or get the file again "
                               f"({type(exc).__name__})") from None
+
+
+def _kind_of(path: Path) -> str:
+    """What a file that torch could not read seems to be, from its first bytes."""
+    head = _head(path)
+    if head.startswith(b"PK"):
+        return "a damaged or truncated torch file (its zip archive cannot be read)"
+    if head[:1] == b"\x80":
+        return "a damaged or truncated torch file (its pickle cannot be read)"
+    return f"not a torch file (it starts with {head[:8]!r}; a torch file is a zip archive or a pickle)"
+
+
+def _is_safetensors(head: bytes) -> bool:
+    """A safetensors file begins with its header's length (8 bytes, little-endian) and then the JSON header."""
+    return len(head) >= 9 and 1 < int.from_bytes(head[:8], "little") < 100_000_000 and head[8:9] == b"{"
 
 
 def _head(path: Path) -> bytes:

@@ -84,6 +84,7 @@ def cmd_extract(args) -> int:
 
 def cmd_convert(args) -> int:
     from difflineage.convert import read_any_dit, save_as_checkpoint
+    from difflineage.errors import CheckpointError
     from difflineage.interop.dit import save_diffusers_dit, save_official_dit
 
     model, layout = read_any_dit(args.source, heads=args.heads)
@@ -95,6 +96,8 @@ def cmd_convert(args) -> int:
         else:
             out = save_as_checkpoint(model, args.dest, vae=args.vae, data_source=args.data,
                                      vae_norm_groups=args.vae_norm_groups)
+    except CheckpointError:  # names its own file (the VAE's, say): reported as it is
+        raise
     except ValueError as exc:  # a DiT that has no such layout (other blocks, captions)
         print(f"error: {args.source}: {exc}", file=sys.stderr)
         return 2

@@ -101,6 +101,9 @@ def save_official_dit(model: Union[DiT, StateDict], path: Union[str, Path]) -> P
         if not isinstance(model, DiT) or model.cfg.block != "adaln_zero":
             block = getattr(getattr(model, "cfg", None), "block", type(model).__name__)
             raise ValueError(f"only adaLN-Zero DiTs have an official layout (got {block!r})")
+        if model.captions:
+            raise ValueError("a caption-conditioned DiT has no official layout (the official DiT embeds class labels; "
+                             "its text encoder would be lost): keep its difflineage checkpoint")
         state = model.state_dict()
     else:
         state = model
@@ -322,6 +325,9 @@ def diffusers_dit_config(model: DiT) -> dict[str, Any]:
     depth, hidden, heads, patch = model.cfg.resolved()
     if model.cfg.block != "adaln_zero" or model.cfg.mlp_ratio != 4.0:
         raise ValueError("diffusers' DiTTransformer2DModel is adaLN-Zero with an MLP ratio of 4 only")
+    if model.captions:
+        raise ValueError("diffusers' DiTTransformer2DModel is class-conditioned: a caption-conditioned DiT has no "
+                         "diffusers layout; keep its difflineage checkpoint")
     return dict(num_attention_heads=heads, attention_head_dim=hidden // heads, in_channels=model.in_channels,
                 out_channels=model.out_channels, num_layers=depth, sample_size=model.grid * patch, patch_size=patch,
                 num_embeds_ada_norm=model.y_embedder.num_classes, norm_type="ada_norm_zero",
@@ -375,6 +381,10 @@ def load_diffusers_dit(path_or_state: Union[str, Path, StateDict], heads: Option
             raise CheckpointError(f"{path}: no such file; expected diffusers DiT weights or a model folder")
         state, which = _pick_weights(_read(path), str(path))
         source = str(path)
+        if sample_size is None:
+            raise CheckpointError(f"{path}: diffusers weights do not record the latent side (their sample_size) and "
+                                  f"there is no config.json beside them; give the model folder, or put its "
+                                  "config.json next to the file")
     official = diffusers_to_dit(state, sample_size=sample_size)
     return _build(official, source, heads=heads, learn_sigma=learn_sigma, weights=which)
 
@@ -392,8 +402,8 @@ def read_dit_file(path: Union[str, Path], heads: Optional[int] = None) -> tuple[
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file or directory")
     state, which = _pick_weights(_read(path), str(path))
-    if any(k.startswith("transformer_blocks.") for k in state):
-        return load_diffusers_dit(state, heads=heads)[0], "diffusers"
+    if any(k.startswith("transformer_blocks.") for k in state):  # by path: the config.json beside it is read too
+        return load_diffusers_dit(path, heads=heads)[0], "diffusers"
     return _build(state, str(path), heads=heads, learn_sigma=None, weights=which)[0], "official"
 
 
@@ -401,9 +411,9 @@ def save_diffusers_dit(model: DiT, folder: Union[str, Path]) -> Path:
     """Write a diffusers model folder: ``config.json`` for ``DiTTransformer2DModel`` and
     ``diffusion_pytorch_model.safetensors`` (loadable with ``DiTTransformer2DModel.from_pretrained``; note that
     diffusers' forward differs from the paper's in its timestep frequencies, see :func:`match_paper_numerics`)."""
+    config = {"_class_name": "DiTTransformer2DModel", **diffusers_dit_config(model)}  # refuses before writing
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    config = {"_class_name": "DiTTransformer2DModel", **diffusers_dit_config(model)}
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     state = {k: v.detach().cpu().contiguous() for k, v in dit_to_diffusers(model.state_dict()).items()}
     save_file(state, str(folder / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
