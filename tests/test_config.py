@@ -103,7 +103,7 @@ def test_the_imagenet_dit_recipes_state_the_papers_settings(recipe, size):
     assert (t.lr, t.weight_decay, t.batch_size, t.ema_decay, t.grad_clip, t.warmup_steps) == (1e-4, 0.0, 256, 0.9999, 0.0, 0)
     assert m.dit.name == f"DiT-{size}/2" and m.diffusion.variance == "learned_range" and m.latent_scale == 0.18215
     assert (m.diffusion.sampler, m.diffusion.sample_steps, m.diffusion.guidance, m.guidance_channels) == ("ddpm", 250, 1.5, 3)
-    assert (c.data.image_size, c.data.channels, c.data.flip, m.cond_drop) == (256, 3, True, 0.1)
+    assert (c.data.image_size, c.data.channels, c.data.flip, m.cond_drop, t.tf32) == (256, 3, True, 0.1, True)
 
 
 @pytest.mark.parametrize("recipe,target", [("dydit-xl2-imagenet256", 0.5), ("dydit-xl2-imagenet256-l07", 0.7)])
@@ -111,7 +111,10 @@ def test_the_imagenet_dydit_recipes_state_the_released_settings(recipe, target):
     from difflineage.systems import load_config
 
     c = load_config(recipe)
-    assert c.model.target == target and (c.train.lr, c.train.batch_size, c.train.grad_clip) == (1e-4, 256, 1.0)
+    m, t = c.model, c.train
+    assert m.target == target and (t.lr, t.batch_size, t.grad_clip, t.tf32) == (1e-4, 256, 200.0, True)
+    assert (m.router_warmup, m.complete_steps, m.stratified, m.guidance_channels) == (1000, 30000, True, 3)
+    assert (m.diffusion.sampler, m.diffusion.sample_steps, m.diffusion.guidance) == ("ddpm", 250, 1.5)
 
 
 @pytest.fixture(scope="module")

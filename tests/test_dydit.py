@@ -268,13 +268,19 @@ def test_fine_tuning_from_a_released_layout_dydit_file_keeps_its_routers(tmp_pat
     torch.manual_seed(0)
     released = DyDiT(DiTConfig(depth=2, hidden=64, heads=4, patch=2), 1, 8, 10, dynamic=DyDiTConfig(keep_first=False))
     torch.save({k: v.clone() for k, v in released.state_dict().items()}, tmp_path / "released.pt")
-    config = config_from_dict(tiny_dydit_dict(str(tmp_path / "released.pt")))
+    config = config_from_dict(tiny_dydit_dict(str(tmp_path / "released.pt"), complete_steps=5))
     data = load_dataset(config.data, "train")
     config = SYSTEMS["dydit"].resolve_config(resolve_data(config, data))
     assert config.model.dydit.keep_first is False and config.model.dit.heads == 4  # read from the routers' rows
     system = build_system(config)
     system.prepare(data)
     assert torch.equal(system.dit.blocks[1].mlp_rate.router.weight, released.blocks[1].mlp_rate.router.weight)
+    # the complete model's loss for model.complete_steps (5), apart from the target's warm-up (router_warmup 10)
+    batch = data.batch(list(range(8)))
+    with torch.no_grad():
+        assert "mse_full" in system.train().loss(batch, step=4)[1]
+        _, metrics = system.loss(batch, step=7)
+    assert "mse_full" not in metrics and metrics["flops_target"].item() < 1.0
 
 
 def test_an_official_file_of_a_paper_size_gets_the_papers_heads(tmp_path):

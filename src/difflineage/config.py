@@ -132,6 +132,8 @@ class TrainConfig:
     :param bf16: run the forward pass under bfloat16 autocast (a real speed-up on CPUs with
         AVX-512 bf16 or AMX and on recent GPUs); ``auto``: only where bf16 is native (nn.precision), so a CPU that
         emulates it (about 11x slower than fp32) trains in fp32.
+    :param tf32: on CUDA, let fp32 matrix products and convolutions use TF32 (Ampere and later), as the official
+        DiT and DyDiT training scripts do; no effect on the CPU.
     :param compile: compile the denoising network with torch.compile (fuses element-wise work; pays off on
         GPUs and in long runs; needs a C++ compiler on the CPU; see docs/dit.md for measurements).
     :param device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
@@ -162,6 +164,7 @@ class TrainConfig:
     ema_decay: float = 0.999
     ema_warmup: bool = True
     bf16: Union[bool, Literal["auto"]] = False
+    tf32: bool = False
     compile: bool = False
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"

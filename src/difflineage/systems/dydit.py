@@ -44,8 +44,9 @@ class DyDiTSystemConfig(DiTSystemConfig):
     """:param base: the DiT to fine-tune (a dit checkpoint or run directory, or an official DiT / DyDiT file).
     :param dydit: which routers (width, tokens) and the Gumbel temperature.
     :param target: lambda, the FLOPs ratio the fine-tuning aims at (1 = DiT's).
-    :param router_warmup: steps over which the target falls from 1 to ``target`` and the complete model's
-        diffusion loss is added.
+    :param router_warmup: steps over which the target falls from 1 to ``target``.
+    :param complete_steps: steps during which the complete model's diffusion loss (routers off, the same weights)
+        is added; None: as many as ``router_warmup``. The released recipe keeps it for its first stage, 30K steps.
     :param stratified: draw each batch's timesteps from four equal buckets of the chain.
     :param router_lr_scale: the routers' learning rate relative to train.lr (they start far on the "on"
         side, bias 15 / 35, and must cross to "off" within a short fine-tuning)."""
@@ -54,6 +55,7 @@ class DyDiTSystemConfig(DiTSystemConfig):
     dydit: DyDiTConfig = field(default_factory=DyDiTConfig)
     target: float = 0.5
     router_warmup: int = 0
+    complete_steps: Optional[int] = None
     stratified: bool = False
     router_lr_scale: float = 1.0
 
@@ -65,6 +67,8 @@ class DyDiTSystemConfig(DiTSystemConfig):
             raise ConfigError("model.router_lr_scale must be positive")
         if self.router_warmup < 0:
             raise ConfigError("model.router_warmup must be 0 or more steps")
+        if self.complete_steps is not None and self.complete_steps < 0:
+            raise ConfigError("model.complete_steps must be 0 or more steps (or null: as many as model.router_warmup)")
         if self.dit.block != "adaln_zero":
             raise ConfigError(f"DyDiT makes adaLN-Zero blocks dynamic; model.dit.block={self.dit.block!r} is not one")
 
@@ -202,7 +206,9 @@ class DyDiTSystem(DiTSystem):
                    **{f"{k}_on": v.mean().detach() for k, v in usage.items()}}
         if "vb" in terms:
             metrics["vb"] = terms["vb"].mean().detach()
-        if step is not None and int(step) < self.config.model.router_warmup:
+        m = self.config.model
+        complete = m.router_warmup if m.complete_steps is None else m.complete_steps
+        if step is not None and int(step) < complete:
             full = self.diffusion.training_losses(lambda xt, tt: self.net(xt, tt, **cond, mode="full"), x0, t, noise)
             loss = loss + full["loss"].mean()
             metrics["mse_full"] = full["mse"].mean().detach()

@@ -261,6 +261,9 @@ class Trainer:
                               f"{config.data.source}; lower train.batch_size")
         device = info.device
         bf16 = resolve_bf16(tc.bf16, device)
+        if tc.tf32 and device.type == "cuda":  # as the official train.py: fp32 products in TF32 (a speed lever)
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
         if tc.bf16 == "auto" and info.is_main:
             print(f"train.bf16=auto: {'bf16 autocast' if bf16 else 'fp32'} on {device} "
                   f"({'native' if bf16 else 'no native'} bf16 here)", file=sys.stderr)
