@@ -90,6 +90,11 @@ class EncodedTrainingSet:
             parts.append(self.encode(x.flip(-1) if mirror else x))
         return tuple(torch.cat(p) for p in zip(*parts)) if isinstance(parts[0], tuple) else torch.cat(parts)
 
+    def forget(self) -> None:
+        """Drop the encodings made so far: the encoder's weights are being replaced (a resumed run loads the first
+        stage its checkpoint carries), and the next lookup encodes with the new ones."""
+        self._encoded = self._mirrored = None
+
     def compute(self) -> Encoded:
         """Encode the whole dataset in batches (a tuple of tensors per batch gives a tuple of concatenations)."""
         if self._encoded is None:

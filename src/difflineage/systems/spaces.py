@@ -159,6 +159,14 @@ class LatentSpace(nn.Module):
             self._measure_scale(encoded)
         self._cache = encoded if self.cache_latents else None
 
+    def _load_from_state_dict(self, *args, **kwargs):
+        """A checkpoint's first stage and scale replace the prepared ones (a resumed run): the cache made while
+        measuring the scale with the first stage of ``model.first_stage``, which may have trained on since, is
+        dropped and made again, lazily, with the carried one."""
+        super()._load_from_state_dict(*args, **kwargs)
+        if self._cache is not None:
+            self._cache.forget()
+
     def _measure_scale(self, encoded: EncodedTrainingSet) -> None:
         mean, logvar = encoded.compute()
         z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=torch.Generator().manual_seed(0)).to(mean.device)
