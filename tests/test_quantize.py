@@ -51,11 +51,25 @@ def test_ema_update_arithmetic():
     z = hand_batch(requires_grad=False)
     out = vq(z)
     assert out.codebook_loss.item() == 0.0  # EMA: no codebook loss, the codes follow the averages
-    # counts N = 0.5 * 0 + 0.5 * 1 per code; sums m = 0.5 * e_old + 0.5 * z_assigned; e = m / N (eps 0: no smoothing)
-    expected = torch.tensor([[0.5 * 0.0 + 0.5 * 0.2, 0.5 * 0.0 + 0.5 * 0.0], [0.5 * 1 + 0.5 * 0.9, 0.5 * 1 + 0.5 * 1.2]]) / 0.5
-    assert torch.allclose(vq.ema_count, torch.tensor([0.5, 0.5]))
+    # counts start at 1 (one vector's worth for the initial code): N = 0.5 * 1 + 0.5 * 1 per code; sums
+    # m = 0.5 * e_old + 0.5 * z_assigned; e = m / N (eps 0: no smoothing)
+    expected = torch.tensor([[0.5 * 0.0 + 0.5 * 0.2, 0.5 * 0.0 + 0.5 * 0.0], [0.5 * 1 + 0.5 * 0.9, 0.5 * 1 + 0.5 * 1.2]])
+    assert torch.allclose(vq.ema_count, torch.tensor([1.0, 1.0]))
     assert torch.allclose(vq.codebook, expected)
     assert not vq.embedding.weight.requires_grad
+
+
+def test_an_ema_code_no_batch_picks_stays_within_reach():
+    """With the counts started at zero an unpicked code became m / eps, about 1e5 times its size after one update,
+    and no encoder output came near it again; it now decays toward its initial value."""
+    torch.manual_seed(0)
+    vq = VectorQuantizer(codes=16, dim=4, ema=True).train()
+    start = vq.codebook.clone()
+    z = torch.randn(8, 4, 2, 2) * 0.01 + vq.codebook[0].view(1, 4, 1, 1)  # every vector nearest code 0
+    for _ in range(3):
+        vq(z)
+    assert vq(z).used.item() == 1
+    assert vq.codebook[1:].norm(dim=1).max() <= 1.01 * start[1:].norm(dim=1).max()
 
 
 def test_dead_codes_are_restarted_from_encoder_outputs():

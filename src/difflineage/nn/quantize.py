@@ -65,7 +65,10 @@ class VectorQuantizer(nn.Module):
         nn.init.uniform_(self.embedding.weight, -1.0 / codes, 1.0 / codes)
         if ema:
             self.embedding.weight.requires_grad_(False)
-            self.register_buffer("ema_count", torch.zeros(codes))
+            # each code starts as one vector's worth of evidence for its initial value: m_k / N_k is then e_k, and
+            # a code no batch picks decays toward it instead of growing as m_k / eps (with N_k = 0 and m_k = e_k,
+            # one update made an unpicked code about 1e5 times its size, out of reach of every encoder output)
+            self.register_buffer("ema_count", torch.ones(codes))
             self.register_buffer("ema_sum", self.embedding.weight.detach().clone())
         self.register_buffer("idle_steps", torch.zeros(codes, dtype=torch.long))  # training steps since last chosen
 
