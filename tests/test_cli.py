@@ -57,7 +57,16 @@ def test_evaluate_writes_metrics(run, tmp_path):
     for key in ("fid", "fid_real", "kid", "kid_real", "inception_score", "precision", "recall"):
         assert isinstance(m[key], float), key
     assert np.load(tmp_path / "s.npz")["arr_0"].shape == (40, 8, 8, 3)
-    assert "machine" in m
+    assert "machine" in m and m["real_baseline_split"] == "train"
+
+
+def test_scoring_against_the_training_split_takes_its_real_baseline_from_the_other(run, tmp_path):
+    out = tmp_path / "m.json"
+    assert main(["evaluate", str(run), "--n", "20", "--split", "train", "--k", "2", "--out", str(out),
+                 "--no-progress"]) == 0
+    m = json.loads(out.read_text())
+    assert m["split"] == "train" and m["real_baseline_split"] == "heldout" and m["real_baseline_images"] == 20
+    assert m["precision_real"] < 1.0  # real images of the reference itself would all lie inside its manifold
 
 
 def test_evaluate_refuses_options_the_system_lacks(run, tmp_path, capsys):

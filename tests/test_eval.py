@@ -100,3 +100,11 @@ def test_generate_is_deterministic_and_balances_classes():
     assert torch.equal(quantise(torch.tensor([-1.0, 0.0, 1.0])), torch.tensor([0, 128, 255], dtype=torch.uint8))
     with pytest.raises(ValueError, match="does not take these sampling options"):
         generate(vae, 4, guidance=2.0, progress=False)
+
+
+def test_class_accuracy_is_only_scored_where_the_classes_are_digits():
+    from difflineage.config import DataConfig
+
+    assert DataConfig(source="mnist5k").holds_digits() and DataConfig(source="mnist-idx:/data/mnist").holds_digits()
+    assert not DataConfig(source="mnist-idx:/data/fashion-mnist").holds_digits()
+    assert not DataConfig(source="folder:/data/shapes").holds_digits()

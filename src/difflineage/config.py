@@ -105,13 +105,17 @@ class DataConfig:
         streamed = self.source.startswith(("imagenet:", "parquet:")) or (self.stream and self.source.startswith("folder:"))
         return "adm-center-crop" if streamed else f"in-memory, resize={self.resize}"
 
+    def holds_digits(self) -> bool:
+        """Whether the source's classes are the ten handwritten digits (mnist5k, digits, MNIST's IDX files other
+        than Fashion-MNIST's): what the digit classifier's class accuracy and captions assume."""
+        return self.source in ("mnist5k", "digits") or (self.source.startswith("mnist-idx:")
+                                                        and "fashion" not in self.source.lower())
+
     def caption(self, name: str) -> str:
         """The caption of class ``name``: ``caption_template``, or the source's default (see above)."""
         template = self.caption_template
         if template is None:
-            digits = self.source in ("mnist5k", "digits") or (self.source.startswith("mnist-idx:")
-                                                              and "fashion" not in self.source.lower())
-            template = "a handwritten digit {name}" if digits else "{name}"
+            template = "a handwritten digit {name}" if self.holds_digits() else "{name}"
         return template.format(name=name)
 
 

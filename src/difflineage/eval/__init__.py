@@ -47,9 +47,11 @@ from difflineage.systems.base import CarriesClip
 
 
 def score_samples(images: torch.Tensor, labels: Optional[torch.Tensor], reference: ImageDataset, train: ImageDataset,
-                  net: FeatureNetwork, seed: int = 0, progress: bool = True) -> dict[str, Any]:
+                  net: FeatureNetwork, seed: int = 0, progress: bool = True,
+                  class_accuracy: bool = True) -> dict[str, Any]:
     """Score uint8 samples against ``reference`` (the held-out split), each metric beside the value that
-    ``len(images)`` real training images get against the same reference."""
+    ``len(images)`` real images of ``train`` (the other split: never the reference's own images) get against the same
+    reference. ``class_accuracy``: the data's classes are the ones the feature network's classifier names."""
     n = len(images)
     g = torch.Generator().manual_seed(seed)
     n_real = min(n, len(train))
@@ -68,7 +70,7 @@ def score_samples(images: torch.Tensor, labels: Optional[torch.Tensor], referenc
     out["inception_score_real"], _ = inception_score(l_real, splits=min(10, n_real), seed=seed)
     out["precision"], out["recall"] = precision_recall(f_ref, f_fake)
     out["precision_real"], out["recall_real"] = precision_recall(f_ref, f_real)
-    if labels is not None and net.kind == "mnist":
+    if labels is not None and net.kind == "mnist" and class_accuracy:
         predicted = l_fake.argmax(1)
         out["class_accuracy"] = (predicted == labels).double().mean().item()
         out["class_accuracy_per_class"] = [(predicted[labels == c] == c).double().mean().item()
@@ -140,10 +142,13 @@ def evaluate_system(system, split: str = "heldout", n: int = 1000, features: str
         if sample_options:
             result["sample_options"] = recorded_options(sample_options)
         reference = in_memory(load_dataset(cfg.data, split), REFERENCE_LIMIT)
-        train = in_memory(load_dataset(cfg.data, "train"), n)
+        other = "heldout" if split == "train" else "train"  # the baseline's real images are never the reference's
+        train = in_memory(load_dataset(cfg.data, other), n)
+        result["real_baseline_split"] = other
         if reference.name.endswith("(spread)"):
             result["reference_note"] = f"a streamed source: {len(reference)} held-out images spread over the split"
-        result.update(score_samples(images, labels, reference, train, net, seed=seed, progress=progress))
+        result.update(score_samples(images, labels, reference, train, net, seed=seed, progress=progress,
+                                    class_accuracy=cfg.data.holds_digits()))
         result.update(clip_scores(system, images, labels, reference, clip_net))
     elif rank != 0:
         return {}
