@@ -154,8 +154,7 @@ def read_sidecar(path: Path) -> dict:
         if not isinstance(side, dict) or not {"count", "sha256"} <= side.keys():
             raise ValueError("it lacks the count or the digests")
     except (OSError, ValueError) as exc:
-        raise DataError(f"latent store sidecar {path} is unreadable or corrupt ({exc}); run the same difflineage "
-                        "extract command again: it re-encodes the shards that are damaged") from None
+        raise DataError(f"latent store sidecar {path} is unreadable or corrupt ({exc}); {REPAIR}") from None
     return side
 
 
@@ -209,8 +208,7 @@ def finish_store(root: Path, meta: dict[str, Any], shards: int) -> dict:
     for k in range(shards):
         problem = shard_problem(root, k, meta, verify=False)
         if problem:
-            raise DataError(f"latent store {root}: shard {shard_name(k)} is not intact ({problem}); run the same "
-                            "difflineage extract command again: it re-encodes the shards that are damaged")
+            raise DataError(f"latent store {root}: shard {shard_name(k)} is not intact ({problem}); {REPAIR}")
         side_file = root / f"{shard_name(k)}.json"
         side = read_sidecar(side_file)
         listing.append({"name": shard_name(k), "count": side["count"], "sha256": side["sha256"],

@@ -46,19 +46,19 @@ from difflineage.systems import load
 from difflineage.systems.base import CarriesClip
 
 
-def score_samples(images: torch.Tensor, labels: Optional[torch.Tensor], reference: ImageDataset, train: ImageDataset,
+def score_samples(images: torch.Tensor, labels: Optional[torch.Tensor], reference: ImageDataset, real: ImageDataset,
                   net: FeatureNetwork, seed: int = 0, progress: bool = True,
                   class_accuracy: bool = True) -> dict[str, Any]:
     """Score uint8 samples against ``reference`` (the held-out split), each metric beside the value that
-    ``len(images)`` real images of ``train`` (the other split: never the reference's own images) get against the same
+    ``len(images)`` real images of ``real`` (the other split: never the reference's own images) get against the same
     reference. ``class_accuracy``: the data's classes are the ones the feature network's classifier names."""
     n = len(images)
     g = torch.Generator().manual_seed(seed)
-    n_real = min(n, len(train))
-    real_pick = torch.randperm(len(train), generator=g)[:n_real]
+    n_real = min(n, len(real))
+    real_pick = torch.randperm(len(real), generator=g)[:n_real]
     f_ref, _ = net.extract(to_unit(reference.images), progress=progress, desc="features: held-out")
     f_fake, l_fake = net.extract(to_unit(images), progress=progress, desc="features: samples")
-    f_real, l_real = net.extract(to_unit(train.images[real_pick]), progress=progress, desc="features: real baseline")
+    f_real, l_real = net.extract(to_unit(real.images[real_pick]), progress=progress, desc="features: real baseline")
     out: dict[str, Any] = {"feature_network": net.name, "samples": n, "reference_images": len(reference),
                            "real_baseline_images": n_real}
     out["fid"] = frechet_distance(f_ref, f_fake)
@@ -143,11 +143,11 @@ def evaluate_system(system, split: str = "heldout", n: int = 1000, features: str
             result["sample_options"] = recorded_options(sample_options)
         reference = in_memory(load_dataset(cfg.data, split), REFERENCE_LIMIT)
         other = "heldout" if split == "train" else "train"  # the baseline's real images are never the reference's
-        train = in_memory(load_dataset(cfg.data, other), n)
+        real = in_memory(load_dataset(cfg.data, other), n)
         result["real_baseline_split"] = other
         if reference.name.endswith("(spread)"):
             result["reference_note"] = f"a streamed source: {len(reference)} held-out images spread over the split"
-        result.update(score_samples(images, labels, reference, train, net, seed=seed, progress=progress,
+        result.update(score_samples(images, labels, reference, real, net, seed=seed, progress=progress,
                                     class_accuracy=cfg.data.holds_digits()))
         result.update(clip_scores(system, images, labels, reference, clip_net))
     elif rank != 0:

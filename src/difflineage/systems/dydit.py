@@ -111,7 +111,7 @@ class DyDiTSystem(DiTSystem):
         recipe_heads = m.dit.resolved()[2] if m.dit.name != "custom" else m.dit.heads
         # a DyDiT file's width routers tell its heads and their layout (its routers are loaded as they are)
         heads, keep_first = width_layout(state, str(base), fallback_heads=recipe_heads)
-        heads = heads or (m.dit.resolved()[2] if m.dit.name != "custom" else None)
+        heads = heads or (recipe_heads if m.dit.name != "custom" else None)
         try:  # a paper size records its heads in the table; a custom size takes the recipe's model.dit.heads
             s = infer_dit_settings(state, str(base), heads=heads)
         except CheckpointError as exc:
