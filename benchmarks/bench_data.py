@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from difflineage.bench import record, side_by_side
+from harness import record, side_by_side
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -221,7 +221,7 @@ def dit_step(mode: str, root: Path, vae: Path, store: Path, batch: int):
     cfg = system_for(cfg).resolve_config(resolve_data(cfg, files))
     torch.manual_seed(0)
     system = build_system(cfg)
-    from difflineage.systems.first_stage import autoencoder_weights
+    from difflineage.systems.spaces import autoencoder_weights
     from difflineage.weights import load_state_dict_strict
 
     load_state_dict_strict(system.space.first_stage, autoencoder_weights(cfg.model.first_stage, 32), "vae")

@@ -268,7 +268,7 @@ def test_resumed_prior_reads_tokens_with_its_own_dvae(tmp_path):
     system = trainer.system
     train = load_dataset(system.config.data, "train")
     images = train.batch(range(len(train)))["image"]
-    assert torch.equal(system._codes.compute(), system.dvae.encode(images))  # tokens of the dVAE the prior carries
+    assert torch.equal(system.first_stage.cache.compute(), system.dvae.encode(images))  # tokens of the dVAE the prior carries
     first = difflineage.load(tmp_path / "prior", use_ema=False)
     assert all(torch.equal(v, first.dvae.state_dict()[k]) for k, v in system.dvae.state_dict().items())
 

@@ -78,7 +78,7 @@ def test_latent_cache_holds_the_encoders_posterior(first_stage, tmp_path):
     trainer.fit()
     data = load_dataset(DataConfig(source="digits", image_size=8), "train")
     mean, logvar = trainer.system.space.first_stage.encode(data.batch(range(5))["image"])
-    assert torch.allclose(trainer.system.space._cache.compute()[0][:5], mean, atol=1e-5)
+    assert torch.allclose(trainer.system.space.part.cache.compute()[0][:5], mean, atol=1e-5)
 
 
 def test_ldm_over_a_stable_diffusion_vae_file(tmp_path):
@@ -138,7 +138,7 @@ def test_a_resumed_ldm_encodes_with_the_first_stage_it_carries(tmp_path):
     carried, _ = space.first_stage.encode(data.batch(range(5))["image"])
     newer, _ = difflineage.load(ae).ae.encode(data.batch(range(5))["image"])
     assert not torch.allclose(carried, newer, atol=1e-3)  # the two encoders differ, so the check can fail
-    assert torch.allclose(space._cache.compute()[0][:5], carried, atol=1e-5)
+    assert torch.allclose(space.part.cache.compute()[0][:5], carried, atol=1e-5)
 
 
 def test_a_fixed_latent_scale_is_used_instead_of_measured(first_stage, tmp_path):

@@ -152,7 +152,7 @@ def test_a_file_that_fails_to_decode_in_a_worker_is_named(tmp_path):
 
 
 def test_the_cache_of_a_flipped_set_gives_the_mirror_images_encodings():
-    from difflineage.systems.first_stage import EncodedTrainingSet
+    from difflineage.systems.frozen import CodeStage, EncodedTrainingSet
 
     images = torch.randint(0, 255, (6, 1, 4, 4), dtype=torch.uint8)
     data = ImageDataset(images=images, flip=True, seed=0)
@@ -161,8 +161,19 @@ def test_the_cache_of_a_flipped_set_gives_the_mirror_images_encodings():
     batch = data.batch(range(6), epoch=0)
     assert batch["flip"].any() and not batch["flip"].all()
     assert torch.equal(cache.lookup(batch["index"], batch["flip"]), encode(batch["image"]))
-    assert EncodedTrainingSet.for_dataset(encode, ImageFiles(files=[], labels=None, image_size=4, channels=1),
-                                          torch.device("cpu")) is None
+
+    class LeftHalf(torch.nn.Module):
+        def encode(self, x):
+            return encode(x)
+
+    # a first stage caches an in-memory set (training batches are looked up, mirror images included) ...
+    stage = CodeStage(LeftHalf(), "a first stage", channels=1)
+    stage.attach(data, torch.device("cpu"))
+    assert stage.cache is not None
+    assert torch.equal(stage.encode(batch, training=True), encode(batch["image"]))
+    # ... and encodes a set streamed from disk batch by batch, never cached whole
+    stage.attach(ImageFiles(files=[], labels=None, image_size=4, channels=1), torch.device("cpu"))
+    assert stage.cache is None
 
 
 def test_parquet_shards_in_the_hugging_face_imagenet_schema(tmp_path, monkeypatch):

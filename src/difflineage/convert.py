@@ -12,7 +12,7 @@ from difflineage.errors import CheckpointError
 from difflineage.interop.dit import read_dit_file
 from difflineage.models.dit import DiT
 from difflineage.systems import DiTSystem, config_from_dict, load
-from difflineage.systems.first_stage import autoencoder_architecture, autoencoder_weights
+from difflineage.systems.spaces import autoencoder_architecture, autoencoder_weights
 from difflineage.weights import load_state_dict_strict
 
 

@@ -12,12 +12,11 @@ from __future__ import annotations
 import json
 import math
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
-import torch.nn as nn
 from tqdm.auto import tqdm
 
 from difflineage.config import DataConfig
@@ -36,67 +35,31 @@ from difflineage.data.store import (
 )
 from difflineage.errors import CheckpointError, DataError, RunDirError
 from difflineage.storage import DirectoryLock, sha256_of, write_text_durably, writing
+from difflineage.systems import FirstStage, GaussianStage, ProvidesFirstStage, load
 from difflineage.train.distributed import all_gather_objects, barrier, cleanup, init_distributed
-from difflineage.weights import state_digest
 
 PLAN = "extract.json"
 PLAN_LATER = ("crop", "caption_template")  # data keys that plans written by earlier versions lack
 
 
-@dataclass
-class FirstStage:
-    """A frozen first stage as extraction sees it: what it is, its weights' digest, and its encoder."""
-
-    spec: str
-    kind: str  # "gaussian" or "codes"
-    module: nn.Module
-    channels: int
-    encode: Callable[[torch.Tensor], dict[str, torch.Tensor]]
-
-    @property
-    def digest(self) -> str:
-        return state_digest(self.module.state_dict())
-
-
 def first_stage_for(spec: str, device: torch.device, vae_norm_groups: int = 32) -> FirstStage:
-    """``spec``: an ``autoencoder_kl`` run or checkpoint, ``sd-vae:PATH`` (or the path of a Stable Diffusion VAE
-    file itself, with ``vae_norm_groups`` GroupNorm groups: 32 in Stable Diffusion), a VQ-VAE / VQ-VAE-2
-    autoencoder-stage run, or a DALL-E dVAE-stage run."""
+    """The frozen first stage named by ``spec``: an ``autoencoder_kl`` run or checkpoint, ``sd-vae:PATH`` (or the
+    path of a Stable Diffusion VAE file itself, with ``vae_norm_groups`` GroupNorm groups: 32 in Stable Diffusion),
+    a VQ-VAE / VQ-VAE-2 autoencoder-stage run, or a DALL-E dVAE-stage run: any run whose system offers its network
+    as a first stage (``ProvidesFirstStage``)."""
     path = Path(spec.split(":", 1)[1] if spec.startswith("sd-vae:") else spec)
     if spec.startswith("sd-vae:") or path.is_file():
-        from difflineage.interop.sd_vae import load_sd_vae
-
-        vae = load_sd_vae(path, norm_groups=vae_norm_groups).to(device)
-        return FirstStage(f"sd-vae:{path}", "gaussian", vae, vae.image_channels, _gaussian(vae))
-    from difflineage.systems import load
-
-    system = load(spec).to(device).eval()
-    name, stage = system.config.system, getattr(system.config.model, "stage", None)
-    channels = system.config.data.channels or 1
-    if name == "autoencoder_kl":
-        return FirstStage(str(spec), "gaussian", system.ae, channels, _gaussian(system.ae))
-    if name in ("vqvae", "vqvae2") and stage == "autoencoder":
-        return FirstStage(str(spec), "codes", system.vqvae, channels, _codes(system.vqvae.encode))
-    if name == "dalle" and stage == "dvae":
-        return FirstStage(str(spec), "codes", system.dvae, channels, _codes(system.dvae.encode))
-    raise CheckpointError(f"{spec} is a {name} run{f' (stage {stage})' if stage else ''}, not a first stage: give an "
-                          "autoencoder_kl run, an SD VAE file (sd-vae:PATH), a VQ-VAE / VQ-VAE-2 autoencoder run or a "
-                          "DALL-E dVAE run")
-
-
-def _gaussian(ae) -> Callable:
-    def encode(x: torch.Tensor) -> dict[str, torch.Tensor]:
-        mean, logvar = ae.encode(x)
-        return {"mean": mean.float(), "std": torch.exp(0.5 * logvar.float())}
-    return encode
-
-
-def _codes(encode_fn) -> Callable:
-    def encode(x: torch.Tensor) -> dict[str, torch.Tensor]:
-        codes = encode_fn(x)
-        codes = codes if isinstance(codes, tuple) else (codes,)
-        return {f"codes{i}": c for i, c in enumerate(codes)}
-    return encode
+        stage = GaussianStage.from_sd_vae(path, norm_groups=vae_norm_groups)
+    else:
+        system = load(spec).to(device).eval()
+        stage = system.as_first_stage(str(spec)) if isinstance(system, ProvidesFirstStage) else None
+        if stage is None:
+            cfg = system.config
+            what = f"{cfg.system} run" + (f" (stage {cfg.model.stage})" if getattr(cfg.model, "stage", None) else "")
+            raise CheckpointError(f"{spec} is a {what}, not a first stage: give an autoencoder_kl run, an SD VAE file "
+                                  "(sd-vae:PATH), a VQ-VAE / VQ-VAE-2 autoencoder run or a DALL-E dVAE run")
+    stage.module.to(device).eval()
+    return stage
 
 
 def extract(first_stage: str, data: DataConfig, out: str | Path, shard_size: int = 16384, batch_size: int = 64,
@@ -124,8 +87,8 @@ def _extract(info, spec, data, out, shard_size, batch_size, dtype, workers, prog
     dataset = load_dataset(data, "train")
     n = len(dataset)
     shards = math.ceil(n / shard_size)
-    probe = stage.encode(dataset.batch([0], info.device)["image"])
-    code_dtype = "int16" if stage.kind == "codes" and _codebook_fits_int16(stage) else "int32"
+    probe = stage.store_arrays(dataset.batch([0], info.device)["image"])
+    code_dtype = "int16" if stage.kind == "codes" and stage.fits_int16 else "int32"
     arrays = {k: {"dtype": dtype if stage.kind == "gaussian" else code_dtype, "shape": [2, *v.shape[1:]]}
               for k, v in probe.items()}
     plan = {"format": FORMAT, "kind": stage.kind,
@@ -158,7 +121,7 @@ def _extract(info, spec, data, out, shard_size, batch_size, dtype, workers, prog
             with ShardWriter(out, k, arrays) as shard:  # written batch by batch: a shard is never held in memory
                 for b in ordered_batches(dataset, idx, batch_size, info.device, stream_workers(workers)):
                     x = b["image"]
-                    plain, mirror = stage.encode(x), stage.encode(x.flip(-1))
+                    plain, mirror = stage.store_arrays(x), stage.store_arrays(x.flip(-1))
                     shard.add({key: torch.stack([plain[key], mirror[key]], 1).cpu() for key in arrays},
                               None if b["label"] is None else b["label"].tolist(), b["caption"])
                     bar.update(len(x))
@@ -174,11 +137,6 @@ def _extract(info, spec, data, out, shard_size, batch_size, dtype, workers, prog
     finally:
         if lock is not None:
             lock.release()
-
-
-def _codebook_fits_int16(stage: FirstStage) -> bool:
-    sizes = [m.num_embeddings for m in stage.module.modules() if isinstance(m, nn.Embedding)]
-    return bool(sizes) and max(sizes) <= 32767
 
 
 def _open_store(out: Path, plan: dict, shards: int, progress: bool):
@@ -262,4 +220,4 @@ def _check_written(out: Path, plan: dict, shards: int, progress: bool) -> bool:
     return intact
 
 
-__all__ = ["FirstStage", "extract", "first_stage_for"]
+__all__ = ["extract", "first_stage_for"]

@@ -101,6 +101,10 @@ def load_state_dict_strict(module: nn.Module, state: StateDict, source: str) -> 
             if keys:
                 parts.append(f"{label} ({len(keys)}): " + ", ".join(keys[:8]) + (" ..." if len(keys) > 8 else ""))
         raise CheckpointError(f"{source} does not fit the model: " + "; ".join(parts))
+    for key in variable & set(state):  # a buffer of the file's size, on the module's device, then loaded as any other
+        owner, _, name = key.rpartition(".")
+        holder = module.get_submodule(owner) if owner else module
+        setattr(holder, name, torch.zeros_like(state[key], device=getattr(holder, name).device))
     module.load_state_dict(state, strict=True)
 
 

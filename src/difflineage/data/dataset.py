@@ -11,7 +11,7 @@ images ``augment.flips`` picks for that epoch.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Sequence, TypedDict
+from typing import Optional, Protocol, Sequence, TypedDict, Union, runtime_checkable
 
 import numpy as np
 import torch
@@ -37,6 +37,59 @@ class Batch(TypedDict, total=False):
     flip: torch.Tensor
 
 
+class LatentBatch(TypedDict, total=False):
+    """What a latent store of a Gaussian first stage gives (``StoreDataset``): each image's posterior moments
+    instead of the image. latent_mean, latent_std: float (N, c, h, w); label, caption, index, flip as in ``Batch``."""
+
+    latent_mean: torch.Tensor
+    latent_std: torch.Tensor
+    label: Optional[torch.Tensor]
+    caption: Optional[list[str]]
+    index: torch.Tensor
+    flip: torch.Tensor
+
+
+class CodesBatch(TypedDict, total=False):
+    """What a latent store of a discrete first stage gives: each image's code map (long (N, h, w); a tuple of maps,
+    coarse first, for several levels) instead of the image; label, caption, index, flip as in ``Batch``."""
+
+    codes: Union[torch.Tensor, tuple[torch.Tensor, ...]]
+    label: Optional[torch.Tensor]
+    caption: Optional[list[str]]
+    index: torch.Tensor
+    flip: torch.Tensor
+
+
+AnyBatch = Union[Batch, LatentBatch, CodesBatch]
+
+
+@runtime_checkable
+class Dataset(Protocol):
+    """What the trainer, the systems and evaluation ask of a training or held-out set (``ImageDataset``,
+    ``ImageFiles``, ``store.StoreDataset``).
+
+    :param in_memory: batches are gathered in the training process (held in memory or memory-mapped); False: each
+        image is decoded from disk, in DataLoader workers (``data.loader``).
+    :param holds_images: ``batch`` gives images (a ``Batch``); False: stored encodings (``LatentBatch`` or
+        ``CodesBatch``).
+    :param flip: images are mirrored where ``augment.flips`` says so for the batch's epoch."""
+
+    in_memory: bool
+    holds_images: bool
+    flip: bool
+    name: str
+
+    def __len__(self) -> int: ...
+
+    @property
+    def shape(self) -> tuple[int, int, int]: ...
+
+    @property
+    def num_classes(self) -> Optional[int]: ...
+
+    def batch(self, indices, device: torch.device | str = "cpu", epoch: Optional[int] = None) -> AnyBatch: ...
+
+
 def count_classes(class_names: Optional[Sequence[str]], labels) -> Optional[int]:
     """A dataset's number of classes: one per class name, else the largest label + 1 (None when unlabelled)."""
     if class_names is not None:
@@ -60,6 +113,7 @@ class ImageDataset:
     flip: bool = False  # mirror half of each batch's images (augment.flips), given the epoch
     seed: int = 0
     in_memory = True
+    holds_images = True
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.dim() != 4:
@@ -129,6 +183,7 @@ class ImageFiles:
     flip: bool = False
     seed: int = 0
     in_memory = False
+    holds_images = True
     _errors: list = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from difflineage.data.augment import flips
-from difflineage.data.dataset import count_classes, to_device
+from difflineage.data.dataset import CodesBatch, LatentBatch, count_classes, to_device
 from difflineage.errors import DataError
 from difflineage.storage import fsync_dir, sha256_of, write_text_durably, writing
 
@@ -378,7 +378,7 @@ class StoreDataset:
     def captions(self) -> Optional[list[str]]:
         return self.store.captions
 
-    def batch(self, indices, device: torch.device | str = "cpu", epoch: Optional[int] = None) -> dict:
+    def batch(self, indices, device: torch.device | str = "cpu", epoch: Optional[int] = None) -> LatentBatch | CodesBatch:
         idx = torch.as_tensor(indices, dtype=torch.long)
         mirror = torch.from_numpy(flips(self.seed, epoch, idx.numpy())) if self.flip and epoch is not None \
             else torch.zeros(len(idx), dtype=torch.bool)

@@ -122,16 +122,13 @@ class DyDiTBlock(DiTBlock):
             self.mlp_rate = WidthRouter(hidden, heads, dcfg.keep_first)
         if dcfg.tokens:
             self.token_selection = TokenRouter(hidden)
-        self._slices: Optional[tuple] = None  # (key, sliced weights) of the last width mask (fast path)
+        self._slices: Optional[tuple] = None  # (key, sliced weights) of the last width mask (fast path); the key holds
+        # each weight's version, so weights changed in place (a load, an EMA update) are sliced again
         self.token_record: Optional[list] = None  # a list to append the fast path's (N, T) token decisions to
 
     def train(self, mode: bool = True):
         self._slices = None  # weights are about to change (or were loaded): slice again
         return super().train(mode)
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        self._slices = None
-        return super()._load_from_state_dict(*args, **kwargs)
 
     # -- masks -----------------------------------------------------------------------------------
 

@@ -14,10 +14,11 @@ from typing import Any, Optional
 import torch
 
 from difflineage.config import Config
-from difflineage.data import Batch, ImageDataset
+from difflineage.data import Batch, Dataset, ImageDataset
 from difflineage.models.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig
 from difflineage.nn.distributions import gaussian_kl_standard
 from difflineage.systems.base import Condition, Reconstructs, System, spread_images
+from difflineage.systems.frozen import GaussianStage
 
 
 class AutoencoderKLSystem(Reconstructs, System):
@@ -35,9 +36,13 @@ class AutoencoderKLSystem(Reconstructs, System):
     def uses_labels(self) -> bool:
         return False
 
-    def prepare(self, dataset: ImageDataset) -> None:
+    def prepare(self, dataset: Dataset, restored: bool = False) -> None:
         """Keep 32 training images spread over the set (the files are sorted by class) for the training grids."""
         self.preview = spread_images(dataset, self.device)
+
+    def as_first_stage(self, spec: str) -> GaussianStage:
+        """The trained autoencoder as the frozen first stage of a latent model (``ProvidesFirstStage``)."""
+        return GaussianStage(self.ae, spec, self.config.data.channels or 1)
 
     def loss(self, batch: Batch, step: Optional[int] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x = batch["image"]

@@ -12,9 +12,10 @@ import torch.nn as nn
 
 from difflineage.checkpoint import Checkpoint, read_checkpoint
 from difflineage.config import Config, from_dict
-from difflineage.data import DIGIT_NAMES, Batch, ImageDataset
+from difflineage.data import DIGIT_NAMES, Batch, Dataset, ImageDataset
 from difflineage.errors import ConfigError
 from difflineage.images import save_grid
+from difflineage.systems.frozen import FrozenPart, read_once
 
 Condition = Union[None, int, torch.Tensor, list[str]]
 
@@ -114,8 +115,11 @@ class System(nn.Module, abc.ABC):
         (e.g. routers that must move faster than the weights they route)."""
         return [{"params": [p for p in self.parameters() if p.requires_grad], "lr_scale": 1.0}]
 
-    def prepare(self, dataset: ImageDataset) -> None:
-        """Called once before training with the training data (e.g. to measure a latent scale)."""
+    def prepare(self, dataset: Dataset, restored: bool = False) -> None:
+        """Called once before training with the training data. A fresh run (``restored`` False) loads what earlier
+        stages give (a first stage's weights, a base model) and measures what the data decides (a latent scale, a
+        tokenizer); a resumed run has its weights from the checkpoint already (``restored``) and only builds what
+        is not saved (caches, preview images), replacing nothing."""
 
     def evaluate(self, dataset: ImageDataset, generator: Optional[torch.Generator] = None,
                  **options: Any) -> dict[str, float]:
@@ -133,6 +137,16 @@ class System(nn.Module, abc.ABC):
         image = torch.zeros(1, d.channels or 1, d.image_size, d.image_size, device=self.device)
         label = torch.zeros(1, dtype=torch.long, device=self.device) if self.num_classes else None
         return {"training objective (one image)": lambda: self.loss({"image": image, "label": label, "caption": None})}
+
+    def frozen_parts(self) -> list[FrozenPart]:
+        """The parts this system uses but does not train (a first stage, a CLIP): they stay in eval mode."""
+        return []
+
+    def train(self, mode: bool = True) -> "System":
+        super().train(mode)
+        for part in self.frozen_parts():
+            part.module.eval()  # frozen, normalisation and quantiser statistics too
+        return self
 
     # Helpers ---------------------------------------------------------------------------------
 
@@ -208,10 +222,10 @@ def batches(dataset: ImageDataset, device: torch.device, size: int = 250) -> Ite
         yield dataset.batch(range(s, min(s + size, len(dataset))), device)
 
 
-def spread_images(dataset: ImageDataset, device: torch.device, n: int = 32) -> torch.Tensor:
+def spread_images(dataset: Dataset, device: torch.device, n: int = 32) -> torch.Tensor:
     """``n`` images spread evenly over ``dataset`` (its files are sorted by class, so every class shows); none
     from a latent store, which holds no images."""
-    if not getattr(dataset, "holds_images", True):
+    if not dataset.holds_images:
         return torch.empty(0, device=device)
     return dataset.batch(torch.linspace(0, len(dataset) - 1, min(n, len(dataset))).long(), device)["image"]
 
@@ -239,11 +253,13 @@ def read_stage(path: Union[str, Path], key: str, systems: tuple[type[System], ..
             raise _OtherSystem(name)
         return from_dict(raw, lambda n: classes[n].ModelConfig)
 
-    try:
-        ckpt = read_checkpoint(path, parse, training_state=False)
-    except _OtherSystem as exc:
-        raise ConfigError(f"model.{key}={path} is a {exc.name} checkpoint; {expected}") from None
-    return upgraded(ckpt, classes[ckpt.config.system])
+    def read() -> Checkpoint:
+        try:
+            ckpt = read_checkpoint(path, parse, training_state=False)
+        except _OtherSystem as exc:
+            raise ConfigError(f"model.{key}={path} is a {exc.name} checkpoint; {expected}") from None
+        return upgraded(ckpt, classes[ckpt.config.system])
+    return read_once(("stage", str(Path(path).resolve()), tuple(classes)), read)
 
 
 def upgraded(ckpt: Checkpoint, cls: type[System]) -> Checkpoint:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from difflineage.config import Config
-from difflineage.data import Batch, ImageDataset
+from difflineage.data import AnyBatch, Batch, Dataset, ImageDataset
 from difflineage.errors import ConfigError
 from difflineage.images import save_captioned_panels
 from difflineage.models.clip import CLIP, CLIPConfig, clip_score, retrieval_accuracy
@@ -35,8 +35,7 @@ from difflineage.models.dalle import DalleTransformer, DalleTransformerConfig, D
 from difflineage.nn.bpe import CaptionTokenizer
 from difflineage.nn.quantize import code_usage
 from difflineage.systems.base import Condition, Reconstructs, System, batches, spread_images
-from difflineage.systems.first_stage import EncodedTrainingSet, trains_from_store
-from difflineage.weights import load_state_dict_strict
+from difflineage.systems.frozen import CodeStage, FrozenPart
 
 
 @dataclass
@@ -93,7 +92,7 @@ class DalleSystem(System):
     def caption_conditioned(self) -> bool:
         return False
 
-    def prepare(self, dataset: ImageDataset) -> None:
+    def prepare(self, dataset: Dataset, restored: bool = False) -> None:
         self.preview = spread_images(dataset, self.device, self.preview_images)
 
     sample_options = ("temperature", "top_k", "top_p", "guidance", "rerank", "use_cache", "progress")
@@ -143,6 +142,10 @@ class DalleDVAE(Reconstructs, DalleSystem):
     @property
     def uses_labels(self) -> bool:
         return False  # the dVAE takes no condition
+
+    def as_first_stage(self, spec: str) -> Optional[CodeStage]:
+        """The trained dVAE as the frozen first stage of the prior (``ProvidesFirstStage``)."""
+        return CodeStage(self.dvae, spec, self.config.data.channels or 1)
 
     def training_progress(self, step: Optional[int]) -> float:
         """Share of training done before a batch (for the dVAE's annealing schedules); None counts as 0."""
@@ -256,14 +259,12 @@ class DallePrior(DalleDVAE):
         m = config.model
         if m.clip_stage:
             self.clip = CLIP(m.clip, image_channels=config.data.channels or 1)
-        self.dvae.requires_grad_(False)
-        if self.clip_model() is not None:
-            self.clip.requires_grad_(False)
+        self.first_stage = CodeStage(self.dvae, m.first_stage, config.data.channels or 1)
+        self.clip_part = FrozenPart(self.clip, m.clip_stage) if m.clip_stage else None
         self.transformer = DalleTransformer(m.transformer, m.dvae.codes, self.side)
         # the BPE tokenizer's JSON, kept in the weights file so the checkpoint is self-contained
         self.register_buffer("tokenizer_json", torch.zeros(0, dtype=torch.uint8))
-        self._tokenizer: Optional[CaptionTokenizer] = None
-        self._codes: Optional[EncodedTrainingSet] = None
+        self._tokenizer: Optional[tuple[torch.Tensor, CaptionTokenizer]] = None  # (the buffer it was read from, it)
 
     @property
     def uses_labels(self) -> bool:
@@ -274,30 +275,31 @@ class DallePrior(DalleDVAE):
         return True
 
     def clip_model(self) -> Optional[CLIP]:
-        return getattr(self, "clip", None)
+        return self.clip_part.module if self.clip_part is not None else None
+
+    def frozen_parts(self) -> list[FrozenPart]:
+        return [self.first_stage] + ([self.clip_part] if self.clip_part is not None else [])
+
+    def as_first_stage(self, spec: str) -> None:
+        return None  # the prior is not a first stage; its dVAE run is
 
     # -- the tokenizer lives in a buffer -------------------------------------------------------------
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        key = prefix + "tokenizer_json"
-        if key in state_dict:
-            # its length is the JSON's, not known before; it stays on this module's device
-            self.tokenizer_json = torch.zeros_like(state_dict[key], device=self.tokenizer_json.device)
-            self._tokenizer = None
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
     @property
     def tokenizer(self) -> CaptionTokenizer:
-        if self._tokenizer is None:
+        """The BPE tokenizer the buffer holds (read again whenever the buffer is replaced: a load gives the
+        buffer the file's length, so it is a new tensor)."""
+        if self._tokenizer is None or self._tokenizer[0] is not self.tokenizer_json:
             if len(self.tokenizer_json) == 0:
                 raise ValueError("this DALL-E prior has no tokenizer yet: it is trained on the captions when training "
                                  "starts (or comes with the checkpoint)")
-            self._tokenizer = CaptionTokenizer.from_json(bytes(self.tokenizer_json.cpu().tolist()).decode("utf-8"))
-        return self._tokenizer
+            tok = CaptionTokenizer.from_json(bytes(self.tokenizer_json.cpu().tolist()).decode("utf-8"))
+            self._tokenizer = (self.tokenizer_json, tok)
+        return self._tokenizer[1]
 
     def set_tokenizer(self, tok: CaptionTokenizer) -> None:
         self.tokenizer_json = torch.tensor(list(tok.to_json().encode("utf-8")), dtype=torch.uint8, device=self.device)
-        self._tokenizer = tok
+        self._tokenizer = (self.tokenizer_json, tok)
 
     def text_tokens(self, captions: list[str]) -> torch.Tensor:
         return self.tokenizer.encode(captions, self.config.model.transformer.text_length).to(self.device)
@@ -315,22 +317,21 @@ class DallePrior(DalleDVAE):
             updates["clip"] = cls.stage_checkpoint(m.clip_stage, "clip_stage", "clip").config.model.clip
         return replace(config, model=replace(m, **updates))
 
-    def prepare(self, dataset: ImageDataset) -> None:
-        super().prepare(dataset)
+    def prepare(self, dataset: Dataset, restored: bool = False) -> None:
+        """A fresh run loads the dVAE of ``model.first_stage`` and the CLIP of ``model.clip_stage`` and trains the
+        BPE tokenizer on the training captions (a resumed run carries all three); then the training set is attached
+        to the dVAE (its tokens encoded once)."""
+        super().prepare(dataset, restored)
         m = self.config.model
-        for module, path, key, stage in ((self.dvae, m.first_stage, "first_stage", "dvae"),
-                                         (self.clip_model(), m.clip_stage, "clip_stage", "clip")):
-            if module is not None:
-                load_state_dict_strict(module, self.stage_checkpoint(path, key, stage).part(stage + "."), path)
-                module.eval()
         if dataset.captions is None:
             raise ConfigError(f"{dataset.name} has no captions: DALL-E's prior needs image/caption pairs "
                               "(labelled data gets captions from data.caption_template)")
-        self.set_tokenizer(self._train_tokenizer(dataset.captions))
-        # Every training image's tokens, encoded at the first training batch with the dVAE this system holds
-        # then (a resumed run's own copy, even if model.first_stage has trained on since).
-        self._codes = None if trains_from_store(dataset, self.dvae, "codes", m.first_stage) else \
-            EncodedTrainingSet.for_dataset(self.dvae.encode, dataset, self.device)
+        if not restored:
+            for part, key, stage in ((self.first_stage, "first_stage", "dvae"), (self.clip_part, "clip_stage", "clip")):
+                if part is not None:
+                    part.load(self.stage_checkpoint(part.spec, key, stage).part(stage + "."))
+            self.set_tokenizer(self._train_tokenizer(dataset.captions))
+        self.first_stage.attach(dataset, self.device)
 
     def _train_tokenizer(self, captions: list[str]) -> CaptionTokenizer:
         """BPE on the training captions, trained once (rank 0) and shared with every process of the run."""
@@ -347,13 +348,6 @@ class DallePrior(DalleDVAE):
                               f"model.transformer.text_vocab={tok.vocab_size} or more")
         return tok
 
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.dvae.eval()  # frozen parts stay in eval mode
-        if self.clip_model() is not None:
-            self.clip.eval()
-        return self
-
     # -- training ------------------------------------------------------------------------------------
 
     def loss(self, batch: Batch, step: Optional[int] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -366,14 +360,9 @@ class DallePrior(DalleDVAE):
                                                           self.tokenizer.pad_id)
         return loss, {"text_nll": text_nll.detach(), "image_nll_bits_per_token": (image_nll / math.log(2)).detach()}
 
-    def _tokens_of(self, batch: Batch) -> torch.Tensor:
+    def _tokens_of(self, batch: AnyBatch) -> torch.Tensor:
         """The batch's image tokens, flattened (N, h * w): from a latent store, cached in training, encoded otherwise."""
-        if "codes" in batch:
-            return batch["codes"].flatten(1)
-        if self._codes is not None and self.training and batch.get("index") is not None:
-            return self._codes.lookup(batch["index"], batch.get("flip")).flatten(1)
-        with torch.no_grad():
-            return self.dvae.encode(batch["image"]).flatten(1)
+        return self.first_stage.encode(batch, self.training).flatten(1)
 
     # -- sampling ------------------------------------------------------------------------------------
 
@@ -402,7 +391,7 @@ class DallePrior(DalleDVAE):
             top_p=m.top_p if top_p is None else top_p, generator=generator, use_cache=use_cache,
             progress=lambda i: bar.update(1))
         bar.close()
-        images = self.dvae.decode(tokens.view(-1, self.side, self.side)).float().clamp(-1, 1)
+        images = self.first_stage.decode(tokens.view(-1, self.side, self.side))
         if rerank == 1:
             return images
         return self.rerank(images.view(n, rerank, *images.shape[1:]), captions)

@@ -17,12 +17,13 @@ from typing import Any, ClassVar, Literal, Optional
 import torch
 
 from difflineage.config import Config
-from difflineage.data import Batch, ImageDataset
+from difflineage.data import Batch, Dataset, ImageDataset
 from difflineage.diffusion import DiffusionConfig, GaussianDiffusion, dpm_solver_timesteps, guided
 from difflineage.errors import ConfigError
 from difflineage.models.autoencoder_kl import AutoencoderKLConfig
 from difflineage.nn.text import TextEncoder, TextEncoderConfig
 from difflineage.systems.base import Condition, System
+from difflineage.systems.frozen import FrozenPart
 from difflineage.systems.spaces import LatentSpace, PixelSpace
 
 # Keys of earlier checkpoints -> today's: the first stage and the latent scale now belong to the latent space.
@@ -127,9 +128,12 @@ class DiffusionSystem(System):
             out[_LEGACY_PREFIXES[old] + k[len(old):] if old else k] = v
         return out
 
-    def prepare(self, dataset: ImageDataset) -> None:
+    def prepare(self, dataset: Dataset, restored: bool = False) -> None:
         """Before training: the space's parts loaded (a latent space's first stage, its latent scale measured)."""
-        self.space.prepare(dataset)
+        self.space.prepare(dataset, restored)
+
+    def frozen_parts(self) -> list[FrozenPart]:
+        return self.space.parts()
 
     def pictures(self, dataset: ImageDataset, out_dir, generator: Optional[torch.Generator] = None) -> dict:
         return self.space.pictures(dataset, out_dir, self.device)

@@ -29,7 +29,7 @@ from typing import Any, Optional
 import torch
 
 from difflineage.config import Config
-from difflineage.data import Batch, ImageDataset
+from difflineage.data import Batch, Dataset, ImageDataset
 from difflineage.errors import CheckpointError, ConfigError
 from difflineage.interop.dit import dit_config_of, infer_dit_settings
 from difflineage.interop.dydit import read_dydit_state, width_layout
@@ -132,9 +132,13 @@ class DyDiTSystem(DiTSystem):
         return read_stage(path, "base", (DiTSystem, cls),
                           "DyDiT fine-tunes a dit one")
 
-    def prepare(self, dataset: ImageDataset) -> None:
-        """Load the base DiT (and its first stage), rank units by importance, cache the training latents."""
+    def prepare(self, dataset: Dataset, restored: bool = False) -> None:
+        """A fresh run loads the base DiT (and its first stage) and ranks units by importance; a resumed one carries
+        them. Then the training set is attached to the latent space (its latents cached)."""
         m = self.config.model
+        if restored:
+            self.space.prepare(dataset, restored=True)
+            return
         if not m.base:
             raise ConfigError("model.base is empty: nothing to fine-tune from")
         base = Path(m.base)
@@ -147,7 +151,7 @@ class DyDiTSystem(DiTSystem):
             own_net = {k: v for k, v in self.state_dict().items() if k.startswith(prefix)}
             load_state_dict_strict(self, {**others, **own_net}, str(base))
             self._load_net(net_state, str(base))
-            self.space.cache(dataset, measure_scale=False)  # the base's latent scale stays
+            self.space.prepare(dataset, restored=True)  # the base's first stage and latent scale stay
         else:
             self.space.prepare(dataset)  # a latent space's first stage from model.first_stage
             state, _ = read_dydit_state(base)

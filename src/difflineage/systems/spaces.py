@@ -16,17 +16,13 @@ import torch
 import torch.nn as nn
 
 from difflineage.config import Config
-from difflineage.data import Batch, ImageDataset
+from difflineage.checkpoint import Checkpoint
+from difflineage.data import AnyBatch, Batch, Dataset
 from difflineage.errors import ConfigError
-from difflineage.models.autoencoder_kl import AutoencoderKL
-from difflineage.systems.base import save_reconstructions, spread_images
-from difflineage.systems.first_stage import (
-    EncodedTrainingSet,
-    autoencoder_architecture,
-    autoencoder_weights,
-    trains_from_store,
-)
-from difflineage.weights import load_state_dict_strict
+from difflineage.models.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig
+from difflineage.systems.base import read_stage, save_reconstructions, spread_images
+from difflineage.systems.autoencoder import AutoencoderKLSystem
+from difflineage.systems.frozen import EncodedTrainingSet, FrozenPart, GaussianStage, sd_vae
 
 
 class PixelSpace(nn.Module):
@@ -48,11 +44,8 @@ class PixelSpace(nn.Module):
     def resolve_config(config: Config) -> Config:
         return config
 
-    def prepare(self, dataset: ImageDataset) -> None:
-        """Nothing to load or measure."""
-
-    def cache(self, dataset: ImageDataset, measure_scale: bool) -> None:
-        """Nothing to cache: the images are the batch."""
+    def prepare(self, dataset: Dataset, restored: bool = False) -> None:
+        """Nothing to load, cache or measure: the images are the batch."""
 
     def encode(self, batch: Batch) -> torch.Tensor:
         return batch["image"]
@@ -60,7 +53,11 @@ class PixelSpace(nn.Module):
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         return x.clamp(-1, 1)
 
-    def pictures(self, dataset: ImageDataset, out_dir: Path, device: torch.device) -> dict[str, Path]:
+    def parts(self) -> list[FrozenPart]:
+        """The frozen parts of this space: none."""
+        return []
+
+    def pictures(self, dataset: Dataset, out_dir: Path, device: torch.device) -> dict[str, Path]:
         return {}
 
     def forward_passes(self, device: torch.device) -> dict[str, Callable]:
@@ -72,8 +69,8 @@ class LatentSpace(nn.Module):
     Diffusion VAE file, ``sd-vae:PATH``), scaled by 1 / std measured on the training data (LDM's ``scale_by_std``;
     SD's 0.18215 is that number for its VAE). The scale is a buffer, so the checkpoint carries it, and the
     autoencoder's weights are in the checkpoint too: a trained system samples without the first stage's files.
-    With ``model.cache_latents`` the posterior moments of every training image are computed once and each step
-    draws z from them, as encoding would."""
+    The autoencoder is a frozen part (``self.part``, a ``GaussianStage``): with ``model.cache_latents`` the posterior
+    moments of every training image are computed once and each step draws z from them, as encoding would."""
 
     clip_denoised = False  # scaled latents have unit variance, not a [-1, 1] range: clipping would cut them
     bpd_space = "latents (the bound of the latent model; not comparable with pixel bits/dim)"
@@ -85,9 +82,8 @@ class LatentSpace(nn.Module):
         self.fixed_scale = getattr(m, "latent_scale", None)
         self.shape = self.shape_of(config)
         self.first_stage = AutoencoderKL(m.autoencoder, image_channels=config.data.channels or 1)
-        self.first_stage.requires_grad_(False)
+        self.part = GaussianStage(self.first_stage, self.spec, config.data.channels or 1)
         self.register_buffer("latent_scale", torch.tensor(1.0))
-        self._cache: Optional[EncodedTrainingSet] = None
 
     @staticmethod
     def shape_of(config: Config) -> tuple[int, int]:
@@ -119,84 +115,76 @@ class LatentSpace(nn.Module):
             raise ConfigError(f"model.autoencoder differs from the architecture of {m.first_stage}; leave it unset")
         return replace(config, model=replace(m, autoencoder=ae_cfg))
 
-    def prepare(self, dataset: ImageDataset) -> None:
-        """Load the frozen first stage from ``model.first_stage``, cache the training images' posterior moments and
-        measure the latent scale."""
-        if not self.spec:
-            raise ConfigError("model.first_stage is empty: nothing to load the autoencoder from")
-        load_state_dict_strict(self.first_stage, autoencoder_weights(self.spec, self.norm_groups), self.spec)
-        self.cache(dataset, measure_scale=True)
+    def prepare(self, dataset: Dataset, restored: bool = False) -> None:
+        """Before training: the frozen first stage loaded from ``model.first_stage`` (a fresh run; a resumed one
+        carries it), the training set attached to it (a store checked, or the in-memory images encoded once) and,
+        in a fresh run, the latent scale set (measured, or ``model.latent_scale``)."""
+        if not restored:
+            if not self.spec:
+                raise ConfigError("model.first_stage is empty: nothing to load the autoencoder from")
+            self.part.load(autoencoder_weights(self.spec, self.norm_groups))
+        self.part.attach(dataset, self.latent_scale.device, cache=self.cache_latents)
+        if not restored:
+            self.latent_scale.fill_(self.fixed_scale if self.fixed_scale is not None else self._measured_scale(dataset))
 
-    def posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mean, logvar = self.first_stage.encode(x)
-        return mean.float(), logvar.float()
+    def parts(self) -> list[FrozenPart]:
+        """The frozen parts of this space: its first stage."""
+        return [self.part]
 
-    def cache(self, dataset: ImageDataset, measure_scale: bool) -> None:
-        """Keep the training images' posterior moments (``model.cache_latents``; encoded once, at the first
-        training batch) and, with ``measure_scale``, set the latent scale now to 1 / std of one draw of them. A
-        dataset streamed from disk is not cached (each batch is encoded as it comes) and its scale is measured on
-        2,048 images spread over it."""
+    def _measured_scale(self, dataset: Dataset) -> float:
+        """1 / std of one draw (seeded) of the training latents: all of an in-memory set, 2,048 images spread over a
+        store or a set streamed from disk."""
         device = self.latent_scale.device
-        if self.fixed_scale is not None and measure_scale:
-            self.latent_scale.fill_(self.fixed_scale)
-            measure_scale = False
-        if trains_from_store(dataset, self.first_stage, "gaussian", self.spec):
-            if measure_scale:
-                spread = torch.linspace(0, len(dataset) - 1, min(2048, len(dataset))).long()
-                b = dataset.batch(spread, device)
-                noise = torch.randn(b["latent_mean"].shape, generator=torch.Generator().manual_seed(0)).to(device)
-                self.latent_scale.fill_(1.0 / (b["latent_mean"] + b["latent_std"] * noise).std().item())
-            self._cache = None
-            return
-        if not getattr(dataset, "in_memory", True):
-            if measure_scale:
-                spread = torch.linspace(0, len(dataset) - 1, min(2048, len(dataset))).long()
-                self._measure_scale(EncodedTrainingSet(self.posterior, dataset.subset(spread).load(), device, batch=64))
-            self._cache = None
-            return
-        encoded = EncodedTrainingSet(self.posterior, dataset, device, batch=250)
-        if measure_scale:
-            self._measure_scale(encoded)
-        self._cache = encoded if self.cache_latents else None
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        """A checkpoint's first stage and scale replace the prepared ones (a resumed run): the cache made while
-        measuring the scale with the first stage of ``model.first_stage``, which may have trained on since, is
-        dropped and made again, lazily, with the carried one."""
-        super()._load_from_state_dict(*args, **kwargs)
-        if self._cache is not None:
-            self._cache.forget()
-
-    def _measure_scale(self, encoded: EncodedTrainingSet) -> None:
-        mean, logvar = encoded.compute()
-        z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=torch.Generator().manual_seed(0)).to(mean.device)
-        self.latent_scale.fill_(1.0 / z.std().item())
-
-    def encode(self, batch: Batch) -> torch.Tensor:
-        """z ~ q(z|x), scaled: from a latent store's moments, from the cache while training on the prepared data,
-        by encoding otherwise."""
-        if "latent_mean" in batch:
-            mean, std = batch["latent_mean"], batch["latent_std"]
-            return (mean + std * torch.randn_like(mean)) * self.latent_scale
-        if self._cache is not None and self.training and batch.get("index") is not None:
-            mean, logvar = self._cache.lookup(batch["index"], batch.get("flip"))
+        spread = torch.linspace(0, len(dataset) - 1, min(2048, len(dataset))).long()
+        if not dataset.holds_images:
+            mean, std = self.part.from_store(dataset.batch(spread, device))
+        elif self.part.cache is not None:
+            mean, std = self.part.cache.compute()
+        elif not dataset.in_memory:
+            mean, std = EncodedTrainingSet(self.part.encode_images, dataset.subset(spread).load(), device, 64).compute()
         else:
-            with torch.no_grad():
-                mean, logvar = self.posterior(batch["image"])
-        return (mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)) * self.latent_scale
+            mean, std = EncodedTrainingSet(self.part.encode_images, dataset, device, self.part.cache_batch).compute()
+        z = mean + std * torch.randn(mean.shape, generator=torch.Generator().manual_seed(0)).to(mean.device)
+        return 1.0 / z.std().item()
+
+    def encode(self, batch: AnyBatch) -> torch.Tensor:
+        """z ~ q(z|x), scaled (the moments from the frozen part: a store, the cache or the encoder)."""
+        mean, std = self.part.encode(batch, self.training)
+        return (mean + std * torch.randn_like(mean)) * self.latent_scale
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return self.first_stage.decode(z / self.latent_scale).float().clamp(-1, 1)
+        return self.part.decode(z / self.latent_scale)
 
-    def pictures(self, dataset: ImageDataset, out_dir: Path, device: torch.device) -> dict[str, Path]:
+    def pictures(self, dataset: Dataset, out_dir: Path, device: torch.device) -> dict[str, Path]:
         """Held-out images beside their first-stage reconstructions (what the diffusion model can reach at best)."""
         x = spread_images(dataset, device)
         with torch.no_grad():
             mean, _ = self.first_stage.encode(x)
-            recon = self.first_stage.decode(mean).float().clamp(-1, 1)
+            recon = self.part.decode(mean)
         return {"first-stage reconstructions": save_reconstructions(x, recon, out_dir)}
 
     def forward_passes(self, device: torch.device) -> dict[str, Callable]:
         c, side = self.shape
         z = torch.zeros(1, c, side, side, device=device)
         return {"sampling: first-stage decoder (one image, once)": lambda: self.first_stage.decode(z)}
+
+
+def _autoencoder_run(spec: str) -> Checkpoint:
+    return read_stage(spec, "first_stage", (AutoencoderKLSystem,), "it must be an autoencoder_kl one (or sd-vae:PATH)")
+
+
+def autoencoder_architecture(spec: str, norm_groups: int) -> tuple[AutoencoderKLConfig, int]:
+    """(architecture, image channels) of a latent model's first stage: ``sd-vae:PATH`` (a Stable Diffusion VAE
+    file, LDM or diffusers layout) or an ``autoencoder_kl`` checkpoint or run directory."""
+    if spec.startswith("sd-vae:"):
+        vae = sd_vae(spec, norm_groups)
+        return vae.cfg, vae.image_channels
+    ckpt = _autoencoder_run(spec)
+    return ckpt.config.model, ckpt.config.data.channels or 1
+
+
+def autoencoder_weights(spec: str, norm_groups: int) -> dict[str, torch.Tensor]:
+    """The weights of the first stage named by ``spec`` (see :func:`autoencoder_architecture`)."""
+    if spec.startswith("sd-vae:"):
+        return sd_vae(spec, norm_groups).state_dict()
+    return _autoencoder_run(spec).part("ae.")

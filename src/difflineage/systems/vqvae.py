@@ -21,14 +21,13 @@ import torch
 import torch.nn.functional as F
 
 from difflineage.config import Config
-from difflineage.data import Batch, ImageDataset
+from difflineage.data import AnyBatch, Batch, Dataset, ImageDataset
 from difflineage.errors import ConfigError
 from difflineage.models.pixelcnn import GatedPixelCNN, PixelCNNConfig
 from difflineage.models.vqvae import VQVAE, VQVAE2, VQVAEConfig
 from difflineage.nn.quantize import code_usage
 from difflineage.systems.base import Condition, Reconstructs, System, batches, spread_images
-from difflineage.systems.first_stage import EncodedTrainingSet, trains_from_store
-from difflineage.weights import load_state_dict_strict
+from difflineage.systems.frozen import CodeStage, FrozenPart
 
 
 @dataclass
@@ -86,8 +85,12 @@ class VQVAESystem(Reconstructs, System):
     def uses_labels(self) -> bool:
         return False  # an autoencoder takes no class; its prior may
 
-    def prepare(self, dataset: ImageDataset) -> None:
+    def prepare(self, dataset: Dataset, restored: bool = False) -> None:
         self.preview = spread_images(dataset, self.device)
+
+    def as_first_stage(self, spec: str) -> Optional[CodeStage]:
+        """The trained autoencoder as the frozen first stage of a prior (``ProvidesFirstStage``)."""
+        return CodeStage(self.vqvae, spec, self.config.data.channels or 1)
 
     # -- training -----------------------------------------------------------------------------------
 
@@ -137,11 +140,17 @@ class VQVAESystem(Reconstructs, System):
 
 class CodePrior:
     """What a prior stage adds to its autoencoder stage (mixed in before it): the frozen autoencoder of
-    ``model.first_stage``, loaded before training; the training set's code maps, encoded once; class labels."""
+    ``model.first_stage`` (a ``CodeStage`` part), loaded before training; the training set's code maps; class
+    labels."""
 
     def freeze_autoencoder(self) -> None:
-        self.vqvae.requires_grad_(False)
-        self._codes: Optional[EncodedTrainingSet] = None
+        self.first_stage = CodeStage(self.vqvae, self.config.model.first_stage, self.config.data.channels or 1)
+
+    def as_first_stage(self, spec: str) -> None:
+        return None  # a prior is not a first stage; its autoencoder run is
+
+    def frozen_parts(self) -> list[FrozenPart]:
+        return [self.first_stage]
 
     @property
     def uses_labels(self) -> bool:
@@ -156,30 +165,19 @@ class CodePrior:
         ckpt = cls.stage_checkpoint(m.first_stage, "first_stage", "autoencoder")
         return replace(config, model=replace(m, vq=ckpt.config.model.vq))
 
-    def prepare(self, dataset: ImageDataset) -> None:
-        super().prepare(dataset)
+    def prepare(self, dataset: Dataset, restored: bool = False) -> None:
+        """The autoencoder of ``model.first_stage`` loaded (a fresh run; a resumed one carries its own copy, even if
+        that run has trained on since) and the training set attached to it (its code maps encoded once)."""
+        super().prepare(dataset, restored)
         path = self.config.model.first_stage
-        load_state_dict_strict(self.vqvae, self.stage_checkpoint(path, "first_stage", "autoencoder").part("vqvae."), path)
-        self.vqvae.eval()
-        # The code maps of every training image, encoded at the first training batch with the autoencoder this
-        # system holds then (a resumed run's own copy, even if model.first_stage has trained on since).
-        self._codes = None if trains_from_store(dataset, self.vqvae, "codes", path) else \
-            EncodedTrainingSet.for_dataset(self.vqvae.encode, dataset, self.device)
+        if not restored:
+            self.first_stage.load(self.stage_checkpoint(path, "first_stage", "autoencoder").part("vqvae."), path)
+        self.first_stage.attach(dataset, self.device)
 
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.vqvae.eval()  # frozen, its quantiser statistics too
-        return self
-
-    def codes_of(self, batch: Batch):
+    def codes_of(self, batch: AnyBatch):
         """The batch's code maps (a tuple of maps for several levels): from a latent store, cached in training,
         encoded otherwise."""
-        if "codes" in batch:
-            return batch["codes"]
-        if self._codes is not None and self.training and batch.get("index") is not None:
-            return self._codes.lookup(batch["index"], batch.get("flip"))
-        with torch.no_grad():
-            return self.vqvae.encode(batch["image"])
+        return self.first_stage.encode(batch, self.training)
 
     def labels_of(self, batch: Batch) -> Optional[torch.Tensor]:
         return batch["label"] if self.uses_labels else None
@@ -209,7 +207,7 @@ class VQVAEPrior(CodePrior, VQVAESystem):
         labels = self.labels_for(n, condition) if self.uses_labels else None
         codes = self.prior.sample(n, (self.side, self.side), labels=labels, generator=generator, device=self.device,
                                   temperature=temperature or self.config.model.temperature)
-        return self.vqvae.decode(codes).float().clamp(-1, 1)
+        return self.first_stage.decode(codes)
 
     @torch.no_grad()
     def evaluate(self, dataset: ImageDataset, generator: Optional[torch.Generator] = None, progress: bool = True,
@@ -328,7 +326,7 @@ class VQVAE2Prior(CodePrior, VQVAE2System):
                                 device=self.device, temperature=tau)
         bottom = self.prior_bottom.sample(n, (self.side, self.side), labels=labels, cond_map=self.top_cond(top),
                                           generator=generator, device=self.device, temperature=tau)
-        return self.vqvae.decode(top, bottom).float().clamp(-1, 1)
+        return self.first_stage.decode((top, bottom))
 
     @torch.no_grad()
     def evaluate(self, dataset: ImageDataset, generator: Optional[torch.Generator] = None, progress: bool = True,

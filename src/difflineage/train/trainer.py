@@ -18,13 +18,11 @@ import json
 import math
 import shlex
 import signal
-import statistics
 import sys
 import time
-from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -41,11 +39,12 @@ from difflineage.errors import CheckpointError, ConfigError, StorageError, Train
 from difflineage.images import save_grid
 from difflineage.nn.precision import resolve_bf16
 from difflineage.storage import remove_tree, writing
-from difflineage.systems import System, build_system, load_checkpoint, system_for
+from difflineage.systems import System, build_system, load_checkpoint, reading_stages_once, system_for
 from difflineage.systems.base import Denoises
 from difflineage.train.distributed import DistInfo, all_gather_objects, barrier, cleanup, init_distributed
 from difflineage.train.plots import plot_metrics
 from difflineage.train.rundir import check_run_dir, holds_run, lock_run_dir
+from difflineage.train.state import DivergenceWatch, HealthCheck, TrainState
 from difflineage.weights import load_state_dict_strict
 
 
@@ -241,222 +240,114 @@ class Trainer:
 
     def _fit(self, info: DistInfo) -> TrainResult:
         ckpt = load_checkpoint(self.resume_from, map_location="cpu") if self.resume_from else None
+        run = self._start(info, ckpt)
+        state, tc = run.state, run.config.train
+        batches = iter(BatchStream(run.dataset, tc.batch_size // info.world_size, info.world_size, info.rank,
+                                   seed=tc.seed, epoch=state.epoch, position=state.position, device=info.device,
+                                   workers=stream_workers(run.config.data.workers)))
+        bar = tqdm(total=tc.steps, initial=state.step, desc=f"train {run.config.system}",
+                   disable=not (self.progress and info.is_main), dynamic_ncols=True)
+        last_ckpt, status = latest_checkpoint(self.run_dir), "finished"
+        try:
+            while state.step < tc.steps:
+                started = time.perf_counter()
+                state.epoch, state.position, batch = next(batches)  # position: this batch's place in its epoch
+                stop = run.update(batch, state.step)  # step: the optimizer steps done before this one
+                state.step, state.position = state.step + 1, state.position + 1
+
+                due = _Due.after(state.step, tc, self.stop_at)
+                if not run.deferred or due.any or (self._stop_signal and not info.enabled):
+                    stop = run.read_pending() or stop
+                state.log.seconds += time.perf_counter() - started
+                bar.update(1)
+                try:
+                    if due.log:
+                        run.log(bar)
+                    if due.draw:
+                        run.draw(state.step)
+                    if stop or due.stop_at:
+                        status, last_ckpt = "interrupted" if stop else "stopped", run.checkpoint()
+                        why = f"stopped by {self._stop_signal}" if stop else f"stopped at --stop-at {self.stop_at}"
+                        if info.is_main:
+                            bar.write(f"{why}: step {state.step} of {tc.steps}, checkpoint saved to {last_ckpt}. "
+                                      f"Continue with: {self.resume_command(info)}")
+                        break
+                    if due.save:
+                        last_ckpt = run.checkpoint()
+                except StorageError as exc:
+                    kept = (f"the last complete checkpoint, {last_ckpt}, is intact; once that is fixed, continue with: "
+                            f"{self.resume_command(info)}") if last_ckpt else \
+                        "no checkpoint had been written yet; once that is fixed, start again with --overwrite"
+                    raise StorageError(exc.errno, f"{exc.strerror or exc}; training stopped at step {state.step}: "
+                                       f"{kept}") from None
+        finally:
+            bar.close()
+            del batches  # stops the DataLoader's workers
+        samples = self.run_dir / "samples.png"
+        return TrainResult(run_dir=self.run_dir, step=state.step, status=status, checkpoint=last_ckpt,
+                           samples=samples if samples.exists() else None)
+
+    def _start(self, info: DistInfo, ckpt) -> "TrainingRun":
+        """Everything the loop needs, made in one direction: the data; the config resolved against it; the system
+        with a resumed run's weights loaded *before* it is prepared (preparing builds on them and replaces
+        nothing); the optimizer, the EMA and the train state restored from the checkpoint."""
         config = self.config or ckpt.config
         tc = config.train
         if tc.batch_size % info.world_size:
             raise ConfigError(f"train.batch_size={tc.batch_size} does not split over {info.world_size} processes; "
                               f"use a multiple of {info.world_size}")
-        per_rank = tc.batch_size // info.world_size
-
         if config.data.latents:  # the training set as a first stage encoded it once (difflineage extract)
             dataset = open_store_dataset(config.data, seed=tc.seed, verify=info.is_main, progress=self.progress)
         else:
             check_source(config.data)  # every file of both splits, before any time is spent
             dataset = load_dataset(config.data, "train", seed=tc.seed)
-        config = system_for(config).resolve_config(resolve_data(config, dataset))
-        if ckpt is not None and self.config is not None:  # compare once both are resolved (first stage filled in)
-            _check_same_model(config, ckpt.config, self.resume_from)
-        if len(dataset) < tc.batch_size:
-            raise ConfigError(f"train.batch_size={tc.batch_size} exceeds the {len(dataset)} training images of "
-                              f"{config.data.source}; lower train.batch_size")
-        device = info.device
-        bf16 = resolve_bf16(tc.bf16, device)
-        if tc.tf32 and device.type == "cuda":  # as the official train.py: fp32 products in TF32 (a speed lever)
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-        if tc.bf16 == "auto" and info.is_main:
-            print(f"train.bf16=auto: {'bf16 autocast' if bf16 else 'fp32'} on {device} "
-                  f"({'native' if bf16 else 'no native'} bf16 here)", file=sys.stderr)
-        torch.manual_seed(tc.seed)  # the same initial weights on every rank
-        system = build_system(config).to(device)
-        system.prepare(dataset)
+        with reading_stages_once():  # an earlier stage's checkpoint read to resolve the config is not read again
+            config = system_for(config).resolve_config(resolve_data(config, dataset))
+            if ckpt is not None and self.config is not None:  # compare once both are resolved (first stage filled in)
+                _check_same_model(config, ckpt.config, self.resume_from)
+            if len(dataset) < tc.batch_size:
+                raise ConfigError(f"train.batch_size={tc.batch_size} exceeds the {len(dataset)} training images of "
+                                  f"{config.data.source}; lower train.batch_size")
+            device = info.device
+            bf16 = _precision(tc, device, info)
+            torch.manual_seed(tc.seed)  # the same initial weights on every rank
+            system = build_system(config).to(device)
+            if ckpt is not None:
+                load_state_dict_strict(system, ckpt.model, f"{ckpt.path}/model.safetensors")
+                if ckpt.ema is None:
+                    raise CheckpointError(f"{ckpt.path} has no ema.safetensors, which resuming needs (the EMA weights "
+                                          "go on from it); restore the file, or resume from another checkpoint")
+            system.prepare(dataset, restored=ckpt is not None)
         groups = system.param_groups()
-        params = [p for g in groups for p in g["params"]]
         opt = adamw(groups, lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
         ema = EMA(system, tc.ema_decay, tc.ema_warmup)
+        if ckpt is not None:
+            load_state_dict_strict(ema.module, ckpt.ema, f"{ckpt.path}/ema.safetensors")
         if tc.compile:
             compile_for_training(system.net if isinstance(system, Denoises) else system, device)
-
-        step, epoch, position = 0, 0, 0
         torch.manual_seed(tc.seed + 1 + info.rank)  # the noise each process draws during training
+        watch = DivergenceWatch(tc.spike_factor, tc.spike_window)
+        state = TrainState(opt, ema, watch, info)
         if ckpt is not None:
-            load_state_dict_strict(system, ckpt.model, f"{ckpt.path}/model.safetensors")
-            if ckpt.ema is None:
-                raise CheckpointError(f"{ckpt.path} has no ema.safetensors, which resuming needs (the EMA weights "
-                                      "go on from it); restore the file, or resume from another checkpoint")
-            load_state_dict_strict(ema.module, ckpt.ema, f"{ckpt.path}/ema.safetensors")
-            st = ckpt.training_state
-            ema.updates = int(st["ema_n_averaged"])
-            configured = [{k: g[k] for k in ("weight_decay", "betas")} for g in opt.param_groups]
-            opt.load_state_dict(st["optimizer"])
-            for group, values in zip(opt.param_groups, configured):  # the config's, as a fresh run would use them
-                group.update(values)
-            step, epoch, position = int(st["step"]), int(st["epoch"]), int(st["position"])
-            rng = st["rng"]
-            if len(rng) == info.world_size:
-                _set_rng(rng[info.rank], device)
-            elif info.is_main:
-                print(f"note: resuming a {len(rng)}-process run with {info.world_size} processes; "
-                      "random streams restart, so the continuation is not bit-exact")
-        if self.stop_at is not None and self.stop_at <= step:
-            raise ConfigError(f"--stop-at {self.stop_at} is not after the step this run resumes from ({step}); give a "
-                              f"later step, or leave --stop-at out to train to train.steps={tc.steps}")
+            note = state.load_state_dict(ckpt.training_state)
+            if note and info.is_main:
+                print(note)
+        if self.stop_at is not None and self.stop_at <= state.step:
+            raise ConfigError(f"--stop-at {self.stop_at} is not after the step this run resumes from ({state.step}); "
+                              f"give a later step, or leave --stop-at out to train to train.steps={tc.steps}")
         model = system
         if info.enabled:
             model = DistributedDataParallel(system, device_ids=[device.index] if device.type == "cuda" else None,
                                             find_unused_parameters=tc.find_unused_parameters)
-
         if info.is_main:
             with writing(self.run_dir / "config.yaml", "write the run's config"):
                 (self.run_dir / "config.yaml").write_text(config.to_yaml())
-                _truncate_metrics(self.run_dir / "metrics.jsonl", step)
-        run = _RunState(info=info, config=config, system=system, ema=ema, opt=opt, run_dir=self.run_dir)
+                _truncate_metrics(self.run_dir / "metrics.jsonl", state.step)
         self.system, self.ema, self.optimizer, self.config = system, ema, opt, config  # for callers and tests
-
-        stream = BatchStream(dataset, per_rank, info.world_size, info.rank, seed=tc.seed, epoch=epoch, position=position,
-                             device=device, workers=stream_workers(config.data.workers))
-        batches = iter(stream)
-        bar = tqdm(total=tc.steps, initial=step, desc=f"train {config.system}", disable=not (self.progress and info.is_main),
-                   dynamic_ncols=True)
-        window: dict[str, float] = {}
-        window_steps, window_time = 0, 0.0  # throughput counts training steps only, not drawing or saving
-        watch = DivergenceWatch(tc.spike_factor, tc.spike_window)
-        if ckpt is not None:  # the log window and the watch's recent values, as they were (older checkpoints lack them)
-            window = dict(ckpt.training_state.get("log_window", {}).get("sums", {}))
-            window_steps = int(ckpt.training_state.get("log_window", {}).get("steps", 0))
-            watch.load_state(ckpt.training_state.get("divergence_watch"))
-        last_ckpt = latest_checkpoint(self.run_dir)
-        status = "finished"
-        # Host synchronisation: "step" reads the loss and gradient norm every step and checks them before the
-        # weights change; "deferred" (CUDA by default) reads them only at log, sample and checkpoint steps, while
-        # the fused optimizer skips, on the device, any step whose loss or gradient norm is not finite (its
-        # found_inf input) and the EMA skips it too; the checks then run over the steps since the last read, and
-        # nothing is written before they pass.
-        deferred = _deferred_sync(tc.sync, device, opt)
-        pending: list[tuple] = []  # (step, loss, grad norm, metrics) on the device, not yet read
-
-        def read_pending(at_step: int) -> bool:
-            """Read the pending steps (one synchronisation), check them, fold them into the log window; return
-            whether any process was asked to stop (deferred mode; step mode agrees on that every step)."""
-            nonlocal window_steps
-            stop_flag = torch.tensor([1.0 if (self._stop_signal and deferred) else 0.0], device=device)
-            if info.enabled and deferred:
-                dist.all_reduce(stop_flag)
-            if pending:
-                keys = list(pending[0][3])
-                rows = torch.stack([torch.stack([lo, gn, *[m[k].float() for k in keys]]) for _, lo, gn, m in pending]).cpu()
-                for (s, *_), row in zip(pending, rows.tolist()):
-                    lo, gn = row[0], row[1]
-                    if deferred:  # step mode checked these before the weights changed
-                        for what, value, name in (("the loss", lo, "loss"), ("the gradient norm", gn, "grad_norm")):
-                            if not math.isfinite(value):
-                                self._diverged(what, value, s, "", watch, info)
-                            jump = watch.jump(name, value, s)
-                            if jump:
-                                self._diverged(what, value, s, jump, watch, info)
-                        watch.record(s, lo, gn)
-                    window["loss"] = window.get("loss", 0.0) + lo
-                    window["grad_norm"] = window.get("grad_norm", 0.0) + gn
-                    for k, v in zip(keys, row[2:]):
-                        window[k] = window.get(k, 0.0) + v
-                    window_steps += 1
-                pending.clear()
-            return bool(stop_flag.item())
-
-        try:
-            while step < tc.steps:
-                step_start = time.perf_counter()
-                epoch, position, batch = next(batches)  # position: this batch's place in its epoch
-
-                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
-                    loss, metrics = model(batch, step)  # step: those done before this one
-                loss_value = loss.detach().float()
-                stop = False
-                if not deferred:
-                    # One small all-reduce per step: the mean loss, and whether any process saw a non-finite
-                    # loss or was asked to stop, so that every process takes the same branch.
-                    flags = torch.tensor([loss_value.item(), 0.0 if torch.isfinite(loss).item() else 1.0,
-                                          1.0 if self._stop_signal else 0.0], device=device)
-                    if info.enabled:
-                        dist.all_reduce(flags)
-                    mean_loss, nonfinite, stop = flags[0].item() / info.world_size, flags[1].item(), bool(flags[2].item())
-                    if nonfinite:
-                        self._diverged("the loss", mean_loss, step, "", watch, info)
-                    jump = watch.jump("loss", mean_loss, step)
-                    if jump:
-                        self._diverged("the loss", mean_loss, step, jump, watch, info)
-                    loss_value = torch.tensor(mean_loss)
-                elif info.enabled:
-                    dist.all_reduce(loss_value)  # queued on the device; read with the others later
-                    loss_value = loss_value / info.world_size
-
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else float("inf"))
-                skip = None
-                if not deferred:
-                    norm = grad_norm.item()
-                    if not math.isfinite(norm):
-                        self._diverged("the gradient norm", norm, step, "", watch, info)
-                    jump = watch.jump("grad_norm", norm, step)
-                    if jump:
-                        self._diverged("the gradient norm", norm, step, jump, watch, info)
-                    watch.record(step, mean_loss, norm)
-                else:
-                    skip = ~(torch.isfinite(loss_value) & torch.isfinite(grad_norm))
-                    opt.found_inf = skip.float()  # the fused AdamW leaves every weight and moment as it was
-                lr = lr_at(step, tc)
-                for group in opt.param_groups:
-                    group["lr"] = lr * group.get("lr_scale", 1.0)
-                opt.step()
-                ema.update(system, skip)
-                pending.append((step, loss_value.to(device), grad_norm.detach().float(),
-                                _mean_over_processes({k: _on_device(v, device) for k, v in metrics.items()}, info)))
-                step, position = step + 1, position + 1  # position: batches of this epoch done
-
-                done = step == tc.steps
-                log_now = step % tc.log_every == 0 or done
-                draw_now = bool(tc.sample_every and step % tc.sample_every == 0) or done
-                save_now = bool(tc.checkpoint_every and step % tc.checkpoint_every == 0) or done
-                stop_at = self.stop_at is not None and step >= self.stop_at
-                if not deferred or log_now or draw_now or save_now or stop_at or (self._stop_signal and not info.enabled):
-                    stop = read_pending(step) or stop
-                window_time += time.perf_counter() - step_start
-                bar.update(1)
-                try:
-                    if info.is_main and log_now:
-                        row = {"step": step, "epoch": epoch, "lr": lr,
-                               **{k: v / max(window_steps, 1) for k, v in window.items()},
-                               "images_per_s": window_steps * tc.batch_size / max(window_time, 1e-9)}
-                        with writing(self.run_dir / "metrics.jsonl", "append to"):
-                            with open(self.run_dir / "metrics.jsonl", "a") as fh:
-                                fh.write(json.dumps(row) + "\n")
-                        bar.set_postfix(loss=f"{row['loss']:.4g}", img_s=f"{row['images_per_s']:.0f}")
-                    if log_now:
-                        window, window_steps, window_time = {}, 0, 0.0
-                    if draw_now:
-                        run.draw(step)
-                    if stop or stop_at:
-                        status = "interrupted" if stop else "stopped"
-                        last_ckpt = run.checkpoint(step, epoch, position, _resumable(window, window_steps, watch))
-                        if info.is_main:
-                            why = f"stopped by {self._stop_signal}" if stop else f"stopped at --stop-at {self.stop_at}"
-                            bar.write(f"{why}: step {step} of {tc.steps}, checkpoint saved to {last_ckpt}. "
-                                      f"Continue with: {self.resume_command(info)}")
-                        break
-                    if save_now:
-                        last_ckpt = run.checkpoint(step, epoch, position, _resumable(window, window_steps, watch))
-                except StorageError as exc:
-                    kept = (f"the last complete checkpoint, {last_ckpt}, is intact; once that is fixed, continue with: "
-                            f"{self.resume_command(info)}") if last_ckpt else \
-                        "no checkpoint had been written yet; once that is fixed, start again with --overwrite"
-                    raise StorageError(exc.errno, f"{exc.strerror or exc}; training stopped at step {step}: {kept}") from None
-        finally:
-            bar.close()
-            del batches  # stops the DataLoader's workers
-        samples = self.run_dir / "samples.png"
-        return TrainResult(run_dir=self.run_dir, step=step, status=status, checkpoint=last_ckpt,
-                           samples=samples if samples.exists() else None)
+        health = HealthCheck(watch, lambda what, value, step, jump: self._diverged(what, value, step, jump, watch, info))
+        return TrainingRun(info=info, config=config, dataset=dataset, system=system, model=model, ema=ema, opt=opt,
+                           state=state, health=health, bf16=bf16, deferred=_deferred_sync(tc.sync, device, opt),
+                           stopping=lambda: self._stop_signal is not None, run_dir=self.run_dir)
 
     def _diverged(self, what: str, value: float, step: int, jump: str, watch: "DivergenceWatch", info: DistInfo):
         """Stop with a message that names the newest checkpoint whose weights predate the trouble, and the command
@@ -501,24 +392,131 @@ class Trainer:
 
 
 @dataclass
-class _RunState:
-    """What checkpointing and drawing need, gathered in one place."""
+class _Due:
+    """What falls due once a step is done: a metrics row, a sample grid, a checkpoint, the end of --stop-at."""
+
+    log: bool
+    draw: bool
+    save: bool
+    stop_at: bool
+
+    @classmethod
+    def after(cls, step: int, tc, stop_at: Optional[int]) -> "_Due":
+        done = step == tc.steps
+        return cls(log=step % tc.log_every == 0 or done,
+                   draw=bool(tc.sample_every and step % tc.sample_every == 0) or done,
+                   save=bool(tc.checkpoint_every and step % tc.checkpoint_every == 0) or done,
+                   stop_at=stop_at is not None and step >= stop_at)
+
+    @property
+    def any(self) -> bool:
+        return self.log or self.draw or self.save or self.stop_at
+
+
+@dataclass
+class TrainingRun:
+    """A run in progress: the one optimizer step, reading its numbers, logging, drawing and checkpointing.
+
+    Host synchronisation: in step mode (``deferred`` False) each step reads the loss and gradient norm and checks
+    them before the weights change; in deferred mode (CUDA by default) they are read only at log, sample and
+    checkpoint steps, while the fused optimizer skips, on the device, any step whose loss or gradient norm is not
+    finite (its found_inf input) and the EMA skips it too; the health check then runs over the steps since the
+    last read, and nothing is written before it passes."""
 
     info: DistInfo
     config: Config
+    dataset: Any
     system: System
+    model: torch.nn.Module  # the system, or its DistributedDataParallel wrapper
     ema: EMA
     opt: torch.optim.Optimizer
+    state: TrainState
+    health: HealthCheck
+    bf16: bool
+    deferred: bool
+    stopping: Callable[[], bool]  # whether this process was asked to stop (a signal)
     run_dir: Path
+    lr: float = 0.0
+    pending: list = field(default_factory=list)  # (step, loss, grad norm, metrics) on the device, not yet read
 
-    def checkpoint(self, step: int, epoch: int, position: int, extra: Optional[dict] = None) -> Path:
-        rng = all_gather_objects(_get_rng(self.info.device), self.info)  # every process's random state
-        path = self.run_dir / "checkpoints" / f"step_{step:07d}"
+    def __post_init__(self) -> None:
+        self.params = [p for g in self.opt.param_groups for p in g["params"]]
+
+    def update(self, batch, step: int) -> bool:
+        """One optimizer step on ``batch``: the loss, its gradient, clipping, the learning rate of ``step``, AdamW and
+        the EMA. Returns whether (step mode) any process was asked to stop."""
+        tc, info, device = self.config.train, self.info, self.info.device
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            loss, metrics = self.model(batch, step)
+        loss_value, stop = loss.detach().float(), False
+        if not self.deferred:
+            # One small all-reduce per step: the mean loss, and whether any process was asked to stop, so that every
+            # process takes the same branch (a non-finite loss anywhere makes the mean non-finite everywhere).
+            flags = torch.tensor([loss_value.item(), 1.0 if self.stopping() else 0.0], device=device)
+            if info.enabled:
+                dist.all_reduce(flags)
+            mean_loss, stop = flags[0].item() / info.world_size, bool(flags[1].item())
+            self.health.check(step, "loss", mean_loss)
+            loss_value = torch.tensor(mean_loss)
+        elif info.enabled:
+            dist.all_reduce(loss_value)  # queued on the device; read with the others later
+            loss_value = loss_value / info.world_size
+
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, tc.grad_clip if tc.grad_clip > 0 else float("inf"))
+        skip = None
+        if not self.deferred:
+            norm = grad_norm.item()
+            self.health.check(step, "grad_norm", norm)
+            self.health.passed(step, mean_loss, norm)
+        else:
+            skip = ~(torch.isfinite(loss_value) & torch.isfinite(grad_norm))
+            self.opt.found_inf = skip.float()  # the fused AdamW leaves every weight and moment as it was
+        self.lr = lr_at(step, tc)
+        for group in self.opt.param_groups:
+            group["lr"] = self.lr * group.get("lr_scale", 1.0)
+        self.opt.step()
+        self.ema.update(self.system, skip)
+        self.pending.append((step, loss_value.to(device), grad_norm.detach().float(),
+                             _mean_over_processes({k: _on_device(v, device) for k, v in metrics.items()}, info)))
+        return stop
+
+    def read_pending(self) -> bool:
+        """Read the pending steps (one synchronisation), check them (deferred mode), fold them into the log window;
+        return whether any process was asked to stop (deferred mode; step mode agrees on that every step)."""
+        stop_flag = torch.tensor([1.0 if (self.stopping() and self.deferred) else 0.0], device=self.info.device)
+        if self.info.enabled and self.deferred:
+            dist.all_reduce(stop_flag)
+        if self.pending:
+            keys = list(self.pending[0][3])
+            rows = torch.stack([torch.stack([lo, gn, *[m[k].float() for k in keys]])
+                                for _, lo, gn, m in self.pending]).cpu()
+            for (step, *_), row in zip(self.pending, rows.tolist()):
+                if self.deferred:  # step mode checked these before the weights changed
+                    self.health.check_step(step, row[0], row[1])
+                self.state.log.add({"loss": row[0], "grad_norm": row[1], **dict(zip(keys, row[2:]))})
+            self.pending.clear()
+        return bool(stop_flag.item())
+
+    def log(self, bar) -> None:
+        """A metrics row of the window so far (rank 0 writes it), and a new window (every rank)."""
+        state = self.state
         if self.info.is_main:
-            state = {"step": step, "epoch": epoch, "position": position, "world_size": self.info.world_size,
-                     "ema_n_averaged": self.ema.updates, "optimizer": self.opt.state_dict(), "rng": rng,
-                     **(extra or {})}
-            save_checkpoint(path, self.config, self.system.state_dict(), self.ema.module.state_dict(), state)
+            row = state.log.row(state.step, state.epoch, self.lr, self.config.train.batch_size)
+            with writing(self.run_dir / "metrics.jsonl", "append to"):
+                with open(self.run_dir / "metrics.jsonl", "a") as fh:
+                    fh.write(json.dumps(row) + "\n")
+            bar.set_postfix(loss=f"{row['loss']:.4g}", img_s=f"{row['images_per_s']:.0f}")
+        state.log.clear()
+
+    def checkpoint(self) -> Path:
+        """A checkpoint of this step (collective: every process's random state goes in); older ones beyond
+        ``train.keep_checkpoints`` removed."""
+        training_state = self.state.state_dict()
+        path = self.run_dir / "checkpoints" / f"step_{self.state.step:07d}"
+        if self.info.is_main:
+            save_checkpoint(path, self.config, self.system.state_dict(), self.ema.module.state_dict(), training_state)
             keep = self.config.train.keep_checkpoints
             if keep:
                 for old in checkpoints_of(self.run_dir)[:-keep]:
@@ -544,10 +542,17 @@ class _RunState:
             plot_metrics(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png", title=f"{self.config.system} training")
 
 
-def _resumable(window: dict[str, float], window_steps: int, watch: "DivergenceWatch") -> dict:
-    """What a checkpoint keeps so that the run goes on as if never stopped: the log window's sums so far (the next
-    metrics row averages the same steps) and the divergence watch's recent values."""
-    return {"log_window": {"sums": dict(window), "steps": window_steps}, "divergence_watch": watch.state()}
+def _precision(tc, device: torch.device, info: DistInfo) -> bool:
+    """Whether this run trains under bf16 autocast (``train.bf16``; said once on ``auto``); TF32 on CUDA with
+    ``train.tf32``, as the official DiT train.py (fp32 products in TF32: a speed lever)."""
+    bf16 = resolve_bf16(tc.bf16, device)
+    if tc.tf32 and device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if tc.bf16 == "auto" and info.is_main:
+        print(f"train.bf16=auto: {'bf16 autocast' if bf16 else 'fp32'} on {device} "
+              f"({'native' if bf16 else 'no native'} bf16 here)", file=sys.stderr)
+    return bf16
 
 
 def _mean_over_processes(metrics: dict[str, torch.Tensor], info: DistInfo) -> dict[str, torch.Tensor]:
@@ -566,19 +571,6 @@ def _on_device(value, device: torch.device) -> torch.Tensor:
     if isinstance(value, torch.Tensor) and value.device.type != "cpu":
         return value.detach().to(device)
     return to_device(torch.as_tensor(value).detach(), device)
-
-
-def _get_rng(device: torch.device) -> dict[str, Any]:
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng(state: dict[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(state["cpu"].cpu())
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -622,65 +614,3 @@ def _step_number(path: Path) -> Optional[int]:
         return int(path.name.split("_", 1)[1])
     except (IndexError, ValueError):
         return None
-
-
-class DivergenceWatch:
-    """Catches a loss or gradient norm that jumps by orders of magnitude while still finite (exploding weights
-    show there before any NaN does), and remembers when the trouble began.
-
-    A value is a *jump* above ``factor`` x the median of the last ``window`` values, and *elevated* above
-    sqrt(factor) x that median; the trouble began at the first step of the run of elevated values that ends in the
-    jump (or NaN), so a checkpoint written during a slow build-up is not called good.
-    """
-
-    def __init__(self, factor: float, window: int):
-        self.factor, self.window = factor, window
-        self.history: dict[str, deque] = {"loss": deque(maxlen=window), "grad_norm": deque(maxlen=window)}
-        self.elevated_since: Optional[int] = None
-        self._elevated_now = False
-
-    def _median(self, name: str) -> Optional[float]:
-        h = self.history[name]
-        if not self.factor or len(h) < self.window:
-            return None
-        return statistics.median(abs(v) for v in h)
-
-    def jump(self, name: str, value: float, step: int) -> str:
-        """'' if ``value`` is ordinary; else how far above the recent median it is."""
-        med = self._median(name)
-        if med is None or med == 0:
-            return ""
-        ratio = abs(value) / med
-        if ratio > math.sqrt(self.factor):
-            self._elevated_now = True
-        if ratio > self.factor:
-            return (f"{ratio:.3g} x its median of {med:.4g} over the last {self.window} steps; the check is "
-                    f"train.spike_factor={self.factor:g}, 0 turns it off")
-        return ""
-
-    def record(self, step: int, loss: float, grad_norm: float) -> None:
-        """Keep a step that passed; track the run of elevated steps."""
-        if self._elevated_now:
-            if self.elevated_since is None:
-                self.elevated_since = step
-        else:
-            self.elevated_since = None
-        self._elevated_now = False
-        self.history["loss"].append(loss)
-        self.history["grad_norm"].append(grad_norm)
-
-    def state(self) -> dict:
-        return {"history": {k: list(v) for k, v in self.history.items()}, "elevated_since": self.elevated_since}
-
-    def load_state(self, state: Optional[dict]) -> None:
-        """The recent values a checkpoint kept (None: a checkpoint from before they were kept; the watch starts
-        empty, as it did then)."""
-        if not state:
-            return
-        for k, values in state["history"].items():
-            self.history[k].extend(float(v) for v in values)
-        self.elevated_since = None if state["elevated_since"] is None else int(state["elevated_since"])
-
-    def onset(self, step: int) -> int:
-        """Updates done before the first suspicious value (this step's, unless a build-up preceded it)."""
-        return self.elevated_since if self.elevated_since is not None else step
