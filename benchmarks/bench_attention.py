@@ -10,7 +10,8 @@ and DiT-XL/2 at batch 32, where the score tensor is past the threshold and the f
 import torch
 import torch.nn.functional as F
 
-from difflineage.bench import record, side_by_side
+from harness import record, side_by_side
+
 from difflineage.nn.attention import SMALL_SCORES
 
 

@@ -34,7 +34,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from difflineage.bench import record
+from harness import record
 
 CHROMIUM = "/usr/bin/chromium"
 

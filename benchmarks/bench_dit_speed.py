@@ -18,7 +18,8 @@ import sys
 
 import torch
 
-from difflineage.bench import record, side_by_side
+from harness import record, side_by_side
+
 from difflineage.interop.dit import diffusers_dit_config, diffusers_to_dit, dit_to_diffusers, match_paper_numerics
 from difflineage.models.dit import DiT, DiTConfig
 from difflineage.train.trainer import adamw, compile_for_training

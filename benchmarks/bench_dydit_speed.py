@@ -19,7 +19,8 @@ import sys
 
 import torch
 
-from difflineage.bench import record, side_by_side
+from harness import record, side_by_side
+
 from difflineage.eval.flops import count_flops
 from difflineage.models.dit import DiT, DiTConfig
 from difflineage.models.dydit import DyDiT

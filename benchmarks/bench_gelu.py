@@ -10,7 +10,8 @@ Shapes: the MLP hidden activations (batch x tokens x 4 D) of DiT-S/2 and DiT-B/2
 import torch
 import torch.nn.functional as F
 
-from difflineage.bench import record, side_by_side
+from harness import record, side_by_side
+
 from difflineage.nn.activations import gelu_tanh
 
 SHAPES = {"DiT-S/2 at 256px, batch 8": (8, 256, 1536), "DiT-B/2 at 256px, batch 8": (8, 256, 3072)}

@@ -14,7 +14,8 @@ from dataclasses import replace
 
 import torch
 
-from difflineage.bench import record, side_by_side
+from harness import record, side_by_side
+
 from difflineage.data import load_dataset
 from difflineage.eval.flops import count_flops
 from difflineage.nn.precision import resolve_bf16

@@ -9,7 +9,8 @@ import argparse
 
 import torch
 
-from difflineage.bench import record, side_by_side
+from harness import record, side_by_side
+
 from difflineage.data import load_dataset
 from difflineage.systems import load_config
 from difflineage.train import build_system, resolve_data

@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 import difflineage
-from difflineage.bench import record, side_by_side
+from harness import record, side_by_side
+
 from difflineage.cli import main as cli
 from difflineage.data import load_dataset
 from difflineage.eval import evaluate_system

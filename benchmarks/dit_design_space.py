@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 
 from difflineage import load
-from difflineage.bench import REPO, finished, record
+from harness import REPO, finished, record
+
 from difflineage.checkpoint import latest_checkpoint
 from difflineage.eval import evaluate_system
 from difflineage.eval.flops import count_flops

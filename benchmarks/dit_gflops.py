@@ -8,7 +8,8 @@ Models are built on the meta device: no weights are allocated, so even DiT-XL/2 
 
 import torch
 
-from difflineage.bench import record
+from harness import record
+
 from difflineage.eval.flops import count_flops
 from difflineage.models.dit import DIT_CONFIGS, DiT, DiTConfig
 

@@ -21,10 +21,12 @@ from pathlib import Path
 import torch
 
 from difflineage import load
-from difflineage.bench import REPO, KeptRows, record, trained_run
+from harness import REPO, KeptRows, record, trained_run
+
 from difflineage.checkpoint import latest_checkpoint
-from difflineage.eval import evaluate_system, machine_description
+from difflineage.eval import evaluate_system
 from difflineage.eval.flops import count_flops
+from difflineage.machine import machine_description
 
 SIZES = {"small": (4, 128, 2), "base": (6, 256, 4), "large": (8, 384, 6)}  # depth, hidden, heads
 STEPS = (5, 10, 25, 50, 100, 250)

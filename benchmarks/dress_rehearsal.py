@@ -34,8 +34,8 @@ import torch
 # benchmarks/ is not a package: run as a script, this file's folder is on sys.path, so its neighbours import
 from bench_data import make_imagenet, peak_rss, sd_vae_sized
 from gpu_suite import make_store
+from harness import record
 
-from difflineage.bench import record
 from difflineage.eval.adm import check_npz
 from difflineage.interop.dit import save_official_dit
 from difflineage.interop.sd_vae import save_sd_vae

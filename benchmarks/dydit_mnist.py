@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 import difflineage
-from difflineage.bench import record, side_by_side, trained_run
+from harness import record, side_by_side, trained_run
+
 from difflineage.eval import bf16_autocast, evaluate_system
 from difflineage.eval.dydit_pictures import token_picture, width_picture
 from difflineage.eval.flops import sampling_macs

@@ -13,7 +13,8 @@ import argparse
 from pathlib import Path
 
 import difflineage
-from difflineage.bench import record
+from harness import record
+
 from difflineage.config import DataConfig
 from difflineage.data import load_dataset
 from difflineage.eval import evaluate_system, feature_network, score_samples

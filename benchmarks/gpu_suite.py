@@ -50,8 +50,8 @@ import torch
 from bench_dit_speed import build_pair, forward_fn, train_fn
 from bench_dydit_speed import build as build_dydit_pair
 from bench_dydit_speed import set_density
+from harness import DOCS, RESULTS, markdown_table, side_by_side, write_section
 
-from difflineage.bench import DOCS, RESULTS, markdown_table, side_by_side, write_section
 from difflineage.data.store import FORMAT, ShardWriter, finish_store, normalise_source
 from difflineage.eval.flops import count_flops
 from difflineage.interop.sd_vae import load_sd_vae, save_sd_vae

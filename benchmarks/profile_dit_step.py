@@ -16,7 +16,8 @@ import sys
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from difflineage.bench import record
+from harness import record
+
 from difflineage.models.dit import DiT, DiTConfig
 from difflineage.train.trainer import adamw, compile_for_training
 

@@ -27,9 +27,11 @@ from pathlib import Path
 import torch
 
 import difflineage
-from difflineage.bench import KeptRows, record, side_by_side, trained_run
-from difflineage.eval import evaluate_system, machine_description
+from harness import KeptRows, record, side_by_side, trained_run
+
+from difflineage.eval import evaluate_system
 from difflineage.eval.sampling import fast_sampling
+from difflineage.machine import machine_description
 from difflineage.models.step_cache import draw_schedule
 
 REPO = Path(__file__).resolve().parents[1]

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from difflineage.config import DataConfig
 from difflineage.data import load_dataset
 from difflineage.eval import classifier as clf
-from difflineage.eval import machine_description
+from difflineage.machine import machine_description
 from difflineage.storage import sha256_of, writing
 
 

@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 import difflineage
-from difflineage.bench import record
+from harness import record
+
 from difflineage.data import load_dataset
 from difflineage.systems import load_config
 from difflineage.train import Trainer

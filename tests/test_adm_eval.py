@@ -1,4 +1,5 @@
-"""ADM's evaluator conventions: the npz layout, the reference-batch reader, the spatial features, the scores."""
+"""ADM's evaluator conventions: the npz layout, the reference-batch reader, the spatial features, the scores (the
+metrics themselves are tested in test_eval.py)."""
 
 import numpy as np
 import pytest
@@ -7,6 +8,7 @@ import torch
 from difflineage.errors import DataError
 from difflineage.eval import adm
 from difflineage.eval.inception import FIDInceptionV3, random_fid_inception
+from difflineage.eval.metrics import precision_recall, statistics
 
 
 @pytest.fixture(scope="module")
@@ -41,27 +43,19 @@ def test_a_batch_is_scored_against_a_reference_batch(net, tmp_path):
     stats = adm.read_reference(ref)
     assert stats["mu"].shape == (2048,) and stats["sigma_s"].shape == (2023, 2023)
     same = adm.activations(net, ref, progress=False)
-    assert np.allclose(same.pool.mean(0), stats["mu"]) and adm.precision_recall(same.pool, same.pool) == (1.0, 1.0)
+    assert np.allclose(same.pool.mean(0), stats["mu"]) and precision_recall(same.pool, same.pool) == (1.0, 1.0)
     np.savez(tmp_path / "other.npz", arr_0=_images(24, 7))
     other = adm.score(tmp_path / "other.npz", ref, net, progress=False)
     assert other["samples"] == 24 and other["reference_images"] == 24 and other["sfid"] > 0
     # the FID is that of the samples' statistics against the reference's, checked with the eigenvalue identity
     # tr sqrt(S1 S2) = sum sqrt(eig(S1 S2)) instead of the evaluator's sqrtm
     acts = adm.activations(net, tmp_path / "other.npz", progress=False)
-    mu, sigma = adm.statistics(acts.pool)
+    mu, sigma = statistics(acts.pool)
     eig = np.linalg.eigvals(sigma @ stats["sigma"]).real.clip(min=0)
     fid = ((mu - stats["mu"]) ** 2).sum() + np.trace(sigma) + np.trace(stats["sigma"]) - 2 * np.sqrt(eig).sum()
     assert other["fid"] == pytest.approx(fid, rel=1e-3, abs=1e-6) and other["fid"] > 0.01
     assert other["inception_score"] >= 1.0 and 0 <= other["precision"] <= 1 and 0 <= other["recall"] <= 1
     assert other["feature_network"] == "InceptionV3 (tf resize)"
-
-
-def test_inception_score_splits_and_frechet_distance_by_hand():
-    # two splits of one-hot predictions over 2 classes: p(y) uniform, KL = log 2 each, IS = 2
-    logits = np.array([[50.0, 0], [0, 50.0]] * 4)
-    assert adm.inception_score(logits, split_size=4) == pytest.approx(2.0, rel=1e-6)
-    # Gaussians N(0, I) and N(1, 4I) in 2-D: |mu|^2 + tr(I + 4I - 2 * 2I) = 2 + 2 = 4
-    assert adm.frechet_distance(np.zeros(2), np.eye(2), np.ones(2), 4 * np.eye(2)) == pytest.approx(4.0)
 
 
 def test_the_npz_layout_and_the_reference_are_checked_by_name(tmp_path):
@@ -74,14 +68,6 @@ def test_the_npz_layout_and_the_reference_are_checked_by_name(tmp_path):
     np.savez(tmp_path / "plain.npz", arr_0=np.zeros((2, 8, 8, 3), np.uint8))
     with pytest.raises(DataError, match="is not an ADM reference batch: it lacks mu, sigma, mu_s, sigma_s"):
         adm.read_reference(tmp_path / "plain.npz")
-
-
-def test_precision_recall_fp16_matches_fp32_on_well_scaled_features():
-    rng = np.random.default_rng(0)
-    a, b = rng.normal(size=(200, 16)), rng.normal(0.3, 1, size=(200, 16))
-    p16, r16 = adm.precision_recall(a, b, fp16=True)
-    p32, r32 = adm.precision_recall(a, b, fp16=False)
-    assert abs(p16 - p32) < 0.02 and abs(r16 - r32) < 0.02 and 0 < p32 < 1
 
 
 def test_the_score_command_refuses_a_missing_weights_file_and_a_plain_npz(tmp_path, capsys):

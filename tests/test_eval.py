@@ -6,7 +6,13 @@ import torch
 
 from difflineage.eval import generate, quantise
 from difflineage.eval.flops import count_flops
-from difflineage.eval.metrics import frechet_distance, inception_score, kernel_inception_distance, precision_recall
+from difflineage.eval.metrics import (
+    frechet_distance,
+    gaussian_frechet_distance,
+    inception_score,
+    kernel_inception_distance,
+    precision_recall,
+)
 
 
 def test_frechet_distance_by_hand_on_small_gaussians():
@@ -54,14 +60,84 @@ def test_inception_score_bounds():
 def test_precision_recall_on_constructed_point_clouds():
     g = torch.Generator().manual_seed(0)
     real = torch.randn(500, 2, generator=g)
-    assert precision_recall(real, real) == (1.0, 1.0)
+    pr = lambda a, b: precision_recall(a, b, dtype=torch.float64)  # noqa: E731 - the digit evaluation's distances
+    assert pr(real, real) == (1.0, 1.0)
     far = torch.randn(500, 2, generator=g) + 100
-    assert precision_recall(real, far) == (0.0, 0.0)
+    assert pr(real, far) == (0.0, 0.0)
     # Mode collapse: every sample sits near the real points closest to the centre: realistic, not diverse.
     near_centre = real[real.norm(dim=1).argsort()[:50]]
     collapsed = near_centre.repeat(10, 1) + 0.01 * torch.randn(500, 2, generator=g)
-    p, r = precision_recall(real, collapsed)
+    p, r = pr(real, collapsed)
     assert p > 0.95 and r < 0.3
+
+
+def test_precision_recall_is_the_share_inside_the_other_sets_k_nn_balls():
+    """Against the definition written out with Euclidean distances (torch.cdist), in each distance precision."""
+    g = torch.Generator().manual_seed(2)
+    real, fake = torch.randn(300, 6, generator=g, dtype=torch.float64), torch.randn(200, 6, generator=g) * 1.2 + 0.2
+
+    def share_inside(points, support, k=3):
+        radius = torch.cdist(support, support).kthvalue(k + 1, dim=1).values  # k + 1: each point is its own nearest
+        return (torch.cdist(points, support) <= radius[None]).any(1).double().mean().item()
+
+    want = (share_inside(fake.double(), real), share_inside(real, fake.double()))
+    assert precision_recall(real, fake, dtype=torch.float64) == want
+    for dtype in (torch.float32, torch.float16):  # a tie or two may round the other way
+        assert precision_recall(real, fake, dtype=dtype) == pytest.approx(want, abs=0.01)
+
+
+def test_precision_recall_fp16_matches_fp32_on_well_scaled_features():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(200, 16)), rng.normal(0.3, 1, size=(200, 16))
+    p16, r16 = precision_recall(a, b, dtype=torch.float16)
+    p32, r32 = precision_recall(a, b, dtype=torch.float32)
+    assert abs(p16 - p32) < 0.02 and abs(r16 - r32) < 0.02 and 0 < p32 < 1
+
+
+def test_inception_score_splits_and_frechet_distance_by_hand():
+    # two splits of one-hot predictions over 2 classes: p(y) uniform, KL = log 2 each, IS = 2
+    logits = np.array([[50.0, 0], [0, 50.0]] * 4)
+    assert inception_score(logits, split_size=4)[0] == pytest.approx(2.0, rel=1e-6)
+    # Gaussians N(0, I) and N(1, 4I) in 2-D: |mu|^2 + tr(I + 4I - 2 * 2I) = 2 + 2 = 4
+    assert gaussian_frechet_distance(np.zeros(2), np.eye(2), np.ones(2), 4 * np.eye(2)) == pytest.approx(4.0)
+
+
+@pytest.mark.filterwarnings("ignore:Metric .* will save all extracted features")
+def test_fid_kid_and_is_agree_with_torchmetrics():
+    """The peer: torchmetrics' FID, KID and Inception Score fed the same features (KID's subsets and IS's shuffle
+    drawn from the same seed), to floating-point noise."""
+    pytest.importorskip("torchmetrics")
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.inception import InceptionScore
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    class Given(torch.nn.Module):  # lets torchmetrics take features computed elsewhere
+        def __init__(self, num_features):
+            super().__init__()
+            self.num_features = num_features
+
+        def forward(self, x):
+            return x
+
+    g = torch.Generator().manual_seed(3)
+    real, fake = torch.randn(120, 8, generator=g).double(), (torch.randn(90, 8, generator=g) * 1.3 + 0.4).double()
+    logits = torch.randn(95, 10, generator=g).double() * 3
+    fid = FrechetInceptionDistance(feature=Given(8))
+    kid = KernelInceptionDistance(feature=Given(8), subsets=7, subset_size=50)
+    for metric in (fid, kid):
+        metric.update(real, real=True)
+        metric.update(fake, real=False)
+    score = InceptionScore(feature=Given(10), splits=10)
+    score.update(logits)
+    with torch.random.fork_rng():
+        torch.manual_seed(5)
+        kid_mean, kid_std = kid.compute()
+        torch.manual_seed(5)
+        is_mean, is_std = score.compute()
+    assert frechet_distance(real, fake) == pytest.approx(float(fid.compute()), rel=1e-9)
+    assert kernel_inception_distance(real, fake, subsets=7, subset_size=50, seed=5) == \
+        pytest.approx((float(kid_mean), float(kid_std)), rel=1e-9)
+    assert inception_score(logits, splits=10, seed=5) == pytest.approx((float(is_mean), float(is_std)), rel=1e-9)
 
 
 def test_flop_counter_linear_and_conv_by_hand():

@@ -11,13 +11,13 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "difflineage"
 # The layers, bottom first. A module may import its own package (models.dydit -> models.dit) and any lower layer.
 LAYERS = [
     {"errors"},
-    {"weights", "images", "config", "storage"},
+    {"weights", "images", "config", "storage", "machine"},
     {"checkpoint", "nn", "data"},
     {"models", "diffusion"},
     {"interop"},
     {"systems"},
     {"train", "eval"},
-    {"convert", "bench", "extract", "demo", ""},  # "": the package's own __init__ (difflineage.load)
+    {"convert", "extract", "demo", ""},  # "": the package's own __init__ (difflineage.load)
     {"cli"},
     {"__main__"},
 ]

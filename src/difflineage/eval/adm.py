@@ -12,6 +12,9 @@ the DiT and DyDiT papers report): samples in ADM's ``.npz`` layout scored agains
 - Inception Score: softmax of the unbiased logits, in splits of 5,000 (10 splits for 50,000 samples).
 - Precision and recall: k = 3 manifolds over squared Euclidean distances, computed in fp16 when finite (as the
   evaluator does), recall against the reference batch's images.
+
+The metrics themselves are eval.metrics' (the one implementation, whose defaults are these conventions); this module
+reads and writes the files and extracts the features.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from tqdm.auto import tqdm
 
 from difflineage.errors import DataError
 from difflineage.eval.inception import FIDInceptionV3
+from difflineage.eval.metrics import gaussian_frechet_distance, inception_score, precision_recall, statistics
 
 REFERENCE_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
 SPATIAL_CHANNELS = 7
@@ -144,78 +148,6 @@ def activations(net: FIDInceptionV3, path: Path, batch: int = 64, device: str | 
     return Activations(pool_t.numpy(), torch.cat(spatial).numpy(), logits.numpy())
 
 
-def statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and covariance in float64 (of float32 features, as the evaluator keeps them)."""
-    return features.mean(axis=0, dtype=np.float64), np.cov(features, rowvar=False)
-
-
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
-                     eps: float = 1e-6) -> float:
-    """The Frechet distance between two Gaussians, as the evaluator computes it."""
-    from scipy import linalg
-
-    mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
-    sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
-    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
-        raise DataError(f"statistics of different sizes: {mu1.shape} vs {mu2.shape}")
-    covmean = linalg.sqrtm(sigma1.dot(sigma2))
-    if not np.isfinite(covmean).all():
-        offset = np.eye(sigma1.shape[0]) * eps
-        covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise DataError(f"the Frechet distance has an imaginary part of {np.max(np.abs(covmean.imag)):.3g}; "
-                            "too few samples for the feature size?")
-        covmean = covmean.real
-    diff = mu1 - mu2
-    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
-
-
-def inception_score(logits: np.ndarray, split_size: int = 5000) -> float:
-    """The mean over splits of exp(E KL(p(y|x) || p(y))), the evaluator's splits of 5,000."""
-    p = torch.softmax(torch.from_numpy(logits).double(), dim=1).numpy()
-    scores = []
-    for s in range(0, len(p), split_size):
-        part = p[s : s + split_size]
-        kl = part * (np.log(part) - np.log(part.mean(axis=0, keepdims=True)))
-        scores.append(np.exp(kl.sum(axis=1).mean()))
-    return float(np.mean(scores))
-
-
-def _squared_distances(u: torch.Tensor, v: torch.Tensor, fp16: bool) -> torch.Tensor:
-    def dist(a, b):
-        return (a.pow(2).sum(1, keepdim=True) - 2 * a @ b.T + b.pow(2).sum(1)[None]).clamp_min(0)
-    if fp16:
-        d = dist(u.half().float(), v.half().float()).half()  # the evaluator's fp16 distance block
-        if torch.isfinite(d).all():
-            return d.float()
-    return dist(u.float(), v.float())
-
-
-def precision_recall(ref: np.ndarray, sample: np.ndarray, k: int = 3, fp16: bool = True,
-                     chunk: int = 10000) -> tuple[float, float]:
-    """Improved precision/recall with k-NN manifolds, the evaluator's way (squared distances, fp16 when finite)."""
-    a, b = torch.from_numpy(ref).float(), torch.from_numpy(sample).float()
-
-    def radii(x):
-        out = []
-        for s in range(0, len(x), chunk):
-            d = torch.cat([_squared_distances(x[s : s + chunk], x[t : t + chunk], fp16) for t in range(0, len(x), chunk)], 1)
-            out.append(d.kthvalue(k + 1, dim=1).values)  # the k-th neighbour (the nearest is the point itself)
-        return torch.cat(out)
-
-    def inside(points, support, r):
-        hits = []
-        for s in range(0, len(points), chunk):
-            d = torch.cat([_squared_distances(points[s : s + chunk], support[t : t + chunk], fp16)
-                           for t in range(0, len(support), chunk)], 1)
-            hits.append((d <= r[None]).any(1))
-        return torch.cat(hits).double().mean().item()
-
-    ra, rb = radii(a), radii(b)
-    return inside(b, a, ra), inside(a, b, rb)
-
-
 def read_reference(path: Path) -> dict[str, np.ndarray]:
     """An ADM reference batch's statistics (``mu``, ``sigma``, ``mu_s``, ``sigma_s``); refused by name if absent."""
     check_npz(path)
@@ -280,11 +212,10 @@ def score(samples: Path, reference: Path, net: FIDInceptionV3, device: str | tor
     return {"evaluator": "ADM (guided-diffusion evaluations/evaluator.py) conventions",
             "feature_network": f"InceptionV3 ({net.resize} resize)", "samples": int(sample_shape[0]),
             "reference": str(reference), "reference_images": int(ref_shape[0]),
-            "fid": frechet_distance(mu, sigma, stats["mu"], stats["sigma"]),
-            "sfid": frechet_distance(mu_s, sigma_s, stats["mu_s"], stats["sigma_s"]),
-            "inception_score": inception_score(got.logits), "precision": precision, "recall": recall}
+            "fid": gaussian_frechet_distance(mu, sigma, stats["mu"], stats["sigma"]),
+            "sfid": gaussian_frechet_distance(mu_s, sigma_s, stats["mu_s"], stats["sigma_s"]),
+            "inception_score": inception_score(got.logits)[0], "precision": precision, "recall": recall}
 
 
-__all__ = ["Activations", "activations", "check_npz", "frechet_distance", "inception_score", "precision_recall",
-           "read_reference", "reference_from_npz", "score", "statistics", "write_npz",
-           "write_reference"]
+__all__ = ["Activations", "activations", "as_rgb", "batches_of", "check_npz", "read_reference", "reference_from_npz",
+           "score", "write_npz", "write_reference"]

@@ -1,4 +1,5 @@
-"""The benchmark harness: time callables with warm-up and the median of repeats, compare implementations
+"""The benchmark harness of the scripts in benchmarks/ (they import it as ``harness``: run as a script, a file's folder
+is on sys.path): time callables with warm-up and the median of repeats, compare implementations
 side by side in one run, and record results as JSON and as a table in docs/benchmarks.md.
 
 Speeds are compared as ratios measured in the same run, with the candidates' repeats interleaved
@@ -18,10 +19,11 @@ from typing import Any, Callable
 import torch
 
 from difflineage.checkpoint import latest_checkpoint
+from difflineage.machine import machine_description
 from difflineage.systems import load_config
 from difflineage.train import Trainer
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs" / "benchmarks.md"
 RESULTS = REPO / "benchmarks" / "results"
 
@@ -68,8 +70,6 @@ def side_by_side(cases: dict[str, Callable[[], Any]], warmup: int = 3, repeats: 
 def record(name: str, title: str, rows: list[dict[str, Any]], notes: str = "", command: str = "",
            docs: Path = DOCS, results: Path = RESULTS) -> Path:
     """Write ``benchmarks/results/NAME.json`` and replace NAME's section of docs/benchmarks.md with a table."""
-    from difflineage.eval import machine_description
-
     machine = machine_description()
     results.mkdir(parents=True, exist_ok=True)
     out = results / f"{name}.json"
