@@ -43,13 +43,11 @@ def test_a_truncated_npz_is_refused_by_name(tmp_path):
 
 
 def test_dit_and_dydit_default_to_the_papers_fid_sampling():
-    class Fake:
-        def __init__(self, name):
-            self.config = type("C", (), {"system": name})()
+    from difflineage.systems import DDPMSystem, DiTSystem, DyDiTSystem, LDMSystem
 
-    assert fid_sampling_defaults(Fake("dit")) == fid_sampling_defaults(Fake("dydit")) == DIT_FID_SAMPLING
+    assert fid_sampling_defaults(DiTSystem) == fid_sampling_defaults(DyDiTSystem) == DIT_FID_SAMPLING
     assert DIT_FID_SAMPLING == {"sampler": "ddpm", "steps": 250, "guidance": 1.5}
-    assert fid_sampling_defaults(Fake("ddpm")) == {}
+    assert fid_sampling_defaults(DDPMSystem) == fid_sampling_defaults(LDMSystem) == {}
 
 
 @pytest.fixture(scope="module")

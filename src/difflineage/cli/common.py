@@ -7,33 +7,33 @@ import argparse
 import os
 from pathlib import Path
 
-from difflineage.diffusion.gaussian import SAMPLERS
+from difflineage.systems import SYSTEMS
+
+
+def declared_sampling_options() -> dict[str, dict]:
+    """Every sampling option a command offers, as the systems declare them (``System.SampleOptions``): name ->
+    {type, help, choices, systems: the registered systems that take it}."""
+    out: dict[str, dict] = {}
+    for name, cls in SYSTEMS.items():
+        for option, control in cls.SampleOptions.controls().items():
+            out.setdefault(option, {**control, "systems": []})["systems"].append(name)
+    return out
 
 
 def add_sampling_options(p: argparse.ArgumentParser) -> None:
-    """The options of System.sample that a command passes on (``sampling_options`` reads them back): each applies
-    to the systems that have it, and left out it is the recipe's."""
-    p.add_argument("--temperature", type=float, default=None, help="scale of the prior noise (systems that have it)")
-    p.add_argument("--guidance", type=float, default=None,
-                   help="classifier-free guidance scale (diffusion systems, DALL-E)")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (diffusion systems; respaced chain)")
-    p.add_argument("--sampler", choices=list(SAMPLERS), default=None,
-                   help="diffusion sampler: ddpm, ddim or dpmpp_2m (DPM-Solver++(2M), 10-20 steps); default: the "
-                        "recipe's")
-    p.add_argument("--rerank", type=int, default=None, metavar="N",
-                   help="DALL-E: draw N candidates per image and keep the one its CLIP scores highest")
-    p.add_argument("--top-k", type=int, default=None, help="DALL-E: sample among the K most likely tokens (0: all)")
-    p.add_argument("--top-p", type=float, default=None,
-                   help="DALL-E: sample from the nucleus of probability P (1: all)")
-    p.add_argument("--mode", choices=["fast", "masked", "full"], default=None,
-                   help="DyDiT: fast (default: sliced weights, active tokens only), masked (every unit computed, "
-                        "switched-off ones zeroed, as the released code) or full (routers off)")
+    """The declared options of System.sample that a command passes on (``sampling_options`` reads them back): each
+    applies to the systems that declare it, and left out it is the recipe's."""
+    for name, control in declared_sampling_options().items():
+        kwargs = {"type": control["type"], "default": None,
+                  "help": f"{control['help']} ({', '.join(control['systems'])}); default: the recipe's"}
+        if control["choices"]:
+            kwargs["choices"] = list(control["choices"])
+        p.add_argument("--" + name.replace("_", "-"), **kwargs)
 
 
 def sampling_options(args) -> dict:
     """The sampling options given on the command line (those a sub-command has), by System.sample's names."""
-    names = ("temperature", "guidance", "steps", "sampler", "mode", "rerank", "top_k", "top_p")
-    return {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
+    return {k: getattr(args, k) for k in declared_sampling_options() if getattr(args, k, None) is not None}
 
 
 def add_data_overrides(p: argparse.ArgumentParser) -> None:

@@ -251,9 +251,8 @@ def decode_latent(run: DemoRun, z1: float, z2: float, condition: str = "") -> np
         cond, _ = run.condition_of(condition if condition != EVERY_CLASS else "", 1)
         label = cond if isinstance(cond, torch.Tensor) else torch.tensor([cond])
         label = label.to(run.system.device)
-    vae = run.system.vae
     z = torch.tensor([[float(z1), float(z2)]], device=run.system.device)
-    image = vae.mean_image(vae.decode(z, label))
+    image = run.system.decode_latent(z, label)
     array = to_uint8(image)[0]
     scale = max(1, math.ceil(GALLERY_SIDE * 2 / array.shape[0]))
     return np.kron(array, np.ones((scale, scale, 1), dtype=np.uint8))

@@ -2,8 +2,7 @@
 the controls its family takes) and a request in the page's words (``Request``) turned into sampling arguments,
 every bad one a ``DemoError`` that says what to give instead."""
 
-import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
@@ -16,7 +15,15 @@ from difflineage.diffusion.gaussian import SAMPLERS
 from difflineage.errors import CheckpointError, ConfigError, DataError
 from difflineage.eval.sampling import FAST_STEPS, fast_sampling
 from difflineage.systems import System, load
-from difflineage.systems.base import DynamicCompute, Reranks
+from difflineage.systems.base import (
+    CarriesClip,
+    CompilesBlocks,
+    DynamicCompute,
+    FineTunes,
+    LatentPlane,
+    Reranks,
+    Respaces,
+)
 
 EVERY_CLASS = "every class in turn"
 MAX_RERANK = 16
@@ -83,7 +90,7 @@ class Model:
         if key not in self.step_caches:  # calibrated once per sampler, steps and guidance
             self.step_caches[key] = fast_sampling(self.system, options, seed=0, compile=False)
         fast_options, bf16, said = self.step_caches[key]
-        if not self.compiled and hasattr(self.system, "compile_blocks"):
+        if not self.compiled and isinstance(self.system, CompilesBlocks):
             self.compiled = self.system.compile_blocks()
         return dict(fast_options), bf16, said + (", compiled blocks" if self.compiled else "")
 
@@ -106,11 +113,11 @@ class DemoRun:
         except (CheckpointError, ConfigError, DataError) as exc:
             raise DemoError(f"{self.path} could not be loaded: {exc}") from None
         self.system = system
-        self.models = [Model(system, self.family_title(system), str(self.path))]
+        self.models = [Model(system, system.title, str(self.path))]
         self.base_note = ""
-        if system.config.system == "dydit":
+        if isinstance(system, FineTunes):
             self._load_base(device)
-        self.sample_parameters = set(inspect.signature(type(system).sample).parameters)
+        self.sample_parameters = {f.name for f in fields(system.SampleOptions)}  # the options it declares
         if self.diffusion:
             self.warm_up()
 
@@ -123,14 +130,8 @@ class DemoRun:
             model.system.sample(1, condition=[caption] if caption else label,
                                 generator=torch.Generator().manual_seed(0), steps=2, sampler="ddim")
 
-    @staticmethod
-    def family_title(system: System) -> str:
-        names = {"dit": "DiT", "dydit": "DyDiT", "ddpm": "DDPM", "ldm": "Latent diffusion", "vae": "VAE",
-                 "vqvae": "VQ-VAE", "vqvae2": "VQ-VAE-2", "dalle": "DALL-E", "autoencoder_kl": "Autoencoder (KL)"}
-        return names.get(system.config.system, system.config.system)
-
     def _load_base(self, device: str) -> None:
-        base = self.system.config.model.base
+        base = self.system.base
         candidates = [Path(base), self.path.parent.parent / base]  # as trained (from the repository), or beside
         found = next((c for c in candidates if c.is_dir()), None)
         if found is None:
@@ -147,7 +148,7 @@ class DemoRun:
 
     @property
     def diffusion(self) -> bool:
-        return hasattr(self.system, "chain")
+        return isinstance(self.system, Respaces)
 
     @property
     def condition_kind(self) -> str:
@@ -176,11 +177,11 @@ class DemoRun:
     @property
     def can_rerank(self) -> bool:
         return isinstance(self.system, Reranks) and "rerank" in self.sample_parameters and \
-            getattr(self.system, "clip_model", lambda: None)() is not None
+            isinstance(self.system, CarriesClip) and self.system.clip_model() is not None
 
     @property
     def latent_2d(self) -> bool:
-        return self.system.config.system == "vae" and self.system.config.model.latent_dim == 2
+        return isinstance(self.system, LatentPlane) and self.system.latent_dim == 2
 
     def defaults(self) -> dict[str, Any]:
         """The controls' starting values: the run's own sampling settings."""
@@ -202,7 +203,7 @@ class DemoRun:
         s = self.system
         params = sum(p.numel() for p in s.parameters())
         step = self.checkpoint.name.removeprefix("step_").lstrip("0") or "0"
-        lines = [f"**{self.path}**: {self.family_title(s)} ({s.config.system}), {params / 1e6:.2f}M parameters, "
+        lines = [f"**{self.path}**: {s.title} ({s.config.system}), {params / 1e6:.2f}M parameters, "
                  f"checkpoint {self.checkpoint.name} ({step} steps), {s.config.data.source} "
                  f"{s.config.data.image_size}px; condition: {self.condition_kind}."]
         if len(self.models) > 1:

@@ -31,8 +31,13 @@ from difflineage.nn.distributions import discretized_gaussian_log_likelihood, ga
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-# ddpm: ancestral (Ho et al.); ddim: Song et al. (eta 0: deterministic); dpmpp_2m: DPM-Solver++(2M) (diffusion/dpm_solver.py)
-SAMPLERS = ("ddpm", "ddim", "dpmpp_2m")
+class Sampler(str, Enum):
+    DDPM = "ddpm"  # ancestral (Ho et al. 2020)
+    DDIM = "ddim"  # Song et al. 2021 (eta 0: deterministic)
+    DPMPP_2M = "dpmpp_2m"  # DPM-Solver++(2M), Lu et al. 2022 (diffusion/dpm_solver.py): 10-20 steps
+
+
+SAMPLERS = tuple(s.value for s in Sampler)
 
 
 class Prediction(str, Enum):
@@ -282,6 +287,7 @@ class GaussianDiffusion:
         on the CPU, so a seed gives the same images on any device (copied to it without a host wait)."""
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        sampler = Sampler(sampler).value
         x = to_device(torch.randn(shape, generator=generator), device) if noise is None else noise.to(device)
         if sampler == "dpmpp_2m":  # an ODE solver: no noise after x_T (the chain's steps: dpm_solver_timesteps)
             return dpm_solver_pp_2m(self, model_fn, x, clip_denoised=clip_denoised, progress=progress)

@@ -30,20 +30,22 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from difflineage.diffusion import Sampler
 from difflineage.errors import DataError
 from difflineage.eval.adm import as_rgb, batches_of, check_npz, write_npz
+from difflineage.models.step_cache import StepCache
 from difflineage.nn.precision import native_bf16
+from difflineage.systems.base import CachesSteps, CompilesBlocks, Respaces
+from difflineage.systems.dit import DIT_FID_SAMPLING  # noqa: F401 - the papers' FID-50K sampling, named here too
 from difflineage.weights import state_digest
 
 PLAN = "plan.json"
-# The DiT paper's FID-50K sampling (its sample_ddp.py): 250 DDPM steps, guidance 1.5 (on the channels the model's
-# guidance_channels names: the first three of the four latent channels).
-DIT_FID_SAMPLING = {"sampler": "ddpm", "steps": 250, "guidance": 1.5}
 
 
 def fid_sampling_defaults(system) -> dict[str, Any]:
-    """The papers' FID-50K sampling settings for a DiT or DyDiT (empty for other systems: theirs are the recipe's)."""
-    return dict(DIT_FID_SAMPLING) if system.config.system in ("dit", "dydit") else {}
+    """The papers' FID-50K sampling settings a system declares (``System.fid_sampling``: DiT's and DyDiT's are
+    ``DIT_FID_SAMPLING``; empty for the others, whose settings are the recipe's)."""
+    return dict(system.fid_sampling)
 
 
 def generate(system, n: int, batch_size: int = 250, seed: int = 0, progress: bool = True, bf16: bool = False,
@@ -101,11 +103,11 @@ def fast_sampling(system, options: dict[str, Any], n_calibrate: int = 4, seed: i
     it is native (``native_bf16``). Other systems keep their options (and get bf16 where native)."""
     fast = dict(options)
     said = []
-    if hasattr(system, "chain"):  # a diffusion system
+    if isinstance(system, Respaces):  # a diffusion system
         fast.setdefault("sampler", "dpmpp_2m")
         fast.setdefault("steps", FAST_STEPS)
         said.append(f"{fast['sampler']} {fast['steps']} steps")
-    if hasattr(system, "calibrate_step_cache") and "step_cache" not in fast:
+    if isinstance(system, CachesSteps) and "step_cache" not in fast:
         calibration = {k: v for k, v in fast.items() if k in ("guidance", "mode", "eta")}
         fast["step_cache"] = system.calibrate_step_cache(FAST_REUSE, steps=fast["steps"], sampler=fast["sampler"],
                                                          n=n_calibrate, seed=seed, **calibration)
@@ -114,7 +116,7 @@ def fast_sampling(system, options: dict[str, Any], n_calibrate: int = 4, seed: i
             dist.broadcast_object_list(box, src=0)
             fast["step_cache"] = box[0]
         said.append(f"step cache reusing {fast['step_cache'].reuse_fraction:.0%} of block evaluations")
-    if compile and hasattr(system, "compile_blocks") and system.compile_blocks():
+    if compile and isinstance(system, CompilesBlocks) and system.compile_blocks():
         said.append("compiled blocks")
     bf16 = native_bf16(system.device)
     said.append("bf16 autocast" if bf16 else "fp32 (no native bf16 here)")
@@ -122,9 +124,10 @@ def fast_sampling(system, options: dict[str, Any], n_calibrate: int = 4, seed: i
 
 
 def recorded_options(options: dict[str, Any]) -> dict[str, Any]:
-    """Sampling options as a result file records them (JSON): an object that describes itself (a step cache) by
-    its ``describe()``, everything else as it is."""
-    return {k: v.describe() if hasattr(v, "describe") else v for k, v in options.items()}
+    """Sampling options as a result file records them (JSON): a step cache by its description, a sampler by its
+    name, everything else as it is."""
+    return {k: v.describe() if isinstance(v, StepCache) else v.value if isinstance(v, Sampler) else v
+            for k, v in options.items()}
 
 
 def checkpoint_digest(path: Optional[str | Path]) -> str:

@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 
 from difflineage.errors import ConfigError
-from difflineage.models.step_cache import StepCache, cached_blocks
+from difflineage.models.step_cache import BlockLoop, plain_loop
 from difflineage.nn.activations import gelu_tanh
 from difflineage.nn.attention import Attention
 from difflineage.nn.embeddings import LabelEmbedder, TimestepEmbedder
@@ -193,7 +193,6 @@ class DiT(nn.Module):
         if input_size % patch:
             raise ConfigError(f"DiT patch {patch} does not divide the input side {input_size}")
         self.cfg = cfg
-        self.step_cache: Optional[StepCache] = None  # set while sampling with step caching (models/step_cache.py)
         self.in_channels = in_channels
         self.out_channels = in_channels * 2 if cfg.learn_sigma else in_channels
         self.patch = patch
@@ -282,11 +281,12 @@ class DiT(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels: Optional[torch.Tensor] = None,
                 context: Optional[torch.Tensor] = None, context_mask: Optional[torch.Tensor] = None,
-                pooled: Optional[torch.Tensor] = None) -> torch.Tensor:
+                pooled: Optional[torch.Tensor] = None, block_loop: BlockLoop = plain_loop) -> torch.Tensor:
+        """``block_loop``: how the blocks are run (every one in order; a ``StepCache`` reuses some while sampling)."""
         e = self.embed(x, t, labels, context, context_mask, pooled)
         tokens, c, cond_tokens, cond_mask = e["tokens"], e["c"], e["cond_tokens"], e["cond_mask"]
-        tokens = cached_blocks(self.step_cache, self.blocks,
-                               lambda i, x: self.run_block(self.blocks[i], x, c, cond_tokens, cond_mask), tokens)
+        tokens = block_loop(len(self.blocks),
+                            lambda i, x: self.run_block(self.blocks[i], x, c, cond_tokens, cond_mask), tokens)
         return self.head(tokens, c, e["n_image"])  # (N, C_out, S, S)
 
     def run_block(self, block_fn: Callable[..., Any], *args: Any) -> Any:

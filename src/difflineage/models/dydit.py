@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from difflineage.errors import ConfigError
 from difflineage.models.dit import DiT, DiTBlock, DiTConfig
+from difflineage.models.step_cache import BlockLoop, plain_loop
 from difflineage.nn.activations import gelu_tanh
 from difflineage.nn.attention import attention
 from difflineage.weights import load_state_dict_strict
@@ -294,7 +295,8 @@ class DyDiT(DiT):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels: Optional[torch.Tensor] = None,
                 context: Optional[torch.Tensor] = None, context_mask: Optional[torch.Tensor] = None,
-                pooled: Optional[torch.Tensor] = None, mode: Optional[str] = None, return_usage: bool = False):
+                pooled: Optional[torch.Tensor] = None, mode: Optional[str] = None, return_usage: bool = False,
+                block_loop: BlockLoop = plain_loop):
         mode = mode or ("masked" if self.training else self.inference_mode)
         if mode not in MODES:
             raise ValueError(f"unknown DyDiT mode {mode!r}; choose one of {', '.join(MODES)}")
@@ -303,23 +305,25 @@ class DyDiT(DiT):
         if mode == "full":
             ones = tokens.new_ones(len(tokens))
             tokens, usage = self._run_blocks(tokens, lambda i, x: (
-                self.run_block(DiTBlock.forward, self.blocks[i], x, c), {"heads": ones, "groups": ones, "tokens": ones}))
+                self.run_block(DiTBlock.forward, self.blocks[i], x, c), {"heads": ones, "groups": ones, "tokens": ones}),
+                block_loop)
         elif mode == "masked":
             tokens, usage = self._run_blocks(tokens, lambda i, x: self.run_block(self.blocks[i].forward_masked, x, c,
-                                                                                 t_emb, self.training))
+                                                                                 t_emb, self.training), block_loop)
         else:
-            tokens, usage = self._forward_fast(tokens, c, t_emb, t)
+            tokens, usage = self._forward_fast(tokens, c, t_emb, t, block_loop)
         out = self.head(tokens, c, e["n_image"])
         if not return_usage:
             return out
         return out, {k: torch.stack([u[k] for u in usage], dim=1) for k in ("heads", "groups", "tokens")}
 
-    def _forward_fast(self, tokens: torch.Tensor, c: torch.Tensor, t_emb: torch.Tensor, t: torch.Tensor):
+    def _forward_fast(self, tokens: torch.Tensor, c: torch.Tensor, t_emb: torch.Tensor, t: torch.Tensor,
+                      block_loop: BlockLoop):
         """Blocks on sliced weights, one group of samples per distinct timestep (width masks depend on t only)."""
         values, inverse = torch.unique(t, return_inverse=True)
         if len(values) == 1:
-            return self._run_fast(tokens, c, t_emb[:1])
-        if self.step_cache is not None:
+            return self._run_fast(tokens, c, t_emb[:1], block_loop)
+        if block_loop is not plain_loop:
             raise ValueError("step caching follows one sampler step per network call: all samples must share a timestep")
         out = torch.empty_like(tokens)
         parts: list[tuple[torch.Tensor, list]] = []
@@ -339,30 +343,23 @@ class DyDiT(DiT):
             usage.append(merged)
         return out, usage
 
-    def _run_fast(self, tokens: torch.Tensor, c: torch.Tensor, t_emb_row: torch.Tensor):
-        return self._run_blocks(tokens, lambda i, x: self.blocks[i].forward_fast(x, c, *self.blocks[i].active_units(t_emb_row)))
+    def _run_fast(self, tokens: torch.Tensor, c: torch.Tensor, t_emb_row: torch.Tensor,
+                  block_loop: BlockLoop = plain_loop):
+        return self._run_blocks(tokens, lambda i, x: self.blocks[i].forward_fast(x, c, *self.blocks[i].active_units(t_emb_row)),
+                                block_loop)
 
-    def _run_blocks(self, tokens: torch.Tensor, step: Callable[[int, torch.Tensor], tuple[torch.Tensor, dict]]):
-        """The block stack, ``step(i, x)`` -> (x, usage) for block i, through the step cache when sampling with one:
-        a reused block counts no units (its residual of the step before is added instead)."""
-        cache, usage = self.step_cache, []
-        if cache is not None:
-            cache.begin_step()
-        for i in range(len(self.blocks)):
-            if cache is None:
-                tokens, u = step(i, tokens)
-            else:
-                got: dict = {}
+    def _run_blocks(self, tokens: torch.Tensor, step: Callable[[int, torch.Tensor], tuple[torch.Tensor, dict]],
+                    block_loop: BlockLoop):
+        """The block stack through ``block_loop`` (DiT's), ``step(i, x)`` -> (x, usage) for block i. A block the loop
+        does not compute (a step cache adds its residual of the step before) counts no units."""
+        zero = tokens.new_zeros(len(tokens))
+        usage = [{"heads": zero, "groups": zero, "tokens": zero} for _ in self.blocks]
 
-                def compute(x, i=i):
-                    y, got["u"] = step(i, x)
-                    return y
+        def block(i: int, x: torch.Tensor) -> torch.Tensor:
+            y, usage[i] = step(i, x)
+            return y
 
-                tokens = cache.run(i, compute, tokens)
-                zero = tokens.new_zeros(len(tokens))
-                u = got.get("u", {"heads": zero, "groups": zero, "tokens": zero})
-            usage.append(u)
-        return tokens, usage
+        return block_loop(len(self.blocks), block, tokens), usage
 
     # -- making a DyDiT from a DiT ------------------------------------------------------------------
 

@@ -10,8 +10,10 @@ DiT-XL/2 at DDIM-50, FID 4.29 -> 4.23), Delta-DiT (Chen et al. 2024) caches by a
 2. **Choose** (``choose_reuse``): mark for reuse the (k, b) with the smallest delta, up to a share of all block
    evaluations, never the first step and never the same block on two steps in a row, so every reused residual is
    the one computed on the step just before (the change the calibration measured).
-3. **Sample** with the schedule (``StepCache``): the network asks the cache for each block; a reused block costs one
-   addition. ``reuse`` all False gives exactly the plain path (tested).
+3. **Sample** with the schedule (``StepCache``): a cache is a block loop (``BlockLoop``), the one DiT and DyDiT run
+   their blocks through; the network is called with ``block_loop=cache`` instead of the plain loop, so no state is
+   set on the network; a reused block costs one addition. ``reuse`` all False gives exactly the plain path
+   (tested).
 
 The cache counts network calls, so it works with any sampler that calls the network once per step (DDPM, DDIM,
 DPM-Solver++; with guidance both halves run in one call) and with DyDiT's fast and masked paths.
@@ -21,9 +23,25 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Protocol
 
 import torch
+
+Block = Callable[[int, torch.Tensor], torch.Tensor]  # (block index, tokens) -> tokens
+
+
+class BlockLoop(Protocol):
+    """How a transformer runs its stack of blocks: ``loop(count, block, tokens)`` applies ``block(i, x)`` for
+    i = 0 .. count - 1 (``plain_loop``), or decides per block what to do (a ``StepCache``)."""
+
+    def __call__(self, count: int, block: Block, tokens: torch.Tensor) -> torch.Tensor: ...
+
+
+def plain_loop(count: int, block: Block, tokens: torch.Tensor) -> torch.Tensor:
+    """Every block, in order."""
+    for i in range(count):
+        tokens = block(i, tokens)
+    return tokens
 
 
 class StepCache:
@@ -59,8 +77,16 @@ class StepCache:
         self.residuals: dict[int, torch.Tensor] = {}
         self.deltas = torch.zeros(self.reuse.shape, dtype=torch.float64)
 
+    def __call__(self, count: int, block: Block, tokens: torch.Tensor) -> torch.Tensor:
+        """The block loop of one network call (one sampler step): each block computed, or its residual of the step
+        before added, as the schedule says."""
+        self.begin_step()
+        for i in range(count):
+            tokens = self.run(i, lambda x, i=i: block(i, x), tokens)
+        return tokens
+
     def begin_step(self) -> None:
-        """Called by the network at the start of each forward pass (one per sampler step)."""
+        """The start of a network call (one per sampler step)."""
         self.step += 1
         if self.step >= len(self.reuse):
             raise RuntimeError(f"the cache was made for {len(self.reuse)} sampler steps and the network was called a "
@@ -147,14 +173,4 @@ def draw_schedule(cache: StepCache, path: str | Path, title: str = "") -> Path:
     return path
 
 
-def cached_blocks(cache: Optional[StepCache], blocks, run: Callable[[int, torch.Tensor], torch.Tensor],
-                  tokens: torch.Tensor) -> torch.Tensor:
-    """Run ``blocks`` in order over ``tokens`` (``run(i, x)`` runs block i), through ``cache`` when there is one."""
-    if cache is not None:
-        cache.begin_step()
-    for i in range(len(blocks)):
-        tokens = cache.run(i, lambda x, i=i: run(i, x), tokens) if cache is not None else run(i, tokens)
-    return tokens
-
-
-__all__ = ["StepCache", "cached_blocks", "choose_reuse", "draw_schedule"]
+__all__ = ["Block", "BlockLoop", "StepCache", "choose_reuse", "draw_schedule", "plain_loop"]

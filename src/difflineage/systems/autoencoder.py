@@ -8,7 +8,6 @@ frozen first stage of ``systems/ldm.py``.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Optional
 
 import torch
@@ -17,12 +16,14 @@ from difflineage.config import Config
 from difflineage.data import Batch, Dataset, ImageDataset
 from difflineage.models.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig
 from difflineage.nn.distributions import gaussian_kl_standard
-from difflineage.systems.base import Condition, Reconstructs, System, spread_images
+from difflineage.systems.base import Condition, Reconstructs, System, reconstruction_scores, spread_images
 from difflineage.systems.frozen import GaussianStage
+from difflineage.systems.options import SampleOptions
 
 
 class AutoencoderKLSystem(Reconstructs, System):
     name = "autoencoder_kl"
+    title = "Autoencoder (KL)"
     ModelConfig = AutoencoderKLConfig
     no_prior = ("the autoencoder reconstructs images rather than sampling them: use pictures() or reconstruct(); "
                 "a first stage's prior is the diffusion model trained on it")
@@ -33,8 +34,8 @@ class AutoencoderKLSystem(Reconstructs, System):
         self.register_buffer("preview", torch.zeros(0), persistent=False)
 
     @property
-    def uses_labels(self) -> bool:
-        return False
+    def conditioning(self) -> str:
+        return "none"
 
     def prepare(self, dataset: Dataset, restored: bool = False) -> None:
         """Keep 32 training images spread over the set (the files are sorted by class) for the training grids."""
@@ -59,24 +60,18 @@ class AutoencoderKLSystem(Reconstructs, System):
 
     @torch.no_grad()
     def sample(self, n: int, condition: Condition = None, generator: Optional[torch.Generator] = None,
-               **options: Any) -> torch.Tensor:
+               options: Optional[SampleOptions] = None, **given: Any) -> torch.Tensor:
         """An autoencoder has no prior to sample: this returns reconstructions of the preview images
         (training images kept by ``prepare``), so that training grids show the first stage improving."""
+        self.sample_options(options, **given)
         return self.preview_reconstructions(n)
 
     @torch.no_grad()
     def evaluate(self, dataset: ImageDataset, generator: Optional[torch.Generator] = None, progress: bool = True,
                  **options: Any) -> dict[str, float]:
         """Held-out reconstruction error from the posterior mean: L1, MSE and PSNR on [0, 1] pixels."""
-        l1 = mse = 0.0
-        for s in range(0, len(dataset), 250):
-            x = dataset.batch(range(s, min(s + 250, len(dataset))), self.device)["image"]
-            r = self.reconstruct(x)
-            l1 += (r - x).abs().mean((1, 2, 3)).sum().item() / 2  # [-1, 1] -> [0, 1] units
-            mse += ((r - x) / 2).pow(2).mean((1, 2, 3)).sum().item()
-        n = len(dataset)
-        return {"recon_l1": l1 / n, "recon_mse": mse / n, "recon_psnr_db": 10 * math.log10(1.0 / (mse / n)),
-                "downsampling_factor": self.ae.downsampling_factor}
+        scores = reconstruction_scores(dataset, self.device, lambda x: self.ae.encode(x)[0], self.ae.decode)
+        return {**scores, "downsampling_factor": self.ae.downsampling_factor}
 
     def forward_passes(self):
         d = self.config.data

@@ -4,6 +4,7 @@ one evaluator serve all of them."""
 from __future__ import annotations
 
 import abc
+import math
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator, Optional, Protocol, Union, runtime_checkable
 
@@ -15,7 +16,9 @@ from difflineage.config import Config, from_dict
 from difflineage.data import DIGIT_NAMES, Batch, Dataset, ImageDataset
 from difflineage.errors import ConfigError
 from difflineage.images import save_grid
+from difflineage.nn.quantize import code_usage
 from difflineage.systems.frozen import FrozenPart, read_once
+from difflineage.systems.options import SampleOptions
 
 Condition = Union[None, int, torch.Tensor, list[str]]
 
@@ -48,6 +51,52 @@ class Denoises(Protocol):
 
 
 @runtime_checkable
+class Respaces(Protocol):
+    """A system that samples along a chain of timesteps it can respace (the diffusion systems): ``steps``,
+    ``sampler`` and the fast path's few-step solvers apply to it."""
+
+    def chain(self, steps: Optional[int], sampler: str = "ddim") -> Any:
+        """The chain of ``steps`` timesteps the ``sampler`` visits."""
+
+
+@runtime_checkable
+class CachesSteps(Protocol):
+    """A transformer denoiser whose blocks' residuals can be reused between sampler steps (DiT, DyDiT):
+    ``calibrate_step_cache`` gives the ``step_cache`` sampling option."""
+
+    def calibrate_step_cache(self, fraction: float, steps: Optional[int] = None, sampler: Optional[str] = None,
+                             n: int = 8, seed: int = 0, **options: Any) -> Any:
+        """A step cache reusing ``fraction`` of the block evaluations, calibrated on ``n`` samples."""
+
+
+@runtime_checkable
+class CompilesBlocks(Protocol):
+    """A denoiser whose blocks can be compiled in place for sampling (DiT): True where it did."""
+
+    def compile_blocks(self) -> bool:
+        """Compile the blocks for sampling; False where nothing changed (no compiler, or blocks not static)."""
+
+
+@runtime_checkable
+class FineTunes(Protocol):
+    """A system fine-tuned from a base run (DyDiT from a DiT): ``base`` is where that run is (``model.base``)."""
+
+    @property
+    def base(self) -> str:
+        """The base run's directory or file, as the config names it."""
+
+
+@runtime_checkable
+class LatentPlane(Protocol):
+    """A system whose latent space can be walked point by point (the VAE; the demo's plane for ``latent_dim`` 2)."""
+
+    latent_dim: int
+
+    def decode_latent(self, z: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Images in [-1, 1] of the latent points ``z`` (N, latent_dim)."""
+
+
+@runtime_checkable
 class DynamicCompute(Protocol):
     """A system whose denoiser ``net`` spends different arithmetic at different sampler steps (DyDiT): ``info``
     and the benchmarks count its FLOPs per step, sampling once in each of ``compute_modes`` (the dynamic mode,
@@ -65,7 +114,10 @@ class System(nn.Module, abc.ABC):
     """
 
     name: ClassVar[str]
+    title: ClassVar[str]  # the family's name in the papers' words (what the demo shows)
     ModelConfig: ClassVar[type]
+    SampleOptions: ClassVar[type[SampleOptions]] = SampleOptions  # what ``sample`` takes
+    fid_sampling: ClassVar[dict[str, Any]] = {}  # the papers' FID-50K sampling options (empty: the recipe's)
 
     def __init__(self, config: Config):
         super().__init__()
@@ -104,9 +156,15 @@ class System(nn.Module, abc.ABC):
 
     @abc.abstractmethod
     def sample(self, n: int, condition: Condition = None, generator: Optional[torch.Generator] = None,
-               **options: Any) -> torch.Tensor:
+               options: Optional[SampleOptions] = None, **given: Any) -> torch.Tensor:
         """Draw ``n`` images in [-1, 1], (n, C, H, W). ``condition``: class labels (an int or a
-        (n,) tensor), captions, or None (conditional systems then spread over the classes)."""
+        (n,) tensor), captions, or None (conditional systems then spread over the classes). ``options``: this
+        system's ``SampleOptions`` (``given`` keyword options build or override them; see ``sample_options``)."""
+
+    @classmethod
+    def sample_options(cls, options: Optional[SampleOptions] = None, **given: Any) -> SampleOptions:
+        """This system's declared sampling options from ``options`` and ``given``; others are refused by name."""
+        return cls.SampleOptions.of(options, **given)
 
     # Optional hooks -------------------------------------------------------------------------
 
@@ -165,9 +223,15 @@ class System(nn.Module, abc.ABC):
         return next(self.parameters()).device
 
     @property
+    def conditioning(self) -> str:
+        """What the networks are conditioned on: "none", "class" (a label) or "caption" (text; a class can still be
+        asked for, its caption made from the data's template). Each system declares its own."""
+        return "class"
+
+    @property
     def uses_labels(self) -> bool:
-        """Whether the networks are conditioned on class labels (systems override this)."""
-        return bool(self.config.data.num_classes)
+        """Whether samples can be asked for by class label: a conditioned system on data with classes."""
+        return self.conditioning != "none" and bool(self.config.data.num_classes)
 
     @property
     def num_classes(self) -> int:
@@ -195,7 +259,7 @@ class System(nn.Module, abc.ABC):
     @property
     def caption_conditioned(self) -> bool:
         """Whether samples are drawn for captions (their CLIP score is then a metric of ``evaluate``)."""
-        return getattr(self.config.model, "condition", None) == "caption"
+        return self.conditioning == "caption"
 
     def labels_for(self, n: int, condition: Condition) -> Optional[torch.Tensor]:
         """Class labels for ``n`` samples: as given, or cycling through the classes (0, 1, ..., K-1, 0, ...),
@@ -228,6 +292,32 @@ def spread_images(dataset: Dataset, device: torch.device, n: int = 32) -> torch.
     if not dataset.holds_images:
         return torch.empty(0, device=device)
     return dataset.batch(torch.linspace(0, len(dataset) - 1, min(n, len(dataset))).long(), device)["image"]
+
+
+@torch.no_grad()
+def reconstruction_scores(dataset: ImageDataset, device: torch.device, encode: Callable[[torch.Tensor], Any],
+                          decode: Callable[[Any], torch.Tensor], codebook: int = 0,
+                          levels: tuple[str, ...] = ()) -> dict[str, float]:
+    """Held-out reconstruction error of ``decode(encode(x))`` (images in [-1, 1], decoded ones clamped there): L1,
+    MSE and PSNR on [0, 1] pixels (PSNR = 10 log10(1 / MSE)). With a ``codebook`` of that many codes, ``encode``
+    gives code maps (a tuple of maps, one per name in ``levels``) and each level's usage over the set is added:
+    perplexity and codes used (``codebook_perplexity``, ``codes_used``; suffixed ``_LEVEL`` for several)."""
+    l1 = mse = 0.0
+    counts = [torch.zeros(codebook) for _ in (levels or ("",))] if codebook else []
+    for batch in batches(dataset, device):
+        x = batch["image"]
+        codes = encode(x)
+        error = decode(codes).float().clamp(-1, 1) - x
+        l1 += error.abs().mean((1, 2, 3)).sum().item() / 2  # [-1, 1] -> [0, 1] units
+        mse += (error / 2).pow(2).mean((1, 2, 3)).sum().item()
+        for count, c in zip(counts, codes if isinstance(codes, tuple) else (codes,)):
+            count += torch.bincount(c.flatten().cpu(), minlength=codebook).float()
+    n = len(dataset)
+    out: dict[str, float] = {"recon_l1": l1 / n, "recon_mse": mse / n, "recon_psnr_db": 10 * math.log10(1.0 / (mse / n))}
+    for count, level in zip(counts, levels or ("",)):
+        suffix = f"_{level}" if level else ""
+        out[f"codebook_perplexity{suffix}"], out[f"codes_used{suffix}"] = code_usage(count)
+    return out
 
 
 def save_reconstructions(x: torch.Tensor, recon: torch.Tensor, out_dir: Path) -> Path:

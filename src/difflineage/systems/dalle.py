@@ -33,9 +33,9 @@ from difflineage.images import save_captioned_panels
 from difflineage.models.clip import CLIP, CLIPConfig, clip_score, retrieval_accuracy
 from difflineage.models.dalle import DalleTransformer, DalleTransformerConfig, DiscreteVAE, DVAEConfig, kl_to_uniform
 from difflineage.nn.bpe import CaptionTokenizer
-from difflineage.nn.quantize import code_usage
-from difflineage.systems.base import Condition, Reconstructs, System, batches, spread_images
+from difflineage.systems.base import Condition, Reconstructs, System, batches, reconstruction_scores, spread_images
 from difflineage.systems.frozen import CodeStage, FrozenPart
+from difflineage.systems.options import DalleOptions
 
 
 @dataclass
@@ -72,7 +72,9 @@ class DalleSystem(System):
     ``for_config`` gives the stage's own class."""
 
     name = "dalle"
+    title = "DALL-E"
     ModelConfig = DalleConfig
+    SampleOptions = DalleOptions
     preview_images = 32  # training images kept (not saved) for reconstruction or retrieval
 
     def __init__(self, config: Config):
@@ -84,24 +86,13 @@ class DalleSystem(System):
         return {"dvae": DalleDVAE, "clip": DalleCLIP, "prior": DallePrior}[config.model.stage]
 
     @property
-    def uses_labels(self) -> bool:
-        """Samples can be asked for by class: the caption is then made from the class name."""
-        return bool(self.config.data.num_classes)
-
-    @property
-    def caption_conditioned(self) -> bool:
-        return False
+    def conditioning(self) -> str:
+        """The CLIP retrieves for captions, asked for by class (the caption made from the class name)."""
+        return "class"
 
     def prepare(self, dataset: Dataset, restored: bool = False) -> None:
         self.preview = spread_images(dataset, self.device, self.preview_images)
 
-    sample_options = ("temperature", "top_k", "top_p", "guidance", "rerank", "use_cache", "progress")
-
-    def check_options(self, options: dict) -> None:
-        unknown = sorted(set(options) - set(self.sample_options))
-        if unknown:
-            raise TypeError(f"unknown sampling options {unknown}; this system takes temperature, top_k, "
-                            "top_p, guidance and rerank")
 
     def _captions(self, batch: Batch) -> list[str]:
         if batch.get("caption") is None:
@@ -140,8 +131,8 @@ class DalleDVAE(Reconstructs, DalleSystem):
         self.side = d.image_size // f
 
     @property
-    def uses_labels(self) -> bool:
-        return False  # the dVAE takes no condition
+    def conditioning(self) -> str:
+        return "none"  # the dVAE takes no condition
 
     def as_first_stage(self, spec: str) -> Optional[CodeStage]:
         """The trained dVAE as the frozen first stage of the prior (``ProvidesFirstStage``)."""
@@ -174,24 +165,17 @@ class DalleDVAE(Reconstructs, DalleSystem):
 
     @torch.no_grad()
     def sample(self, n: int, condition: Condition = None, generator: Optional[torch.Generator] = None,
-               **options: Any) -> torch.Tensor:
+               options: Optional[DalleOptions] = None, **given: Any) -> torch.Tensor:
         """Reconstructions of training images (a dVAE has no prior yet); the prior's options are accepted."""
-        self.check_options(options)
+        self.sample_options(options, **given)
         return self.preview_reconstructions(n)
 
     @torch.no_grad()
     def evaluate(self, dataset: ImageDataset, generator: Optional[torch.Generator] = None, progress: bool = True,
                  **options: Any) -> dict[str, float]:
         """Held-out reconstruction error and token usage."""
-        k = self.config.model.dvae.codes
-        mse, counts = 0.0, torch.zeros(k)
-        for batch in batches(dataset, self.device):
-            tokens = self.dvae.encode(batch["image"])
-            mse += ((self.dvae.decode(tokens).float().clamp(-1, 1) - batch["image"]) / 2).pow(2).mean((1, 2, 3)).sum().item()
-            counts += torch.bincount(tokens.flatten().cpu(), minlength=k).float()
-        out: dict[str, Any] = {"recon_mse": mse / len(dataset), "recon_psnr_db": 10 * math.log10(len(dataset) / mse)}
-        out["codebook_perplexity"], out["codes_used"] = code_usage(counts)
-        return out
+        return reconstruction_scores(dataset, self.device, self.dvae.encode, self.dvae.decode,
+                                     codebook=self.config.model.dvae.codes)
 
     def forward_passes(self):
         d = self.config.data
@@ -219,10 +203,10 @@ class DalleCLIP(DalleSystem):
 
     @torch.no_grad()
     def sample(self, n: int, condition: Condition = None, generator: Optional[torch.Generator] = None,
-               **options: Any) -> torch.Tensor:
+               options: Optional[DalleOptions] = None, **given: Any) -> torch.Tensor:
         """Retrieval from a pool of training images: a caption asked k times gets its k best matches (the prior's
         options are accepted)."""
-        self.check_options(options)
+        self.sample_options(options, **given)
         captions = self.captions_of(n, condition)
         if len(self.preview) == 0:
             raise ValueError("a CLIP retrieves rather than samples, from the images it saw when training started; "
@@ -267,12 +251,8 @@ class DallePrior(DalleDVAE):
         self._tokenizer: Optional[tuple[torch.Tensor, CaptionTokenizer]] = None  # (the buffer it was read from, it)
 
     @property
-    def uses_labels(self) -> bool:
-        return bool(self.config.data.num_classes)
-
-    @property
-    def caption_conditioned(self) -> bool:
-        return True
+    def conditioning(self) -> str:
+        return "caption"  # a class can be asked for too: its caption is made from the class name
 
     def clip_model(self) -> Optional[CLIP]:
         return self.clip_part.module if self.clip_part is not None else None
@@ -322,7 +302,6 @@ class DallePrior(DalleDVAE):
         BPE tokenizer on the training captions (a resumed run carries all three); then the training set is attached
         to the dVAE (its tokens encoded once)."""
         super().prepare(dataset, restored)
-        m = self.config.model
         if dataset.captions is None:
             raise ConfigError(f"{dataset.name} has no captions: DALL-E's prior needs image/caption pairs "
                               "(labelled data gets captions from data.caption_template)")
@@ -368,27 +347,27 @@ class DallePrior(DalleDVAE):
 
     @torch.no_grad()
     def sample(self, n: int, condition: Condition = None, generator: Optional[torch.Generator] = None,
-               temperature: Optional[float] = None, top_k: Optional[int] = None, top_p: Optional[float] = None,
-               guidance: Optional[float] = None, rerank: Optional[int] = None, use_cache: bool = True,
-               progress: bool = False, **options: Any) -> torch.Tensor:
-        """Images for captions (``condition``: captions, class labels, or None for the classes in turn).
-        ``rerank`` N draws N candidates per caption and keeps the one CLIP scores highest."""
-        self.check_options(options)
+               options: Optional[DalleOptions] = None, **given: Any) -> torch.Tensor:
+        """Images for captions (``condition``: captions, class labels, or None for the classes in turn), with
+        ``DalleOptions`` (each the recipe's where not given). ``rerank`` N draws N candidates per caption and keeps
+        the one CLIP scores highest."""
+        o = self.sample_options(options, **given)
         m = self.config.model
         captions = self.captions_of(n, condition)
-        rerank = m.rerank if rerank is None else rerank
-        if rerank < 1:
-            raise ValueError(f"rerank={rerank}: give the number of candidates per image, 1 or more")
+        rerank = m.rerank if o.rerank is None else o.rerank
         if rerank > 1 and self.clip_model() is None:
             raise ValueError("rerank needs a CLIP: train one (model.stage=clip) and give it as model.clip_stage")
-        guidance = m.guidance if guidance is None else guidance
+        guidance = m.guidance if o.guidance is None else o.guidance
+        temperature = m.temperature if o.temperature is None else o.temperature
+        top_k = m.top_k if o.top_k is None else o.top_k
+        top_p = m.top_p if o.top_p is None else o.top_p
+        use_cache, progress = o.use_cache, o.progress
         many = [c for c in captions for _ in range(rerank)]  # each caption's candidates side by side
         bar = tqdm(total=self.transformer.image_length, desc=f"sampling {len(many)} token grids", disable=not progress,
                    leave=False)
         tokens = self.transformer.sample(
             self.text_tokens(many), self.text_tokens([""] * len(many)) if guidance != 1 else None, guidance=guidance,
-            temperature=m.temperature if temperature is None else temperature, top_k=m.top_k if top_k is None else top_k,
-            top_p=m.top_p if top_p is None else top_p, generator=generator, use_cache=use_cache,
+            temperature=temperature, top_k=top_k, top_p=top_p, generator=generator, use_cache=use_cache,
             progress=lambda i: bar.update(1))
         bar.close()
         images = self.first_stage.decode(tokens.view(-1, self.side, self.side))

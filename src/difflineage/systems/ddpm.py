@@ -37,4 +37,5 @@ class DDPMSystem(UNetDenoiser, DiffusionSystem):
     """A UNet in pixel space."""
 
     name = "ddpm"
+    title = "DDPM"
     ModelConfig = DDPMConfig

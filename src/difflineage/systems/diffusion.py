@@ -12,18 +12,19 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, Optional
+from typing import Any, Callable, ClassVar, Literal, Optional
 
 import torch
 
 from difflineage.config import Config
 from difflineage.data import Batch, Dataset, ImageDataset
-from difflineage.diffusion import DiffusionConfig, GaussianDiffusion, dpm_solver_timesteps, guided
+from difflineage.diffusion import DiffusionConfig, GaussianDiffusion, Sampler, dpm_solver_timesteps, guided
 from difflineage.errors import ConfigError
 from difflineage.models.autoencoder_kl import AutoencoderKLConfig
 from difflineage.nn.text import TextEncoder, TextEncoderConfig
 from difflineage.systems.base import Condition, System
 from difflineage.systems.frozen import FrozenPart
+from difflineage.systems.options import DiffusionOptions
 from difflineage.systems.spaces import LatentSpace, PixelSpace
 
 # Keys of earlier checkpoints -> today's: the first stage and the latent scale now belong to the latent space.
@@ -79,6 +80,7 @@ class DiffusionSystem(System):
     in a space (``space_class``), trained with ``self.diffusion``."""
 
     network_name: ClassVar[str]
+    SampleOptions = DiffusionOptions
 
     def __init__(self, config: Config):
         super().__init__(config)
@@ -141,9 +143,9 @@ class DiffusionSystem(System):
     # -- conditioning -----------------------------------------------------------------------------
 
     @property
-    def uses_labels(self) -> bool:
-        """Class- and caption-conditioned models can both be asked for a class (captions from the template)."""
-        return self.config.model.condition != "none" and bool(self.config.data.num_classes)
+    def conditioning(self) -> str:
+        """``model.condition`` (class- and caption-conditioned models can both be asked for a class)."""
+        return self.config.model.condition
 
     def condition_kwargs(self, labels: Optional[torch.Tensor], captions: Optional[list[str]],
                          train: bool = False) -> dict[str, Any]:
@@ -198,14 +200,13 @@ class DiffusionSystem(System):
 
     @torch.no_grad()
     def sample(self, n: int, condition: Condition = None, generator: Optional[torch.Generator] = None,
-               steps: Optional[int] = None, guidance: Optional[float] = None, sampler: Optional[str] = None,
-               eta: Optional[float] = None, progress: bool = False, **options: Any) -> torch.Tensor:
-        """Draw n images: ``steps`` of the chain (respaced), ``sampler`` ddpm, ddim or dpmpp_2m, ``guidance`` scale
-        (1 = the conditional model); ``condition`` labels, captions, or None (classes in turn)."""
-        if options:
-            raise TypeError(f"unknown sampling options {sorted(options)}; this system takes steps, guidance, sampler, eta")
+               options: Optional[DiffusionOptions] = None, **given: Any) -> torch.Tensor:
+        """Draw n images (``DiffusionOptions``): ``steps`` of the chain (respaced), ``sampler`` ddpm, ddim or
+        dpmpp_2m, ``guidance`` scale (1 = the conditional model), each the recipe's where not given;
+        ``condition`` labels, captions, or None (classes in turn)."""
+        o = self.sample_options(options, **given)
         dc = self.config.model.diffusion
-        guidance = dc.guidance if guidance is None else guidance
+        guidance = dc.guidance if o.guidance is None else o.guidance
         captions = None
         if isinstance(condition, list):
             if self.config.model.condition != "caption":
@@ -219,16 +220,25 @@ class DiffusionSystem(System):
                     raise ValueError("give captions (a list of strings) to sample from a caption-conditioned model")
                 captions = self.captions_for(labels)
         cond = self.condition_kwargs(labels, captions) if self.config.model.condition != "none" else {}
-        fn = self.guide(guidance, cond, self.null_kwargs(n)) if cond else (lambda x, t: self.net(x, t))
-        sampler = sampler or dc.sampler
-        x = self.chain(steps, sampler).sample(fn, (n, self.channels, self.side, self.side), sampler=sampler,
-                                     eta=dc.eta if eta is None else eta, generator=generator, device=self.device,
-                                     clip_denoised=self.space.clip_denoised, progress=progress)
+        net = self.denoiser(o)
+        fn = self.guide(guidance, cond, self.null_kwargs(n), net) if cond else (lambda x, t: net(x, t))
+        sampler = Sampler(o.sampler or dc.sampler).value
+        x = self.chain(o.steps, sampler).sample(fn, (n, self.channels, self.side, self.side), sampler=sampler,
+                                                eta=dc.eta if o.eta is None else o.eta, generator=generator,
+                                                device=self.device, clip_denoised=self.space.clip_denoised,
+                                                progress=o.progress)
         return self.space.decode(x)
 
-    def guide(self, scale: float, cond: dict[str, Any], null: dict[str, Any]):
-        """Classifier-free guidance on the prediction channels (the variance channels follow the condition)."""
-        return guided(self.net, scale, cond, null, guide_channels=self.channels)
+    def denoiser(self, options: DiffusionOptions) -> Callable[..., torch.Tensor]:
+        """The network as sampling calls it, (x_t, t, **condition) -> prediction: ``net`` itself here; a transformer
+        runs its blocks through a step cache where the options give one."""
+        return self.net
+
+    def guide(self, scale: float, cond: dict[str, Any], null: dict[str, Any],
+              net: Optional[Callable[..., torch.Tensor]] = None):
+        """Classifier-free guidance of ``net`` (default: the denoiser) on the prediction channels (the variance
+        channels follow the condition)."""
+        return guided(self.net if net is None else net, scale, cond, null, guide_channels=self.channels)
 
     # -- evaluation -----------------------------------------------------------------------------
 

@@ -8,9 +8,10 @@ guidance applied to every prediction channel or, as the official sampler does, t
 
 from __future__ import annotations
 
+import functools
 import shutil
 from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar, Optional
+from typing import Any, Callable, ClassVar, Optional
 
 import torch
 
@@ -18,8 +19,13 @@ from difflineage.diffusion import DiffusionConfig, guided
 from difflineage.errors import ConfigError
 from difflineage.models.dit import DiT, DiTConfig
 from difflineage.models.step_cache import StepCache, choose_reuse
-from difflineage.systems.base import Condition
 from difflineage.systems.diffusion import DiffusionModelConfig, DiffusionSystem, LatentSpaceFields
+from difflineage.systems.options import DiTOptions
+
+
+# The DiT paper's FID-50K sampling (its sample_ddp.py): 250 DDPM steps, guidance 1.5 (on the channels the model's
+# guidance_channels names: the first three of the four latent channels).
+DIT_FID_SAMPLING = {"sampler": "ddpm", "steps": 250, "guidance": 1.5}
 
 
 @dataclass
@@ -48,8 +54,11 @@ class DiTSystem(DiffusionSystem):
     """A DiT in pixels or in a first stage's latents."""
 
     name = "dit"
+    title = "DiT"
     ModelConfig = DiTSystemConfig
+    SampleOptions = DiTOptions
     network_name = "dit"
+    fid_sampling = DIT_FID_SAMPLING
 
     def build_network(self, out_channels: int, num_classes: int, context_dim: Optional[int]) -> torch.nn.Module:
         m = self.config.model
@@ -57,23 +66,19 @@ class DiTSystem(DiffusionSystem):
         cfg = replace(m.dit, learn_sigma=learn_sigma, class_dropout=m.cond_drop)
         return DiT(cfg, self.channels, self.side, num_classes, context_dim=context_dim)
 
-    def guide(self, scale: float, cond: dict[str, Any], null: dict[str, Any]):
+    def guide(self, scale: float, cond: dict[str, Any], null: dict[str, Any],
+              net: Optional[Callable[..., torch.Tensor]] = None):
         k = self.config.model.guidance_channels or self.channels
-        return guided(self.net, scale, cond, null, guide_channels=min(k, self.channels))
+        return guided(self.net if net is None else net, scale, cond, null, guide_channels=min(k, self.channels))
 
-    @torch.no_grad()
-    def sample(self, n: int, condition: Condition = None, generator: Optional[torch.Generator] = None,
-               step_cache: Optional[StepCache] = None, **options: Any) -> torch.Tensor:
-        """As the diffusion system's; ``step_cache`` (from :meth:`calibrate_step_cache`) reuses blocks' residuals
-        from the previous sampler step where its schedule says so."""
-        if step_cache is None:
-            return super().sample(n, condition, generator, **options)
-        step_cache.reset()
-        self.net.step_cache = step_cache
-        try:
-            return super().sample(n, condition, generator, **options)
-        finally:
-            self.net.step_cache = None
+    def denoiser(self, options: DiTOptions) -> Callable[..., torch.Tensor]:
+        """The DiT, its blocks run through the options' step cache (from :meth:`calibrate_step_cache`, reset for this
+        sampling run) where there is one: it reuses blocks' residuals from the previous sampler step where its
+        schedule says so."""
+        if options.step_cache is None:
+            return self.net
+        options.step_cache.reset()
+        return functools.partial(self.net, block_loop=options.step_cache)
 
     def compile_blocks(self) -> bool:
         """Compile each transformer block for sampling (torch.compile, static shapes; on the CPU inductor needs a C++
@@ -81,8 +86,6 @@ class DiTSystem(DiffusionSystem):
         network, so the step cache's choices between blocks stay plain Python. Parameter names are kept. DyDiT's
         fast path gathers a different number of tokens at every step, so its blocks are left as they are. Calling it
         again (each fast request of the demo does) compiles nothing more."""
-        if self.config.system != "dit":
-            return False
         if self.device.type == "cpu" and not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
             return False
         for block in self.net.blocks:

@@ -22,20 +22,22 @@ Sampling uses the fast path (sliced weights per timestep, MLP on the active toke
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
 from difflineage.config import Config
-from difflineage.data import Batch, Dataset, ImageDataset
+from difflineage.data import Batch, Dataset
 from difflineage.errors import CheckpointError, ConfigError
 from difflineage.interop.dit import dit_config_of, infer_dit_settings
 from difflineage.interop.dydit import read_dydit_state, width_layout
-from difflineage.models.dydit import MODES, DyDiT, DyDiTConfig, is_router_key, router_keys_of
+from difflineage.models.dydit import DyDiT, DyDiTConfig, is_router_key, router_keys_of
 from difflineage.systems.base import Condition, read_stage
 from difflineage.systems.dit import DiTSystem, DiTSystemConfig
+from difflineage.systems.options import DyDiTOptions
 from difflineage.weights import load_state_dict_strict
 
 
@@ -78,7 +80,9 @@ class DyDiTSystem(DiTSystem):
     """DyDiT fine-tuning and sampling (see the module docstring); a :class:`DynamicCompute` system."""
 
     name = "dydit"
+    title = "DyDiT"
     ModelConfig = DyDiTSystemConfig
+    SampleOptions = DyDiTOptions
     compute_modes = ("fast", "full")  # the dynamic sampling path, and the complete network's
 
     def build_network(self, out_channels: int, num_classes: int, context_dim: Optional[int]) -> torch.nn.Module:
@@ -222,19 +226,30 @@ class DyDiTSystem(DiTSystem):
 
     @torch.no_grad()
     def sample(self, n: int, condition: Condition = None, generator: Optional[torch.Generator] = None,
-               mode: Optional[str] = None, **options: Any) -> torch.Tensor:
-        """As DiT's; ``mode``: fast (default: sliced weights, active tokens only), masked (the released
-        code's multiply-by-zero) or full (routers off: every unit, as the DiT before fine-tuning)."""
-        if mode is not None and mode not in MODES:
-            raise ValueError(f"unknown DyDiT mode {mode!r}; choose one of {', '.join(MODES)}")
-        old_mode, was_training = self.net.inference_mode, self.net.training
-        self.net.inference_mode = mode or old_mode
+               options: Optional[DyDiTOptions] = None, **given: Any) -> torch.Tensor:
+        """As DiT's (``DyDiTOptions``); ``mode``: fast (default: sliced weights, active tokens only), masked (the
+        released code's multiply-by-zero) or full (routers off: every unit, as the DiT before fine-tuning)."""
+        o = self.sample_options(options, **given)
+        was_training = self.net.training
         self.net.eval()  # in training mode the routers would draw Gumbel noise
         try:
-            return super().sample(n, condition, generator, **options)
+            return super().sample(n, condition, generator, o)
         finally:
-            self.net.inference_mode = old_mode
             self.net.train(was_training)
+
+    def denoiser(self, options: DyDiTOptions) -> Callable[..., torch.Tensor]:
+        """DiT's, in the options' ``mode`` (the network's inference mode where none is given)."""
+        net = super().denoiser(options)
+        return functools.partial(net, mode=options.mode) if options.mode is not None else net
+
+    def compile_blocks(self) -> bool:
+        """Nothing is compiled: the fast path gathers a different number of tokens at every step."""
+        return False
+
+    @property
+    def base(self) -> str:
+        """The DiT this DyDiT was fine-tuned from (``model.base``)."""
+        return self.config.model.base
 
 
 def inherit_from_base(recipe: DyDiTSystemConfig, base: DiTSystemConfig) -> DyDiTSystemConfig:

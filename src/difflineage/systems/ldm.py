@@ -27,6 +27,7 @@ class LDMSystem(UNetDenoiser, DiffusionSystem):
     """A UNet in a frozen first stage's latents (always: an LDM with no first stage is refused by name)."""
 
     name = "ldm"
+    title = "Latent diffusion"
     ModelConfig = LDMConfig
 
     @classmethod

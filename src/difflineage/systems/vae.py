@@ -28,12 +28,15 @@ from difflineage.nn.distributions import (
     nats_to_bits_per_dim,
 )
 from difflineage.systems.base import Condition, System
+from difflineage.systems.options import TemperatureOptions
 
 EVAL_BINARIZE_SEED = 1234  # the one fixed Bernoulli draw of the held-out images used for evaluation
 
 
 class VAESystem(System):
     name = "vae"
+    title = "VAE"
+    SampleOptions = TemperatureOptions
     ModelConfig = VAEConfig
 
     def __init__(self, config: Config):
@@ -43,8 +46,8 @@ class VAESystem(System):
         self.dims = (d.channels or 1) * d.image_size**2
 
     @property
-    def uses_labels(self) -> bool:
-        return self.config.model.conditional
+    def conditioning(self) -> str:
+        return "class" if self.config.model.conditional else "none"
 
     # -- the likelihood terms -------------------------------------------------------------------
 
@@ -95,12 +98,22 @@ class VAESystem(System):
 
     @torch.no_grad()
     def sample(self, n: int, condition: Condition = None, generator: Optional[torch.Generator] = None,
-               temperature: float = 1.0, **options: Any) -> torch.Tensor:
-        """Decode z ~ N(0, temperature^2 I); returns the mean of p(x|z) in [-1, 1]."""
-        if options:
-            raise TypeError(f"the VAE takes no sampling options {sorted(options)}; it has: temperature")
+               options: Optional[TemperatureOptions] = None, **given: Any) -> torch.Tensor:
+        """Decode z ~ N(0, temperature^2 I) (``temperature``: 1 where not given); returns the mean of p(x|z) in
+        [-1, 1]."""
+        o = self.sample_options(options, **given)
+        temperature = 1.0 if o.temperature is None else o.temperature
         labels = self.labels_for(n, condition)
         z = torch.randn(n, self.config.model.latent_dim, generator=generator, device="cpu").to(self.device) * temperature
+        return self.decode_latent(z, labels)
+
+    @property
+    def latent_dim(self) -> int:
+        return self.config.model.latent_dim
+
+    @torch.no_grad()
+    def decode_latent(self, z: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The mean of p(x|z) for latent points ``z`` (N, latent_dim), in [-1, 1] (a ``LatentPlane``)."""
         return self.vae.mean_image(self.vae.decode(z, labels))
 
     @torch.no_grad()

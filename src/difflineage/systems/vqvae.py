@@ -25,9 +25,9 @@ from difflineage.data import AnyBatch, Batch, Dataset, ImageDataset
 from difflineage.errors import ConfigError
 from difflineage.models.pixelcnn import GatedPixelCNN, PixelCNNConfig
 from difflineage.models.vqvae import VQVAE, VQVAE2, VQVAEConfig
-from difflineage.nn.quantize import code_usage
-from difflineage.systems.base import Condition, Reconstructs, System, batches, spread_images
+from difflineage.systems.base import Condition, Reconstructs, System, batches, reconstruction_scores, spread_images
 from difflineage.systems.frozen import CodeStage, FrozenPart
+from difflineage.systems.options import TemperatureOptions
 
 
 @dataclass
@@ -58,7 +58,9 @@ class VQVAESystem(Reconstructs, System):
     """Stage 1 of VQ-VAE: the autoencoder (see the module docstring)."""
 
     name = "vqvae"
+    title = "VQ-VAE"
     ModelConfig = VQVAESystemConfig
+    SampleOptions = TemperatureOptions
     no_prior = "a VQ-VAE autoencoder reconstructs rather than samples: train the prior stage (model.stage=prior) " \
                "to draw new images"
 
@@ -82,8 +84,8 @@ class VQVAESystem(Reconstructs, System):
         return vqvae
 
     @property
-    def uses_labels(self) -> bool:
-        return False  # an autoencoder takes no class; its prior may
+    def conditioning(self) -> str:
+        return "none"  # an autoencoder takes no class; its prior may
 
     def prepare(self, dataset: Dataset, restored: bool = False) -> None:
         self.preview = spread_images(dataset, self.device)
@@ -109,10 +111,9 @@ class VQVAESystem(Reconstructs, System):
 
     @torch.no_grad()
     def sample(self, n: int, condition: Condition = None, generator: Optional[torch.Generator] = None,
-               temperature: Optional[float] = None, progress: bool = False, **options: Any) -> torch.Tensor:
-        """Reconstructions of training images (an autoencoder has no prior yet)."""
-        if options:
-            raise TypeError(f"unknown sampling options {sorted(options)}; this system takes temperature")
+               options: Optional[TemperatureOptions] = None, **given: Any) -> torch.Tensor:
+        """Reconstructions of training images (an autoencoder has no prior yet; its prior's options are accepted)."""
+        self.sample_options(options, **given)
         return self.preview_reconstructions(n)
 
     # -- evaluation ---------------------------------------------------------------------------------
@@ -121,15 +122,8 @@ class VQVAESystem(Reconstructs, System):
     def evaluate(self, dataset: ImageDataset, generator: Optional[torch.Generator] = None, progress: bool = True,
                  **options: Any) -> dict[str, float]:
         """Held-out reconstruction error and codebook usage (perplexity, codes used)."""
-        mse, counts = 0.0, torch.zeros(self.config.model.vq.codes)
-        for batch in batches(dataset, self.device):
-            codes = self.vqvae.encode(batch["image"])
-            mse += ((self.vqvae.decode(codes).float().clamp(-1, 1) - batch["image"]) / 2).pow(2).mean((1, 2, 3)).sum().item()
-            counts += torch.bincount(codes.flatten().cpu(), minlength=len(counts)).float()
-        n = len(dataset)
-        out = {"recon_mse": mse / n, "recon_psnr_db": 10 * math.log10(1.0 / (mse / n))}
-        out["codebook_perplexity"], out["codes_used"] = code_usage(counts)
-        return out
+        return reconstruction_scores(dataset, self.device, self.vqvae.encode, self.vqvae.decode,
+                                     codebook=self.config.model.vq.codes)
 
     def forward_passes(self):
         d = self.config.data
@@ -153,8 +147,8 @@ class CodePrior:
         return [self.first_stage]
 
     @property
-    def uses_labels(self) -> bool:
-        return self.config.model.condition == "class" and bool(self.config.data.num_classes)
+    def conditioning(self) -> str:
+        return self.config.model.condition
 
     @classmethod
     def resolve_config(cls, config: Config) -> Config:
@@ -182,10 +176,6 @@ class CodePrior:
     def labels_of(self, batch: Batch) -> Optional[torch.Tensor]:
         return batch["label"] if self.uses_labels else None
 
-    def check_options(self, options: dict) -> None:
-        if options:
-            raise TypeError(f"unknown sampling options {sorted(options)}; this system takes temperature")
-
 
 class VQVAEPrior(CodePrior, VQVAESystem):
     """Stage 2 of VQ-VAE: a gated PixelCNN over the frozen autoencoder's code maps."""
@@ -201,12 +191,13 @@ class VQVAEPrior(CodePrior, VQVAESystem):
 
     @torch.no_grad()
     def sample(self, n: int, condition: Condition = None, generator: Optional[torch.Generator] = None,
-               temperature: Optional[float] = None, progress: bool = False, **options: Any) -> torch.Tensor:
-        """Codes drawn by the PixelCNN (class ``condition``, or the classes in turn), decoded."""
-        self.check_options(options)
+               options: Optional[TemperatureOptions] = None, **given: Any) -> torch.Tensor:
+        """Codes drawn by the PixelCNN (class ``condition``, or the classes in turn; ``temperature``: the
+        recipe's where not given), decoded."""
+        o = self.sample_options(options, **given)
         labels = self.labels_for(n, condition) if self.uses_labels else None
         codes = self.prior.sample(n, (self.side, self.side), labels=labels, generator=generator, device=self.device,
-                                  temperature=temperature or self.config.model.temperature)
+                                  temperature=o.temperature or self.config.model.temperature)
         return self.first_stage.decode(codes)
 
     @torch.no_grad()
@@ -247,6 +238,7 @@ class VQVAE2System(VQVAESystem):
     and the decoder are trained on reconstruction. Stage 2 is :class:`VQVAE2Prior`."""
 
     name = "vqvae2"
+    title = "VQ-VAE-2"
 
     @staticmethod
     def make_autoencoder(config: Config) -> torch.nn.Module:
@@ -273,18 +265,8 @@ class VQVAE2System(VQVAESystem):
     def evaluate(self, dataset: ImageDataset, generator: Optional[torch.Generator] = None, progress: bool = True,
                  **options: Any) -> dict[str, float]:
         """Held-out reconstruction error and codebook usage per level."""
-        k = self.config.model.vq.codes
-        mse, counts = 0.0, [torch.zeros(k), torch.zeros(k)]
-        for batch in batches(dataset, self.device):
-            top, bottom = self.vqvae.encode(batch["image"])
-            mse += ((self.vqvae.decode(top, bottom).float().clamp(-1, 1) - batch["image"]) / 2).pow(2).mean((1, 2, 3)).sum().item()
-            for i, codes in enumerate((top, bottom)):
-                counts[i] += torch.bincount(codes.flatten().cpu(), minlength=k).float()
-        n = len(dataset)
-        out: dict[str, Any] = {"recon_mse": mse / n, "recon_psnr_db": 10 * math.log10(1.0 / (mse / n))}
-        for i, level in enumerate(("top", "bottom")):
-            out[f"codebook_perplexity_{level}"], out[f"codes_used_{level}"] = code_usage(counts[i])
-        return out
+        return reconstruction_scores(dataset, self.device, self.vqvae.encode, lambda codes: self.vqvae.decode(*codes),
+                                     codebook=self.config.model.vq.codes, levels=("top", "bottom"))
 
     def forward_passes(self):
         d = self.config.data
@@ -318,10 +300,10 @@ class VQVAE2Prior(CodePrior, VQVAE2System):
 
     @torch.no_grad()
     def sample(self, n: int, condition: Condition = None, generator: Optional[torch.Generator] = None,
-               temperature: Optional[float] = None, progress: bool = False, **options: Any) -> torch.Tensor:
-        self.check_options(options)
+               options: Optional[TemperatureOptions] = None, **given: Any) -> torch.Tensor:
+        o = self.sample_options(options, **given)
         labels = self.labels_for(n, condition) if self.uses_labels else None
-        tau = temperature or self.config.model.temperature
+        tau = o.temperature or self.config.model.temperature
         top = self.prior.sample(n, (self.side // 2, self.side // 2), labels=labels, generator=generator,
                                 device=self.device, temperature=tau)
         bottom = self.prior_bottom.sample(n, (self.side, self.side), labels=labels, cond_map=self.top_cond(top),
