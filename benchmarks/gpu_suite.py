@@ -58,7 +58,7 @@ from difflineage.interop.sd_vae import load_sd_vae, save_sd_vae
 from difflineage.models.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig
 from difflineage.models.dit import DiTConfig
 from difflineage.systems import build_system, load_config, system_for
-from difflineage.train.trainer import Trainer, _RunState, compile_for_training
+from difflineage.train.trainer import Trainer, TrainingRun, compile_for_training
 from difflineage.weights import state_digest
 
 RECIPES = {"DiT-XL/2": "dit-xl2-imagenet256", "DiT-B/2": "dit-b2-imagenet256", "DiT-S/2": "dit-s2-imagenet256"}
@@ -229,8 +229,8 @@ def train_with_trainer(args, name: str, spec: str, norm_groups: int, store: Path
     _free(device)
     torch._dynamo.reset()  # a fresh compiler cache per model: static shapes, no recompilation limit reached
     # sample grids and checkpoints are not training throughput (and an XL checkpoint is ~11 GB): left out
-    with mock.patch.object(_RunState, "draw", lambda self, step: None), \
-            mock.patch.object(_RunState, "checkpoint", lambda self, step, epoch, position, extra=None: None), \
+    with mock.patch.object(TrainingRun, "draw", lambda self, step: None), \
+            mock.patch.object(TrainingRun, "checkpoint", lambda self: None), \
             Peak(device) as peak:
         start = time.perf_counter()
         result = trainer.fit()
