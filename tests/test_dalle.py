@@ -310,3 +310,23 @@ def test_prior_trains_from_a_store_of_dvae_tokens(tmp_path):
     images = data["image"]
     with torch.no_grad():
         assert torch.equal(t.system._tokens_of(b), t.system.dvae.encode(images).flatten(1))
+
+
+def test_the_dvae_anneals_over_the_steps_its_run_started_with(tmp_path):
+    """dvae.anneal_steps is filled in with train.steps when the run starts: resuming with a longer train.steps keeps
+    the temperature and KL schedules where they were; a config from before the field existed anneals over
+    train.steps, as it did."""
+    Trainer(load_config("dalle-dvae-mnist", TINY + TINY_DVAE + ["train.steps=4"]), tmp_path, stop_at=2,
+            progress=False).fit()
+    longer = Trainer(load_config("dalle-dvae-mnist", TINY + TINY_DVAE + ["train.steps=8"]), tmp_path, resume=True,
+                     progress=False)
+    assert longer.fit().step == 8
+    assert longer.config.model.dvae.anneal_steps == 4
+    assert longer.system.training_progress(2) == pytest.approx(0.5)  # 2 of the run's 4 steps, not of 8
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    dvae = longer.config.model.dvae
+    assert [r["tau"] for r in rows] == pytest.approx([dvae.temperature(min(1.0, s / 4)) for s in range(8)])
+    legacy = load_config("dalle-dvae-mnist", TINY + TINY_DVAE + ["train.steps=8", "model.dvae.anneal_steps=null"])
+    from difflineage.systems import build_system
+
+    assert build_system(legacy).training_progress(2) == pytest.approx(2 / 8)

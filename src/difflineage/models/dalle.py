@@ -39,7 +39,10 @@ class DVAEConfig:
         ``tau_anneal`` share of training (the paper: 1 -> 1/16).
     :param kl_weight: beta of the KL to the uniform prior, reached with a cosine ramp over the first
         ``kl_warmup`` share of training (the paper: 0 -> 6.6, at 192 pixel values per token; see docs/dalle.md).
-    :param sigma: the decoder's Gaussian standard deviation (in [-1, 1] pixel units) for the reconstruction term."""
+    :param sigma: the decoder's Gaussian standard deviation (in [-1, 1] pixel units) for the reconstruction term.
+    :param anneal_steps: the training steps those shares are of; filled in with ``train.steps`` when training starts
+        (so a resumed run with another ``train.steps`` keeps its schedule); None in runs from before it existed,
+        which anneal over their ``train.steps`` as they always did."""
 
     channels: int = 64
     res_blocks: int = 2
@@ -52,6 +55,7 @@ class DVAEConfig:
     kl_weight: float = 6.6
     kl_warmup: float = 0.05
     sigma: float = 0.1
+    anneal_steps: Optional[int] = None
 
     def check(self) -> None:
         if self.downsample < 1 or self.codes < 2 or self.code_dim < 1 or self.channels < 2:
@@ -63,6 +67,8 @@ class DVAEConfig:
             raise ConfigError("dvae.tau_anneal and dvae.kl_warmup are shares of training, in [0, 1]")
         if self.kl_weight < 0 or self.sigma <= 0:
             raise ConfigError("dvae.kl_weight must be >= 0 and dvae.sigma > 0")
+        if self.anneal_steps is not None and self.anneal_steps < 1:
+            raise ConfigError(f"dvae.anneal_steps={self.anneal_steps} must be 1 or more (null: train.steps)")
 
     def temperature(self, progress: float) -> float:
         """tau at ``progress`` (0..1 of training): geometric from tau_start to tau_end, then held."""

@@ -138,9 +138,19 @@ class DalleDVAE(Reconstructs, DalleSystem):
         """The trained dVAE as the frozen first stage of the prior (``ProvidesFirstStage``)."""
         return CodeStage(self.dvae, spec, self.config.data.channels or 1)
 
+    @classmethod
+    def resolve_config(cls, config: Config) -> Config:
+        """The annealing schedules' length fixed at the run's ``train.steps`` when it starts (``dvae.anneal_steps``)."""
+        m = config.model
+        if m.dvae.anneal_steps is not None:
+            return config
+        return replace(config, model=replace(m, dvae=replace(m.dvae, anneal_steps=config.train.steps)))
+
     def training_progress(self, step: Optional[int]) -> float:
-        """Share of training done before a batch (for the dVAE's annealing schedules); None counts as 0."""
-        return min(1.0, (step or 0) / max(1, self.config.train.steps))
+        """Share of the annealing done before a batch (``step`` of ``dvae.anneal_steps``; runs from before it was
+        recorded anneal over ``train.steps``); None counts as 0."""
+        horizon = self.config.model.dvae.anneal_steps or self.config.train.steps
+        return min(1.0, (step or 0) / max(1, horizon))
 
     def loss(self, batch: Batch, step: Optional[int] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         m = self.config.model

@@ -20,7 +20,7 @@ import shlex
 import signal
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -304,6 +304,8 @@ class Trainer:
         with reading_stages_once():  # an earlier stage's checkpoint read to resolve the config is not read again
             config = system_for(config).resolve_config(resolve_data(config, dataset))
             if ckpt is not None and self.config is not None:  # compare once both are resolved (first stage filled in)
+                # what the given config leaves to be filled in (null) keeps what the checkpoint's run filled in
+                config = replace(config, model=_filled_as_before(self.config.model, config.model, ckpt.config.model))
                 _check_same_model(config, ckpt.config, self.resume_from)
             if len(dataset) < tc.batch_size:
                 raise ConfigError(f"train.batch_size={tc.batch_size} exceeds the {len(dataset)} training images of "
@@ -586,6 +588,19 @@ def _truncate_metrics(path: Path, step: int) -> None:
         except (ValueError, KeyError, TypeError):
             continue
     path.write_text("".join(line + "\n" for line in keep))
+
+
+def _filled_as_before(given: Any, resolved: Any, before: Any) -> Any:
+    """``resolved`` with the checkpoint's value (``before``) wherever the config as given left a field null to be
+    filled in when training starts (a first stage's architecture, the dVAE's annealing length): a resumed run keeps
+    what its start filled in, even where the config would now fill in something else (another ``train.steps``)."""
+    if given is None:
+        return before
+    if is_dataclass(resolved) and type(resolved) is type(before) and type(given) is type(resolved):
+        return replace(resolved, **{f.name: _filled_as_before(getattr(given, f.name), getattr(resolved, f.name),
+                                                              getattr(before, f.name))
+                                    for f in fields(resolved) if f.init})
+    return resolved
 
 
 def _check_same_model(new: Config, old: Config, where: Path) -> None:
