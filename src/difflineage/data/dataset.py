@@ -21,43 +21,37 @@ from difflineage.data.augment import adm_center_crop, flips
 from difflineage.errors import DataError
 
 
-class Batch(TypedDict, total=False):
-    """What ``System.loss`` receives.
+class BatchOf(TypedDict, total=False):
+    """What every batch carries beside its images or their encodings: label: long (N,) or None; caption: N strings
+    or None; index: the images' positions in their dataset (lets a system look up per-image caches, e.g.
+    latents); flip: bool (N,), which images are mirrored (``data.flip``), so that a cache gives the mirror image's
+    latents. (The training step is ``System.loss``'s second argument, not part of the batch.)"""
 
-    image: float in [-1, 1], (N, C, H, W); label: long (N,) or None; caption: N strings or None;
-    index: the images' positions in their dataset (lets a system look up per-image caches, e.g. latents);
-    flip: bool (N,), which images are mirrored (``data.flip``), so that a cache gives the mirror image's latents.
-    (The training step is ``System.loss``'s second argument, not part of the batch.)
-    """
-
-    image: torch.Tensor
     label: Optional[torch.Tensor]
     caption: Optional[list[str]]
     index: torch.Tensor
     flip: torch.Tensor
 
 
-class LatentBatch(TypedDict, total=False):
+class Batch(BatchOf, total=False):
+    """What ``System.loss`` receives from a set of images: image: float in [-1, 1], (N, C, H, W)."""
+
+    image: torch.Tensor
+
+
+class LatentBatch(BatchOf, total=False):
     """What a latent store of a Gaussian first stage gives (``StoreDataset``): each image's posterior moments
-    instead of the image. latent_mean, latent_std: float (N, c, h, w); label, caption, index, flip as in ``Batch``."""
+    instead of the image, latent_mean and latent_std: float (N, c, h, w)."""
 
     latent_mean: torch.Tensor
     latent_std: torch.Tensor
-    label: Optional[torch.Tensor]
-    caption: Optional[list[str]]
-    index: torch.Tensor
-    flip: torch.Tensor
 
 
-class CodesBatch(TypedDict, total=False):
+class CodesBatch(BatchOf, total=False):
     """What a latent store of a discrete first stage gives: each image's code map (long (N, h, w); a tuple of maps,
-    coarse first, for several levels) instead of the image; label, caption, index, flip as in ``Batch``."""
+    coarse first, for several levels) instead of the image."""
 
     codes: Union[torch.Tensor, tuple[torch.Tensor, ...]]
-    label: Optional[torch.Tensor]
-    caption: Optional[list[str]]
-    index: torch.Tensor
-    flip: torch.Tensor
 
 
 AnyBatch = Union[Batch, LatentBatch, CodesBatch]

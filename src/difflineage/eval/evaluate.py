@@ -67,7 +67,7 @@ REFERENCE_LIMIT = 10000  # held-out images of a streamed source held in memory a
 def in_memory(dataset, limit: int):
     """``dataset`` itself when it is in memory; for one streamed from disk, ``limit`` images spread evenly over it
     (sorted by class, so every class shows), decoded into memory."""
-    if getattr(dataset, "in_memory", True):
+    if dataset.in_memory:
         return dataset
     pick = torch.linspace(0, len(dataset) - 1, min(limit, len(dataset))).long()
     loaded = dataset.subset(pick).load()
