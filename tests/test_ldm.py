@@ -163,3 +163,18 @@ def test_a_latent_model_resumed_under_bf16_continues_exactly(first_stage, tmp_pa
         theirs = b.state_dict()
         differ = [k for k, v in a.state_dict().items() if not torch.equal(v, theirs[k])]
         assert not differ, f"{len(differ)} tensors differ after resuming, e.g. {differ[:3]}"
+
+
+def test_the_first_stage_checkpoint_is_read_once_when_a_run_starts(first_stage, tmp_path, monkeypatch):
+    """Resolving the config (its architecture) and preparing the system (its weights) share one read."""
+    import difflineage.systems.base as base
+
+    reads = []
+    original = base.read_checkpoint
+    monkeypatch.setattr(base, "read_checkpoint", lambda path, *a, **k: reads.append(str(path)) or original(path, *a, **k))
+    Trainer(config_from_dict(ldm_dict(first_stage, steps=1)), tmp_path, progress=False).fit()
+    assert reads == [str(first_stage)]
+    reads.clear()  # outside a run's start, each ask is a read of its own (nothing is held in memory after it)
+    base.read_stage(first_stage, "first_stage", (difflineage.systems.AutoencoderKLSystem,), "")
+    base.read_stage(first_stage, "first_stage", (difflineage.systems.AutoencoderKLSystem,), "")
+    assert len(reads) == 2

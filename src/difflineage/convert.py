@@ -22,7 +22,7 @@ def read_any_dit(path: Union[str, Path], heads: Optional[int] = None) -> tuple[D
     path = Path(path)
     if path.is_dir() and ((path / "config.yaml").is_file() or (path / "checkpoints").is_dir()):
         system = load(path)
-        if system.config.system != "dit":
+        if type(system) is not DiTSystem:  # a DyDiT's blocks carry routers no DiT layout has
             raise CheckpointError(f"{path}: a {system.config.system} checkpoint; convert reads DiT checkpoints")
         return system.dit, "difflineage"
     return read_dit_file(path, heads=heads)

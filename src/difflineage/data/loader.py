@@ -30,7 +30,7 @@ class BatchStream:
                                           drop_last=True)
         self.batches_per_epoch = len(self.sampler) // per_rank
         if self.batches_per_epoch < 1:
-            raise DataError(f"{getattr(dataset, 'name', 'the dataset')}: {len(dataset)} images make no batch of "
+            raise DataError(f"{dataset.name or 'the dataset'}: {len(dataset)} images make no batch of "
                             f"{per_rank} per process; lower train.batch_size")
         self.epoch, self.position = epoch, position
         self.workers, self.prefetch = workers, prefetch
