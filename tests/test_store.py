@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -281,3 +282,23 @@ def test_a_store_is_refused_by_a_run_that_would_caption_or_crop_its_images_other
     with pytest.raises(DataError, match="its class names are zero, one, two ..."):
         open_store_dataset(DataConfig(source="digits", image_size=8, channels=1, latents=str(store),
                                       class_names=[str(i) for i in range(10)]))
+
+
+def test_extract_takes_a_first_stage_from_what_a_run_offers():
+    """Each stage system that offers its network as a first stage (ProvidesFirstStage) is one, of its kind; a prior
+    or a diffusion model is refused by name."""
+    from difflineage.errors import CheckpointError
+    from difflineage.extract import first_stage_for
+
+    fixtures = Path(__file__).parent / "fixtures" / "systems"
+    for name, kind, module in (("autoencoder_kl", "gaussian", "ae"), ("vqvae_ae", "codes", "vqvae"),
+                               ("vqvae2_ae", "codes", "vqvae"), ("dalle_dvae", "codes", "dvae")):
+        stage = first_stage_for(str(fixtures / name), torch.device("cpu"))
+        assert stage.kind == kind and stage.spec == str(fixtures / name)
+        # the very weights of the run, frozen
+        assert stage.digest == difflineage.weights.state_digest(getattr(difflineage.load(fixtures / name), module).state_dict())
+        assert not any(p.requires_grad for p in stage.module.parameters())
+    for name, what in (("vqvae_prior", "vqvae run (stage prior)"), ("dalle_prior", "dalle run (stage prior)"),
+                       ("ddpm_class", "ddpm run")):
+        with pytest.raises(CheckpointError, match=re.escape(f"is a {what}, not a first stage")):
+            first_stage_for(str(fixtures / name), torch.device("cpu"))

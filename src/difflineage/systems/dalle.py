@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Callable, Literal, Optional
 
 import torch
 import torch.distributed as dist
@@ -123,18 +123,23 @@ class DalleDVAE(Reconstructs, DalleSystem):
 
     def __init__(self, config: Config):
         super().__init__(config)
+        self.dvae, self.side = self.make_dvae(config)
+
+    @staticmethod
+    def make_dvae(config: Config) -> tuple[DiscreteVAE, int]:
+        """The dVAE a config describes and the side of its token grid."""
         m, d = config.model, config.data
-        self.dvae = DiscreteVAE(m.dvae, image_channels=d.channels or 1)
-        f = self.dvae.downsampling_factor
+        dvae = DiscreteVAE(m.dvae, image_channels=d.channels or 1)
+        f = dvae.downsampling_factor
         if d.image_size % f:
             raise ConfigError(f"data.image_size={d.image_size} is not divisible by the dVAE's downsampling factor {f}")
-        self.side = d.image_size // f
+        return dvae, d.image_size // f
 
     @property
     def conditioning(self) -> str:
         return "none"  # the dVAE takes no condition
 
-    def as_first_stage(self, spec: str) -> Optional[CodeStage]:
+    def as_first_stage(self, spec: str) -> CodeStage:
         """The trained dVAE as the frozen first stage of the prior (``ProvidesFirstStage``)."""
         return CodeStage(self.dvae, spec, self.config.data.channels or 1)
 
@@ -184,15 +189,26 @@ class DalleDVAE(Reconstructs, DalleSystem):
     def evaluate(self, dataset: ImageDataset, generator: Optional[torch.Generator] = None, progress: bool = True,
                  **options: Any) -> dict[str, float]:
         """Held-out reconstruction error and token usage."""
-        return reconstruction_scores(dataset, self.device, self.dvae.encode, self.dvae.decode,
-                                     codebook=self.config.model.dvae.codes)
+        return self.dvae_scores(self.dvae, self.config, dataset)
 
     def forward_passes(self):
-        d = self.config.data
-        x = torch.zeros(1, d.channels or 1, d.image_size, d.image_size, device=self.device)
-        tokens = torch.zeros(1, self.side, self.side, dtype=torch.long, device=self.device)
-        return {"dVAE encoder (one image)": lambda: self.dvae.encode(x),
-                "dVAE decoder (one image)": lambda: self.dvae.decode(tokens)}
+        return self.dvae_passes(self.dvae, self.config, self.side)
+
+    # -- what the prior stage asks of this one's network ------------------------------------------------
+
+    @staticmethod
+    def dvae_scores(dvae: DiscreteVAE, config: Config, dataset: ImageDataset) -> dict[str, float]:
+        """The dVAE's held-out reconstruction error and token usage."""
+        device = next(dvae.parameters()).device
+        return reconstruction_scores(dataset, device, dvae.encode, dvae.decode, codebook=config.model.dvae.codes)
+
+    @staticmethod
+    def dvae_passes(dvae: DiscreteVAE, config: Config, side: int) -> dict[str, Callable]:
+        """The dVAE's one-image forward passes (``info`` counts their arithmetic)."""
+        d, device = config.data, next(dvae.parameters()).device
+        x = torch.zeros(1, d.channels or 1, d.image_size, d.image_size, device=device)
+        tokens = torch.zeros(1, side, side, dtype=torch.long, device=device)
+        return {"dVAE encoder (one image)": lambda: dvae.encode(x), "dVAE decoder (one image)": lambda: dvae.decode(tokens)}
 
 
 class DalleCLIP(DalleSystem):
@@ -242,14 +258,16 @@ class DalleCLIP(DalleSystem):
                 "CLIP text encoder (one caption)": lambda: self.clip.encode_text(["a caption"])}
 
 
-class DallePrior(DalleDVAE):
-    """Stage 3: the transformer over [caption tokens, image tokens] of the frozen dVAE (``model.first_stage``),
-    with the CLIP of ``model.clip_stage`` carried for reranking (a :class:`CarriesClip`, :class:`Reranks` system)."""
+class DallePrior(DalleSystem):
+    """Stage 3: the transformer over [caption tokens, image tokens] of the frozen dVAE (``model.first_stage``, a
+    ``CodeStage`` part), with the CLIP of ``model.clip_stage`` carried for reranking (a ``FrozenPart``; a
+    :class:`CarriesClip`, :class:`Reranks` system). Composed of its parts, not derived from the dVAE stage."""
 
     variable_size_keys = ("tokenizer_json",)  # the tokenizer's JSON bytes: their length comes with the checkpoint
 
     def __init__(self, config: Config):
         super().__init__(config)
+        self.dvae, self.side = DalleDVAE.make_dvae(config)
         m = config.model
         if m.clip_stage:
             self.clip = CLIP(m.clip, image_channels=config.data.channels or 1)
@@ -269,9 +287,6 @@ class DallePrior(DalleDVAE):
 
     def frozen_parts(self) -> list[FrozenPart]:
         return [self.first_stage] + ([self.clip_part] if self.clip_part is not None else [])
-
-    def as_first_stage(self, spec: str) -> None:
-        return None  # the prior is not a first stage; its dVAE run is
 
     # -- the tokenizer lives in a buffer -------------------------------------------------------------
 
@@ -412,7 +427,7 @@ class DallePrior(DalleDVAE):
                  **options: Any) -> dict[str, float]:
         """The dVAE's scores, the held-out NLL of the image tokens given the caption in bits per token and, with a
         CLIP carried along, its retrieval accuracy and the CLIP score of real pairs."""
-        out = super().evaluate(dataset, generator, progress, **options)
+        out = DalleDVAE.dvae_scores(self.dvae, self.config, dataset)
         nll = sum(self.transformer.image_nll(self.text_tokens(self._captions(b)), self.dvae.encode(b["image"]).flatten(1)).sum().item()
                   for b in batches(dataset, self.device))
         out["prior_nll_bits_per_image_token"] = nll / len(dataset) / math.log(2)
@@ -421,7 +436,7 @@ class DallePrior(DalleDVAE):
         return out
 
     def forward_passes(self):
-        passes = super().forward_passes()
+        passes = DalleDVAE.dvae_passes(self.dvae, self.config, self.side)
         text = torch.zeros(1, self.config.model.transformer.text_length, dtype=torch.long, device=self.device)
         tokens = torch.zeros(1, self.side * self.side, dtype=torch.long, device=self.device)
         passes["transformer, whole sequence (teacher-forced)"] = lambda: self.transformer(text, tokens)

@@ -189,10 +189,10 @@ class CodeStage(FirstStage):
 
 @runtime_checkable
 class ProvidesFirstStage(Protocol):
-    """A stage system whose network can serve as a first stage (an ``autoencoder_kl`` run, a VQ-VAE autoencoder, a
-    DALL-E dVAE): ``as_first_stage`` gives it as a part, or None where this run is another stage of its system."""
+    """A stage system whose network can serve as a first stage (an ``autoencoder_kl`` run, a VQ-VAE or VQ-VAE-2
+    autoencoder, a DALL-E dVAE): ``as_first_stage`` gives it as a part. The later stages (priors) are not."""
 
-    def as_first_stage(self, spec: str) -> Optional[FirstStage]:
+    def as_first_stage(self, spec: str) -> FirstStage:
         """This run's network as a frozen first stage made from ``spec``."""
 
 

@@ -8,14 +8,16 @@
    position (``temperature``), then decodes them. The checkpoint holds the autoencoder too, so it samples alone.
 
 ``vqvae`` and ``vqvae2`` are registered by their autoencoder stage (``VQVAESystem``, ``VQVAE2System``); a config
-with ``model.stage=prior`` builds the prior stage (``VQVAEPrior``, ``VQVAE2Prior``) through ``for_config``.
+with ``model.stage=prior`` builds the prior stage (``VQVAEPrior``, ``VQVAE2Prior``) through ``for_config``. A prior
+is composed, not derived from its autoencoder stage: it holds that stage's network as a frozen ``CodeStage`` part
+and asks the stage's class for its scores and forward passes (``autoencoder_scores``, ``autoencoder_passes``).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal, Optional
+from typing import Any, Callable, ClassVar, Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -90,7 +92,7 @@ class VQVAESystem(Reconstructs, System):
     def prepare(self, dataset: Dataset, restored: bool = False) -> None:
         self.preview = spread_images(dataset, self.device)
 
-    def as_first_stage(self, spec: str) -> Optional[CodeStage]:
+    def as_first_stage(self, spec: str) -> CodeStage:
         """The trained autoencoder as the frozen first stage of a prior (``ProvidesFirstStage``)."""
         return CodeStage(self.vqvae, spec, self.config.data.channels or 1)
 
@@ -122,33 +124,55 @@ class VQVAESystem(Reconstructs, System):
     def evaluate(self, dataset: ImageDataset, generator: Optional[torch.Generator] = None, progress: bool = True,
                  **options: Any) -> dict[str, float]:
         """Held-out reconstruction error and codebook usage (perplexity, codes used)."""
-        return reconstruction_scores(dataset, self.device, self.vqvae.encode, self.vqvae.decode,
-                                     codebook=self.config.model.vq.codes)
+        return self.autoencoder_scores(self.vqvae, self.config, dataset)
 
     def forward_passes(self):
-        d = self.config.data
-        x = torch.zeros(1, d.channels or 1, d.image_size, d.image_size, device=self.device)
-        codes = torch.zeros(1, self.side, self.side, dtype=torch.long, device=self.device)
-        return {"encoder (one image)": lambda: self.vqvae.encode(x), "decoder (one image)": lambda: self.vqvae.decode(codes)}
+        return self.autoencoder_passes(self.vqvae, self.config, self.side)
+
+    # -- what the prior stage asks of this one's network ------------------------------------------------
+
+    @staticmethod
+    def autoencoder_scores(vqvae: torch.nn.Module, config: Config, dataset: ImageDataset) -> dict[str, float]:
+        """The autoencoder's held-out reconstruction error and codebook usage."""
+        device = next(vqvae.parameters()).device
+        return reconstruction_scores(dataset, device, vqvae.encode, vqvae.decode, codebook=config.model.vq.codes)
+
+    @staticmethod
+    def autoencoder_passes(vqvae: torch.nn.Module, config: Config, side: int) -> dict[str, Callable]:
+        """The autoencoder's one-image forward passes (``info`` counts their arithmetic)."""
+        d, device = config.data, next(vqvae.parameters()).device
+        x = torch.zeros(1, d.channels or 1, d.image_size, d.image_size, device=device)
+        codes = torch.zeros(1, side, side, dtype=torch.long, device=device)
+        return {"encoder (one image)": lambda: vqvae.encode(x), "decoder (one image)": lambda: vqvae.decode(codes)}
 
 
-class CodePrior:
-    """What a prior stage adds to its autoencoder stage (mixed in before it): the frozen autoencoder of
-    ``model.first_stage`` (a ``CodeStage`` part), loaded before training; the training set's code maps; class
-    labels."""
+class VQVAEPrior(System):
+    """Stage 2 of VQ-VAE: a gated PixelCNN over the code maps of the frozen autoencoder of ``model.first_stage`` (a
+    ``CodeStage`` part, loaded before training; its network is registered as ``vqvae``, as in stage 1's
+    checkpoints, so the prior's checkpoint samples alone), class-conditional with ``model.condition=class``."""
 
-    def freeze_autoencoder(self) -> None:
-        self.first_stage = CodeStage(self.vqvae, self.config.model.first_stage, self.config.data.channels or 1)
+    name = "vqvae"
+    title = "VQ-VAE"
+    ModelConfig = VQVAESystemConfig
+    SampleOptions = TemperatureOptions
+    autoencoder: ClassVar[type[VQVAESystem]] = VQVAESystem  # the stage whose network it models
 
-    def as_first_stage(self, spec: str) -> None:
-        return None  # a prior is not a first stage; its autoencoder run is
+    def __init__(self, config: Config):
+        super().__init__(config)
+        self.vqvae = self.autoencoder.make_autoencoder(config)
+        self.side = config.data.image_size // self.vqvae.downsampling_factor
+        self.first_stage = CodeStage(self.vqvae, config.model.first_stage, config.data.channels or 1)
+        self.build_prior(config.model)
 
-    def frozen_parts(self) -> list[FrozenPart]:
-        return [self.first_stage]
+    def build_prior(self, m: VQVAESystemConfig) -> None:
+        self.prior = GatedPixelCNN(m.prior, m.vq.codes, num_classes=self.num_classes)
 
     @property
     def conditioning(self) -> str:
         return self.config.model.condition
+
+    def frozen_parts(self) -> list[FrozenPart]:
+        return [self.first_stage]
 
     @classmethod
     def resolve_config(cls, config: Config) -> Config:
@@ -162,7 +186,6 @@ class CodePrior:
     def prepare(self, dataset: Dataset, restored: bool = False) -> None:
         """The autoencoder of ``model.first_stage`` loaded (a fresh run; a resumed one carries its own copy, even if
         that run has trained on since) and the training set attached to it (its code maps encoded once)."""
-        super().prepare(dataset, restored)
         path = self.config.model.first_stage
         if not restored:
             self.first_stage.load(self.stage_checkpoint(path, "first_stage", "autoencoder").part("vqvae."), path)
@@ -175,15 +198,6 @@ class CodePrior:
 
     def labels_of(self, batch: Batch) -> Optional[torch.Tensor]:
         return batch["label"] if self.uses_labels else None
-
-
-class VQVAEPrior(CodePrior, VQVAESystem):
-    """Stage 2 of VQ-VAE: a gated PixelCNN over the frozen autoencoder's code maps."""
-
-    def __init__(self, config: Config):
-        super().__init__(config)
-        self.freeze_autoencoder()
-        self.prior = GatedPixelCNN(config.model.prior, config.model.vq.codes, num_classes=self.num_classes)
 
     def loss(self, batch: Batch, step: Optional[int] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         nll = self.prior.nll(self.codes_of(batch), self.labels_of(batch))  # nats per position
@@ -205,7 +219,7 @@ class VQVAEPrior(CodePrior, VQVAESystem):
                  **options: Any) -> dict[str, float]:
         """The autoencoder's scores and the prior's held-out negative log-likelihood in bits per code and in bits
         per image dimension."""
-        out = super().evaluate(dataset, generator, progress, **options)
+        out = self.autoencoder.autoencoder_scores(self.vqvae, self.config, dataset)
         nll = sum(self.prior.nll(self.vqvae.encode(b["image"]), self.labels_of(b)).sum().item()
                   for b in batches(dataset, self.device))
         bits_per_code = nll / len(dataset) / math.log(2)
@@ -215,7 +229,7 @@ class VQVAEPrior(CodePrior, VQVAESystem):
         return out
 
     def forward_passes(self):
-        passes = super().forward_passes()
+        passes = self.autoencoder.autoencoder_passes(self.vqvae, self.config, self.side)
         codes = torch.zeros(1, self.side, self.side, dtype=torch.long, device=self.device)
         labels = torch.zeros(1, dtype=torch.long, device=self.device) if self.uses_labels else None
         passes[f"prior: one pass (of {self.side ** 2} per image)"] = lambda: self.prior(codes, labels)
@@ -261,29 +275,32 @@ class VQVAE2System(VQVAESystem):
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         return self.vqvae.decode(*self.vqvae.encode(x.to(self.device))).float().clamp(-1, 1)
 
-    @torch.no_grad()
-    def evaluate(self, dataset: ImageDataset, generator: Optional[torch.Generator] = None, progress: bool = True,
-                 **options: Any) -> dict[str, float]:
+    @staticmethod
+    def autoencoder_scores(vqvae: torch.nn.Module, config: Config, dataset: ImageDataset) -> dict[str, float]:
         """Held-out reconstruction error and codebook usage per level."""
-        return reconstruction_scores(dataset, self.device, self.vqvae.encode, lambda codes: self.vqvae.decode(*codes),
-                                     codebook=self.config.model.vq.codes, levels=("top", "bottom"))
+        device = next(vqvae.parameters()).device
+        return reconstruction_scores(dataset, device, vqvae.encode, lambda codes: vqvae.decode(*codes),
+                                     codebook=config.model.vq.codes, levels=("top", "bottom"))
 
-    def forward_passes(self):
-        d = self.config.data
-        x = torch.zeros(1, d.channels or 1, d.image_size, d.image_size, device=self.device)
-        top = torch.zeros(1, self.side // 2, self.side // 2, dtype=torch.long, device=self.device)
-        bottom = torch.zeros(1, self.side, self.side, dtype=torch.long, device=self.device)
-        return {"encoder (one image)": lambda: self.vqvae.encode(x), "decoder (one image)": lambda: self.vqvae.decode(top, bottom)}
+    @staticmethod
+    def autoencoder_passes(vqvae: torch.nn.Module, config: Config, side: int) -> dict[str, Callable]:
+        d, device = config.data, next(vqvae.parameters()).device
+        x = torch.zeros(1, d.channels or 1, d.image_size, d.image_size, device=device)
+        top = torch.zeros(1, side // 2, side // 2, dtype=torch.long, device=device)
+        bottom = torch.zeros(1, side, side, dtype=torch.long, device=device)
+        return {"encoder (one image)": lambda: vqvae.encode(x), "decoder (one image)": lambda: vqvae.decode(top, bottom)}
 
 
-class VQVAE2Prior(CodePrior, VQVAE2System):
+class VQVAE2Prior(VQVAEPrior):
     """VQ-VAE-2, stage 2: a class-conditional top PixelCNN and a bottom PixelCNN conditioned on the class and the
-    top codes (loss: the sum of their NLLs). Sampling: top codes, then bottom codes given them, then decoding."""
+    top codes (loss: the sum of their NLLs), over the frozen two-level autoencoder's codes. Sampling: top codes,
+    then bottom codes given them, then decoding."""
 
-    def __init__(self, config: Config):
-        super().__init__(config)
-        m = config.model
-        self.freeze_autoencoder()
+    name = "vqvae2"
+    title = "VQ-VAE-2"
+    autoencoder = VQVAE2System
+
+    def build_prior(self, m: VQVAESystemConfig) -> None:
         top = replace(m.prior, layers=m.top_prior_layers or m.prior.layers)
         self.prior = GatedPixelCNN(top, m.vq.codes, num_classes=self.num_classes)  # the top prior
         self.top_cond = TopCondition(m.vq.codes)
@@ -315,7 +332,7 @@ class VQVAE2Prior(CodePrior, VQVAE2System):
                  **options: Any) -> dict[str, float]:
         """The autoencoder's scores and, per level, the priors' NLL in bits per code, with the total in bits per
         image dimension."""
-        out = super().evaluate(dataset, generator, progress, **options)
+        out = self.autoencoder.autoencoder_scores(self.vqvae, self.config, dataset)
         nll = [0.0, 0.0]
         for batch in batches(dataset, self.device):
             for i, v in enumerate(self.level_nlls(*self.vqvae.encode(batch["image"]), self.labels_of(batch))):
@@ -327,6 +344,16 @@ class VQVAE2Prior(CodePrior, VQVAE2System):
         out["prior_nll_bits_per_dim"] = (bits[0] * positions[0] + bits[1] * positions[1]) / \
             ((d.channels or 1) * d.image_size ** 2)
         return out
+
+    def forward_passes(self):
+        passes = self.autoencoder.autoencoder_passes(self.vqvae, self.config, self.side)
+        top = torch.zeros(1, self.side // 2, self.side // 2, dtype=torch.long, device=self.device)
+        bottom = torch.zeros(1, self.side, self.side, dtype=torch.long, device=self.device)
+        labels = torch.zeros(1, dtype=torch.long, device=self.device) if self.uses_labels else None
+        passes[f"top prior: one pass (of {(self.side // 2) ** 2} per image)"] = lambda: self.prior(top, labels)
+        passes[f"bottom prior: one pass (of {self.side ** 2} per image)"] = \
+            lambda: self.prior_bottom(bottom, labels, self.top_cond(top))
+        return passes
 
 
 # The class that builds each stage of the two systems (System.for_config).
