@@ -146,3 +146,26 @@ def test_each_stage_of_a_staged_system_is_its_own_class():
     assert all(not p.requires_grad for p in prior.vqvae.parameters())
     assert prior.train().vqvae.training is False  # and it stays in eval mode (its quantiser statistics frozen)
     assert not fixture("vqvae_ae").uses_labels and fixture("vqvae_prior").uses_labels
+
+
+def test_each_stage_has_a_config_of_its_own_and_reads_configs_written_before():
+    """A stage's model section holds its own settings (a dVAE run's config.yaml has no transformer); a config
+    written when every stage held every setting (every earlier checkpoint) still reads, silently where the other
+    stages' settings are their defaults, with a note where one was set."""
+    from difflineage.systems import load_config
+
+    dvae = load_config("dalle-dvae-mnist")
+    written = yaml.safe_load(dvae.to_yaml())["model"]
+    assert set(written) == {"stage", "dvae"}
+    assert set(yaml.safe_load(load_config("dalle-clip-mnist").to_yaml())["model"]) == {"stage", "clip"}
+    assert {"transformer", "dvae", "clip", "first_stage"} <= set(yaml.safe_load(load_config("dalle-mnist").to_yaml())["model"])
+    assert set(yaml.safe_load(load_config("vqvae-mnist").to_yaml())["model"]) == {"stage", "vq"}
+
+    old = yaml.safe_load((FIXTURES / "dalle_dvae" / "config.yaml").read_text())
+    assert "transformer" in old["model"]  # written before each stage had its own
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert config_from_dict(old).model == config_from_dict({**old, "model": written | {"dvae": old["model"]["dvae"]}}).model
+    old["model"]["rerank"] = 4
+    with pytest.warns(FutureWarning, match="model.rerank is a setting of the prior stage, not read by this one"):
+        config_from_dict(old)

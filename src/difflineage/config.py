@@ -29,8 +29,9 @@ from difflineage.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
-# system name -> the system's model dataclass; the registry of systems (``systems.registry``) passes its own
-ModelConfigOf = Callable[[str], type]
+# (system name, its model section as written) -> the model dataclass (a system trained in stages has one per stage,
+# picked by model.stage); the registry of systems (``systems.registry``) passes its own
+ModelConfigOf = Callable[[str, dict], type]
 
 
 # --------------------------------------------------------------------------------------------
@@ -243,7 +244,8 @@ def from_dict(raw: dict, model_config: ModelConfigOf, overrides: Optional[list[s
     if "system" not in raw:
         raise ConfigError("the config names no system; add e.g. 'system: vae'")
     system = raw["system"]
-    model_cls = model_config(str(system))
+    model = raw.get("model") or {}
+    model_cls = model_config(str(system), model if isinstance(model, dict) else {})
     return Config(
         system=str(system),
         model=build(model_cls, raw.get("model") or {}, "model"),
@@ -285,7 +287,7 @@ def build(cls: type, values: dict, prefix: str):
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
-    for key, value in _without_deprecated(cls, values, prefix).items():
+    for key, value in _without_other_stages(cls, _without_deprecated(cls, values, prefix), prefix).items():
         if key not in names:
             raise ConfigError(unknown(f"key in {prefix}", f"{prefix}.{key}", [f"{prefix}.{n}" for n in names]))
         kwargs[key] = coerce(value, hints[key], f"{prefix}.{key}")
@@ -293,6 +295,36 @@ def build(cls: type, values: dict, prefix: str):
     if hasattr(obj, "check"):
         obj.check()
     return obj
+
+
+def _without_other_stages(cls: type, values: dict, prefix: str) -> dict:
+    """``values`` without the settings of the other stages of a system trained in stages (``cls.other_stages``:
+    their model dataclasses), which configs written before each stage had a config of its own still hold (every
+    such checkpoint's config.yaml): each is read as its stage reads it and left out, with a note where it is set to
+    anything but that stage's default (this stage never read it)."""
+    others = getattr(cls, "other_stages", ())
+    if not others:
+        return values
+    own = {f.name for f in dataclasses.fields(cls)}
+    out = {}
+    for key, value in values.items():
+        owner = next((o for o in others if key not in own and key in {f.name for f in dataclasses.fields(o)}), None)
+        if owner is None:
+            out[key] = value
+            continue
+        spec = next(f for f in dataclasses.fields(owner) if f.name == key)
+        default = spec.default if spec.default is not dataclasses.MISSING else spec.default_factory()
+        hint = typing.get_type_hints(owner)[key]
+        try:
+            read = build(hint, value, f"{prefix}.{key}") if dataclasses.is_dataclass(hint) else \
+                coerce(value, hint, f"{prefix}.{key}")
+        except ConfigError:
+            read = None
+        if read != default:
+            stage = next((f.default for f in dataclasses.fields(owner) if f.name == "stage"), "another")
+            warnings.warn(f"{prefix}.{key} is a setting of the {stage} stage, not read by this one; remove it from "
+                          "the config", FutureWarning, stacklevel=2)
+    return out
 
 
 def _without_deprecated(cls: type, values: dict, prefix: str) -> dict:

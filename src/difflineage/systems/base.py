@@ -130,6 +130,12 @@ class System(nn.Module, abc.ABC):
         return config
 
     @classmethod
+    def model_config_for(cls, model: dict) -> type:
+        """The model dataclass of a model section as written (``ModelConfig``; a system trained in stages has one
+        per stage, picked by ``model.stage``)."""
+        return cls.ModelConfig
+
+    @classmethod
     def for_config(cls, config: Config) -> type["System"]:
         """The class that builds this config: a system trained in stages (``model.stage``) has one per stage,
         registered under the system's one name; others are their own class."""
@@ -341,7 +347,7 @@ def read_stage(path: Union[str, Path], key: str, systems: tuple[type[System], ..
         name = raw.get("system") if isinstance(raw, dict) else None
         if name not in classes:
             raise _OtherSystem(name)
-        return from_dict(raw, lambda n: classes[n].ModelConfig)
+        return from_dict(raw, lambda n, model: classes[n].model_config_for(model))
 
     def read() -> Checkpoint:
         try:

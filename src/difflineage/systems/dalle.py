@@ -38,16 +38,36 @@ from difflineage.systems.frozen import CodeStage, FrozenPart
 from difflineage.systems.options import DalleOptions
 
 
+Stage = Literal["dvae", "clip", "prior"]
+
+
 @dataclass
-class DalleConfig:
-    """:param stage: dvae, clip or prior (see the module docstring).
-    :param first_stage: the dVAE run or checkpoint (prior stage).
-    :param clip_stage: the CLIP run or checkpoint (prior stage; optional, needed for reranking).
+class DalleDVAEConfig:
+    """The dVAE stage's model section. :param stage: dvae (this stage), clip or prior (see the module docstring)."""
+
+    stage: Stage = "dvae"
+    dvae: DVAEConfig = field(default_factory=DVAEConfig)
+
+
+@dataclass
+class DalleCLIPConfig:
+    """The CLIP stage's model section. :param stage: clip (this stage), dvae or prior."""
+
+    stage: Stage = "clip"
+    clip: CLIPConfig = field(default_factory=CLIPConfig)
+
+
+@dataclass
+class DallePriorConfig:
+    """The prior stage's model section (``dvae`` and ``clip``: the architectures of its earlier stages, read from
+    ``first_stage`` and ``clip_stage`` when training starts).
+    :param first_stage: the dVAE run or checkpoint.
+    :param clip_stage: the CLIP run or checkpoint (optional, needed for reranking).
     :param caption_dropout: share of training captions replaced by the empty caption (for guidance).
     :param temperature, top_k, top_p, guidance, rerank: sampling defaults (top_k 0 and top_p 1: no filtering;
         guidance 1: none; rerank 1: no reranking)."""
 
-    stage: Literal["dvae", "clip", "prior"] = "dvae"
+    stage: Stage = "prior"
     dvae: DVAEConfig = field(default_factory=DVAEConfig)
     clip: CLIPConfig = field(default_factory=CLIPConfig)
     transformer: DalleTransformerConfig = field(default_factory=DalleTransformerConfig)
@@ -67,13 +87,19 @@ class DalleConfig:
             raise ConfigError("model.temperature must be > 0, top_p in (0, 1], top_k >= 0 and rerank >= 1")
 
 
+# Configs written before each stage had its own hold every stage's settings: the dVAE's and the CLIP's read the
+# prior's (which holds them all) and leave them out (config.build).
+DalleDVAEConfig.other_stages = DalleCLIPConfig.other_stages = (DallePriorConfig,)
+STAGE_CONFIGS = {"dvae": DalleDVAEConfig, "clip": DalleCLIPConfig, "prior": DallePriorConfig}
+
+
 class DalleSystem(System):
     """What every DALL-E stage shares: the registered name and config, the preview images, captions from labels.
     ``for_config`` gives the stage's own class."""
 
     name = "dalle"
     title = "DALL-E"
-    ModelConfig = DalleConfig
+    ModelConfig = DalleDVAEConfig
     SampleOptions = DalleOptions
     preview_images = 32  # training images kept (not saved) for reconstruction or retrieval
 
@@ -84,6 +110,13 @@ class DalleSystem(System):
     @classmethod
     def for_config(cls, config: Config) -> type[System]:
         return {"dvae": DalleDVAE, "clip": DalleCLIP, "prior": DallePrior}[config.model.stage]
+
+    @classmethod
+    def model_config_for(cls, model: dict) -> type:
+        """Each stage's own model section, by ``model.stage`` (an unknown stage is refused by the dVAE's, which
+        names the choices)."""
+        stage = model.get("stage", "dvae")
+        return STAGE_CONFIGS.get(stage, DalleDVAEConfig) if isinstance(stage, str) else DalleDVAEConfig
 
     @property
     def conditioning(self) -> str:
@@ -214,6 +247,7 @@ class DalleDVAE(Reconstructs, DalleSystem):
 class DalleCLIP(DalleSystem):
     """Stage 2: a small CLIP trained contrastively on the image/caption pairs; ``sample`` retrieves."""
 
+    ModelConfig = DalleCLIPConfig
     preview_images = 500  # the retrieval pool
 
     def __init__(self, config: Config):
@@ -263,6 +297,7 @@ class DallePrior(DalleSystem):
     ``CodeStage`` part), with the CLIP of ``model.clip_stage`` carried for reranking (a ``FrozenPart``; a
     :class:`CarriesClip`, :class:`Reranks` system). Composed of its parts, not derived from the dVAE stage."""
 
+    ModelConfig = DallePriorConfig
     variable_size_keys = ("tokenizer_json",)  # the tokenizer's JSON bytes: their length comes with the checkpoint
 
     def __init__(self, config: Config):

@@ -38,9 +38,10 @@ def system_class(name: str) -> type[System]:
     return SYSTEMS[name]
 
 
-def model_config_class(name: str) -> type:
-    """The model dataclass of a system (``vae`` -> ``VAEConfig``)."""
-    return system_class(name).ModelConfig
+def model_config_class(name: str, model: Optional[dict] = None) -> type:
+    """The model dataclass of a system (``vae`` -> ``VAEConfig``), given its model section as written (a system
+    trained in stages has one per ``model.stage``)."""
+    return system_class(name).model_config_for(model or {})
 
 
 def config_from_dict(raw: dict, overrides: Optional[list[str]] = None) -> Config:

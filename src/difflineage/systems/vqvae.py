@@ -33,16 +33,24 @@ from difflineage.systems.options import TemperatureOptions
 
 
 @dataclass
-class VQVAESystemConfig:
-    """:param stage: autoencoder (stage 1) or prior (stage 2, over the codes of ``first_stage``).
-    :param first_stage: the stage-1 run or checkpoint directory (stage 2).
+class VQVAEAutoencoderConfig:
+    """The autoencoder stage's model section. :param stage: autoencoder (this stage: stage 1) or prior (stage 2,
+    over the codes of ``first_stage``). :param vq: the autoencoder and its quantiser."""
+
+    stage: Literal["autoencoder", "prior"] = "autoencoder"
+    vq: VQVAEConfig = field(default_factory=VQVAEConfig)
+
+
+@dataclass
+class VQVAEPriorConfig(VQVAEAutoencoderConfig):
+    """The prior stage's model section (``vq``: the autoencoder's, read from ``first_stage`` when training starts).
+    :param first_stage: the stage-1 run or checkpoint directory.
     :param condition: class (the prior is class-conditional) or none.
     :param temperature: default sampling temperature of the prior.
     :param top_prior_layers: VQ-VAE-2: gated layers of the top prior (0: as ``prior.layers``); the paper's top
         prior is the deeper one, since the top codes carry the global layout."""
 
-    stage: Literal["autoencoder", "prior"] = "autoencoder"
-    vq: VQVAEConfig = field(default_factory=VQVAEConfig)
+    stage: Literal["autoencoder", "prior"] = "prior"
     prior: PixelCNNConfig = field(default_factory=PixelCNNConfig)
     first_stage: str = ""
     condition: Literal["none", "class"] = "class"
@@ -56,12 +64,24 @@ class VQVAESystemConfig:
             raise ConfigError(f"model.temperature={self.temperature} must be positive")
 
 
+# Configs written before each stage had its own hold every stage's settings: the autoencoder's reads the prior's
+# and leaves them out (config.build).
+VQVAEAutoencoderConfig.other_stages = (VQVAEPriorConfig,)
+VQVAEPriorConfig.other_stages = ()
+
+
+def vq_model_config(model: dict) -> type:
+    """The model dataclass of a VQ-VAE or VQ-VAE-2 stage, by ``model.stage`` (an unknown stage is refused by the
+    autoencoder's, which names the choices)."""
+    return VQVAEPriorConfig if model.get("stage") == "prior" else VQVAEAutoencoderConfig
+
+
 class VQVAESystem(Reconstructs, System):
     """Stage 1 of VQ-VAE: the autoencoder (see the module docstring)."""
 
     name = "vqvae"
     title = "VQ-VAE"
-    ModelConfig = VQVAESystemConfig
+    ModelConfig = VQVAEAutoencoderConfig
     SampleOptions = TemperatureOptions
     no_prior = "a VQ-VAE autoencoder reconstructs rather than samples: train the prior stage (model.stage=prior) " \
                "to draw new images"
@@ -75,6 +95,10 @@ class VQVAESystem(Reconstructs, System):
     @classmethod
     def for_config(cls, config: Config) -> type[System]:
         return STAGES[cls.name][config.model.stage]
+
+    @classmethod
+    def model_config_for(cls, model: dict) -> type:
+        return vq_model_config(model)
 
     @staticmethod
     def make_autoencoder(config: Config) -> torch.nn.Module:
@@ -153,7 +177,7 @@ class VQVAEPrior(System):
 
     name = "vqvae"
     title = "VQ-VAE"
-    ModelConfig = VQVAESystemConfig
+    ModelConfig = VQVAEPriorConfig
     SampleOptions = TemperatureOptions
     autoencoder: ClassVar[type[VQVAESystem]] = VQVAESystem  # the stage whose network it models
 
@@ -164,7 +188,11 @@ class VQVAEPrior(System):
         self.first_stage = CodeStage(self.vqvae, config.model.first_stage, config.data.channels or 1)
         self.build_prior(config.model)
 
-    def build_prior(self, m: VQVAESystemConfig) -> None:
+    @classmethod
+    def model_config_for(cls, model: dict) -> type:
+        return vq_model_config(model)
+
+    def build_prior(self, m: VQVAEPriorConfig) -> None:
         self.prior = GatedPixelCNN(m.prior, m.vq.codes, num_classes=self.num_classes)
 
     @property
@@ -300,7 +328,7 @@ class VQVAE2Prior(VQVAEPrior):
     title = "VQ-VAE-2"
     autoencoder = VQVAE2System
 
-    def build_prior(self, m: VQVAESystemConfig) -> None:
+    def build_prior(self, m: VQVAEPriorConfig) -> None:
         top = replace(m.prior, layers=m.top_prior_layers or m.prior.layers)
         self.prior = GatedPixelCNN(top, m.vq.codes, num_classes=self.num_classes)  # the top prior
         self.top_cond = TopCondition(m.vq.codes)
