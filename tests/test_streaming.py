@@ -209,3 +209,60 @@ def test_parquet_shards_in_the_hugging_face_imagenet_schema(tmp_path, monkeypatc
     with pytest.raises(DataError, match="has no validation-\\*.parquet"):
         (tmp_path / "data" / "validation-00000-of-00001.parquet").unlink()
         load_dataset(cfg, "heldout")
+
+
+def _every_mode(folder):
+    """One 8x8 file per mode, in one class folder of ten (the held-out split takes the tenth), each a known value:
+    16-bit grey 25700 (= 100 in 8 bits), transparent and half-transparent pixels (composited on white)."""
+    c = folder / "c0"
+    c.mkdir(parents=True)
+    wide = np.full((8, 8), 25700, np.uint16)
+    wide[0, 0] = 65535
+    Image.fromarray(wide).save(c / "a_i16.png")  # mode I;16
+    la = np.zeros((8, 8, 2), np.uint8)
+    la[..., 0], la[..., 1] = 10, 255
+    la[0, 0] = (10, 0)  # transparent: white
+    Image.fromarray(la, "LA").save(c / "b_la.png")
+    rgba = Image.new("RGBA", (8, 8), (200, 0, 0, 255))
+    rgba.putpixel((0, 0), (200, 0, 0, 0))
+    rgba.save(c / "c_rgba.png")
+    Image.fromarray(np.array(rgba)).save(c / "d_rgba_from_array.png")
+    p = Image.new("P", (8, 8), 1)
+    p.putpalette([0, 0, 255, 0, 200, 0])
+    p.putpixel((0, 0), 0)
+    p.save(c / "e_p.png", transparency=0)  # palette index 0 transparent
+    for i in range(5):
+        Image.new("L", (8, 8), 50).save(c / f"f_{i}.png")
+    return folder
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_every_image_mode_decodes_to_its_8_bit_values_in_memory_and_streamed(tmp_path, stream):
+    folder = _every_mode(tmp_path / "modes")
+    d = load_dataset(DataConfig(source=f"folder:{folder}", image_size=8, channels=3, stream=stream, resize="pad"), "train")
+    x = d.batch(range(len(d)))["image"]
+    px = ((x + 1) * 127.5).round().to(torch.int64)  # back to 0..255
+    wide, la, rgba, rgba2, pal = (px[i] for i in range(5))  # the files in name order
+    assert wide[0, 1, 1] == 100 and wide[0, 0, 0] == 255  # 16-bit scaled to 8 bits (was clipped: solid 255)
+    assert la[:, 1, 1].tolist() == [10, 10, 10] and la[:, 0, 0].tolist() == [255, 255, 255]
+    for image in (rgba, rgba2):
+        assert image[:, 1, 1].tolist() == [200, 0, 0] and image[:, 0, 0].tolist() == [255, 255, 255]
+    assert pal[:, 1, 1].tolist() == [0, 200, 0] and pal[:, 0, 0].tolist() == [255, 255, 255]
+    grey = load_dataset(DataConfig(source=f"folder:{folder}", image_size=8, channels=1, stream=stream,
+                                   resize="pad"), "train")
+    g = ((grey.batch([0])["image"] + 1) * 127.5).round()
+    assert g[0, 0, 1, 1] == 100 and g.shape[1] == 1
+
+
+def test_a_streamed_folder_takes_its_channels_from_every_file_as_the_in_memory_one(tmp_path):
+    folder = _rgb_folder(tmp_path / "f")
+    grey = sorted((folder / "c1").glob("*.png"))[3]
+    Image.open(grey).convert("L").save(grey)  # one grey file among colour ones
+    for stream in (False, True):
+        with pytest.raises(DataError, match="mixes channel counts"):
+            load_dataset(DataConfig(source=f"folder:{folder}", image_size=8, channels=None, stream=stream), "train")
+        fixed = load_dataset(DataConfig(source=f"folder:{folder}", image_size=8, channels=3, stream=stream), "train")
+        assert fixed.shape[0] == 3
+    Image.open(grey).convert("RGB").save(grey)
+    assert load_dataset(DataConfig(source=f"folder:{folder}", image_size=8, channels=None, stream=True),
+                        "train").shape[0] == 3

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from difflineage.data.augment import adm_center_crop, flips
+from difflineage.data.decode import decoded
 from difflineage.errors import DataError
 
 
@@ -205,13 +206,12 @@ class ImageFiles:
         path = self.files[index]
         try:
             with Image.open(path) as im:
-                im = im.convert("RGB" if self.channels == 3 else "L")
-                arr = adm_center_crop(im, self.image_size)
+                arr = adm_center_crop(decoded(im, self.channels), self.image_size)
         except Exception as exc:  # UnidentifiedImageError, OSError (truncated), DecompressionBombError, ...
             raise DataError(f"{path} could not be decoded as an image ({type(exc).__name__}: {exc}); repair or remove "
                             "it (difflineage does not drop files silently)") from None
         arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
-        return torch.from_numpy(np.ascontiguousarray(arr))
+        return torch.from_numpy(np.array(arr))  # a writable copy (the crop of a PIL image is a read-only view)
 
     def caption_of(self, index: int) -> Optional[str]:
         if self.captions is not None:

@@ -20,6 +20,7 @@ import torch
 
 from difflineage.data.augment import adm_center_crop
 from difflineage.data.dataset import ImageFiles
+from difflineage.data.decode import decoded
 from difflineage.errors import DataError
 
 SPLIT_PREFIX = {"train": "train", "heldout": "validation"}
@@ -94,13 +95,13 @@ class ParquetImages(ImageFiles):
         try:
             cell = self.table[row]["image"]
             with Image.open(io.BytesIO(cell["bytes"])) as im:
-                im = im.convert("RGB" if self.channels == 3 else "L")
+                im = decoded(im, self.channels)
                 arr = adm_center_crop(im, self.image_size)
         except Exception as exc:
             raise DataError(f"{self.name}: row {row} (of {', '.join(self.shard_names[:2])}{' ...' if len(self.shard_names) > 2 else ''}) "
                             f"could not be decoded as an image ({type(exc).__name__}: {exc})") from None
         arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
-        return torch.from_numpy(np.ascontiguousarray(arr))
+        return torch.from_numpy(np.array(arr))  # a writable copy (the crop of a PIL image is a read-only view)
 
     def subset(self, indices) -> "ParquetImages":
         idx = np.asarray(torch.as_tensor(indices, dtype=torch.long).tolist(), dtype=np.int64)

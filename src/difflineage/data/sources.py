@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from difflineage.config import DataConfig
+from difflineage.data.decode import natural_channels, pixels
 from difflineage.data.dataset import DataError, ImageDataset, ImageFiles, fit_size
 
 SPLITS = ("train", "heldout")
@@ -123,12 +124,7 @@ def _streamed(cfg: DataConfig, split: str) -> ImageFiles:
         names = tuple(d.name for d in subdirs) if labelled else None
         captions = _read_captions(root, [p for p, _ in pairs])
     names = tuple(cfg.class_names) if cfg.class_names is not None else names
-    channels = cfg.channels
-    if channels is None:
-        from PIL import Image
-
-        with Image.open(files[0]) as im:
-            channels = 1 if im.mode in ("L", "1", "I;16", "I") else 3
+    channels = cfg.channels or _channels_of(root, files)
     return ImageFiles(files=files, labels=None if labels is None else np.asarray(labels, dtype=np.int64),
                       image_size=cfg.image_size, channels=channels, class_names=names,
                       class_captions=[cfg.caption(n) for n in names] if names is not None and captions is None else None,
@@ -218,6 +214,31 @@ def check_source(cfg: DataConfig) -> None:
             _mnist_idx(Path(source.split(":", 1)[1]).expanduser(), split)
 
 
+def _channels_of(root: Path, files: list[str]) -> int:
+    """The channel count of a set streamed from disk with ``data.channels`` unset, from every file's header (as the
+    in-memory folder decides it from every image): a mix of grey and colour files is refused by name."""
+    from PIL import Image
+
+    seen: dict[int, str] = {}
+    for path in files:
+        try:
+            with Image.open(path) as im:
+                seen.setdefault(natural_channels(im.mode), path)
+        except Exception as exc:  # UnidentifiedImageError, OSError, ...
+            raise DataError(f"{path} could not be read as an image ({type(exc).__name__}: {exc}); repair or remove "
+                            "it (difflineage does not drop files silently)") from None
+        _refuse_mixed_channels(root, seen)
+    return next(iter(seen), 3)
+
+
+def _refuse_mixed_channels(root: Path, seen: dict[int, object]) -> None:
+    """Refuse a folder whose images (``seen``: channel count -> an example file) are grey and colour at once."""
+    if len(seen) > 1:
+        examples = ", ".join(f"{c} channel(s): {p}" for c, p in sorted(seen.items()))
+        raise DataError(f"dataset folder '{root}' mixes channel counts ({examples}); set data.channels=1 or "
+                        "data.channels=3 to convert every image to one")
+
+
 def _unreadable_headers(paths: list[Path], progress: bool = False) -> list[tuple[Path, str]]:
     from PIL import Image
     from tqdm.auto import tqdm
@@ -283,36 +304,20 @@ def _folder(root: Path, split: str, channels: Optional[int], image_size: int, re
         try:
             with Image.open(path) as im:
                 im.load()
-                arrays.append(fit_size(torch.from_numpy(_pil_to_array(im, channels))[None], image_size, resize))
+                arrays.append(fit_size(torch.from_numpy(pixels(im, channels))[None], image_size, resize))
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
             bad.append(f"{path} ({type(exc).__name__}: {exc})")
     if bad:
         raise DataError(_bad_files_message(root, bad))
-    counts = {}
+    counts: dict[int, Path] = {}
     for (path, _), a in zip(files, arrays):
         counts.setdefault(a.shape[1], path)
-    if len(counts) > 1:
-        examples = ", ".join(f"{c} channel(s): {p}" for c, p in sorted(counts.items()))
-        raise DataError(f"dataset folder '{root}' mixes channel counts ({examples}); set data.channels=1 or "
-                        "data.channels=3 to convert every image to one")
+    _refuse_mixed_channels(root, counts)
     images = torch.cat(arrays)
     labels = torch.tensor([lab for _, lab in files], dtype=torch.long) if labelled else None
     names = tuple(d.name for d in subdirs) if labelled else None
     captions = _read_captions(root, [p for p, _ in files])
     return images, labels, names, captions
-
-
-def _pil_to_array(im, channels: Optional[int]) -> np.ndarray:
-    if channels == 1:
-        im = im.convert("L")
-    elif channels == 3:
-        im = im.convert("RGB")
-    elif im.mode not in ("L", "RGB"):
-        im = im.convert("RGBA" if "A" in im.mode else "RGB") if im.mode != "P" else im.convert("RGB")
-        if im.mode == "RGBA":
-            im = im.convert("RGB")
-    a = np.array(im, dtype=np.uint8)  # a writable copy
-    return a[None] if a.ndim == 2 else a.transpose(2, 0, 1).copy()
 
 
 def _read_captions(root: Path, files: list[Path]) -> Optional[list[str]]:
