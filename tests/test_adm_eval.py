@@ -90,14 +90,28 @@ def test_a_reference_batch_crops_as_the_training_run_is_told_to(tmp_path):
     from difflineage.data.augment import adm_center_crop
 
     rng = np.random.default_rng(0)
-    for i in range(20):  # wide images: the in-memory resize and ADM's centre crop cut them differently
+    for i in range(40):  # wide images: the in-memory resize and ADM's centre crop cut them differently
         Image.fromarray(rng.integers(0, 256, (24, 40, 3), dtype=np.uint8)).save(tmp_path / f"{i:02d}.png")
     random_fid_inception(seed=0, path=tmp_path / "w.safetensors")
-    common = ["reference", "--data", f"folder:{tmp_path}", "--image-size", "16", "--n", "2", "--no-progress",
-              "--inception-weights", str(tmp_path / "w.safetensors")]
+    common = ["reference", "--data", f"folder:{tmp_path}", "--image-size", "16", "--n", "4", "--no-progress",
+              "--inception-weights", str(tmp_path / "w.safetensors")]  # 4: the fewest a reference batch may hold
     assert main([*common, "--out", str(tmp_path / "streamed.npz"), "--set", "data.stream=true"]) == 0
     assert main([*common, "--out", str(tmp_path / "memory.npz")]) == 0
-    with Image.open(tmp_path / "09.png") as a, Image.open(tmp_path / "19.png") as b:  # the held-out files
-        want = np.stack([adm_center_crop(a, 16), adm_center_crop(b, 16)])
+    held_out = []
+    for name in ("09", "19", "29", "39"):  # the held-out files
+        with Image.open(tmp_path / f"{name}.png") as im:
+            held_out.append(adm_center_crop(im, 16))
+    want = np.stack(held_out)
     with np.load(tmp_path / "streamed.npz") as streamed, np.load(tmp_path / "memory.npz") as memory:
         assert np.array_equal(streamed["arr_0"], want) and not np.array_equal(memory["arr_0"], want)
+
+
+@pytest.mark.parametrize("n", [0, 1, 3])
+def test_too_few_images_are_refused_in_one_line_before_any_feature_is_computed(net, tmp_path, n):
+    ref = adm.write_reference(tmp_path / "ref.npz", _images(8, 1), net, progress=False)
+    np.savez(tmp_path / "few.npz", arr_0=_images(8, 2)[:n])
+    with pytest.raises(DataError, match=rf"few.npz holds {n} image\(s\); scoring needs at least 4"):
+        adm.score(tmp_path / "few.npz", ref, net, progress=False)
+    with pytest.raises(DataError, match=rf"holds {n} image\(s\); scoring needs at least 4"):
+        adm.write_reference(tmp_path / "small_ref.npz", _images(8, 1)[:n], net, progress=False)
+    assert adm.score(tmp_path / "ref.npz", ref, net, progress=False)["samples"] == 8  # four or more: scored

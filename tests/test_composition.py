@@ -169,3 +169,11 @@ def test_each_stage_has_a_config_of_its_own_and_reads_configs_written_before():
     old["model"]["rerank"] = 4
     with pytest.warns(FutureWarning, match="model.rerank is a setting of the prior stage, not read by this one"):
         config_from_dict(old)
+
+
+def test_evaluate_refuses_too_few_samples_before_sampling(capsys):
+    from difflineage.cli import main
+
+    assert main(["evaluate", str(FIXTURES / "vae"), "--n", "3", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--n 3: the sample set holds 3 image(s); scoring needs at least 4" in err[0]

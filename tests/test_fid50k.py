@@ -108,3 +108,17 @@ def test_sample_and_evaluate_write_npz_files_that_score_reads(run, tmp_path):
     assert adm.check_npz(tmp_path / "s.npz") == (4, 8, 8, 3)  # gray samples in ADM's RGB layout
     with np.load(tmp_path / "s.npz") as obj:
         assert obj["arr_1"].tolist() == [3, 3, 3, 3]  # and their labels, as guided-diffusion's sampler writes them
+
+
+def test_a_damaged_part_is_named_with_what_to_do(run, tmp_path):
+    """One bit flipped in a part's pixels: the merge names that part (the zip's CRC catches it) instead of a raw
+    BadZipFile."""
+    system = difflineage.load(run)
+    folder = tmp_path / "s.npz.parts"
+    sample_shards(system, folder, 6, batch_size=3, seed=1, options={"steps": 2}, checkpoint=run, progress=False)
+    part = folder / "batch-000001.npz"
+    raw = bytearray(part.read_bytes())
+    raw[raw.index(b"NUMPY") + 140] ^= 0x01  # a pixel of arr_0, past its header
+    part.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match=rf"{part} .*CRC.*delete it and run the same command again"):
+        merge_shards(folder, tmp_path / "s.npz", 6, 3)

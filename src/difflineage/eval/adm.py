@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
@@ -31,7 +32,13 @@ from tqdm.auto import tqdm
 
 from difflineage.errors import DataError
 from difflineage.eval.inception import FIDInceptionV3
-from difflineage.eval.metrics import gaussian_frechet_distance, inception_score, precision_recall, statistics
+from difflineage.eval.metrics import (
+    check_enough,
+    gaussian_frechet_distance,
+    inception_score,
+    precision_recall,
+    statistics,
+)
 
 REFERENCE_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
 SPATIAL_CHANNELS = 7
@@ -78,18 +85,22 @@ def check_npz(path: Path) -> tuple[int, int, int, int]:
 
 def batches_of(path: Path, batch: int) -> Iterator[np.ndarray]:
     """``arr_0`` in batches of ``batch`` images, read from the file as it goes (as the evaluator reads it), so a
-    50,000-image batch never sits in memory whole."""
-    with zipfile.ZipFile(path) as zf:
-        fh, shape, dtype = _open_array(zf, Path(path))
-        with fh:
-            per_image = int(np.prod(shape[1:])) * dtype.itemsize
-            for s in range(0, shape[0], batch):
-                m = min(batch, shape[0] - s)
-                raw = fh.read(m * per_image)
-                if len(raw) != m * per_image:
-                    raise DataError(f"{path} ends after {s + len(raw) // per_image} of its {shape[0]} images: the file "
-                                    "is truncated; write it again")
-                yield np.frombuffer(bytearray(raw), dtype=dtype).reshape(m, *shape[1:])
+    50,000-image batch never sits in memory whole. A damaged file (a failed checksum, a cut-off stream) is refused
+    by name."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            fh, shape, dtype = _open_array(zf, Path(path))
+            with fh:
+                per_image = int(np.prod(shape[1:])) * dtype.itemsize
+                for s in range(0, shape[0], batch):
+                    m = min(batch, shape[0] - s)
+                    raw = fh.read(m * per_image)
+                    if len(raw) != m * per_image:
+                        raise DataError(f"{path} ends after {s + len(raw) // per_image} of its {shape[0]} images: the "
+                                        "file is truncated; write it again")
+                    yield np.frombuffer(bytearray(raw), dtype=dtype).reshape(m, *shape[1:])
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as exc:
+        raise DataError(f"{path} is damaged ({type(exc).__name__}: {exc}); write it again") from None
 
 
 def write_npz(path: Path, shape: tuple[int, ...], chunks: Iterable[np.ndarray],
@@ -188,6 +199,9 @@ def reference_from_npz(path: Path, images: Path, net: FIDInceptionV3, statistics
                        device: str | torch.device = "cpu", progress: bool = True, batch: int = 64) -> Path:
     """A reference batch at ``path`` from the images of the npz ``images`` (ADM layout), with the statistics of
     ``statistics_of`` (default: the same images); the images are streamed, never whole in memory."""
+    check_enough(check_npz(images)[0], f"the images for the reference batch ({images})")
+    if statistics_of is not None:
+        check_enough(check_npz(statistics_of)[0], f"the images for the reference statistics ({statistics_of})")
     source = activations(net, statistics_of or images, batch, device, progress)
     mu, sigma = statistics(source.pool)
     mu_s, sigma_s = statistics(source.spatial)
@@ -201,6 +215,8 @@ def score(samples: Path, reference: Path, net: FIDInceptionV3, device: str | tor
     """FID, sFID, Inception Score and precision/recall of ``samples`` against ``reference``, the evaluator's way."""
     stats = read_reference(reference)
     ref_shape, sample_shape = check_npz(reference), check_npz(samples)
+    check_enough(sample_shape[0], f"the sample batch {samples}")
+    check_enough(ref_shape[0], f"the reference batch {reference}")
     if ref_shape[1:] != sample_shape[1:]:
         raise DataError(f"samples are {sample_shape[1]}x{sample_shape[2]} but the reference batch is "
                         f"{ref_shape[1]}x{ref_shape[2]}; score against the reference of the samples' resolution")

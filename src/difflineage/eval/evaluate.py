@@ -22,7 +22,13 @@ from difflineage.data import ImageDataset, load_dataset
 from difflineage.eval.adm import as_rgb
 from difflineage.eval.clip_score import clip_scores, find_clip
 from difflineage.eval.features import FeatureNetwork, feature_network
-from difflineage.eval.metrics import frechet_distance, inception_score, kernel_inception_distance, precision_recall
+from difflineage.eval.metrics import (
+    check_enough,
+    frechet_distance,
+    inception_score,
+    kernel_inception_distance,
+    precision_recall,
+)
 from difflineage.eval.sampling import generate, recorded_options, to_unit
 from difflineage.machine import machine_description
 
@@ -94,6 +100,8 @@ def evaluate_system(system, split: str = "heldout", n: int = 1000, features: str
     ``system.evaluate`` (the VAE's ``k``). ``checkpoint``: where the system came from, recorded in the result.
     """
     cfg = system.config
+    if n > 0:
+        check_enough(n, f"--n {n}: the sample set")  # before any time is spent sampling
     start = time.perf_counter()
     result: dict[str, Any] = {"system": cfg.system, "checkpoint": str(checkpoint or ""),
                               "data": cfg.data.source, "split": split, "seed": seed}

@@ -122,6 +122,19 @@ def _squared_distances(u: torch.Tensor, v: torch.Tensor, dtype: torch.dtype) -> 
     return dist(u.to(dtype), v.to(dtype))
 
 
+# The fewest images a set needs to be scored at all: precision/recall's k = 3 nearest neighbours need k + 1 per set
+# (and a covariance 2). A number from so few means little: the papers score 50,000 samples against 10,000 images.
+MIN_IMAGES = 4
+
+
+def check_enough(count: int, what: str) -> None:
+    """Refuse, in one line, a set of ``count`` images (``what`` names it) too small to be scored."""
+    if count < MIN_IMAGES:
+        raise DataError(f"{what} holds {count} image(s); scoring needs at least {MIN_IMAGES} per set (precision/"
+                        f"recall's {MIN_IMAGES - 1} nearest neighbours), and thousands for a number that means "
+                        "something: give more")
+
+
 def precision_recall(real: np.ndarray | torch.Tensor, fake: np.ndarray | torch.Tensor, k: int = 3,
                      dtype: torch.dtype = torch.float16, chunk: int = 10000) -> tuple[float, float]:
     """Improved precision and recall.

@@ -22,6 +22,8 @@ import hashlib
 import json
 import math
 import os
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any, Optional
 
@@ -218,6 +220,22 @@ def sample_shards(system, folder: Path, n: int, batch_size: int = 250, seed: int
     return len(mine)
 
 
+REDRAW = "delete it and run the same command again to draw that batch again"
+
+
+def _read_part(part: Path) -> tuple[tuple[int, ...], np.ndarray]:
+    """A part's image shape (from its header) and labels (``arr_1``); a damaged part refused by name, with what to
+    do."""
+    try:
+        shape = check_npz(part)
+        with np.load(part) as obj:
+            return shape, np.asarray(obj["arr_1"])
+    except DataError as exc:
+        raise DataError(f"{exc}: {REDRAW}") from None
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, KeyError, ValueError) as exc:
+        raise DataError(f"{part} is damaged ({type(exc).__name__}: {exc}): {REDRAW}") from None
+
+
 def merge_shards(folder: Path, npz: Path, n: int, batch_size: int) -> Path:
     """Stream the parts in ``folder`` into ``npz`` (ADM's layout, labels in ``arr_1``); refuses a missing or
     mis-sized part by name."""
@@ -228,16 +246,19 @@ def merge_shards(folder: Path, npz: Path, n: int, batch_size: int) -> Path:
     if missing:
         raise DataError(f"{folder} lacks {len(missing)} of its {total} batches ({', '.join(missing[:3])}"
                         f"{', ...' if len(missing) > 3 else ''}): run the same command again to draw them")
-    shapes = [check_npz(p) for p in parts]
+    shapes, labels = zip(*[_read_part(p) for p in parts])
     sizes = [s[0] for s in shapes]
     if sum(sizes) != n or len({s[1:] for s in shapes}) != 1:
         raise DataError(f"the batches in {folder} hold {sum(sizes)} images of sizes {sorted({s[1:] for s in shapes})}, "
                         f"not {n} of one size; delete {folder} and draw them again")
-    labels = np.concatenate([np.load(p)["arr_1"] for p in parts])
+    labels = np.concatenate(labels)
 
     def chunks():
         for p in parts:
-            yield from batches_of(p, batch_size)
+            try:
+                yield from batches_of(p, batch_size)
+            except DataError as exc:  # a damaged part: drawn again by the same command once it is gone
+                raise DataError(f"{exc}: {REDRAW}") from None
 
     write_npz(npz, (n, *shapes[0][1:]), chunks(), extra={"arr_1": labels} if (labels >= 0).all() else None)
     return Path(npz)
