@@ -2,6 +2,7 @@
 user's words, sampling a DiT and a DyDiT beside its base with counted FLOPs, the DyDiT pictures of one sample, the
 family's controls on every system's tiny fixture, and bad requests as messages."""
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -239,3 +240,26 @@ def test_the_demos_own_image_folder_is_removed_and_a_given_one_kept(tmp_path):
     given.out_root.mkdir()
     given.close()
     assert given.out_root.is_dir()
+
+
+def test_the_run_box_loads_only_the_runs_it_was_started_with_and_never_echoes_a_file(runs, tmp_path, capsys):
+    demo = Demo([runs / "dit"])
+    assert demo.run(str(runs / "dit")).system.config.system == "dit"
+    assert demo.run(str(latest_checkpoint(runs / "dit"))).system is not None  # beneath a run it serves
+    with pytest.raises(DemoError, match="is not a run this demo serves, nor beneath one.*--any-run"):
+        demo.run(str(runs / "dydit"))
+    with pytest.raises(DemoError, match="is not a run this demo serves"):
+        demo.run(str(runs / "dit" / ".." / "dydit"))  # a path that only looks beneath it
+    # a run whose config.yaml cannot be read: the page names the run and the kind of error, the log says why
+    broken = tmp_path / "broken"
+    shutil.copytree(latest_checkpoint(runs / "dit"), broken / "checkpoints" / "step_0000001")
+    secret = "system: dit\nmodel: {a: [1, 2\n# a line only the server may show\n"
+    (broken / "checkpoints" / "step_0000001" / "config.yaml").write_text(secret)
+    (broken / "checkpoints" / "step_0000001" / "checksums.sha256").unlink()  # so that the YAML itself is read
+    opened = Demo([runs / "dit"], any_run=True)
+    assert opened.run(str(runs / "dydit")).system.config.system == "dydit"
+    with pytest.raises(DemoError) as info:
+        opened.run(str(broken))
+    assert "could not be loaded (CheckpointError)" in str(info.value)
+    assert "a line only the server may show" not in str(info.value) and "model:" not in str(info.value)
+    assert "config.yaml" in capsys.readouterr().err

@@ -202,8 +202,10 @@ def test_bad_requests_are_messages_and_the_page_keeps_serving(browser, server, r
     page.type_into("class", "a handwritten digit seven")
     page.page.click("#generate")
     expect(page.page.locator("#status")).to_contain_text("reads as a caption, but this run (dit) is class-conditional")
-    page.type_into("run", str(tmp_path))
+    page.type_into("run", str(Path(runs["dit"]) / "samples"))  # beneath a run it serves, but not a run
     expect(page.page.locator("#status")).to_contain_text("is not a checkpoint or run directory")
+    page.type_into("run", str(tmp_path))  # a folder it was not started with
+    expect(page.page.locator("#status")).to_contain_text("is not a run this demo serves")
     assert "Traceback" not in page.page.inner_text("body")
     page.choose("run", runs["dit"])  # and it still serves
     expect(page.page.locator("#status")).to_have_text("")

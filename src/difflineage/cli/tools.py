@@ -70,6 +70,9 @@ def add_parsers(sub) -> None:
     w.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine only)")
     w.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     w.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    w.add_argument("--any-run", action="store_true",
+                   help="let the page's run box load any path on this machine (default: only the runs given, or "
+                        "found under --runs-dir, and what lies beneath them)")
     w.set_defaults(func=cmd_demo)
 
 
@@ -164,7 +167,8 @@ def cmd_demo(args) -> int:
     print(f"serving the demo of {len(runs)} run{'s' if len(runs) > 1 else ''} on http://{args.host}:{args.port} "
           "(Ctrl-C stops it)", flush=True)
     try:
-        serve(runs, host=args.host, port=args.port, device=args.device)
+        serve(runs, host=args.host, port=args.port, device=args.device,
+              roots=list(args.runs) or [args.runs_dir], any_run=args.any_run)
     except DemoError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -34,8 +34,13 @@ class Demo:
     """The page's state across requests: the loaded runs, the recent results (for downloads and inspection), one
     lock so that only one request uses the models at a time, and the folder the images are written into."""
 
-    def __init__(self, runs: list[Path], device: str = "cpu", out_root: Optional[Path] = None):
+    def __init__(self, runs: list[Path], device: str = "cpu", out_root: Optional[Path] = None,
+                 roots: Optional[list[Path]] = None, any_run: bool = False):
         self.runs = [Path(r) for r in runs]
+        # what the run box may load: the runs it was started with (or the folder they were found in) and what lies
+        # beneath them; any path only when started with any_run (--any-run)
+        self.roots = [Path(r).resolve() for r in (self.runs if roots is None else roots)]
+        self.any_run = any_run
         self.device = device
         self.owns_out_root = out_root is None  # a temp folder of its own is removed at exit; a given one is kept
         self.out_root = Path(out_root or tempfile.mkdtemp(prefix="difflineage-demo-"))
@@ -51,6 +56,10 @@ class Demo:
             raise DemoError("choose a run (a directory under runs/, or type the path of one)")
         key = str(Path(path))
         if key not in self.loaded:
+            resolved = Path(path).expanduser().resolve()
+            if not self.any_run and not any(resolved.is_relative_to(root) for root in self.roots):
+                raise DemoError(f"{path} is not a run this demo serves, nor beneath one; start the demo with it "
+                                "(difflineage demo RUN ...), or with --any-run to load any path typed here")
             self.loaded[key] = DemoRun(Path(path), self.device)
         return self.loaded[key]
 
@@ -257,17 +266,18 @@ def build_app(demo: Demo):
 
 
 def serve(runs: list[Path], host: str = "127.0.0.1", port: int = 7860, device: str = "cpu",
-          block: bool = True):
-    """Start the page on http://HOST:PORT for ``runs`` (the first is shown first). Offline: no analytics, no share
-    link, no fonts or scripts from elsewhere. Returns the Gradio app (with ``block=False``, for tests and the
-    benchmark, which then call ``app.close()``)."""
+          block: bool = True, roots: Optional[list[Path]] = None, any_run: bool = False):
+    """Start the page on http://HOST:PORT for ``runs`` (the first is shown first); its run box loads those runs and
+    what lies beneath them or beneath ``roots`` (any path with ``any_run``). Offline: no analytics, no share link,
+    no fonts or scripts from elsewhere. Returns the Gradio app (with ``block=False``, for tests and the benchmark,
+    which then call ``app.close()``)."""
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         import gradio  # noqa: F401
     except ImportError:
         raise DemoError('the demo needs Gradio: pip install -e ".[demo]" (or make demo)') from None
-    demo = Demo(runs, device=device)
+    demo = Demo(runs, device=device, roots=roots, any_run=any_run)
     app = build_app(demo)
     app.queue(default_concurrency_limit=1)
     app.launch(server_name=host, server_port=port, share=False, inbrowser=False, prevent_thread_lock=not block,

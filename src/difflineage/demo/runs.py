@@ -2,6 +2,7 @@
 the controls its family takes) and a request in the page's words (``Request``) turned into sampling arguments,
 every bad one a ``DemoError`` that says what to give instead."""
 
+import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
@@ -111,7 +112,10 @@ class DemoRun:
         try:
             system = load(self.checkpoint, device=device)
         except (CheckpointError, ConfigError, DataError) as exc:
-            raise DemoError(f"{self.path} could not be loaded: {exc}") from None
+            # the reason goes to the server's log only: it may quote the run's files (a line of its config.yaml)
+            print(f"difflineage demo: {self.path} could not be loaded: {exc}", file=sys.stderr)
+            raise DemoError(f"{self.path} could not be loaded ({type(exc).__name__}); the server's log says why") \
+                from None
         self.system = system
         self.models = [Model(system, system.title, str(self.path))]
         self.base_note = ""
@@ -142,7 +146,9 @@ class DemoRun:
         try:
             self.models.append(Model(load(check_run(found), device=device), "DiT (its base)", str(found)))
         except (DemoError, CheckpointError, ConfigError, DataError) as exc:
-            self.base_note = f"its base DiT ({base}) could not be loaded ({exc}): the DyDiT is shown alone"
+            print(f"difflineage demo: the base DiT {found} could not be loaded: {exc}", file=sys.stderr)
+            self.base_note = (f"its base DiT ({base}) could not be loaded ({type(exc).__name__}; the server's log says "
+                              "why): the DyDiT is shown alone")
 
     # -- what the family takes ------------------------------------------------------------------------------
 
