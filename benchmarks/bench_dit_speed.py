@@ -18,7 +18,7 @@ import sys
 
 import torch
 
-from harness import record, side_by_side
+from harness import one_at_a_time, record, side_by_side
 
 from difflineage.interop.dit import diffusers_dit_config, diffusers_to_dit, dit_to_diffusers, match_paper_numerics
 from difflineage.models.dit import DiT, DiTConfig
@@ -82,6 +82,9 @@ def main(argv=None) -> None:
     ap.add_argument("--side", type=int, default=32, help="latent side (32: 256x256 images)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="training steps are timed in this many rounds, each candidate's copy built anew in each (one "
+                         "training copy alive at a time)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--no-compile", action="store_true", help="leave out the compiled fast path")
     ap.add_argument("--name", default="dit_speed", help="results name (benchmarks/results/NAME.json)")
@@ -110,16 +113,22 @@ def main(argv=None) -> None:
         diffs = {k: (run().float() - reference).abs().max().item() for k, run in forwards.items()}
         print(f"{name}: timing forward passes", file=sys.stderr)
         fwd = side_by_side(forwards, warmup=2, repeats=args.repeats)
-        print(f"{name}: timing training steps", file=sys.stderr)
-        trains = {}
+        print(f"{name}: timing training steps, one training copy alive at a time", file=sys.stderr)
+        candidates.pop(fast_name, None)
+        del forwards, fast  # the compiled inference copy is not needed any more
         train_candidates = dict(candidates)
+        if not args.no_compile:
+            train_candidates[fast_name] = (ours, False, True)  # compiled for training when its copy is made
         train_candidates[FUSED_DIFFUSERS] = (theirs, True, True)
-        for k, (m, d, b) in train_candidates.items():
+
+        def build(m, d: bool, b: bool, k: str):
             run, copy_ = train_fn(m, d, x, t, y, b, fused_adamw=k.startswith("ours") or k == FUSED_DIFFUSERS)
             if k == fast_name:
                 compile_for_training(copy_, device)
-            trains[k] = run
-        step = side_by_side(trains, warmup=2, repeats=args.repeats)
+            return run
+
+        step, peaks = one_at_a_time({k: (lambda c=c, k=k: build(*c, k)) for k, c in train_candidates.items()}, device,
+                                    warmup=2, repeats=args.repeats, rounds=args.rounds)
         base_f, base_s = fwd["diffusers bf16"].median_s, step["diffusers bf16"].median_s
         for k in train_candidates:
             rows.append({"config": name, "batch": args.batch, "candidate": k,
@@ -127,10 +136,13 @@ def main(argv=None) -> None:
                          "train step (ms)": round(step[k].median_s * 1e3, 1),
                          "forward speed vs diffusers bf16": f"{base_f / fwd[k].median_s:.2f}x" if k in fwd else "",
                          "train speed vs diffusers bf16": f"{base_s / step[k].median_s:.2f}x",
-                         "max |out - diffusers fp32|": f"{diffs[k]:.1e}" if k in diffs else ""})
+                         "max |out - diffusers fp32|": f"{diffs[k]:.1e}" if k in diffs else "",
+                         "train peak memory (MiB)": round(peaks[k].mib)})
     notes = (f"{args.side}x{args.side}x4 latents (256x256 images), 1000 classes, random weights shared by both "
              "implementations (converted with difflineage.interop.dit, diffusers patched to the paper's timestep "
-             "frequencies). Median of interleaved repeats; a train step is forward, backward and AdamW: ours "
+             "frequencies). Median of interleaved repeats (training steps: in rounds, one training copy alive at a "
+             "time; its peak memory is the process's, with the shared models and the copy's construction); a train "
+             "step is forward, backward and AdamW: ours "
              "with the trainer's fused AdamW, diffusers with torch's default AdamW and, in the row so named, the fused one. "
              "'ours fast' is bf16 autocast with the network compiled by torch.compile: for the forward pass (inference) "
              "with inductor's freezing (torch._inductor.config.freezing, weights folded in as constants), for the "

@@ -35,7 +35,6 @@ import copy
 import gc
 import json
 import math
-import resource
 import shlex
 import sys
 import tempfile
@@ -50,7 +49,7 @@ import torch
 from bench_dit_speed import build_pair, forward_fn, train_fn
 from bench_dydit_speed import build as build_dydit_pair
 from bench_dydit_speed import set_density
-from harness import DOCS, RESULTS, markdown_table, side_by_side, write_section
+from harness import DOCS, RESULTS, Peak, markdown_table, one_at_a_time, side_by_side, write_section
 
 from difflineage.data.store import FORMAT, ShardWriter, finish_store, normalise_source
 from difflineage.eval.flops import count_flops
@@ -64,7 +63,6 @@ from difflineage.weights import state_digest
 RECIPES = {"DiT-XL/2": "dit-xl2-imagenet256", "DiT-B/2": "dit-b2-imagenet256", "DiT-S/2": "dit-s2-imagenet256"}
 DYDIT_RECIPE = "dydit-xl2-imagenet256"
 TINY = "tiny (custom: depth 2, hidden 64, 4 heads, patch 2)"
-MIB = 2.0 ** 20
 
 
 # ------------------------------------------------------------------------------------------------
@@ -84,51 +82,6 @@ def device_name(device: torch.device) -> str:
     import platform
 
     return platform.processor() or platform.machine()
-
-
-def _vm(field: str) -> float | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024 / MIB
-    except OSError:
-        pass
-    return None
-
-
-class Peak:
-    """Peak memory over a ``with`` block: on CUDA ``max_memory_allocated`` (``above_resident``: minus what was
-    allocated when the block began), on the CPU the process's peak RSS (VmHWM, reset when the block begins where
-    Linux allows; else the peak since the process started)."""
-
-    def __init__(self, device: torch.device, above_resident: bool = False):
-        self.device, self.above = device, above_resident
-        self.mib, self.resident_mib, self.how = float("nan"), float("nan"), ""
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.resident_mib = torch.cuda.memory_allocated(self.device) / MIB
-            self.how = "torch.cuda.max_memory_allocated" + (" above what was resident" if self.above else "")
-        else:
-            try:
-                Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-                self.how = "peak RSS of the process (VmHWM, reset before)"
-            except OSError:
-                self.how = "peak RSS of the process since it started (ru_maxrss)"
-            self.resident_mib = _vm("VmRSS") or float("nan")
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            peak = torch.cuda.max_memory_allocated(self.device) / MIB
-            self.mib = peak - self.resident_mib if self.above else peak
-        else:
-            hwm = _vm("VmHWM") if "VmHWM" in self.how else None
-            self.mib = hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        return False
 
 
 _T0 = time.perf_counter()
@@ -287,20 +240,20 @@ def train_vs_diffusers(args, name: str, device: torch.device) -> tuple[list[dict
     candidates = {f"ours ({mode}, fused AdamW)": (ours, False, True),
                   f"diffusers ({mode}, fused AdamW)": (theirs, True, True),
                   "diffusers (bf16, eager, torch's default AdamW)": (theirs, True, False)}
-    runs, peaks = {}, {}
     torch._dynamo.reset()
-    for key, (model, is_diffusers, fused) in candidates.items():
+
+    def build(model, is_diffusers: bool, fused: bool, key: str):
         run, copy_ = train_fn(model, is_diffusers, x, t, y, True, fused_adamw=fused)
         if compiled and "eager" not in key:
             if is_diffusers:
                 copy_.compile(dynamic=False)
             else:
                 compile_for_training(copy_, device)
-        run()  # compiles, and makes the optimizer's state
-        with Peak(device, above_resident=True) as peak:
-            run()
-        runs[key], peaks[key] = run, peak
-    timing = side_by_side(runs, warmup=args.bench_warmup, repeats=args.repeats)
+        return run
+
+    # one training copy (weights, gradients, AdamW state: ~11 GB at XL/2) alive at a time
+    timing, peaks = one_at_a_time({key: (lambda c=c, key=key: build(*c, key)) for key, c in candidates.items()}, device,
+                                  warmup=max(1, args.bench_warmup), repeats=args.repeats)
     base = timing[f"diffusers ({mode}, fused AdamW)"].median_s
     rows = []
     for key in candidates:
@@ -308,7 +261,7 @@ def train_vs_diffusers(args, name: str, device: torch.device) -> tuple[list[dict
         rows.append({"config": label(args, name), "batch": args.batch, "candidate": key, "step (ms)": s * 1e3,
                      "steps/s": 1 / s, "images/s": args.batch / s, "speed vs diffusers": f"{base / s:.2f}x",
                      "step peak memory (MiB)": peaks[key].mib, "memory measure": peaks[key].how})
-    del ours, theirs, runs
+    del ours, theirs
     _free(device)
     return rows, check
 

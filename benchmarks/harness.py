@@ -8,7 +8,9 @@ Speeds are compared as ratios measured in the same run, with the candidates' rep
 
 from __future__ import annotations
 
+import gc
 import json
+import resource
 import statistics
 import sys
 import time
@@ -47,6 +49,92 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+MIB = 2.0 ** 20
+
+
+def _vm(field: str) -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024 / MIB
+    except OSError:
+        pass
+    return None
+
+
+class Peak:
+    """Peak memory over a ``with`` block: on CUDA ``max_memory_allocated`` (``above_resident``: minus what was
+    allocated when the block began), on the CPU the process's peak RSS (VmHWM, reset when the block begins where
+    Linux allows; else the peak since the process started)."""
+
+    def __init__(self, device: torch.device, above_resident: bool = False):
+        self.device, self.above = device, above_resident
+        self.mib, self.resident_mib, self.how = float("nan"), float("nan"), ""
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.resident_mib = torch.cuda.memory_allocated(self.device) / MIB
+            self.how = "torch.cuda.max_memory_allocated" + (" above what was resident" if self.above else "")
+        else:
+            try:
+                Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+                self.how = "peak RSS of the process (VmHWM, reset before)"
+            except OSError:
+                self.how = "peak RSS of the process since it started (ru_maxrss)"
+            self.resident_mib = _vm("VmRSS") or float("nan")
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device) / MIB
+            self.mib = peak - self.resident_mib if self.above else peak
+        else:
+            hwm = _vm("VmHWM") if "VmHWM" in self.how else None
+            self.mib = hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return False
+
+
+def one_at_a_time(builders: dict[str, Callable[[], Callable[[], Any]]], device: torch.device, warmup: int = 2,
+                 repeats: int = 6, rounds: int = 2) -> tuple[dict[str, Timing], dict[str, Peak]]:
+    """Time cases that each hold a large copy of their own (a training copy: weights, gradients, optimizer state)
+    with at most one alive at a time: ``builders[name]()`` makes the case's copy and returns its step; in each of
+    ``rounds`` rounds every case in turn is built, warmed up, timed ``repeats / rounds`` times, and freed before
+    the next is built. The rounds interleave the cases coarsely, so a slow phase of a shared machine does not fall
+    on one case alone. Returns each case's timing (over every round) and its peak memory (the largest of its
+    rounds, the copy's construction included)."""
+    per_round = max(1, round(repeats / rounds))
+    samples: dict[str, list[float]] = {name: [] for name in builders}
+    peaks: dict[str, Peak] = {}
+    for _ in range(rounds):
+        for name, build in builders.items():
+            with Peak(device) as peak:
+                step = build()
+                for _ in range(warmup):
+                    step()
+                _sync()
+                for _ in range(per_round):
+                    start = time.perf_counter()
+                    step()
+                    _sync()
+                    samples[name].append(time.perf_counter() - start)
+            if name not in peaks or peak.mib > peaks[name].mib:
+                peaks[name] = peak
+            del step
+            torch._dynamo.reset()  # a compiled copy is held by the compiler's caches until they are dropped
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return {name: _timing(name, xs) for name, xs in samples.items()}, peaks
+
+
+def _timing(name: str, xs: list[float]) -> Timing:
+    q = statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
+    return Timing(name=name, median_s=statistics.median(xs), q25_s=q[0], q75_s=q[2], repeats=len(xs))
+
+
 def side_by_side(cases: dict[str, Callable[[], Any]], warmup: int = 3, repeats: int = 10) -> dict[str, Timing]:
     """Time every case ``repeats`` times after ``warmup`` calls, interleaving the cases."""
     for fn in cases.values():
@@ -60,11 +148,7 @@ def side_by_side(cases: dict[str, Callable[[], Any]], warmup: int = 3, repeats: 
             fn()
             _sync()
             samples[name].append(time.perf_counter() - start)
-    out = {}
-    for name, xs in samples.items():
-        q = statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
-        out[name] = Timing(name=name, median_s=statistics.median(xs), q25_s=q[0], q75_s=q[2], repeats=len(xs))
-    return out
+    return {name: _timing(name, xs) for name, xs in samples.items()}
 
 
 def record(name: str, title: str, rows: list[dict[str, Any]], notes: str = "", command: str = "",

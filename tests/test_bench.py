@@ -91,3 +91,32 @@ def test_a_study_reuses_a_complete_run_resumes_a_longer_one_and_refuses_one_trai
         harness.trained_run(str(recipe), ["model.latent_dim=6"], run, steps=4, same=("model.latent_dim",))
     harness.trained_run(str(recipe), ["model.latent_dim=6"], run, steps=2, retrain=True, same=("model.latent_dim",))
     assert "latent_dim: 6" in (run / "config.yaml").read_text() and not (run / "checkpoints" / "step_0000004").exists()
+
+
+def test_one_at_a_time_keeps_a_single_copy_alive_and_measures_each():
+    import weakref
+
+    import torch
+
+    alive = weakref.WeakSet()
+    built = []
+
+    class Copy:  # stands for a training copy: weights, gradients, optimizer state
+        def __init__(self):
+            self.memory = bytearray(8 << 20)
+
+    def builder(name):
+        def build():
+            assert len(alive) == 0, f"{name} is built while {len(alive)} other copy is alive"
+            copy = Copy()
+            alive.add(copy)
+            built.append(name)
+            return lambda: time.sleep(0.002) or copy
+        return build
+
+    timing, peaks = harness.one_at_a_time({n: builder(n) for n in ("a", "b", "c")}, torch.device("cpu"), warmup=1,
+                                          repeats=4, rounds=2)
+    assert built == ["a", "b", "c", "a", "b", "c"]  # each round builds every case anew, in turn
+    assert len(alive) == 0
+    assert all(t.repeats == 4 and t.median_s >= 0.002 for t in timing.values())
+    assert all(peaks[n].mib > 8 for n in "abc")  # the peak includes the copy
