@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import sys
 
 import torch
@@ -115,7 +116,9 @@ def main(argv=None) -> None:
         fwd = side_by_side(forwards, warmup=2, repeats=args.repeats)
         print(f"{name}: timing training steps, one training copy alive at a time", file=sys.stderr)
         candidates.pop(fast_name, None)
-        del forwards, fast  # the compiled inference copy is not needed any more
+        del forwards, fast  # the compiled inference copy is not needed any more ...
+        torch._dynamo.reset()  # ... and the compiler's caches hold it (and its frozen bf16 weights) until dropped
+        gc.collect()
         train_candidates = dict(candidates)
         if not args.no_compile:
             train_candidates[fast_name] = (ours, False, True)  # compiled for training when its copy is made
