@@ -105,6 +105,7 @@ def test_sample_fast_says_what_it_chose_and_its_error(dit_dir, tmp_path, capsys,
     assert main(["sample", str(dit_dir), "--n", "4", "--fast", "--steps", "6", "--out", str(tmp_path / "g.png")]) == 0
     out = capsys.readouterr().out
     assert "fast path: dpmpp_2m 6 steps, step cache reusing 17% of block evaluations" in out  # 2 of 12
+    assert "(it changes held-back samples by 0." in out  # what the reuse costs, measured after calibrating
     assert "fast path against the plain path (steps 6): mean |difference|" in out
 
 
@@ -152,3 +153,25 @@ def test_compiled_blocks_sample_as_the_eager_ones(dit_dir):
     assert list(compiled.state_dict()) == list(eager.state_dict())  # parameter names kept (checkpoints unchanged)
     wrappers = [blk._compiled_call_impl for blk in compiled.net.blocks]
     assert compiled.compile_blocks() and [blk._compiled_call_impl for blk in compiled.net.blocks] == wrappers
+
+
+def test_calibration_measures_what_the_reuse_costs_on_held_back_samples(dit, monkeypatch):
+    """cache.error is the mean |cached - plain| of samples the calibration never drew (recomputed here); a cache
+    that reuses nothing costs nothing; past the tolerance a warning says what the reuse changed, and not below it."""
+    import warnings
+
+    import difflineage.systems.dit as dit_module
+
+    monkeypatch.setattr(dit_module, "STEP_CACHE_TOLERANCE", float("inf"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # below the tolerance: no warning
+        cache = dit.calibrate_step_cache(0.2, steps=6, sampler="ddim", n=2, seed=5, check=3)
+    held_back = lambda: torch.Generator().manual_seed(5 + 1_000_003)  # noqa: E731
+    plain = dit.sample(3, generator=held_back(), steps=6, sampler="ddim")
+    cached = dit.sample(3, generator=held_back(), steps=6, sampler="ddim", step_cache=cache)
+    assert cache.reuse.any() and cache.error == pytest.approx((cached - plain).abs().mean().item(), rel=1e-6)
+    assert cache.error > 0 and cache.describe()["held_back_error"] == pytest.approx(cache.error, abs=1e-6)
+    assert dit.calibrate_step_cache(0.0, steps=6, sampler="ddim", n=2, seed=5, check=3).error == 0.0
+    monkeypatch.setattr(dit_module, "STEP_CACHE_TOLERANCE", cache.error / 2)
+    with pytest.warns(UserWarning, match=r"changes 3 held-back samples by .* more than .*reuse less"):
+        dit.calibrate_step_cache(0.2, steps=6, sampler="ddim", n=2, seed=5, check=3)

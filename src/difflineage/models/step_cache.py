@@ -65,6 +65,7 @@ class StepCache:
         self.reuse = reuse
         self.record = record
         self.calibration = calibration
+        self.error: Optional[float] = None  # what the reuse changed in held-back samples (calibrate_step_cache)
         self.reset()
 
     @classmethod
@@ -116,7 +117,11 @@ class StepCache:
         schedule, so two runs with different decisions are told apart."""
         steps, blocks = self.reuse.shape
         digest = hashlib.sha256(self.reuse.to(torch.uint8).numpy().tobytes()).hexdigest()[:12]
-        return {"reuse_fraction": round(self.reuse_fraction, 4), "steps": steps, "blocks": blocks, "schedule": digest}
+        described = {"reuse_fraction": round(self.reuse_fraction, 4), "steps": steps, "blocks": blocks,
+                     "schedule": digest}
+        if self.error is not None:
+            described["held_back_error"] = round(self.error, 6)
+        return described
 
     def __repr__(self) -> str:
         steps, blocks = self.reuse.shape

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import shutil
+import warnings
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, ClassVar, Optional
 
@@ -22,6 +23,10 @@ from difflineage.models.step_cache import StepCache, choose_reuse
 from difflineage.systems.diffusion import DiffusionModelConfig, DiffusionSystem, LatentSpaceFields
 from difflineage.systems.options import DiTOptions
 
+
+# The mean |cached - plain| (pixels in [-1, 1]) of held-back samples past which a step cache is warned about: about 2.5
+# of 255 grey levels on average, more than the rounding of an 8-bit image, less than a change of what a sample shows.
+STEP_CACHE_TOLERANCE = 0.02
 
 # The DiT paper's FID-50K sampling (its sample_ddp.py): 250 DDPM steps, guidance 1.5 (on the channels the model's
 # guidance_channels names: the first three of the four latent channels).
@@ -94,13 +99,26 @@ class DiTSystem(DiffusionSystem):
         return True
 
     def calibrate_step_cache(self, fraction: float, steps: Optional[int] = None, sampler: Optional[str] = None,
-                             n: int = 8, seed: int = 0, **options: Any) -> StepCache:
+                             n: int = 8, seed: int = 0, check: int = 4, **options: Any) -> StepCache:
         """A step cache for this sampler and step count, from a calibration run on ``n`` samples with every block
         computed: the ``fraction`` of block evaluations whose residual changed least are reused
-        (models/step_cache.py)."""
+        (models/step_cache.py). What the reuse costs is then measured on ``check`` held-back samples (other noise
+        than the calibration's): ``cache.error``, the mean |cached - plain| of their pixels in [-1, 1]; past
+        ``STEP_CACHE_TOLERANCE`` a warning says so."""
         dc = self.config.model.diffusion
         steps, sampler = steps or dc.sample_steps, sampler or dc.sampler
         calibration = StepCache.off(steps, len(self.net.blocks), record=True)
         self.sample(n, generator=torch.Generator().manual_seed(seed), steps=steps, sampler=sampler,
                     step_cache=calibration, **options)
-        return StepCache(choose_reuse(calibration.deltas, fraction), calibration=calibration.deltas.clone())
+        cache = StepCache(choose_reuse(calibration.deltas, fraction), calibration=calibration.deltas.clone())
+        if check > 0:
+            held_back = lambda: torch.Generator().manual_seed(seed + 1_000_003)  # noqa: E731
+            plain = self.sample(check, generator=held_back(), steps=steps, sampler=sampler, **options)
+            cached = self.sample(check, generator=held_back(), steps=steps, sampler=sampler, step_cache=cache, **options)
+            cache.error = (cached.float() - plain.float()).abs().mean().item()
+            if cache.error > STEP_CACHE_TOLERANCE:
+                warnings.warn(f"the step cache reusing {cache.reuse_fraction:.0%} of block evaluations changes "
+                              f"{check} held-back samples by {cache.error:.3f} on average (pixels in [-1, 1]), more "
+                              f"than {STEP_CACHE_TOLERANCE}: its samples may differ from the plain sampler's in what "
+                              "they show; reuse less (a smaller fraction) or sample without it", stacklevel=2)
+        return cache
