@@ -222,6 +222,7 @@ def _every_mode(folder):
     la = np.zeros((8, 8, 2), np.uint8)
     la[..., 0], la[..., 1] = 10, 255
     la[0, 0] = (10, 0)  # transparent: white
+    la[0, 1] = (10, 128)  # half-transparent: halfway to white, (10 x 128 + 255 x 127) / 255 = 132
     Image.fromarray(la, "LA").save(c / "b_la.png")
     rgba = Image.new("RGBA", (8, 8), (200, 0, 0, 255))
     rgba.putpixel((0, 0), (200, 0, 0, 0))
@@ -245,6 +246,7 @@ def test_every_image_mode_decodes_to_its_8_bit_values_in_memory_and_streamed(tmp
     wide, la, rgba, rgba2, pal = (px[i] for i in range(5))  # the files in name order
     assert wide[0, 1, 1] == 100 and wide[0, 0, 0] == 255  # 16-bit scaled to 8 bits (was clipped: solid 255)
     assert la[:, 1, 1].tolist() == [10, 10, 10] and la[:, 0, 0].tolist() == [255, 255, 255]
+    assert la[:, 0, 1].tolist() == [132, 132, 132]
     for image in (rgba, rgba2):
         assert image[:, 1, 1].tolist() == [200, 0, 0] and image[:, 0, 0].tolist() == [255, 255, 255]
     assert pal[:, 1, 1].tolist() == [0, 200, 0] and pal[:, 0, 0].tolist() == [255, 255, 255]
