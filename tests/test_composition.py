@@ -7,6 +7,7 @@ import dataclasses
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -177,3 +178,28 @@ def test_evaluate_refuses_too_few_samples_before_sampling(capsys):
     assert main(["evaluate", str(FIXTURES / "vae"), "--n", "3", "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--n 3: the sample set holds 3 image(s); scoring needs at least 4" in err[0]
+
+
+def test_a_class_is_asked_for_by_name_in_python_and_on_the_command_line(tmp_path, capsys):
+    """condition="seven" or --label seven (or --class 7) draws the class so named; a caption model takes one caption
+    as a string; an unknown name is refused with the names there are."""
+    from difflineage.cli import main
+
+    dit = fixture("dit_pixel")
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    assert torch.equal(dit.sample(2, condition="seven", generator=g(), steps=2), dit.sample(2, condition=7, generator=g(), steps=2))
+    assert torch.equal(dit.sample(2, condition="Seven", generator=g(), steps=2), dit.sample(2, condition="7", generator=g(), steps=2))
+    with pytest.raises(ValueError, match=r"unknown class 'sevn' \(did you mean 'seven'\?\)"):
+        dit.sample(1, condition="sevn")
+    caption = fixture("ddpm_caption")
+    text = caption.captions_for(torch.tensor([3]))[0]
+    assert torch.equal(caption.sample(2, condition=text, generator=g(), steps=2),
+                       caption.sample(2, condition=[text, text], generator=g(), steps=2))
+    assert main(["sample", str(FIXTURES / "dit_pixel"), "--label", "seven", "--n", "2", "--steps", "2",
+                 "--out", str(tmp_path / "a.png"), "--npz", str(tmp_path / "a.npz")]) == 0
+    assert main(["sample", str(FIXTURES / "dit_pixel"), "--class", "7", "--n", "2", "--steps", "2",
+                 "--out", str(tmp_path / "b.png"), "--npz", str(tmp_path / "b.npz")]) == 0
+    a, b = np.load(tmp_path / "a.npz"), np.load(tmp_path / "b.npz")
+    assert np.array_equal(a["arr_0"], b["arr_0"]) and a["arr_1"].tolist() == [7, 7]
+    assert main(["sample", str(FIXTURES / "dit_pixel"), "--label", "elevn", "--out", str(tmp_path / "c.png")]) == 2
+    assert "--label: unknown class 'elevn'" in capsys.readouterr().err

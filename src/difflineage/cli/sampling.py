@@ -15,7 +15,9 @@ def add_parsers(sub) -> None:
     s.add_argument("checkpoint", type=Path, help="checkpoint directory or run directory")
     s.add_argument("--n", type=int, default=64,
                    help="number of samples (default 64; without --label, a whole number per class, one row each)")
-    s.add_argument("--label", type=int, default=None, help="class to draw (class-conditional systems); default: all classes in turn")
+    s.add_argument("--label", "--class", dest="label", default=None, metavar="CLASS",
+                   help="class to draw, by name (seven) or number (class-conditional systems); default: all classes "
+                        "in turn")
     s.add_argument("--out", type=Path, default=Path("samples.png"), help="grid PNG to write (default samples.png)")
     s.add_argument("--npz", type=Path, default=None,
                    help="also write the samples in ADM's layout (arr_0: uint8 N x H x W x 3; arr_1: the labels)")
@@ -55,6 +57,12 @@ def cmd_sample(args) -> int:
     if args.n < 1:
         print("error: --n must be at least 1", file=sys.stderr)
         return 2
+    if args.label is not None:
+        try:
+            args.label = system.class_index(args.label)
+        except ValueError as exc:
+            print(f"error: --label: {exc}", file=sys.stderr)
+            return 2
     condition = [args.caption] * args.n if args.caption is not None else args.label
     per_class = None
     if condition is None and system.num_classes and args.n >= system.num_classes:

@@ -11,7 +11,6 @@ import torch
 
 from difflineage.checkpoint import checkpoints_of, resolve_checkpoint
 from difflineage.config import unknown
-from difflineage.data import DIGIT_NAMES
 from difflineage.diffusion.gaussian import SAMPLERS
 from difflineage.errors import CheckpointError, ConfigError, DataError
 from difflineage.eval.sampling import FAST_STEPS, fast_sampling
@@ -166,9 +165,7 @@ class DemoRun:
     @property
     def class_names(self) -> list[str]:
         """The names a class is asked for by (the data's, as captions use them; numbers where it has none)."""
-        k = self.system.num_classes
-        names = list(self.system.config.data.class_names or DIGIT_NAMES)
-        return names[:k] if len(names) >= k else [str(i) for i in range(k)]
+        return self.system.class_names
 
     @property
     def takes_temperature(self) -> bool:

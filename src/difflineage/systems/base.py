@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from difflineage.checkpoint import Checkpoint, read_checkpoint
-from difflineage.config import Config, from_dict
+from difflineage.config import Config, from_dict, unknown
 from difflineage.data import DIGIT_NAMES, Batch, Dataset, ImageDataset
 from difflineage.errors import ConfigError
 from difflineage.images import save_grid
@@ -20,7 +20,7 @@ from difflineage.nn.quantize import code_usage
 from difflineage.systems.frozen import FrozenPart, read_once
 from difflineage.systems.options import SampleOptions
 
-Condition = Union[None, int, torch.Tensor, list[str]]
+Condition = Union[None, int, str, torch.Tensor, list[str]]
 
 
 # Optional abilities: what some systems can do beyond the contract, declared and checked with isinstance.
@@ -267,9 +267,33 @@ class System(nn.Module, abc.ABC):
         """Whether samples are drawn for captions (their CLIP score is then a metric of ``evaluate``)."""
         return self.conditioning == "caption"
 
+    @property
+    def class_names(self) -> list[str]:
+        """The name of each class a sample can be asked for (the data's, as captions use them: the digits' names
+        where the data names none; the numbers where there are more classes than names)."""
+        k = self.num_classes
+        names = list(self.config.data.class_names or DIGIT_NAMES)
+        return names[:k] if len(names) >= k else [str(i) for i in range(k)]
+
+    def class_index(self, name: str) -> int:
+        """The label of a class given by name (any case) or by its number as text; an unknown one is refused with
+        the names there are."""
+        if not self.num_classes:
+            raise ValueError(f"the {self.name} run is not conditioned on classes: {name!r} names none")
+        names = self.class_names
+        lowered = {n.lower(): i for i, n in enumerate(names)}
+        key = name.strip().lower()
+        if key in lowered:
+            return lowered[key]
+        if key.isdigit() and int(key) < len(names):
+            return int(key)
+        raise ValueError(unknown("class", name, names))
+
     def labels_for(self, n: int, condition: Condition) -> Optional[torch.Tensor]:
-        """Class labels for ``n`` samples: as given, or cycling through the classes (0, 1, ..., K-1, 0, ...),
-        so that a grid K images wide shows one class per column)."""
+        """Class labels for ``n`` samples: as given (numbers, or a class's name), or cycling through the classes
+        (0, 1, ..., K-1, 0, ...), so that a grid K images wide shows one class per column)."""
+        if isinstance(condition, str):
+            condition = self.class_index(condition)
         if condition is None:
             if not self.num_classes:
                 return None

@@ -207,6 +207,8 @@ class DiffusionSystem(System):
         o = self.sample_options(options, **given)
         dc = self.config.model.diffusion
         guidance = dc.guidance if o.guidance is None else o.guidance
+        if isinstance(condition, str) and self.config.model.condition == "caption":
+            condition = [condition] * n  # one caption for every sample (a class model reads it as a class's name)
         captions = None
         if isinstance(condition, list):
             if self.config.model.condition != "caption":
