@@ -179,3 +179,34 @@ def test_set_given_twice_keeps_both_overrides():
     for cmd in (["train", "vae-mnist"], ["quickstart"]):
         args = build_parser().parse_args([*cmd, "--set", "train.steps=3", "--set", "train.lr=0.5", "model.latent_dim=2"])
         assert args.overrides == ["train.steps=3", "train.lr=0.5", "model.latent_dim=2"]  # the first --set was lost
+
+
+def test_the_command_line_is_one_in_its_devices_version_and_help(monkeypatch, tmp_path, capsys):
+    """--device is auto everywhere (resolved where one process runs, left to each process under torchrun),
+    --version answers, the top-level help has no markup, and --no-progress training prints its log lines."""
+    import torch
+
+    from difflineage.cli import build_parser, main
+
+    parser = build_parser()
+    commands = {"sample": ["x"], "score": ["a.npz", "--reference", "r.npz", "--inception-weights", "w"],
+                "demo": [], "evaluate": ["x"], "extract": ["--first-stage", "x", "--data", "digits", "--image-size", "8", "--out", "o"]}
+    for command, rest in commands.items():
+        want = "auto" if command in ("evaluate", "extract") else "cpu"
+        assert parser.parse_args([command, *rest]).device == want, command
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert build_parser().parse_args(["sample", "x"]).device == "cuda:0"
+    monkeypatch.undo()
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0 and capsys.readouterr().out.startswith("difflineage ")
+    parser.print_help()
+    assert "``" not in capsys.readouterr().out
+    from helpers import tiny_vae_dict
+
+    import yaml
+
+    (tmp_path / "vae.yaml").write_text(yaml.safe_dump(tiny_vae_dict(steps=4, log_every=2)))
+    assert main(["train", str(tmp_path / "vae.yaml"), "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "vae step 2/4: loss " in out and "vae step 4/4: loss " in out

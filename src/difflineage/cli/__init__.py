@@ -35,9 +35,19 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 130
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("difflineage")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "(not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="difflineage", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="difflineage", description=__doc__.split("\n\n")[0].replace("``", ""),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"difflineage {_version()}")
     sub = p.add_subparsers(title="commands", metavar="COMMAND")
     for commands in (training, sampling, scoring, tools):
         commands.add_parsers(sub)

@@ -36,6 +36,22 @@ def sampling_options(args) -> dict:
     return {k: getattr(args, k) for k in declared_sampling_options() if getattr(args, k, None) is not None}
 
 
+def add_device_option(p: argparse.ArgumentParser, per_process: bool = False) -> None:
+    """``--device``, ``auto`` by default in every command (CUDA where a GPU is visible, else the CPU). A command
+    that may run under torchrun (``per_process``) leaves ``auto`` for each process to resolve to its own GPU; the
+    others take the resolved device."""
+    p.add_argument("--device", type=str if per_process else _device, default="auto",
+                   help="auto (default: CUDA where a GPU is visible, else the CPU), cpu or cuda")
+
+
+def _device(value: str) -> str:
+    from difflineage.train.distributed import pick_device
+
+    if value not in ("auto", "cpu") and not value.startswith("cuda"):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a device: give auto, cpu or cuda")
+    return str(pick_device(value)) if value == "auto" else value
+
+
 def add_data_overrides(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="data.KEY=VALUE",
                    help="other data settings, as the training run's: e.g. data.stream=true data.resize=resize "
@@ -53,7 +69,7 @@ def add_inception_options(p: argparse.ArgumentParser, standalone: bool) -> None:
                         "the papers' evaluator) or pytorch-fid (PyTorch's half-pixel bilinear, as pytorch-fid)")
     if standalone:
         p.add_argument("--batch-size", type=int, default=64, help="images per InceptionV3 call (default 64)")
-        p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+        add_device_option(p)
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 

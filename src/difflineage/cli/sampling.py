@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from difflineage.cli.common import add_sampling_options, heldout, sampling_options
+from difflineage.cli.common import add_device_option, add_sampling_options, heldout, sampling_options
 
 
 def add_parsers(sub) -> None:
@@ -34,7 +34,7 @@ def add_parsers(sub) -> None:
                    help="the fastest sampling here: DPM-Solver++ (20 steps unless --steps), a step cache for DiT and "
                         "DyDiT calibrated on the model, bf16 autocast where native; also draws the plain samples and "
                         "prints the difference")
-    s.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    add_device_option(s)
     s.set_defaults(func=cmd_sample)
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from difflineage.cli.common import (
     add_data_overrides,
+    add_device_option,
     add_inception_options,
     add_sampling_options,
     format_metrics,
@@ -62,7 +63,7 @@ def add_parsers(sub) -> None:
                    help="draw the samples the fastest way here (as sample --fast: DPM-Solver++ at 20 steps unless "
                         "--steps, a step cache for DiT and DyDiT calibrated on the model, bf16 autocast where native); "
                         "metrics.json records the choices (docs/sampling.md measures what they cost in FID)")
-    e.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    add_device_option(e, per_process=True)
     e.add_argument("--no-progress", action="store_true", help="no progress bars")
     e.set_defaults(func=cmd_evaluate)
 
@@ -105,7 +106,7 @@ def cmd_evaluate(args) -> int:
         return 2
     info = init_distributed(args.device)
     try:
-        device = str(info.device) if info.enabled else args.device
+        device = str(info.device)  # auto resolved, per process under torchrun
         path = resolve_checkpoint(args.checkpoint)
         system = load(path, use_ema=not args.no_ema, device=device)
         options = sampling_options(args)

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from difflineage.cli.common import add_data_overrides
+from difflineage.cli.common import add_data_overrides, add_device_option
 
 
 def add_parsers(sub) -> None:
@@ -29,7 +29,7 @@ def add_parsers(sub) -> None:
     x.add_argument("--batch-size", type=int, default=64, help="images per encoder call (default 64)")
     x.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16", help="storage type of the moments")
     x.add_argument("--workers", type=int, default=None, help="decoding worker processes (streamed sources)")
-    x.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    add_device_option(x, per_process=True)
     x.add_argument("--vae-norm-groups", type=int, default=32,
                    help="GroupNorm groups of a Stable Diffusion VAE file given as --first-stage (32 in Stable Diffusion)")
     x.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -69,7 +69,7 @@ def add_parsers(sub) -> None:
                    help="where to look for runs when none is named (default runs/)")
     w.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine only)")
     w.add_argument("--port", type=int, default=7860, help="port (default 7860)")
-    w.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    add_device_option(w)
     w.add_argument("--any-run", action="store_true",
                    help="let the page's run box load any path on this machine (default: only the runs given, or "
                         "found under --runs-dir, and what lies beneath them)")

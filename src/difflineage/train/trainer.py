@@ -502,7 +502,8 @@ class TrainingRun:
         return bool(stop_flag.item())
 
     def log(self, bar) -> None:
-        """A metrics row of the window so far (rank 0 writes it), and a new window (every rank)."""
+        """A metrics row of the window so far (rank 0 writes it, and prints it as a line when the progress bar is
+        off), and a new window (every rank)."""
         state = self.state
         if self.info.is_main:
             row = state.log.row(state.step, state.epoch, self.lr, self.config.train.batch_size)
@@ -510,6 +511,9 @@ class TrainingRun:
                 with open(self.run_dir / "metrics.jsonl", "a") as fh:
                     fh.write(json.dumps(row) + "\n")
             bar.set_postfix(loss=f"{row['loss']:.4g}", img_s=f"{row['images_per_s']:.0f}")
+            if bar.disable:
+                print(f"{self.config.system} step {row['step']}/{self.config.train.steps}: loss {row['loss']:.4g}, "
+                      f"{row['images_per_s']:.0f} images/s", flush=True)
         state.log.clear()
 
     def checkpoint(self) -> Path:
