@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -204,9 +205,24 @@ def test_the_command_line_is_one_in_its_devices_version_and_help(monkeypatch, tm
     assert "``" not in capsys.readouterr().out
     from helpers import tiny_vae_dict
 
-    import yaml
-
     (tmp_path / "vae.yaml").write_text(yaml.safe_dump(tiny_vae_dict(steps=4, log_every=2)))
     assert main(["train", str(tmp_path / "vae.yaml"), "--out", str(tmp_path / "run"), "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "vae step 2/4: loss " in out and "vae step 4/4: loss " in out
+
+
+def test_sample_scale_enlarges_the_grid_pixel_by_pixel(tmp_path):
+    from PIL import Image
+
+    from difflineage.cli import main
+
+    vae = str(Path(__file__).parent / "fixtures" / "systems" / "vae")
+    sizes = {}
+    for scale in (1, 3):
+        assert main(["sample", vae, "--n", "4", "--nrow", "2", "--scale", str(scale), "--out",
+                     str(tmp_path / f"{scale}.png")]) == 0
+        sizes[scale] = Image.open(tmp_path / f"{scale}.png").size
+    assert sizes[3] == (3 * sizes[1][0], 3 * sizes[1][1])
+    small, large = (np.asarray(Image.open(tmp_path / f"{s}.png")) for s in (1, 3))
+    assert np.array_equal(large[::3, ::3], small)
+    assert main(["sample", vae, "--scale", "0", "--out", str(tmp_path / "0.png")]) == 2

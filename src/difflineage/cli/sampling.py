@@ -22,6 +22,7 @@ def add_parsers(sub) -> None:
     s.add_argument("--npz", type=Path, default=None,
                    help="also write the samples in ADM's layout (arr_0: uint8 N x H x W x 3; arr_1: the labels)")
     s.add_argument("--nrow", type=int, default=None, help="images per grid row (default: one row per class, or square)")
+    s.add_argument("--scale", type=int, default=2, help="enlarge the grid this many times, pixel by pixel (default 2)")
     s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     add_sampling_options(s)
     s.add_argument("--caption", default=None, help="caption to draw (caption-conditioned systems)")
@@ -90,7 +91,10 @@ def cmd_sample(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     nrow = args.nrow or per_class
-    path = save_grid(images, args.out, nrow=nrow, scale=2)
+    if args.scale < 1:
+        print("error: --scale must be 1 or more", file=sys.stderr)
+        return 2
+    path = save_grid(images, args.out, nrow=nrow, scale=args.scale)
     print(f"wrote {args.n} samples to {path}")
     if args.npz:
         args.npz.parent.mkdir(parents=True, exist_ok=True)
