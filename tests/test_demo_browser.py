@@ -158,6 +158,15 @@ def test_a_dit_draws_the_digit_asked_for_with_its_time_and_flops(browser, server
     wait_for_images(page, "gallery-0", n)
     expect(page.page.locator("#stats-0")).to_contain_text("FLOPs per image")
     assert page.images("gallery-0").count() == n
+    page.images("gallery-0").first.click()  # a plain DiT has no heads, groups or tokens to inspect: no error
+    page.page.wait_for_timeout(1000)
+    assert "Error" not in page.page.inner_text("#status")
+    page.page.keyboard.press("Escape")
+    page.type_into("class", "elevn")
+    page.page.click("#generate")
+    expect(page.page.locator("#status")).to_contain_text("unknown class 'elevn'")
+    assert page.images("gallery-0").count() == n  # a failed request keeps the last gallery
+    page.choose("class", "seven")
     stats = page.page.inner_text("#stats-0")
     assert TIME.search(stats) and FLOPS.search(stats), stats
     assert "seven" in page.page.inner_text("#gallery-0")  # each image is captioned with its class

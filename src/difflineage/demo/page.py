@@ -201,7 +201,7 @@ def build_app(demo: Demo):
 
         def on_generate(path, cls, caption, n, seed, rand, g, k, smp, fst, temp, rr,
                         progress=gr.Progress()):
-            blank = ["", [], "", [], "", None, "", None, None, 0]
+            unchanged = [gr.update()] * 10  # a failed request leaves the last results on the page
             try:
                 with demo.lock:
                     run = demo.run(path)
@@ -212,7 +212,7 @@ def build_app(demo: Demo):
                     result = draw(run, request, out_dir, progress=lambda f, what: progress(f, desc=what))
                     demo.keep(key, result)
             except Exception as exc:  # noqa: BLE001
-                yield [message(exc)] + blank
+                yield [message(exc)] + unchanged
                 return
             yield page_outputs(run, result, key, status="counting FLOPs...")
             try:
@@ -240,6 +240,8 @@ def build_app(demo: Demo):
             try:
                 with demo.lock:
                     run = demo.run(path)
+                    if not run.models[0].dynamic:  # only a DyDiT has heads, groups and tokens to show
+                        return "", None, None
                     if key not in demo.results:
                         raise DemoError("generate first: there is no sample to inspect yet")
                     width, tokens = inspect_sample(run, demo.results[key], index, demo.results[key].out_dir)
