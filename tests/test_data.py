@@ -204,3 +204,26 @@ def test_train_checks_the_heldout_split_when_it_starts(tmp_path):
                           str(tmp_path / "run"), "--no-progress"], capture_output=True, text=True)
     assert out.returncode == 2 and str(root / "dog" / "9.png") in out.stderr, out.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_hugging_face_metadata_jsonl_gives_the_captions(tmp_path, stream):
+    """The image-folder convention of Hugging Face datasets: metadata.jsonl with file_name and text (other columns
+    ignored), read as captions.jsonl is, streamed or in memory; both files at once are refused."""
+    for cls in ("cat", "dog"):
+        for i in range(10):
+            _png(tmp_path / cls / f"{i}.png", value=50 if cls == "cat" else 200)
+    rows = [{"file_name": f"{c}/{i}.png", "text": f"a {c}, number {i}", "source": "drawn"} for c in ("cat", "dog")
+            for i in range(10)]
+    (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    cfg = DataConfig(source=f"folder:{tmp_path}", image_size=8, channels=None, stream=stream)
+    held = load_dataset(cfg, "heldout")
+    captions = held.captions if not stream else [held.caption_of(i) for i in range(len(held))]
+    assert captions == ["a cat, number 9", "a dog, number 9"]
+    (tmp_path / "captions.jsonl").write_text(json.dumps({"file": "cat/0.png", "caption": "x"}))
+    with pytest.raises(DataError, match="holds both captions.jsonl and metadata.jsonl: keep the one"):
+        load_dataset(cfg, "train")
+    (tmp_path / "captions.jsonl").unlink()
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "cat/0.png"}))
+    with pytest.raises(DataError, match=r'metadata.jsonl line 1 is not a \{"file_name": ..., "text": ...\} object'):
+        load_dataset(cfg, "train")

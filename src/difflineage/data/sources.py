@@ -293,8 +293,9 @@ def _folder(root: Path, split: str, channels: Optional[int], image_size: int, re
     one image's size does not change another's.
 
     The split is fixed by file name: every tenth file of each class (sorted) is held out.
-    ``captions.jsonl`` (one ``{"file": ..., "caption": ...}`` per line, file relative to the root)
-    gives captions; labelled folders without it get captions from the class names.
+    ``captions.jsonl`` (one ``{"file": ..., "caption": ...}`` per line, file relative to the root) or Hugging Face's
+    ``metadata.jsonl`` (``{"file_name": ..., "text": ...}``, other columns ignored) gives captions; labelled folders
+    without one get captions from the class names.
     """
     from PIL import Image, UnidentifiedImageError
 
@@ -320,10 +321,20 @@ def _folder(root: Path, split: str, channels: Optional[int], image_size: int, re
     return images, labels, names, captions
 
 
+# A folder's caption file, and its two keys (a file relative to the folder, its caption): difflineage's own, and the
+# Hugging Face image-folder convention (metadata.jsonl, whose other columns are ignored).
+CAPTION_FILES = {"captions.jsonl": ("file", "caption"), "metadata.jsonl": ("file_name", "text")}
+
+
 def _read_captions(root: Path, files: list[Path]) -> Optional[list[str]]:
-    path = root / "captions.jsonl"
-    if not path.exists():
+    present = [name for name in CAPTION_FILES if (root / name).is_file()]
+    if not present:
         return None
+    if len(present) > 1:
+        raise DataError(f"dataset folder '{root}' holds both {' and '.join(present)}: keep the one whose captions you "
+                        "mean, so that two files cannot disagree")
+    path = root / present[0]
+    file_key, text_key = CAPTION_FILES[present[0]]
     table = {}
     real_root = root.resolve()
     for n, line in enumerate(path.read_text().splitlines(), 1):
@@ -331,18 +342,19 @@ def _read_captions(root: Path, files: list[Path]) -> Optional[list[str]]:
             continue
         try:
             row = json.loads(line)
-            file, caption = Path(row["file"]), str(row["caption"])
+            file, caption = Path(row[file_key]), str(row[text_key])
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise DataError(f"{path} line {n} is not a {{\"file\": ..., \"caption\": ...}} object ({exc}); fix that line") from None
+            raise DataError(f"{path} line {n} is not a {{\"{file_key}\": ..., \"{text_key}\": ...}} object ({exc}); fix "
+                            "that line") from None
         if file.is_absolute() or not (root / file).resolve().is_relative_to(real_root):
             raise DataError(f"{path} line {n} names {str(file)!r}, which lies outside the dataset folder '{root}'; "
-                            "captions.jsonl names files relative to the folder, inside it")
+                            f"{path.name} names files relative to the folder, inside it")
         table[str(file)] = caption
     rel = [str(p.relative_to(root)) for p in files]
     missing = [r for r in rel if r not in table]
     if missing:
         raise DataError(f"{path} has no caption for {len(missing)} image(s), e.g. {missing[:3]}; add a line for each "
-                        "or remove captions.jsonl to use class-name captions")
+                        f"or remove {path.name} to use class-name captions")
     return [table[r] for r in rel]
 
 

@@ -87,7 +87,7 @@ class DiffusionSystem(System):
         m, d = config.model, config.data
         if m.condition == "class" and not d.num_classes:
             raise ConfigError(f"model.condition=class needs labelled data; {d.source} has no labels "
-                              "(use model.condition=none, or caption with captions.jsonl)")
+                              "(use model.condition=none, or caption with captions.jsonl or metadata.jsonl)")
         space = self.space_class(config)
         self.channels, self.side = space.shape_of(config)
         self.text = TextEncoder(m.text) if m.condition == "caption" else None
