@@ -79,6 +79,7 @@ def test_latent_cache_holds_the_encoders_posterior(first_stage, tmp_path):
     data = load_dataset(DataConfig(source="digits", image_size=8), "train")
     mean, logvar = trainer.system.space.first_stage.encode(data.batch(range(5))["image"])
     assert torch.allclose(trainer.system.space.part.cache.compute()[0][:5], mean, atol=1e-5)
+    assert trainer.ema.module.space.part.cache is trainer.system.space.part.cache  # the EMA's copy shares it
 
 
 def test_ldm_over_a_stable_diffusion_vae_file(tmp_path):

@@ -19,6 +19,7 @@ two-stage systems take it from there, never by a system's name.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator, Optional, Protocol, Union, runtime_checkable
@@ -82,7 +83,7 @@ class FrozenPart:
         self.module.eval()
 
 
-class FirstStage(FrozenPart):
+class FirstStage(FrozenPart, abc.ABC):
     """A frozen first stage: images -> encodings (``encode_images``) -> images (``decode``), and where a training
     batch's encoding comes from (``attach`` once, then ``encode``)."""
 
@@ -94,21 +95,21 @@ class FirstStage(FrozenPart):
         self.channels = channels  # of the images it reads
         self.cache: Optional[EncodedTrainingSet] = None
 
+    @abc.abstractmethod
     def encode_images(self, x: torch.Tensor) -> Encoded:
         """Images in [-1, 1] -> this stage's encoding (no gradients)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def decode(self, z: Encoded) -> torch.Tensor:
         """An encoding -> images in [-1, 1]."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def from_store(self, batch: AnyBatch) -> Optional[Encoded]:
         """The encoding a latent store's batch carries (None for a batch of images)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def store_arrays(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """The encoding of images ``x`` as a latent store keeps it, by array name (``difflineage extract``)."""
-        raise NotImplementedError
 
     def attach(self, dataset: Dataset, device: torch.device, cache: bool = True) -> None:
         """Before training (after the weights are in place): a latent store is checked to be this stage's (its kind
@@ -225,6 +226,11 @@ class EncodedTrainingSet:
             x = d.batch(range(s, min(s + self.batch, len(d))), self.device)["image"]
             parts.append(self.encode(x.flip(-1) if mirror else x))
         return tuple(torch.cat(p) for p in zip(*parts)) if isinstance(parts[0], tuple) else torch.cat(parts)
+
+    def __deepcopy__(self, memo: dict) -> "EncodedTrainingSet":
+        """Shared, not copied: the encodings of a frozen stage are the same in a copy of the system holding it (the
+        EMA's), which never trains on them; a copy would double them and the training set they were made from."""
+        return self
 
     def compute(self) -> Encoded:
         """Encode the whole dataset in batches (a tuple of tensors per batch gives a tuple of concatenations)."""

@@ -7,7 +7,7 @@ system does not declare is refused by name. A field left at None takes the run's
 from __future__ import annotations
 
 import typing
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
 from difflineage.diffusion import SAMPLERS, Sampler
@@ -39,17 +39,6 @@ class SampleOptions:
             raise TypeError(f"unknown sampling options {unknown}; this system takes {takes}")
         return cls(**{**carried, **given})
 
-    def given(self) -> dict[str, Any]:
-        """The options set to something other than the run's own (what a result file records: a step cache by
-        its description)."""
-        out = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.name != "progress" and value != f.default:
-                out[f.name] = value.describe() if isinstance(value, StepCache) else \
-                    value.value if isinstance(value, Sampler) else value
-        return out
-
     @classmethod
     def controls(cls) -> dict[str, dict[str, Any]]:
         """The options a command offers, by name: {"type", "help", "choices"} (the type without Optional)."""
@@ -63,8 +52,7 @@ class SampleOptions:
             kind = args[0] if args else kind
             choices = f.metadata.get("choices") or (tuple(m.value for m in kind) if kind is Sampler else None)
             out[f.name] = {"type": str if kind is Sampler else kind, "help": f.metadata.get("help", ""),
-                           "choices": choices,
-                           "default": None if f.default is MISSING else f.default}
+                           "choices": choices}
         return out
 
 
