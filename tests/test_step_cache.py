@@ -167,11 +167,66 @@ def test_calibration_measures_what_the_reuse_costs_on_held_back_samples(dit, mon
         warnings.simplefilter("error")  # below the tolerance: no warning
         cache = dit.calibrate_step_cache(0.2, steps=6, sampler="ddim", n=2, seed=5, check=3)
     held_back = lambda: torch.Generator().manual_seed(5 + 1_000_003)  # noqa: E731
-    plain = dit.sample(3, generator=held_back(), steps=6, sampler="ddim")
-    cached = dit.sample(3, generator=held_back(), steps=6, sampler="ddim", step_cache=cache)
+    classes = torch.arange(3) % dit.num_classes  # the held-back samples spread over the classes too
+    plain = dit.sample(3, condition=classes, generator=held_back(), steps=6, sampler="ddim")
+    cached = dit.sample(3, condition=classes, generator=held_back(), steps=6, sampler="ddim", step_cache=cache)
     assert cache.reuse.any() and cache.error == pytest.approx((cached - plain).abs().mean().item(), rel=1e-6)
     assert cache.error > 0 and cache.describe()["held_back_error"] == pytest.approx(cache.error, abs=1e-6)
     assert dit.calibrate_step_cache(0.0, steps=6, sampler="ddim", n=2, seed=5, check=3).error == 0.0
     monkeypatch.setattr(dit_module, "STEP_CACHE_TOLERANCE", cache.error / 2)
     with pytest.warns(UserWarning, match=r"changes 3 held-back samples by .* more than .*reuse less"):
         dit.calibrate_step_cache(0.2, steps=6, sampler="ddim", n=2, seed=5, check=3)
+
+
+def test_fit_reuses_less_until_the_held_back_error_is_within_the_tolerance(dit, monkeypatch):
+    """fit=True halves the share reused (from the same calibration) instead of warning, and records what was asked;
+    the error it reports is that of the schedule it returns."""
+    import warnings
+
+    import difflineage.systems.dit as dit_module
+
+    monkeypatch.setattr(dit_module, "STEP_CACHE_TOLERANCE", float("inf"))
+    full = dit.calibrate_step_cache(0.4, steps=10, sampler="ddim", n=4, seed=5, check=3)
+    monkeypatch.setattr(dit_module, "STEP_CACHE_TOLERANCE", full.error * 0.6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a fit does not warn: it reuses less
+        fitted = dit.calibrate_step_cache(0.4, steps=10, sampler="ddim", n=4, seed=5, check=3, fit=True)
+    assert fitted.reuse_fraction < full.reuse_fraction and fitted.asked == 0.4
+    assert fitted.error <= full.error * 0.6 or not fitted.reuse.any()
+    assert (fitted.reuse & ~full.reuse).sum() <= fitted.reuse.sum()  # a schedule of the same calibration
+    assert fitted.describe()["asked"] == 0.4 and "asked" not in full.describe()
+    again = dit.sample(3, condition=torch.arange(3) % dit.num_classes,
+                       generator=torch.Generator().manual_seed(5 + 1_000_003), steps=10, sampler="ddim")
+    cached = dit.sample(3, condition=torch.arange(3) % dit.num_classes,
+                        generator=torch.Generator().manual_seed(5 + 1_000_003), steps=10, sampler="ddim",
+                        step_cache=fitted)
+    assert fitted.error == pytest.approx((cached - again).abs().mean().item(), rel=1e-6)
+
+
+def test_calibration_spreads_over_the_classes_in_two_halves_and_says_how_well_they_agree(dit, monkeypatch):
+    """By default two samples per class (at least 16), their classes running on from one half to the other; the
+    agreement is the share of the schedule's choices each half makes alone."""
+    from difflineage.systems.dit import calibration_samples, schedule_agreement
+
+    assert calibration_samples(10) == 20 and calibration_samples(2) == 16 and calibration_samples(1000) == 64
+    seen = []
+    original = type(dit).sample
+
+    def spy(self, n, condition=None, *args, **kwargs):
+        if kwargs.get("step_cache") is not None and kwargs["step_cache"].record:
+            seen.append(condition.tolist())
+        return original(self, n, condition, *args, **kwargs)
+
+    monkeypatch.setattr(type(dit), "sample", spy)
+    cache = dit.calibrate_step_cache(0.3, steps=6, sampler="ddim", check=0)
+    k = dit.num_classes
+    assert [len(h) for h in seen] == [calibration_samples(k) // 2] * 2
+    assert sorted(set(seen[0] + seen[1])) == list(range(k)) and seen[1][0] == (seen[0][-1] + 1) % k
+    assert 0.0 <= cache.agreement <= 1.0 and cache.describe()["calibration_agreement"] == round(cache.agreement, 4)
+    with pytest.raises(ValueError, match="at least 2"):
+        dit.calibrate_step_cache(0.3, steps=6, n=1)
+
+    a = torch.tensor([[0, 0], [1, 0], [0, 1]], dtype=torch.bool)
+    assert schedule_agreement(a, [a, a]) == 1.0
+    assert schedule_agreement(a, [torch.tensor([[0, 0], [1, 0], [0, 0]], dtype=torch.bool), a]) == 0.5
+    assert schedule_agreement(torch.zeros(3, 2, dtype=torch.bool), [a]) == 1.0

@@ -96,11 +96,12 @@ FAST_STEPS = 20
 FAST_REUSE = 0.2
 
 
-def fast_sampling(system, options: dict[str, Any], n_calibrate: int = 4, seed: int = 0,
+def fast_sampling(system, options: dict[str, Any], n_calibrate: Optional[int] = None, seed: int = 0,
                   compile: bool = True) -> tuple[dict[str, Any], bool, str]:
     """The fastest sampling this machine has for ``system``: (options, bf16, a line saying what was chosen).
     Diffusion systems: DPM-Solver++ at ``FAST_STEPS`` steps unless told otherwise; DiT and DyDiT: a step cache
-    calibrated on ``n_calibrate`` samples reusing ``FAST_REUSE`` of the block evaluations; DiT with ``compile``: its
+    calibrated on ``n_calibrate`` samples (the system's default) reusing ``FAST_REUSE`` of the block evaluations, or
+    less where its held-back error would pass the tolerance (``fit``); DiT with ``compile``: its
     blocks compiled in place (``DiTSystem.compile_blocks``; the first call pays the compilation); bf16 autocast where
     it is native (``native_bf16``). Other systems keep their options (and get bf16 where native)."""
     fast = dict(options)
@@ -112,14 +113,16 @@ def fast_sampling(system, options: dict[str, Any], n_calibrate: int = 4, seed: i
     if isinstance(system, CachesSteps) and "step_cache" not in fast:
         calibration = {k: v for k, v in fast.items() if k in ("guidance", "mode", "eta")}
         fast["step_cache"] = system.calibrate_step_cache(FAST_REUSE, steps=fast["steps"], sampler=fast["sampler"],
-                                                         n=n_calibrate, seed=seed, **calibration)
+                                                         n=n_calibrate, seed=seed, fit=True, **calibration)
         if dist.is_initialized():  # every process samples with rank 0's decisions (a GPU's calibration may differ in ulps)
             box = [fast["step_cache"]]
             dist.broadcast_object_list(box, src=0)
             fast["step_cache"] = box[0]
         cache = fast["step_cache"]
         said.append(f"step cache reusing {cache.reuse_fraction:.0%} of block evaluations"
-                    + (f" (it changes held-back samples by {cache.error:.4f} on average, pixels in [-1, 1])"
+                    + (f" (it changes held-back samples by {cache.error:.4f} on average, pixels in [-1, 1]"
+                       + (f"; {cache.asked:.0%} would have changed them by more than the tolerance"
+                          if cache.asked is not None and cache.reuse_fraction < cache.asked - 1e-9 else "") + ")"
                        if cache.error is not None else ""))
     if compile and isinstance(system, CompilesBlocks) and system.compile_blocks():
         said.append("compiled blocks")

@@ -65,7 +65,11 @@ class StepCache:
         self.reuse = reuse
         self.record = record
         self.calibration = calibration
-        self.error: Optional[float] = None  # what the reuse changed in held-back samples (calibrate_step_cache)
+        # set by a system's calibrate_step_cache: what the reuse changed in held-back samples, how many of its
+        # choices both halves of the calibration made on their own, and the share first asked for (before a fit)
+        self.error: Optional[float] = None
+        self.agreement: Optional[float] = None
+        self.asked: Optional[float] = None
         self.reset()
 
     @classmethod
@@ -121,6 +125,10 @@ class StepCache:
                      "schedule": digest}
         if self.error is not None:
             described["held_back_error"] = round(self.error, 6)
+        if self.agreement is not None:
+            described["calibration_agreement"] = round(self.agreement, 4)
+        if self.asked is not None and abs(self.asked - self.reuse_fraction) > 0.5 / self.reuse.numel():
+            described["asked"] = round(self.asked, 4)
         return described
 
     def __repr__(self) -> str:

@@ -65,8 +65,10 @@ class CachesSteps(Protocol):
     ``calibrate_step_cache`` gives the ``step_cache`` sampling option."""
 
     def calibrate_step_cache(self, fraction: float, steps: Optional[int] = None, sampler: Optional[str] = None,
-                             n: int = 8, seed: int = 0, **options: Any) -> Any:
-        """A step cache reusing ``fraction`` of the block evaluations, calibrated on ``n`` samples."""
+                             n: Optional[int] = None, seed: int = 0, check: int = 8, fit: bool = False,
+                             **options: Any) -> Any:
+        """A step cache reusing ``fraction`` of the block evaluations, calibrated on ``n`` samples, its error
+        measured on ``check`` held-back ones (with ``fit``: reusing less until that error is within tolerance)."""
 
 
 @runtime_checkable

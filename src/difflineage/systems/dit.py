@@ -28,6 +28,23 @@ from difflineage.systems.options import DiTOptions
 # of 255 grey levels on average, more than the rounding of an 8-bit image, less than a change of what a sample shows.
 STEP_CACHE_TOLERANCE = 0.02
 
+
+def calibration_samples(classes: int) -> int:
+    """How many samples a step cache is calibrated on by default: two per class, at least 16, at most 64."""
+    return min(64, max(16, 2 * classes))
+
+
+def schedule_agreement(chosen: torch.Tensor, others: list[torch.Tensor]) -> float:
+    """The share of ``chosen``'s reused (step, block) pairs that every schedule of ``others`` chose too (1.0 when
+    nothing is reused)."""
+    total = int(chosen.sum())
+    if total == 0:
+        return 1.0
+    shared = chosen.clone()
+    for other in others:
+        shared &= other
+    return int(shared.sum()) / total
+
 # The DiT paper's FID-50K sampling (its sample_ddp.py): 250 DDPM steps, guidance 1.5 (on the channels the model's
 # guidance_channels names: the first three of the four latent channels).
 DIT_FID_SAMPLING = {"sampler": "ddpm", "steps": 250, "guidance": 1.5}
@@ -99,26 +116,56 @@ class DiTSystem(DiffusionSystem):
         return True
 
     def calibrate_step_cache(self, fraction: float, steps: Optional[int] = None, sampler: Optional[str] = None,
-                             n: int = 8, seed: int = 0, check: int = 4, **options: Any) -> StepCache:
-        """A step cache for this sampler and step count, from a calibration run on ``n`` samples with every block
-        computed: the ``fraction`` of block evaluations whose residual changed least are reused
-        (models/step_cache.py). What the reuse costs is then measured on ``check`` held-back samples (other noise
-        than the calibration's): ``cache.error``, the mean |cached - plain| of their pixels in [-1, 1]; past
-        ``STEP_CACHE_TOLERANCE`` a warning says so."""
+                             n: Optional[int] = None, seed: int = 0, check: int = 8, fit: bool = False,
+                             **options: Any) -> StepCache:
+        """A step cache for this sampler and step count, from a calibration run with every block computed: the
+        ``fraction`` of block evaluations whose residual changed least are reused (models/step_cache.py).
+
+        - **Calibration**: ``n`` samples (default ``calibration_samples``: two per class, at least 16, at most 64),
+          their conditions spread over the classes, drawn in two halves of different noise and classes. The schedule
+          is chosen from both halves' changes together; ``cache.agreement`` is the share of its choices that the two
+          halves, each on its own, would also have made (1.0: the calibration is stable; docs/sampling.md measures it
+          against ``n``).
+        - **Check**: what the reuse costs is measured on ``check`` held-back samples (other noise than the
+          calibration's): ``cache.error``, the mean |cached - plain| of their pixels in [-1, 1].
+        - **Tolerance**: past ``STEP_CACHE_TOLERANCE`` a warning says so; with ``fit`` the share reused is halved
+          instead, from the same calibration, until the error is within it (down to no reuse at all), and
+          ``cache.asked`` keeps the share first asked for."""
         dc = self.config.model.diffusion
         steps, sampler = steps or dc.sample_steps, sampler or dc.sampler
-        calibration = StepCache.off(steps, len(self.net.blocks), record=True)
-        self.sample(n, generator=torch.Generator().manual_seed(seed), steps=steps, sampler=sampler,
-                    step_cache=calibration, **options)
-        cache = StepCache(choose_reuse(calibration.deltas, fraction), calibration=calibration.deltas.clone())
-        if check > 0:
+        n = calibration_samples(self.num_classes) if n is None else n
+        if n < 2:
+            raise ValueError(f"the step cache is calibrated on two halves of its samples: n must be at least 2, not {n}")
+        halves = []
+        for half, m in enumerate((n - n // 2, n // 2)):
+            calibration = StepCache.off(steps, len(self.net.blocks), record=True)
+            # the second half goes on with the classes where the first stopped
+            condition = (torch.arange(m) + half * (n - n // 2)) % self.num_classes if self.num_classes else None
+            self.sample(m, condition=condition, generator=torch.Generator().manual_seed(seed + half), steps=steps,
+                        sampler=sampler, step_cache=calibration, **options)
+            halves.append(calibration.deltas.clone())
+        deltas = (halves[0] * (n - n // 2) + halves[1] * (n // 2)) / n
+        asked = fraction
+        while True:
+            cache = StepCache(choose_reuse(deltas, fraction), calibration=deltas)
+            cache.asked = asked
+            cache.agreement = schedule_agreement(cache.reuse, [choose_reuse(d, fraction) for d in halves])
+            if check <= 0:
+                return cache
             held_back = lambda: torch.Generator().manual_seed(seed + 1_000_003)  # noqa: E731
-            plain = self.sample(check, generator=held_back(), steps=steps, sampler=sampler, **options)
-            cached = self.sample(check, generator=held_back(), steps=steps, sampler=sampler, step_cache=cache, **options)
+            conditions = torch.arange(check) % self.num_classes if self.num_classes else None
+            plain = self.sample(check, condition=conditions, generator=held_back(), steps=steps, sampler=sampler,
+                                **options)
+            cached = self.sample(check, condition=conditions, generator=held_back(), steps=steps, sampler=sampler,
+                                 step_cache=cache, **options)
             cache.error = (cached.float() - plain.float()).abs().mean().item()
-            if cache.error > STEP_CACHE_TOLERANCE:
+            if cache.error <= STEP_CACHE_TOLERANCE or not cache.reuse.any():
+                return cache
+            if not fit:
                 warnings.warn(f"the step cache reusing {cache.reuse_fraction:.0%} of block evaluations changes "
                               f"{check} held-back samples by {cache.error:.3f} on average (pixels in [-1, 1]), more "
                               f"than {STEP_CACHE_TOLERANCE}: its samples may differ from the plain sampler's in what "
-                              "they show; reuse less (a smaller fraction) or sample without it", stacklevel=2)
-        return cache
+                              "they show; reuse less (a smaller fraction, or fit=True to find one) or sample without "
+                              "it", stacklevel=2)
+                return cache
+            fraction = fraction / 2 if fraction >= 0.02 else 0.0
