@@ -49,8 +49,15 @@ class DataConfig:
         ``PATH/val/<wnid>/*.JPEG`` as the held-out split; classes by sorted folder name, as the official DiT
         reads it; always streamed) or ``parquet:PATH`` (the Hugging Face imagenet-1k parquet shards,
         ``train-*.parquet`` and ``validation-*.parquet``, through the optional ``datasets`` library; streamed).
-    :param image_size: side of the square images the model sees, in pixels.
-    :param channels: 1 (grayscale) or 3 (RGB); ``None`` keeps the files' own channel count.
+    :param image_size: side of the square images the model sees, in pixels; ``None``: the images' own side (one
+        size for the whole set, or a clear error asking for one).
+    :param channels: 1 (grayscale) or 3 (RGB); ``None`` keeps the files' own channel count. A colour set is never
+        turned grey silently: ``channels: 1`` on a folder of colour images only is refused (a mix of grey and
+        colour files is made one on purpose).
+
+    The fields that describe a recipe's own data (``DATA_BOUND``: size, channels, classes, class names, caption
+    template) are the data's, not the recipe's, once an override names another ``source``: they are read from the new
+    data unless the same overrides set them too.
     :param resize: how smaller sources reach ``image_size``: ``pad`` (centre, zero border) or
         ``resize`` (bilinear). Larger sources are always resized.
     :param num_classes: number of class labels; ``None`` means "read it from the data" (the trainer
@@ -67,10 +74,13 @@ class DataConfig:
         encodings (a fresh posterior sample and flip on every visit) instead of encoding images.
     :param caption_template: caption for labelled data, ``{name}`` is the class name; ``None``: "a handwritten
         digit {name}" for the digit sources (mnist5k, digits, MNIST IDX files), the class name alone otherwise.
+    :param captions: where the training captions came from, filled in by the trainer: ``file`` (a folder's
+        captions.jsonl or metadata.jsonl: a caption-conditioned run is then sampled from captions, never from class
+        names it did not see) or ``classes`` (class names in ``caption_template``); ``None`` before training.
     """
 
     source: str = "mnist5k"
-    image_size: int = 32
+    image_size: Optional[int] = 32
     channels: Optional[int] = 1
     resize: Literal["pad", "resize"] = "pad"
     num_classes: Optional[int] = None
@@ -80,6 +90,7 @@ class DataConfig:
     workers: Optional[int] = None
     flip: bool = False
     latents: Optional[str] = None
+    captions: Optional[Literal["file", "classes"]] = None
 
     def check(self) -> None:
         kinds = ("mnist5k", "digits", "folder:PATH", "mnist-idx:PATH", "imagenet:PATH", "parquet:PATH")
@@ -90,7 +101,7 @@ class DataConfig:
             raise ConfigError(f"data.workers={self.workers} must be 0 or more (0: decode in the training process)")
         if self.source.startswith(paths) and not self.source.split(":", 1)[1]:
             raise ConfigError(f"data.source={self.source!r} names no path; write e.g. folder:/data/faces")
-        if self.image_size < 4:
+        if self.image_size is not None and self.image_size < 4:
             raise ConfigError(f"data.image_size={self.image_size} is too small; use at least 4 pixels")
         if self.channels not in (None, 1, 3):
             raise ConfigError(f"data.channels={self.channels} is not supported; choose 1 (gray), 3 (RGB) or null")
@@ -235,8 +246,15 @@ def from_dict(raw: dict, model_config: ModelConfigOf, overrides: Optional[list[s
     if not isinstance(raw, dict):
         raise ConfigError(f"a config must be a mapping of sections, got {type(raw).__name__}")
     raw = _deep_copy(raw)
+    source = _data_source(raw)
     for item in overrides or []:
         _apply_override(raw, item)
+    if _data_source(raw) != source:  # the recipe's own data described: the new data's are read from it instead
+        given = {item.split("=", 1)[0].strip() for item in overrides or []}
+        data = raw["data"]
+        for key in DATA_BOUND:
+            if f"data.{key}" not in given:
+                data[key] = None
     extra = set(raw) - {"system", "data", "model", "train"}
     if extra:
         key = sorted(extra)[0]
@@ -252,6 +270,16 @@ def from_dict(raw: dict, model_config: ModelConfigOf, overrides: Optional[list[s
         data=build(DataConfig, raw.get("data") or {}, "data"),
         train=build(TrainConfig, raw.get("train") or {}, "train"),
     )
+
+
+# What a recipe's data section says of its own data (the digits' 28 px, one channel, ten named classes), and so
+# what an override of data.source leaves to be read from the new data unless it sets it too.
+DATA_BOUND = ("image_size", "channels", "num_classes", "class_names", "caption_template", "captions")
+
+
+def _data_source(raw: dict) -> str:
+    data = raw.get("data")
+    return str(data.get("source", DataConfig.source)) if isinstance(data, dict) else DataConfig.source
 
 
 def read_config(path_or_name: Union[str, Path], model_config: ModelConfigOf,

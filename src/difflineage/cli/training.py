@@ -4,26 +4,11 @@
 from __future__ import annotations
 
 import shlex
-import sys
 from pathlib import Path
 
 from difflineage.cli.common import format_metrics, heldout, is_main_process
 
-# Each system's quickstart: its stages in order, as (recipe, run sub-directory or "" for the run itself,
-# overrides of that stage). An override may name an earlier stage's checkpoint as {SUB-DIRECTORY}.
-# The first entry is the default system (the flagship).
-QUICKSTART_RECIPES = {
-    "dit": [("autoencoder-mnist", "autoencoder", ["train.steps=800"]),
-            ("dit-mnist", "", ["model.first_stage={autoencoder}"])],
-    "vae": [("vae-mnist", "", [])],
-    "ddpm": [("ddpm-mnist", "", [])],
-    "ldm": [("autoencoder-mnist", "autoencoder", []), ("ldm-mnist", "", ["model.first_stage={autoencoder}"])],
-    "vqvae": [("vqvae-mnist", "autoencoder", []), ("vqvae-prior-mnist", "", ["model.first_stage={autoencoder}"])],
-    "vqvae2": [("vqvae2-mnist", "autoencoder", []), ("vqvae2-prior-mnist", "", ["model.first_stage={autoencoder}"])],
-    "dalle": [("dalle-dvae-mnist", "dvae", []), ("dalle-clip-mnist", "clip", []),
-              ("dalle-mnist", "", ["model.first_stage={dvae}", "model.clip_stage={clip}"])],
-}
-DEFAULT_SYSTEM = next(iter(QUICKSTART_RECIPES))
+from difflineage.train.recipes import DEFAULT_SYSTEM, QUICKSTART_RECIPES
 
 
 def add_parsers(sub) -> None:
@@ -34,6 +19,9 @@ def add_parsers(sub) -> None:
     q.add_argument("--system", default=DEFAULT_SYSTEM, choices=list(QUICKSTART_RECIPES),
                    help=f"which system (default: {DEFAULT_SYSTEM}, the flagship)")
     q.add_argument("--out", type=Path, default=None, help="run directory (default: runs/quickstart-SYSTEM)")
+    q.add_argument("--data", default=None, metavar="SOURCE",
+                   help="train on this data instead of the digits, e.g. folder:PATH (each stage's recipe fitted to it: "
+                        "size, channels, classes or captions)")
     q.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                    help="override recipe values of the final stage, e.g. train.steps=500, of a named "
                         "earlier stage, e.g. autoencoder-mnist:train.steps=400, or of every stage, e.g. "
@@ -46,9 +34,17 @@ def add_parsers(sub) -> None:
     t = sub.add_parser("train", help="train from a config file or recipe name",
                        description="Train from a YAML config (or a recipe name from configs/). Runs under torchrun "
                                    "as DistributedDataParallel: torchrun --nproc_per_node N -m difflineage train CONFIG.")
-    t.add_argument("config", nargs="?", help="YAML file or recipe name (e.g. vae-mnist); optional with --resume")
+    t.add_argument("config", nargs="?", metavar="CONFIG|SYSTEM",
+                   help="YAML file or recipe name (e.g. vae-mnist), or a system (" + ", ".join(QUICKSTART_RECIPES)
+                        + "): its stages in order, as the quickstart trains them; optional with --resume")
+    t.add_argument("--data", default=None, metavar="SOURCE",
+                   help="train on this data, e.g. folder:PATH: the recipe fitted to it (size, channels, classes or "
+                        "captions, the settings that depend on the image size), each change printed")
     t.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                    help="override config values, e.g. model.latent_dim=2 train.steps=2000")
+    t.add_argument("--model", default=None, metavar="DIT-NAME",
+                   help="a DiT size by the paper's name, as the official scripts take it (DiT-XL/2, DiT-B/4, ...): "
+                        "model.dit.name for a DiT or DyDiT recipe")
     t.add_argument("--out", type=Path, default=None, help="run directory (default: runs/CONFIG-NAME)")
     t.add_argument("--resume", nargs="?", const=True, default=None, metavar="CKPT",
                    help="continue exactly from the latest checkpoint of --out (or from CKPT)")
@@ -62,17 +58,39 @@ def add_parsers(sub) -> None:
 
 def cmd_train(args) -> int:
     from difflineage.checkpoint import resolve_checkpoint
+    from difflineage.config import resolve_config_path
+    from difflineage.errors import ConfigError
     from difflineage.systems import load_config
     from difflineage.train import Trainer
+    from difflineage.train.recipes import fit_recipe
 
     if args.config is None and not args.resume:
-        raise SystemExit("difflineage train: give CONFIG (a YAML file or recipe name), or --resume")
-    config = load_config(args.config, args.overrides) if args.config else None
+        raise SystemExit("difflineage train: give CONFIG (a YAML file or recipe name) or a SYSTEM, or --resume")
+    if args.model is not None:
+        args.overrides = [*args.overrides, f"model.dit.name={args.model}"]
+    if args.config in QUICKSTART_RECIPES and not Path(args.config).is_file():  # a system: its stages in order
+        return _train_stages(args, args.out or Path("runs") / _run_name(args.config, args.data), evaluate=False)
+    if args.data is not None and args.resume:
+        raise SystemExit("difflineage train: --data fits a recipe to new data; a resumed run goes on with the data it "
+                         "was fitted to (leave --data out)")
+    if args.data is not None:
+        resolve_config_path(args.config)  # an unknown recipe is named before any data is read
+        fitted = fit_recipe(args.config, args.data, args.overrides)
+        for line in fitted.notes:
+            print(f"fitted {Path(args.config).stem}: {line}")
+        config = fitted.config
+    else:
+        try:
+            config = load_config(args.config, args.overrides) if args.config else None
+        except ConfigError as exc:
+            if args.config and not Path(args.config).is_file() and "no recipe of that name" in str(exc):
+                raise ConfigError(f"{exc}; or a system: {', '.join(QUICKSTART_RECIPES)}") from None
+            raise
     run_dir = args.out
     if run_dir is None:
         if args.config is None:
             raise SystemExit("difflineage train --resume without CONFIG needs --out RUN_DIR (or --resume CKPT with --out)")
-        run_dir = Path("runs") / Path(args.config).stem
+        run_dir = Path("runs") / _run_name(Path(args.config).stem, args.data)
     resume = args.resume
     if config is None and args.overrides:  # continue with changed settings: the checkpoint's config, overridden
         config = load_config(resolve_checkpoint(run_dir if resume is True else resume) / "config.yaml", args.overrides)
@@ -84,44 +102,53 @@ def cmd_train(args) -> int:
     return 0 if result.status != "interrupted" else 130
 
 
-def cmd_quickstart(args) -> int:
-    from difflineage.checkpoint import latest_checkpoint
-    from difflineage.eval import evaluate_system
-    from difflineage.systems import load, load_config
-    from difflineage.train import Trainer
-    from difflineage.train.rundir import holds_run
+def _run_name(name: str, data: str | None) -> str:
+    """runs/NAME, or runs/NAME-FOLDER for a recipe trained on a folder (or other source) of the user's."""
+    if data is None:
+        return name
+    return f"{name}-{Path(data.split(':', 1)[-1]).expanduser().resolve().name or 'data'}"
 
-    run_dir = args.out or Path("runs") / f"quickstart-{args.system}"
-    again = " ".join(["difflineage quickstart --system", args.system, *(["--out", shlex.quote(str(args.out))] if args.out else []),
+
+def _train_stages(args, run_dir: Path, evaluate: bool):
+    """A system's stages trained in order into ``run_dir`` (an existing run resumes), fitted to ``args.data``."""
+    from difflineage.storage import remove_tree
+    from difflineage.train.recipes import train_stages
+
+    if getattr(args, "overwrite", False) and run_dir.exists():
+        remove_tree(run_dir)
+    system = args.system if evaluate else args.config
+    command = ["difflineage", "quickstart", "--system", system] if evaluate else ["difflineage", "train", system]
+    again = " ".join([*command, *(["--data", shlex.quote(args.data)] if args.data else []),
+                      *(["--out", shlex.quote(str(args.out))] if args.out else []),
                       *(["--set", *map(shlex.quote, args.overrides)] if args.overrides else [])])
-    earlier: dict[str, str] = {}  # sub-directory -> checkpoint of the stages trained so far
-    stages = QUICKSTART_RECIPES[args.system]
-    known = {recipe for recipe, _, _ in stages} | {"*"}
-    for o in args.overrides:
-        if ":" in o.split("=", 1)[0] and o.split(":", 1)[0] not in known:
-            print(f"error: --set {o}: {o.split(':', 1)[0]!r} is not a stage of the {args.system} quickstart "
-                  f"({', '.join(sorted(known - {'*'}))}, or * for every stage)", file=sys.stderr)
-            return 2
-    for recipe, sub, stage_overrides in stages:
-        # --set KEY=VALUE applies to the final stage, --set RECIPE:KEY=VALUE to that stage
-        mine = [o.split(":", 1)[1] for o in args.overrides if o.startswith((recipe + ":", "*:"))]
-        plain = [o for o in args.overrides if ":" not in o.split("=", 1)[0]]
-        overrides = [o.format(**earlier) for o in stage_overrides] + (plain if not sub else []) + mine
-        config = load_config(recipe, overrides)
-        stage_dir = run_dir / sub if sub else run_dir
-        resume = latest_checkpoint(stage_dir) is not None
-        if resume:
-            print(f"resuming the quickstart run in {stage_dir}")
-        print(f"training {recipe} into {stage_dir}")
-        # a stage that stopped before its first checkpoint has nothing to resume: it starts again
-        result = Trainer(config, stage_dir, resume=resume or None, progress=not args.no_progress,
-                         overwrite=not resume and holds_run(stage_dir), resume_command=again).fit()
-        if result.status != "finished":
-            return 130
-        earlier[sub] = str(result.checkpoint)
+    result = train_stages(system, run_dir, data=args.data, overrides=args.overrides, progress=not args.no_progress,
+                          resume_command=again)
+    if result.status != "finished":
+        return 130
+    if not evaluate:
+        print(f"{result.status} at step {result.step}: checkpoint {result.checkpoint}"
+              + (f", samples {result.samples}" if result.samples else ""))
+        return 0
+    return result
+
+
+def cmd_quickstart(args) -> int:
+    from difflineage.eval import evaluate_system
+    from difflineage.systems import load
+
+    run_dir = args.out or Path("runs") / (f"quickstart-{args.system}" if args.data is None
+                                          else _run_name(args.system, args.data))
+    result = _train_stages(args, run_dir, evaluate=True)
+    if isinstance(result, int):
+        return result
     system = load(result.checkpoint)
     pictures = system.pictures(heldout(system), run_dir)
-    metrics = evaluate_system(system, n=args.eval_n, k=args.eval_k, bpd_images=20, progress=not args.no_progress,
+    n = args.eval_n
+    if (system.config.data.channels or 1) != 1:  # colour images are scored on InceptionV3, whose weights are the user's
+        print(f"sample scores of colour images need InceptionV3's weights (a file of yours): difflineage evaluate "
+              f"{run_dir} --inception-weights FILE; here, the held-out scores only")
+        n = 0
+    metrics = evaluate_system(system, n=n, k=args.eval_k, bpd_images=20, progress=not args.no_progress,
                               out=run_dir / "metrics.json", checkpoint=result.checkpoint)
     print(f"\nquickstart ({args.system}) finished: {result.step} steps in {run_dir}/")
     lines = {"samples": result.samples, **pictures, "loss curve": run_dir / "loss.png",

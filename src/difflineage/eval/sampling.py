@@ -51,11 +51,14 @@ def fid_sampling_defaults(system) -> dict[str, Any]:
 
 
 def generate(system, n: int, batch_size: int = 250, seed: int = 0, progress: bool = True, bf16: bool = False,
+             captions: Optional[tuple[list[str], Optional[torch.Tensor]]] = None,
              **options: Any) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Draw ``n`` samples as uint8 (n, C, H, W), with the labels asked for (conditional systems: the
     classes in turn). Batch b always uses seed (seed, b), so the samples are the same whatever the number
     of processes; under torchrun the batches are dealt round-robin and gathered on every process.
-    ``bf16`` samples under bfloat16 autocast (faster on CPUs with AVX-512 bf16 and on recent GPUs)."""
+    ``bf16`` samples under bfloat16 autocast (faster on CPUs with AVX-512 bf16 and on recent GPUs).
+    ``captions``: (captions, their labels or None) to draw for in turn instead of classes (a run trained on a
+    captions file is sampled from captions of its held-out images)."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
     k = system.num_classes
@@ -64,8 +67,13 @@ def generate(system, n: int, batch_size: int = 250, seed: int = 0, progress: boo
     for b in tqdm(batches, desc=f"sampling {n}", disable=not (progress and rank == 0), leave=False):
         m = min(batch_size, n - b * batch_size)
         labels = torch.arange(b * batch_size, b * batch_size + m) % k if k else None
+        condition = labels
+        if captions is not None:
+            texts, of = captions
+            turn = torch.arange(b * batch_size, b * batch_size + m) % len(texts)
+            condition, labels = [texts[i] for i in turn.tolist()], (of[turn] if of is not None and k else None)
         g = torch.Generator().manual_seed(seed * 1_000_003 + b)
-        mine.append((b, draw_batch(system, m, labels, g, bf16, options), labels))
+        mine.append((b, draw_batch(system, m, condition, g, bf16, options), labels))
     if world > 1:
         everything: list = [None] * world
         dist.all_gather_object(everything, mine)
@@ -145,7 +153,7 @@ def checkpoint_digest(path: Optional[str | Path]) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
 
-def draw_batch(system, m: int, labels: Optional[torch.Tensor], generator: torch.Generator, bf16: bool,
+def draw_batch(system, m: int, labels: Optional[torch.Tensor | list[str]], generator: torch.Generator, bf16: bool,
                options: dict[str, Any]) -> torch.Tensor:
     """``m`` samples for ``labels`` as uint8 (m, C, H, W), under bf16 autocast when asked."""
     try:

@@ -110,6 +110,14 @@ class UNet(nn.Module):
         if image_size % 2 ** (levels - 1):
             raise ConfigError(f"a UNet with {levels} levels needs an input side divisible by {2 ** (levels - 1)}, "
                               f"got {image_size}; change data.image_size or unet.channel_mult")
+        sides = [image_size // 2 ** i for i in range(levels)]
+        unmatched = [r for r in cfg.attention_resolutions if r not in sides]
+        if unmatched:  # an attention level that no feature map has would silently vanish
+            fit = sorted({min(sides, key=lambda s: abs(s - r)) for r in cfg.attention_resolutions}, reverse=True)
+            raise ConfigError(f"unet.attention_resolutions={list(cfg.attention_resolutions)}: {unmatched} matches no "
+                              f"level of this UNet, whose feature maps are {', '.join(map(str, sides))} px (input "
+                              f"{image_size} px); --set model.unet.attention_resolutions=[{','.join(map(str, fit))}] "
+                              "(or [] for none)")
         self.cfg = cfg
         ch, g = cfg.channels, cfg.norm_groups
         emb_dim = 4 * ch

@@ -265,6 +265,18 @@ class System(nn.Module, abc.ABC):
         return [d.caption(names[i]) for i in labels.tolist()]
 
     @property
+    def captions_from_file(self) -> bool:
+        """Whether this run learned its captions from a captions file (``data.captions: file``): it is then sampled
+        from captions, not from class names that it never saw as captions."""
+        return self.caption_conditioned and self.config.data.captions == "file"
+
+    def refuse_classes(self) -> None:
+        """The refusal for a class (or no condition) asked of a run trained on a captions file's captions."""
+        raise ValueError(f"this {self.title} run was trained on the captions of its data's captions file, not on class "
+                         "names: give a caption (sample --caption TEXT; in Python condition='a caption' or a list "
+                         "of captions)")
+
+    @property
     def caption_conditioned(self) -> bool:
         """Whether samples are drawn for captions (their CLIP score is then a metric of ``evaluate``)."""
         return self.conditioning == "caption"
@@ -289,6 +301,9 @@ class System(nn.Module, abc.ABC):
             return lowered[key]
         if key.isdigit() and int(key) < len(names):
             return int(key)
+        if not self.caption_conditioned and (" " in key or not names):
+            raise ValueError(f"this {self.title} run is conditioned on classes, not captions: {name!r} is not one of its "
+                             f"classes ({', '.join(names)}); give a class name or number")
         raise ValueError(unknown("class", name, names))
 
     def labels_for(self, n: int, condition: Condition) -> Optional[torch.Tensor]:

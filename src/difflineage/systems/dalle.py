@@ -143,6 +143,8 @@ class DalleSystem(System):
             if len(condition) != n:
                 raise ValueError(f"expected 1 or {n} captions, got {len(condition)}")
             return list(condition)
+        if self.captions_from_file:
+            self.refuse_classes()
         labels = self.labels_for(n, condition)
         if labels is None:
             raise ValueError("give captions: this data has no classes to make captions from")

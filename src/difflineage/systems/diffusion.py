@@ -201,9 +201,17 @@ class DiffusionSystem(System):
     @torch.no_grad()
     def sample(self, n: int, condition: Condition = None, generator: Optional[torch.Generator] = None,
                options: Optional[DiffusionOptions] = None, **given: Any) -> torch.Tensor:
-        """Draw n images (``DiffusionOptions``): ``steps`` of the chain (respaced), ``sampler`` ddpm, ddim or
-        dpmpp_2m, ``guidance`` scale (1 = the conditional model), each the recipe's where not given;
-        ``condition`` labels, captions, or None (classes in turn)."""
+        """Draw ``n`` images in [-1, 1], (n, C, H, W).
+
+        :param condition: a class by name (``"seven"``) or number, a tensor of ``n`` labels, or, for a
+            caption-conditioned run, a caption (for every sample) or a list of ``n``; None: the classes in turn. A
+            run trained on a captions file takes captions only; a class run refuses a caption.
+        :param generator: a seeded ``torch.Generator`` for the noise (the same seed draws the same images).
+        :param options: a ``DiffusionOptions`` (DiT: ``DiTOptions``, DyDiT: ``DyDiTOptions``), or its fields as
+            keywords, each the recipe's where not given: ``steps`` (the chain respaced to this many; diffusers'
+            ``num_inference_steps``), ``sampler`` (``ddpm``, ``ddim`` or ``dpmpp_2m``), ``guidance`` (the
+            classifier-free scale, 1 = the conditional model alone; diffusers' ``guidance_scale``), ``eta`` (DDIM),
+            ``progress``; a DiT also takes ``step_cache`` (``calibrate_step_cache``), a DyDiT ``mode``."""
         o = self.sample_options(options, **given)
         dc = self.config.model.diffusion
         guidance = dc.guidance if o.guidance is None else o.guidance
@@ -218,6 +226,8 @@ class DiffusionSystem(System):
             labels = self.labels_for(n, condition) if self.config.model.condition != "none" and \
                 (condition is not None or self.num_classes) else None
             if self.config.model.condition == "caption":
+                if self.captions_from_file:
+                    self.refuse_classes()
                 if labels is None:
                     raise ValueError("give captions (a list of strings) to sample from a caption-conditioned model")
                 captions = self.captions_for(labels)

@@ -34,12 +34,13 @@ from difflineage.checkpoint import checkpoints_of, latest_checkpoint, resolve_ch
 from difflineage.config import Config
 from difflineage.data import BatchStream, ImageDataset, check_source, load_dataset, stream_workers
 from difflineage.data.dataset import to_device
+from difflineage.data.sources import caption_file
 from difflineage.data.store import open_store_dataset
 from difflineage.errors import CheckpointError, ConfigError, StorageError, TrainingDiverged
 from difflineage.images import save_grid
 from difflineage.nn.precision import resolve_bf16
 from difflineage.storage import remove_tree, writing
-from difflineage.systems import System, build_system, load_checkpoint, reading_stages_once, system_for
+from difflineage.systems import System, build_system, load, load_checkpoint, reading_stages_once, system_for
 from difflineage.systems.base import Denoises
 from difflineage.train.distributed import DistInfo, all_gather_objects, barrier, cleanup, init_distributed
 from difflineage.train.plots import plot_metrics
@@ -50,24 +51,36 @@ from difflineage.weights import load_state_dict_strict
 
 @dataclass
 class TrainResult:
+    """What a training run left: its directory, the step it reached and how it ended, its last checkpoint and sample
+    grid."""
+
     run_dir: Path
     step: int
     status: str  # "finished", "interrupted" (signal) or "stopped" (stop_at reached)
     checkpoint: Optional[Path]
     samples: Optional[Path]
 
+    def load(self, use_ema: bool = True, device: str = "cpu") -> System:
+        """The trained system of the last checkpoint, ready to sample (``difflineage.load``)."""
+        if self.checkpoint is None:
+            raise CheckpointError(f"the run in {self.run_dir} stopped before its first checkpoint: nothing to load")
+        return load(self.checkpoint, use_ema=use_ema, device=device)
+
 
 def resolve_data(config: Config, dataset: ImageDataset) -> Config:
-    """Fill the data fields that come from the files (channels, number of classes, class names) into the
-    config, so that the checkpoint can rebuild the system, and make its captions, without the data."""
+    """Fill the data fields that come from the files (size, channels, number of classes, class names, where the
+    captions come from) into the config, so that the checkpoint can rebuild the system, and make its captions,
+    without the data."""
     data = config.data
     channels = dataset.shape[0]
     if data.num_classes is not None and dataset.num_classes is not None and data.num_classes < dataset.num_classes:
         raise ConfigError(f"data.num_classes={data.num_classes} but {data.source} has {dataset.num_classes} classes; "
                           f"set data.num_classes={dataset.num_classes} or leave it null")
-    return replace(config, data=replace(data, channels=channels,
+    names = data.class_names if data.class_names is not None else dataset.class_names
+    captions = "file" if caption_file(data.source) is not None else "classes" if names is not None else None
+    return replace(config, data=replace(data, channels=channels, image_size=dataset.shape[-1], captions=captions,
                                         num_classes=data.num_classes if data.num_classes is not None else dataset.num_classes,
-                                        class_names=data.class_names if data.class_names is not None else dataset.class_names))
+                                        class_names=names))
 
 
 def ema_decay_at(decay: float, updates: int, warmup: bool = True) -> float:
@@ -443,6 +456,8 @@ class TrainingRun:
 
     def __post_init__(self) -> None:
         self.params = [p for g in self.opt.param_groups for p in g["params"]]
+        self.started = time.perf_counter()
+        self.drawing_s = 0.0  # time spent drawing grids, which is not training time
 
     def update(self, batch, step: int) -> bool:
         """One optimizer step on ``batch``: the loss, its gradient, clipping, the learning rate of ``step``, AdamW and
@@ -539,13 +554,57 @@ class TrainingRun:
         was_training = model.training
         model.eval()
         cond, per_class = model.grid_labels(tc.sample_n)  # one row per class
-        n = len(cond) if cond is not None else tc.sample_n
-        images = model.sample(n, condition=cond, generator=torch.Generator().manual_seed(tc.seed))
+        if model.captions_from_file:  # captions of the training set, spread over it: the only ones it has seen
+            cond, per_class = preview_captions(self.dataset, tc.sample_n), 0
+        start = time.perf_counter()
+        budget = max(GRID_MIN_SECONDS, GRID_SHARE * (start - self.started - self.drawing_s))
+        images, per_class = draw_within(model, cond, per_class, tc.sample_n, tc.seed, budget)
+        self.drawing_s += time.perf_counter() - start
         model.train(was_training)
         with writing(self.run_dir / "samples", "write the sample grid into"):
             grid = save_grid(images, self.run_dir / "samples" / f"step_{step:07d}.png", nrow=per_class or None, scale=2)
             (self.run_dir / "samples.png").write_bytes(grid.read_bytes())
             plot_metrics(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png", title=f"{self.config.system} training")
+
+
+# A sample grid may take GRID_SHARE of the training time before it (at least GRID_MIN_SECONDS): a short run's grid
+# is smaller than train.sample_n, so that drawing it never takes longer than the run it shows.
+GRID_SHARE = 0.25
+GRID_MIN_SECONDS = 10.0
+
+
+def draw_within(model: System, cond, per_class: int, n: int, seed: int, budget: float):
+    """The sample grid of ``model`` (``cond``: class labels one row per class, ``per_class`` wide, or captions, or
+    None), drawn a column (one image per class; for captions or none, 8 images) at a time with a generator seeded
+    ``seed``, as many columns as ``budget`` seconds allow after the first. Returns (images, row length)."""
+    generator = torch.Generator().manual_seed(seed)
+    if cond is not None and per_class:  # rows of classes: draw column by column
+        k = len(cond) // per_class
+        column, count = cond[::per_class], per_class
+    else:
+        total = len(cond) if cond is not None else n
+        k, count = min(8, total), -(-total // min(8, total))
+        column = None
+    columns, start = [], time.perf_counter()
+    for j in range(count):
+        if j and (time.perf_counter() - start) / j * (j + 1) > budget:
+            break
+        if column is not None:
+            columns.append(model.sample(k, condition=column, generator=generator))
+        else:
+            part = cond[j * k:(j + 1) * k] if cond is not None else None
+            m = len(part) if part is not None else min(k, n - j * k)
+            columns.append(model.sample(m, condition=part, generator=generator))
+    if column is not None:  # class-major order: each class's images side by side in its row
+        images = torch.stack(columns, 1).flatten(0, 1)
+        return images, len(columns)
+    return torch.cat(columns), 0
+
+
+def preview_captions(dataset, n: int) -> list[str]:
+    """``n`` captions spread evenly over ``dataset``'s (for the sample grid of a run trained on a captions file)."""
+    captions = list(dataset.captions)
+    return [captions[i] for i in torch.linspace(0, len(captions) - 1, min(n, len(captions))).long().tolist()]
 
 
 def _precision(tc, device: torch.device, info: DistInfo) -> bool:
