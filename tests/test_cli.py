@@ -226,3 +226,26 @@ def test_sample_scale_enlarges_the_grid_pixel_by_pixel(tmp_path):
     small, large = (np.asarray(Image.open(tmp_path / f"{s}.png")) for s in (1, 3))
     assert np.array_equal(large[::3, ::3], small)
     assert main(["sample", vae, "--scale", "0", "--out", str(tmp_path / "0.png")]) == 2
+
+
+def test_one_name_per_option_the_field_s_names_and_described_help(tmp_path, capsys):
+    """sample and reference take --num-samples as evaluate does; train takes the official scripts' --model DiT-XL/2
+    as the DiT's size; info --help says what it shows."""
+    from difflineage.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["sample", "run", "--num-samples", "5"]).n == 5
+    assert parser.parse_args(["evaluate", "run", "--num-samples", "7"]).n == 7
+    assert parser.parse_args(["reference", "--data", "mnist5k", "--image-size", "28", "--out", "x.npz",
+                              "--inception-weights", "w.pth",
+                              "--num-samples", "9"]).n == 9
+    args = parser.parse_args(["sample", "run", "--cfg-scale", "1.5", "--num-sampling-steps", "250"])
+    assert (args.guidance, args.steps) == (1.5, 250)
+    with pytest.raises(SystemExit):
+        main(["info", "--help"])
+    assert "the arithmetic of each forward pass" in capsys.readouterr().out
+    out = tmp_path / "dit"
+    assert main(["train", "dit-mnist", "--model", "DiT-S/8", "--out", str(out), "--no-progress", "--set",
+                 "train.steps=1", "train.batch_size=4", "train.sample_n=1", "model.diffusion.sample_steps=1"]) == 0
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["model"]["dit"]["name"] == "DiT-S/8"

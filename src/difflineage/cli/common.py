@@ -28,7 +28,9 @@ def add_sampling_options(p: argparse.ArgumentParser) -> None:
                   "help": f"{control['help']} ({', '.join(control['systems'])}); default: the recipe's"}
         if control["choices"]:
             kwargs["choices"] = list(control["choices"])
-        p.add_argument("--" + name.replace("_", "-"), **kwargs)
+        # the field's other names as flags too (the official DiT scripts' --cfg-scale and --num-sampling-steps)
+        flags = ["--" + n.replace("_", "-") for n in (name, *control["aliases"]) if n != "num_inference_steps"]
+        p.add_argument(*flags, dest=name, **kwargs)
 
 
 def sampling_options(args) -> dict:

@@ -13,7 +13,7 @@ def add_parsers(sub) -> None:
     s = sub.add_parser("sample", help="draw samples from a checkpoint into a grid PNG",
                        description="Draw samples from a checkpoint (or a run directory's latest one).")
     s.add_argument("checkpoint", type=Path, help="checkpoint directory or run directory")
-    s.add_argument("--n", type=int, default=64,
+    s.add_argument("--n", "--num-samples", dest="n", type=int, default=64,
                    help="number of samples (default 64; without --label, a whole number per class, one row each)")
     s.add_argument("--label", "--class", dest="label", default=None, metavar="CLASS",
                    help="class to draw, by name (seven) or number (class-conditional systems); default: all classes "

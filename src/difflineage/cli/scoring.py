@@ -88,7 +88,8 @@ def add_parsers(sub) -> None:
     f.add_argument("--image-size", type=int, required=True, help="the side the images are cropped to")
     f.add_argument("--channels", type=int, default=3, help="image channels (default 3)")
     f.add_argument("--split", default="heldout", choices=["heldout", "train"], help="the split (default heldout)")
-    f.add_argument("--n", type=int, default=10000, help="images (default 10000, the ADM batches' count)")
+    f.add_argument("--n", "--num-samples", dest="n", type=int, default=10000,
+                   help="images (default 10000, the ADM batches' count)")
     f.add_argument("--out", type=Path, required=True, help="the reference batch .npz to write")
     add_data_overrides(f)
     add_inception_options(f, standalone=True)

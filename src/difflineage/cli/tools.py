@@ -51,7 +51,10 @@ def add_parsers(sub) -> None:
     c.add_argument("--heads", type=int, default=None, help="attention heads, when not the paper's for this width")
     c.set_defaults(func=cmd_convert)
 
-    i = sub.add_parser("info", help="show a checkpoint's config, parameter count and steps trained")
+    i = sub.add_parser("info", help="show a checkpoint's config, parameter count and steps trained",
+                       description="Show what a checkpoint holds: its system and config, the parameters, the steps "
+                                   "trained, the arithmetic of each forward pass (MACs, the DiT paper's 'Gflops', and "
+                                   "FLOPs) and, for a dynamic model, what sampling computes per step.")
     i.add_argument("checkpoint", type=Path, help="checkpoint directory or run directory")
     i.add_argument("--json", action="store_true", help="print JSON")
     i.set_defaults(func=cmd_info)

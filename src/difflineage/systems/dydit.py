@@ -227,8 +227,10 @@ class DyDiTSystem(DiTSystem):
     @torch.no_grad()
     def sample(self, n: int, condition: Condition = None, generator: Optional[torch.Generator] = None,
                options: Optional[DyDiTOptions] = None, **given: Any) -> torch.Tensor:
-        """As DiT's (``DyDiTOptions``); ``mode``: fast (default: sliced weights, active tokens only), masked (the
-        released code's multiply-by-zero) or full (routers off: every unit, as the DiT before fine-tuning)."""
+        """Draw ``n`` images in [-1, 1] as a DiT does (``condition``, ``generator``, ``steps``, ``sampler``,
+        ``guidance``, ``eta``, ``step_cache``: see ``DiffusionSystem.sample``), with DyDiT's ``mode``: ``fast``
+        (default: sliced weights, active tokens only), ``masked`` (the released code's multiply-by-zero) or ``full``
+        (routers off: every unit, as the DiT before fine-tuning). Options as ``DyDiTOptions`` or keywords."""
         o = self.sample_options(options, **given)
         was_training = self.net.training
         self.net.eval()  # in training mode the routers would draw Gumbel noise

@@ -15,9 +15,12 @@ from difflineage.models.dydit import MODES
 from difflineage.models.step_cache import StepCache
 
 
-def option(help: str, default: Any = None, cli: bool = True, choices: Optional[tuple] = None) -> Any:
-    """A declared sampling option: ``help`` for the controls, ``cli`` whether commands offer it, ``choices``."""
-    return field(default=default, metadata={"help": help, "cli": cli, "choices": choices})
+def option(help: str, default: Any = None, cli: bool = True, choices: Optional[tuple] = None,
+           aliases: tuple[str, ...] = ()) -> Any:
+    """A declared sampling option: ``help`` for the controls, ``cli`` whether commands offer it, ``choices``, and
+    the names the field's other code uses for it (``aliases``: diffusers' keyword arguments, the official DiT
+    scripts' flags), accepted as well."""
+    return field(default=default, metadata={"help": help, "cli": cli, "choices": choices, "aliases": aliases})
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,7 @@ class SampleOptions:
         """``options`` (of this kind, or of a kind whose fields this one has) with ``given`` on top; an option this
         kind does not declare, given or set, is refused with the ones it has."""
         names = [f.name for f in fields(cls)]
+        given = cls.unaliased(given)
         carried = {} if options is None else {f.name: getattr(options, f.name) for f in fields(options)
                                               if getattr(options, f.name) != f.default}
         unknown = sorted(k for k in {**carried, **given} if k not in names)
@@ -38,6 +42,19 @@ class SampleOptions:
             takes = ", ".join(n for n in names if n != "progress") or "no options"
             raise TypeError(f"unknown sampling options {unknown}; this system takes {takes}")
         return cls(**{**carried, **given})
+
+    @classmethod
+    def unaliased(cls, given: dict[str, Any]) -> dict[str, Any]:
+        """``given`` with the field's other names (``guidance_scale``, ``num_inference_steps``, ...) as this
+        kind's; the same option given under two names is refused."""
+        alias = {a: f.name for f in fields(cls) for a in f.metadata.get("aliases", ())}
+        out: dict[str, Any] = {}
+        for key, value in given.items():
+            name = alias.get(key, key)
+            if name in out:
+                raise TypeError(f"the sampling option {name!r} is given twice (as {key!r} too); give it once")
+            out[name] = value
+        return out
 
     @classmethod
     def controls(cls) -> dict[str, dict[str, Any]]:
@@ -52,7 +69,7 @@ class SampleOptions:
             kind = args[0] if args else kind
             choices = f.metadata.get("choices") or (tuple(m.value for m in kind) if kind is Sampler else None)
             out[f.name] = {"type": str if kind is Sampler else kind, "help": f.metadata.get("help", ""),
-                           "choices": choices}
+                           "choices": choices, "aliases": f.metadata.get("aliases", ())}
         return out
 
 
@@ -60,8 +77,10 @@ class SampleOptions:
 class DiffusionOptions(SampleOptions):
     """A diffusion system's sampling (DDPM, LDM, DiT, DyDiT)."""
 
-    steps: Optional[int] = option("sampling steps (the chain respaced to this many)")
-    guidance: Optional[float] = option("classifier-free guidance scale (1: the conditional model)")
+    steps: Optional[int] = option("sampling steps (the chain respaced to this many)",
+                                  aliases=("num_inference_steps", "num_sampling_steps"))
+    guidance: Optional[float] = option("classifier-free guidance scale (1: the conditional model)",
+                                       aliases=("guidance_scale", "cfg_scale"))
     sampler: Optional[Sampler] = option("ddpm, ddim or dpmpp_2m (DPM-Solver++(2M), 10-20 steps)")
     eta: Optional[float] = option("DDIM's eta (0: deterministic)", cli=False)
 

@@ -346,6 +346,8 @@ class VQVAE2Prior(VQVAEPrior):
     @torch.no_grad()
     def sample(self, n: int, condition: Condition = None, generator: Optional[torch.Generator] = None,
                options: Optional[TemperatureOptions] = None, **given: Any) -> torch.Tensor:
+        """Top codes, then bottom codes given them, drawn by the two PixelCNNs (class ``condition`` by name or
+        number, or the classes in turn; ``temperature``: the recipe's where not given), decoded to [-1, 1]."""
         o = self.sample_options(options, **given)
         labels = self.labels_for(n, condition) if self.uses_labels else None
         tau = o.temperature or self.config.model.temperature
