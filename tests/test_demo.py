@@ -221,6 +221,21 @@ def test_every_family_gets_its_controls_and_draws(tmp_path):
     assert result.drawn[0].denoiser_calls == 2 and result.drawn[0].macs > 0
 
 
+def test_each_run_offers_example_settings_for_the_controls_it_shows(dit):
+    from difflineage.demo.runs import PRESET_OWN
+
+    presets = dit.presets()
+    d = dit.defaults()
+    assert list(presets)[0] == PRESET_OWN and presets[PRESET_OWN]["steps"] == d["steps"]
+    assert presets["few steps: DPM-Solver++, 10 steps"] == {"sampler": "dpmpp_2m", "steps": 10, "fast": False}
+    assert presets["fastest: the fast path"]["fast"] and "strong guidance (5): more typical, less varied" in presets
+    assert not any("temperature" in p or "rerank" in p for p in presets.values() if p is not presets[PRESET_OWN])
+    vae, dalle = DemoRun(FIXTURES / "vae"), DemoRun(FIXTURES / "dalle_prior")
+    assert list(vae.presets()) == [PRESET_OWN]  # a 2-D latent has its plane instead
+    assert dalle.presets()["best of 8 (CLIP reranks 8 candidates per image)"] == {"rerank": 8}
+    assert not any("steps" in p for p in dalle.presets().values())
+
+
 def test_the_command_refuses_what_it_cannot_serve(tmp_path, capsys):
     from difflineage.cli import main
 

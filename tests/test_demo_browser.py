@@ -172,6 +172,9 @@ def test_a_dit_draws_the_digit_asked_for_with_its_time_and_flops(browser, server
     assert "seven" in page.page.inner_text("#gallery-0")  # each image is captioned with its class
     expect(page.page.locator("#seed-used")).to_contain_text("seed 0")
     assert not page.page.locator("#gallery-1").is_visible()  # a DiT is drawn alone
+    page.choose("preset", "few steps: DPM-Solver++, 10 steps")  # an example sets the controls it names
+    expect(page.page.locator("#steps input[type=number]")).to_have_value("10")
+    expect(page.page.locator("#sampler input[value=dpmpp_2m]")).to_be_checked()
     expect(page.page.locator("#files")).to_contain_text(".npz")
     page.shot("demo", tmp_path)
     assert page.elsewhere == [], f"the page fetched from elsewhere: {page.elsewhere}"

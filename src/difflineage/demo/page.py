@@ -23,7 +23,7 @@ from difflineage.demo.drawing import (
     seed_line,
     summary,
 )
-from difflineage.demo.runs import EVERY_CLASS, MAX_RERANK, SAMPLERS, DemoError, DemoRun, Request
+from difflineage.demo.runs import EVERY_CLASS, MAX_RERANK, PRESET_OWN, SAMPLERS, DemoError, DemoRun, Request
 from difflineage.errors import CheckpointError, ConfigError, DataError, RunDirError, StorageError
 
 KEPT_RESULTS = 8  # requests whose images and traces are kept for downloads and inspection
@@ -111,6 +111,8 @@ def build_app(demo: Demo):
         status = gr.Markdown(elem_id="status")
         with gr.Row():
             with gr.Column(scale=1, min_width=300):
+                preset = gr.Dropdown(choices=[PRESET_OWN], value=PRESET_OWN, label="example settings",
+                                     elem_id="preset")
                 class_box = gr.Dropdown(choices=[EVERY_CLASS], value=EVERY_CLASS, allow_custom_value=True,
                                         label="class (by name)", elem_id="class")
                 caption_box = gr.Textbox(label="caption", visible=False, elem_id="caption")
@@ -157,7 +159,7 @@ def build_app(demo: Demo):
                                            interactive=False, show_label=False)
         result_key = gr.State("")
 
-        run_outputs = [about, status, class_box, caption_box, guidance, steps, sampler, fast, temperature, rerank,
+        run_outputs = [about, status, preset, class_box, caption_box, guidance, steps, sampler, fast, temperature, rerank,
                        latent_group, column1, inspect_group, gallery0, gallery1, stats0, stats1, seed_used, files,
                        width_image, token_image, latent_image, generate]
 
@@ -170,11 +172,12 @@ def build_app(demo: Demo):
                     run = demo.run(path)
             except Exception as exc:  # noqa: BLE001 - every failure becomes a message in the page
                 return {**cleared, about: "", status: message(exc), generate: gr.update(interactive=False),
-                        **{c: hidden for c in (class_box, caption_box, guidance, steps, sampler, fast, temperature,
+                        **{c: hidden for c in (preset, class_box, caption_box, guidance, steps, sampler, fast, temperature,
                                                rerank, latent_group, column1, inspect_group)}}
             d = run.defaults()
             kind = run.condition_kind
             return {**cleared, about: run.describe(), status: "", generate: gr.update(interactive=True),
+                    preset: gr.update(visible=True, choices=list(run.presets()), value=PRESET_OWN),
                     class_box: gr.update(visible=kind == "class", choices=[EVERY_CLASS] + run.class_names,
                                          value=d["condition"] if kind == "class" else EVERY_CLASS),
                     caption_box: gr.update(visible=kind == "caption",
@@ -198,6 +201,19 @@ def build_app(demo: Demo):
             return (gr.update(value="dpmpp_2m"), gr.update(value=20)) if on else (gr.update(), gr.update())
 
         fast.change(on_fast, [fast], [sampler, steps])
+        controls = {"guidance": guidance, "steps": steps, "sampler": sampler, "fast": fast, "temperature": temperature,
+                    "rerank": rerank}
+
+        def on_preset(path, name):
+            """Set the controls an example names; the others keep their values."""
+            try:
+                with demo.lock:
+                    chosen = demo.run(path).presets().get(name, {})
+            except Exception:  # noqa: BLE001 - the run box says what is wrong with the run
+                chosen = {}
+            return [gr.update(value=chosen[k]) if k in chosen else gr.update() for k in controls]
+
+        preset.change(on_preset, [run_box, preset], list(controls.values()))
 
         def on_generate(path, cls, caption, n, seed, rand, g, k, smp, fst, temp, rr,
                         progress=gr.Progress()):

@@ -29,6 +29,9 @@ EVERY_CLASS = "every class in turn"
 MAX_RERANK = 16
 
 
+PRESET_OWN = "the run's own settings"
+
+
 class DemoError(Exception):
     """A request the page cannot serve; the message says what was wrong and what to do instead."""
 
@@ -190,7 +193,8 @@ class DemoRun:
         """The controls' starting values: the run's own sampling settings."""
         m = self.system.config.model
         out: dict[str, Any] = {"condition": EVERY_CLASS if self.condition_kind == "class" else ""}
-        if self.condition_kind == "caption" and self.system.num_classes:  # the caption of a class, as an example
+        if self.condition_kind == "caption" and self.system.num_classes and not self.system.captions_from_file:
+            # the caption of a class, as an example (a run trained on a captions file never saw such captions)
             out["condition"] = self.system.captions_for(torch.tensor([self.system.num_classes - 1]))[0]
         if self.diffusion:
             dc = m.diffusion
@@ -199,6 +203,25 @@ class DemoRun:
             out["guidance"] = getattr(m, "guidance", 1.0)
         out["temperature"] = getattr(m, "temperature", 1.0)
         out["rerank"] = getattr(m, "rerank", 1)
+        return out
+
+    def presets(self) -> dict[str, dict[str, Any]]:
+        """Example settings for this run, by name: the values of the controls each sets (the run's own first). Only
+        the controls this run's family shows are named."""
+        d = self.defaults()
+        own = {k: d[k] for k in ("guidance", "steps", "sampler", "temperature", "rerank") if k in d}
+        out: dict[str, dict[str, Any]] = {PRESET_OWN: {**own, "fast": False}}
+        if self.diffusion:
+            out["few steps: DPM-Solver++, 10 steps"] = {"sampler": "dpmpp_2m", "steps": 10, "fast": False}
+            out["fastest: the fast path"] = {"sampler": "dpmpp_2m", "steps": 20, "fast": True}
+            out["the papers' FID setting: DDPM, 250 steps, guidance 1.5"] = {
+                "sampler": "ddpm", "steps": min(250, d["max_steps"]), "guidance": 1.5, "fast": False}
+        if self.takes_guidance:
+            out["strong guidance (5): more typical, less varied"] = {"guidance": 5.0}
+        if self.takes_temperature and not self.latent_2d:
+            out["cooler (temperature 0.7): safer, less varied"] = {"temperature": 0.7}
+        if self.can_rerank:
+            out["best of 8 (CLIP reranks 8 candidates per image)"] = {"rerank": 8}
         return out
 
     def describe(self) -> str:
