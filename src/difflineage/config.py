@@ -157,7 +157,8 @@ class TrainConfig:
     :param sample_every: steps between sample grids (0: only at the end).
     :param checkpoint_every: steps between checkpoints (0: only at the end).
     :param keep_checkpoints: how many step checkpoints to keep (0 keeps all).
-    :param sample_n: images in each sample grid.
+    :param sample_n: images in each sample grid (at most: a grid is drawn a column at a time, one image per class, for
+        no longer than a quarter of the training time before it, at least 10 s; a short run's grid is narrower).
     :param spike_factor: stop as diverged when the loss or the gradient norm exceeds this many times its median
         over the last ``spike_window`` steps (a finite explosion that wrecks the weights before any NaN shows);
         0 turns the check off. Non-finite values always stop the run.
