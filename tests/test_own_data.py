@@ -92,6 +92,12 @@ def test_a_size_the_networks_cannot_take_moves_to_the_nearest_one_they_can(tmp_p
     folder = make_shapes(tmp_path / "odd", size=30)
     fitted = fit_recipe("ddpm-mnist", f"folder:{folder}", QUICK)
     assert fitted.config.data.image_size == 32 and any("do not fit the networks" in n for n in fitted.notes)
+    # an autoencoder's decoder gives back only sides its downsampling divides: 30 px is refused, fitted to 32
+    assert fit_recipe("autoencoder-mnist", f"folder:{folder}", ["train.steps=2"]).config.data.image_size == 32
+    cfg = load_config("autoencoder-mnist", [f"data.source=folder:{folder}", "train.steps=2", "train.batch_size=8"])
+    with pytest.raises(ConfigError, match=r"data.image_size=30 does not divide by the autoencoder's downsampling "
+                                          r"factor 4.*--set data.image_size=32"):
+        Trainer(cfg, tmp_path / "ae", progress=False).fit()
 
 
 def test_a_system_trains_its_stages_on_a_folder_from_the_command_line(shapes, tmp_path, capsys):

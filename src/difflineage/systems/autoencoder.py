@@ -14,6 +14,7 @@ import torch
 
 from difflineage.config import Config
 from difflineage.data import Batch, Dataset, ImageDataset
+from difflineage.errors import ConfigError
 from difflineage.models.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig
 from difflineage.nn.distributions import gaussian_kl_standard
 from difflineage.systems.base import Condition, Reconstructs, System, reconstruction_scores, spread_images
@@ -31,6 +32,11 @@ class AutoencoderKLSystem(Reconstructs, System):
     def __init__(self, config: Config):
         super().__init__(config)
         self.ae = AutoencoderKL(config.model, image_channels=config.data.channels or 1)
+        f, side = self.ae.downsampling_factor, config.data.image_size
+        if side is not None and side % f:  # the decoder would give back another size than it was given
+            raise ConfigError(f"data.image_size={side} does not divide by the autoencoder's downsampling factor {f} "
+                              f"({len(config.model.channels)} levels): --set data.image_size={-(-side // f) * f} "
+                              "(smaller images are padded to it), or fewer model.channels levels")
         self.register_buffer("preview", torch.zeros(0), persistent=False)
 
     @property
