@@ -70,3 +70,16 @@ def test_openmoji_is_a_source_a_recipe_can_name():
     assert cfg.data.source == "openmoji" and cfg.data.image_size is None  # the digits' 28 px left behind
     data = load_dataset(cfg.data, "heldout")
     assert data.shape == (3, 32, 32) and torch.is_tensor(data.labels)
+
+
+def test_the_compositional_set_holds_combinations_of_parts_seen_apart():
+    train = ["thumbs up: light skin tone", "waving hand: dark skin tone", "flag: Japan", "grinning face"]
+    held = ["thumbs up: dark skin tone", "waving hand: light skin tone", "thumbs up: medium skin tone",
+            "flag: France", "smiling face", "thumbs up: light skin tone"]
+    # both parts seen apart: yes; an unseen qualifier (medium), a qualifier never seen on another base (France), no
+    # qualifier, or the very caption seen in training: no
+    assert om.compositional(train, held) == [0, 1]
+    real = [load_dataset(DataConfig(source="openmoji", image_size=8, channels=None), s).captions
+            for s in ("train", "heldout")]
+    chosen = om.compositional(*real)
+    assert 100 < len(chosen) < len(real[1]) and "vulcan salute: dark skin tone" in [real[1][i] for i in chosen]

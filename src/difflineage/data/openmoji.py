@@ -14,7 +14,8 @@ were kept. The rendered set is cached once per size (in memory, and under ``$XDG
 
 Labels are the 98 subgroups (``class_names``; the 9 groups are kept in ``Emoji.group``); captions are the CLDR names
 ("thumbs up: medium-dark skin tone", "flag: Japan", "woman technologist"). The held-out split is every tenth emoji of
-each subgroup, in the file's order.
+each subgroup, in the file's order; ``compositional`` picks the held-out captions whose parts all occur in training but
+whose combination does not.
 """
 
 from __future__ import annotations
@@ -162,9 +163,32 @@ def openmoji(split: str, size: int) -> tuple[np.ndarray, np.ndarray, tuple[str, 
     return r.images[chosen], labels, subgroups, [r.emoji[i].name for i in chosen]
 
 
+def _parts(caption: str) -> tuple[str, tuple[str, ...]]:
+    """A CLDR name's base and its qualifiers: "thumbs up: medium-dark skin tone" -> ("thumbs up", ("medium-dark skin
+    tone",)); "kiss: woman, man, light skin tone" -> ("kiss", ("woman", "man", "light skin tone"))."""
+    base, _, rest = caption.partition(": ")
+    return base, tuple(q.strip() for q in rest.split(",")) if rest else ()
+
+
+def compositional(train_captions: list[str], heldout_captions: list[str]) -> list[int]:
+    """The held-out captions whose parts all occur in training but whose combination does not: a base seen with other
+    qualifiers, and every qualifier seen on other bases (a person with a skin tone seen only on other persons). Their
+    indices in ``heldout_captions``."""
+    seen = set(train_captions)
+    bases, qualifiers = set(), set()
+    for caption in train_captions:
+        base, quals = _parts(caption)
+        if quals:
+            bases.add(base)
+            qualifiers.update(quals)
+    return [i for i, caption in enumerate(heldout_captions)
+            if caption not in seen and (parts := _parts(caption))[1] and parts[0] in bases
+            and all(q in qualifiers for q in parts[1])]
+
+
 def kept_report(size: int) -> str:
     r = render(size)
     return f"OpenMoji: {len(r.emoji)} of {len(r.emoji) + len(r.missing)} emoji drawn ({len(r.missing)} the font lacks)"
 
 
-__all__ = ["Emoji", "Rendered", "emoji_list", "font_path", "kept_report", "openmoji", "render"]
+__all__ = ["Emoji", "Rendered", "compositional", "emoji_list", "font_path", "kept_report", "openmoji", "render"]
