@@ -190,7 +190,7 @@ def main(argv=None) -> None:
              f"{args.repeats} interleaved repeats): **{speedup_ddim:.1f}x** faster than DiT DDIM-50 (target 8x) and "
              f"**{speedup_ddpm:.1f}x** faster than DiT DDPM-250 (target 40x). Side by side, seconds per call: "
              + "; ".join(f"{k} {v.median_s:.2f}" for k, v in timed.items()) + ". "
-             f"![FID against sampling time](images/sampling_pareto.png)")
+             "![FID against sampling time](images/sampling_pareto.png)")
     IMAGES.mkdir(parents=True, exist_ok=True)
     plot(rows, front, IMAGES / "sampling_pareto.png", real)
     best_cached = min((r for r in good if r["_cached"]), key=lambda r: r["_time"], default=None)
