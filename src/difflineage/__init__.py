@@ -49,8 +49,9 @@ def train(config: Union[str, Path, Config], out: Union[str, Path, None] = None, 
         return train_stages(config, Path(out or Path("runs") / config), data=source, overrides=overrides,
                             progress=progress)
     if isinstance(config, Config):
-        if source is not None:
-            raise ValueError("data= fits a recipe to your data: give the recipe's name or file, not a Config")
+        if source is not None or overrides:
+            raise ValueError("data=, steps= and overrides= apply to a recipe's name or file; change a Config itself "
+                             "(dataclasses.replace)")
         cfg, name = config, config.system
     elif source is not None:
         fitted = fit_recipe(config, source, overrides)
@@ -59,8 +60,6 @@ def train(config: Union[str, Path, Config], out: Union[str, Path, None] = None, 
         cfg, name = fitted.config, Path(config).stem
     else:
         cfg, name = load_config(config, overrides), Path(config).stem
-    if isinstance(config, Config) and overrides:
-        raise ValueError("overrides and steps apply to a recipe or file; change the Config itself (dataclasses.replace)")
     return Trainer(None if resume else cfg, Path(out or Path("runs") / name), resume=resume or None,
                    progress=progress).fit()
 

@@ -69,7 +69,12 @@ def cmd_train(args) -> int:
     if args.model is not None:
         args.overrides = [*args.overrides, f"model.dit.name={args.model}"]
     if args.config in QUICKSTART_RECIPES and not Path(args.config).is_file():  # a system: its stages in order
-        return _train_stages(args, args.out or Path("runs") / _run_name(args.config, args.data), evaluate=False)
+        result = _train_stages(args, args.out or Path("runs") / _run_name(args.config, args.data), args.config,
+                               ["difflineage", "train", args.config])
+        if result.status == "finished":
+            print(f"{result.status} at step {result.step}: checkpoint {result.checkpoint}"
+                  + (f", samples {result.samples}" if result.samples else ""))
+        return 0 if result.status == "finished" else 130
     if args.data is not None and args.resume:
         raise SystemExit("difflineage train: --data fits a recipe to new data; a resumed run goes on with the data it "
                          "was fitted to (leave --data out)")
@@ -109,27 +114,19 @@ def _run_name(name: str, data: str | None) -> str:
     return f"{name}-{Path(data.split(':', 1)[-1]).expanduser().resolve().name or 'data'}"
 
 
-def _train_stages(args, run_dir: Path, evaluate: bool):
-    """A system's stages trained in order into ``run_dir`` (an existing run resumes), fitted to ``args.data``."""
+def _train_stages(args, run_dir: Path, system: str, command: list[str]):
+    """``system``'s stages trained in order into ``run_dir`` (an existing run resumes), fitted to ``args.data``;
+    ``command`` is how the user started it (printed, with the options, as the way to resume)."""
     from difflineage.storage import remove_tree
     from difflineage.train.recipes import train_stages
 
     if getattr(args, "overwrite", False) and run_dir.exists():
         remove_tree(run_dir)
-    system = args.system if evaluate else args.config
-    command = ["difflineage", "quickstart", "--system", system] if evaluate else ["difflineage", "train", system]
     again = " ".join([*command, *(["--data", shlex.quote(args.data)] if args.data else []),
                       *(["--out", shlex.quote(str(args.out))] if args.out else []),
                       *(["--set", *map(shlex.quote, args.overrides)] if args.overrides else [])])
-    result = train_stages(system, run_dir, data=args.data, overrides=args.overrides, progress=not args.no_progress,
-                          resume_command=again)
-    if result.status != "finished":
-        return 130
-    if not evaluate:
-        print(f"{result.status} at step {result.step}: checkpoint {result.checkpoint}"
-              + (f", samples {result.samples}" if result.samples else ""))
-        return 0
-    return result
+    return train_stages(system, run_dir, data=args.data, overrides=args.overrides, progress=not args.no_progress,
+                        resume_command=again)
 
 
 def cmd_quickstart(args) -> int:
@@ -138,9 +135,9 @@ def cmd_quickstart(args) -> int:
 
     run_dir = args.out or Path("runs") / (f"quickstart-{args.system}" if args.data is None
                                           else _run_name(args.system, args.data))
-    result = _train_stages(args, run_dir, evaluate=True)
-    if isinstance(result, int):
-        return result
+    result = _train_stages(args, run_dir, args.system, ["difflineage", "quickstart", "--system", args.system])
+    if result.status != "finished":
+        return 130
     system = load(result.checkpoint)
     pictures = system.pictures(heldout(system), run_dir)
     n = args.eval_n

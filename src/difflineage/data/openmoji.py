@@ -134,8 +134,9 @@ def render(size: int) -> Rendered:
         small = Image.fromarray(drawn).resize((size, size), Image.LANCZOS)
         images.append(np.asarray(small).transpose(2, 0, 1))
         kept.append(i)
+    kept_set = set(kept)
     result = Rendered(np.stack(images), [everything[i] for i in kept],
-                      [e for i, e in enumerate(everything) if i not in set(kept)])
+                      [e for i, e in enumerate(everything) if i not in kept_set])
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(".tmp.npz")

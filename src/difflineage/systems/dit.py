@@ -148,6 +148,9 @@ class DiTSystem(DiffusionSystem):
                         sampler=sampler, step_cache=calibration, **options)
             halves.append(calibration.deltas.clone())
         deltas = (halves[0] * (n - n // 2) + halves[1] * (n // 2)) / n
+        held_back = lambda: torch.Generator().manual_seed(seed + 1_000_003)  # noqa: E731
+        conditions = torch.arange(check) % self.num_classes if self.num_classes else None
+        plain = None  # the held-back samples without the cache: drawn once, whatever the fit tries
         asked = fraction
         while True:
             cache = StepCache(choose_reuse(deltas, fraction), calibration=deltas)
@@ -155,10 +158,9 @@ class DiTSystem(DiffusionSystem):
             cache.agreement = schedule_agreement(cache.reuse, [choose_reuse(d, fraction) for d in halves])
             if check <= 0:
                 return cache
-            held_back = lambda: torch.Generator().manual_seed(seed + 1_000_003)  # noqa: E731
-            conditions = torch.arange(check) % self.num_classes if self.num_classes else None
-            plain = self.sample(check, condition=conditions, generator=held_back(), steps=steps, sampler=sampler,
-                                **options)
+            if plain is None:
+                plain = self.sample(check, condition=conditions, generator=held_back(), steps=steps, sampler=sampler,
+                                    **options)
             cached = self.sample(check, condition=conditions, generator=held_back(), steps=steps, sampler=sampler,
                                  step_cache=cache, **options)
             cache.error = (cached.float() - plain.float()).abs().mean().item()

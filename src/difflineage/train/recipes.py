@@ -19,7 +19,7 @@ from typing import Callable, Optional, Sequence
 from difflineage.checkpoint import latest_checkpoint
 from difflineage.config import Config
 from difflineage.data import load_dataset
-from difflineage.data.sources import CAPTION_FILES
+from difflineage.data.sources import caption_file
 from difflineage.errors import ConfigError
 from difflineage.systems import build_system, load_config, reading_stages_once, system_for
 from difflineage.train.rundir import holds_run
@@ -54,13 +54,6 @@ def _given(overrides: Sequence[str], key: str) -> bool:
     return any(o.split("=", 1)[0].strip() == key for o in overrides)
 
 
-def _has_caption_file(source: str) -> bool:
-    if not source.startswith("folder:"):
-        return False
-    root = Path(source.split(":", 1)[1]).expanduser()
-    return any((root / name).is_file() for name in CAPTION_FILES)
-
-
 def _candidate_sizes(side: int) -> list[int]:
     """The data's side, then the nearest sides that more downsampling divides (larger first at equal distance)."""
     sizes = {side}
@@ -78,8 +71,8 @@ def _scaled_attention(model, side: int, recipe_side: int):
     return replace(model, unet=replace(unet, attention_resolutions=scaled))
 
 
-def fit_recipe(recipe: str | Path, source: str, overrides: Sequence[str] = (), image_size: Optional[int] = None,
-               dataset=None) -> Fitted:
+def fit_recipe(recipe: str | Path, source: str, overrides: Sequence[str] = (),
+               image_size: Optional[int] = None) -> Fitted:
     """``recipe`` (a name from configs/ or a YAML file) with ``overrides``, fitted to the data of ``source`` (see the
     module's docstring). What the overrides set is kept as given. ``image_size``: a size already chosen (an earlier
     stage's), tried first. The first stage named by the overrides must exist (it is read to check the fit)."""
@@ -87,15 +80,14 @@ def fit_recipe(recipe: str | Path, source: str, overrides: Sequence[str] = (), i
     as_written = load_config(recipe, overrides)
     config = load_config(recipe, [*overrides, f"data.source={source}"])
     notes = []
-    if dataset is None:
-        dataset = load_dataset(config.data, "train", seed=config.train.seed)
+    dataset = load_dataset(config.data, "train", seed=config.train.seed)
     channels, side = dataset.shape[0], dataset.shape[-1]
     classes = dataset.num_classes
     described = f"{len(dataset)} training images, {channels}-channel, {side} px"
     described += f", {classes} classes" if classes else ", no classes"
     model = config.model
     if dataclasses.is_dataclass(model) and hasattr(model, "condition") and not _given(overrides, "model.condition"):
-        condition = "caption" if _has_caption_file(source) else "class" if classes else "none"
+        condition = "caption" if caption_file(source) is not None else "class" if classes else "none"
         if condition != model.condition:
             model = replace(model, condition=condition)  # __post_init__: a text encoder for captions, none otherwise
             why = {"caption": "the folder has a captions file", "class": "the folder has class subfolders",
@@ -112,10 +104,10 @@ def fit_recipe(recipe: str | Path, source: str, overrides: Sequence[str] = (), i
         trial = replace(config, data=replace(config.data, image_size=size),
                         model=config.model if _given(overrides, "model.unet.attention_resolutions")
                         else _scaled_attention(config.model, size, recipe_side))
+        trial = resolve_data(trial, _Shaped(dataset, size))  # the data's channels and classes, written down
         try:
             with reading_stages_once():
-                resolved = system_for(trial).resolve_config(resolve_data(trial, _Shaped(dataset, size)))
-                build_system(resolved)
+                build_system(system_for(trial).resolve_config(trial))
         except ConfigError as exc:
             failures.append(f"{size} px: {exc}")
             continue
@@ -129,7 +121,7 @@ def fit_recipe(recipe: str | Path, source: str, overrides: Sequence[str] = (), i
         if before is not None and tuple(before) != tuple(after):
             notes.append(f"model.unet.attention_resolutions={list(after)} (the recipe's {list(before)} at "
                          f"{recipe_side} px, scaled to {size} px)")
-        config = resolve_data(trial, _Shaped(dataset, size))  # the data's channels and classes, written down
+        config = trial
         break
     else:
         raise ConfigError(f"{recipe} cannot be fitted to {source} ({described}): " + "; ".join(failures[:3]))
