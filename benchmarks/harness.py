@@ -237,6 +237,20 @@ def trained_run(recipe: str, overrides: list[str], run_dir: Path, steps: int, re
     return run_dir
 
 
+# The sampling benchmarks' (sampling_pareto.py, sampling_spread.py) names of the samplers, and the options of their
+# shared protocol: FID and accuracy on --n guided samples in calls of --batch, a cache reusing --reuse, headline
+# ratios timed side by side on --timing-n samples per call, --repeats times.
+SAMPLER_NAMES = {"ddpm": "DDPM", "ddim": "DDIM", "dpmpp_2m": "DPM-Solver++"}
+
+
+def add_sampling_protocol(ap) -> None:
+    ap.add_argument("--n", type=int, default=1000, help="samples per configuration for FID and accuracy")
+    ap.add_argument("--reuse", type=float, default=0.2, help="share of block evaluations the cache reuses")
+    ap.add_argument("--batch", type=int, default=250, help="samples per sampling call")
+    ap.add_argument("--timing-n", type=int, default=100, help="samples per call in the side-by-side timing")
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats of the side-by-side timing")
+
+
 def _setting(raw: dict, key: str) -> Any:
     for part in key.split("."):
         raw = raw[part]

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 import difflineage
-from harness import KeptRows, record, side_by_side, trained_run
+from harness import SAMPLER_NAMES, KeptRows, add_sampling_protocol, record, side_by_side, trained_run
 
 from difflineage.eval import evaluate_system
 from difflineage.eval.sampling import fast_sampling
@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 IMAGES = REPO / "docs" / "images"
 SAMPLERS = [("ddpm", 250), ("ddim", 50), ("ddim", 25), ("ddim", 10), ("dpmpp_2m", 20), ("dpmpp_2m", 10),
             ("dpmpp_2m", 5)]
-NAMES = {"ddpm": "DDPM", "ddim": "DDIM", "dpmpp_2m": "DPM-Solver++"}
+NAMES = SAMPLER_NAMES
 
 
 def pareto(points: list[tuple[float, float]]) -> list[int]:
@@ -90,11 +90,7 @@ def main(argv=None) -> None:
     ap.add_argument("--dydit", default="runs/dydit-mnist/lambda-0.5", help="its DyDiT (fine-tuned here if missing)")
     ap.add_argument("--target", type=float, default=0.5, help="the DyDiT's lambda when it is fine-tuned here")
     ap.add_argument("--dydit-steps", type=int, default=400, help="fine-tuning steps when the DyDiT is made here")
-    ap.add_argument("--n", type=int, default=1000, help="samples per configuration for FID and accuracy")
-    ap.add_argument("--reuse", type=float, default=0.2, help="share of block evaluations the cache reuses")
-    ap.add_argument("--batch", type=int, default=250, help="samples per sampling call")
-    ap.add_argument("--repeats", type=int, default=3, help="repeats of the side-by-side timing of the headline")
-    ap.add_argument("--timing-n", type=int, default=100, help="samples per call in the side-by-side timing")
+    add_sampling_protocol(ap)
     ap.add_argument("--rows", type=Path, default=REPO / "runs" / "sampling-pareto" / "rows.jsonl",
                     help="where each configuration's row is kept as it is measured (a rerun resumes from it)")
     args = ap.parse_args(argv)

@@ -22,13 +22,13 @@ from pathlib import Path
 import torch
 
 import difflineage
-from harness import KeptRows, record, side_by_side, trained_run
+from harness import SAMPLER_NAMES, KeptRows, add_sampling_protocol, record, side_by_side, trained_run
 
 from difflineage.eval import evaluate_system
 from difflineage.machine import machine_description
 
 REPO = Path(__file__).resolve().parents[1]
-NAMES = {"ddpm": "DDPM", "ddim": "DDIM", "dpmpp_2m": "DPM-Solver++"}
+NAMES = SAMPLER_NAMES
 
 
 def train_pair(root: Path, seed: int, dit_steps: int = 1000, dydit_steps: int = 400,
@@ -81,11 +81,7 @@ def main(argv=None) -> None:
     ap.add_argument("--root", type=Path, default=REPO / "runs" / "sampling-spread", help="where the pairs are trained")
     ap.add_argument("--pairs", type=int, default=2, help="independently trained DiT/DyDiT pairs")
     ap.add_argument("--seeds", type=int, default=2, help="sampling seeds per pair (noise, and the cache's calibration)")
-    ap.add_argument("--n", type=int, default=1000, help="samples per configuration for FID and accuracy")
-    ap.add_argument("--reuse", type=float, default=0.2, help="share of block evaluations the cache reuses")
-    ap.add_argument("--batch", type=int, default=250, help="samples per sampling call")
-    ap.add_argument("--timing-n", type=int, default=100, help="samples per call in the side-by-side timing")
-    ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats of the side-by-side timing")
+    add_sampling_protocol(ap)
     ap.add_argument("--dit-steps", type=int, default=1000, help="training steps of each DiT (the recipe's)")
     ap.add_argument("--dydit-steps", type=int, default=400, help="fine-tuning steps of each DyDiT (the recipe's)")
     ap.add_argument("--autoencoder-steps", type=int, default=800, help="training steps of each autoencoder")
