@@ -75,9 +75,9 @@ class DataConfig:
         encodings (a fresh posterior sample and flip on every visit) instead of encoding images.
     :param caption_template: caption for labelled data, ``{name}`` is the class name; ``None``: "a handwritten
         digit {name}" for the digit sources (mnist5k, digits, MNIST IDX files), the class name alone otherwise.
-    :param captions: where the training captions came from, filled in by the trainer: ``file`` (a folder's
-        captions.jsonl or metadata.jsonl: a caption-conditioned run is then sampled from captions, never from class
-        names it did not see) or ``classes`` (class names in ``caption_template``); ``None`` before training.
+    :param captions: where the training captions came from, filled in by the trainer: ``file`` (the data's own: a
+        folder's captions.jsonl or metadata.jsonl, OpenMoji's CLDR names; a caption-conditioned run is then sampled
+        from captions, never from class names it did not see) or ``classes`` (class names in ``caption_template``); ``None`` before training.
     """
 
     source: str = "mnist5k"

@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+from difflineage.eval.features import FEATURE_KINDS
 from difflineage.cli.common import (
     add_data_overrides,
     add_device_option,
@@ -29,13 +30,15 @@ def add_parsers(sub) -> None:
     e.add_argument("--n", "--num-samples", dest="n", type=int, default=1000,
                    help="samples to draw and score (default 1000; 0 skips sample metrics). Under torchrun write "
                         "--num-samples: torchrun reads --n as one of its own options")
-    e.add_argument("--features", default="auto", choices=["auto", "mnist", "inception"],
-                   help="feature network: the MNIST classifier (1-channel data, the auto choice) or InceptionV3")
+    e.add_argument("--features", default="auto", choices=list(FEATURE_KINDS),
+                   help="feature network: auto picks the shipped OpenMoji classifier for openmoji, the MNIST classifier "
+                        "for other 1-channel data, InceptionV3 otherwise")
     add_inception_options(e, standalone=False)
     add_sampling_options(e)
     e.add_argument("--clip", type=Path, default=None, metavar="CKPT",
                    help="caption-conditioned systems: the CLIP for the CLIP score (a DALL-E clip-stage checkpoint); "
-                        "default: the CLIP the system carries, if any")
+                        "default: on openmoji the shipped scoring CLIP (CLIP score and caption retrieval), elsewhere "
+                        "the CLIP the system carries, if any")
     e.add_argument("--reference", type=Path, default=None, metavar="NPZ",
                    help="FID-50K as the papers: score against this ADM reference batch (e.g. "
                         "VIRTUAL_imagenet256_labeled.npz) with the ADM evaluator's conventions; the samples are drawn "

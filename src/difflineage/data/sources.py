@@ -380,6 +380,15 @@ def _folder(root: Path, split: str, channels: Optional[int], image_size: int, re
 CAPTION_FILES = {"captions.jsonl": ("file", "caption"), "metadata.jsonl": ("file_name", "text")}
 
 
+SOURCES_WITH_CAPTIONS = frozenset({"openmoji"})  # built-in sources whose images carry captions of their own
+
+
+def own_captions(source: str) -> bool:
+    """Whether ``source``'s captions are its own (a folder's captions file, OpenMoji's CLDR names), not made from
+    class names: a caption-conditioned run on it is sampled from captions (``data.captions: file``)."""
+    return source in SOURCES_WITH_CAPTIONS or caption_file(source) is not None
+
+
 def caption_file(source: str) -> Optional[Path]:
     """The captions file of a folder source (captions.jsonl or metadata.jsonl), or None."""
     if not source.startswith("folder:"):

@@ -104,11 +104,12 @@ def accuracy(model: MnistClassifier, dataset: ImageDataset, batch_size: int = 50
     return correct / len(dataset)
 
 
-def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
-    """Translate each image by its own whole-pixel offset in [-max_shift, max_shift], filling with black."""
+def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator, fill: float = -1.0) -> torch.Tensor:
+    """Translate each image by its own whole-pixel offset in [-max_shift, max_shift], filling with ``fill`` (black
+    for digits, white (1.0) for images drawn on white)."""
     n, _, h, w = x.shape
     s = max_shift
-    padded = F.pad(x, (s, s, s, s), value=-1.0)
+    padded = F.pad(x, (s, s, s, s), value=fill)
     dy, dx = torch.randint(0, 2 * s + 1, (2, n), generator=generator)
     rows = (dy[:, None] + torch.arange(h)[None]).view(n, 1, h, 1).expand(n, x.shape[1], h, w + 2 * s)
     out = padded.gather(2, rows)
@@ -142,20 +143,30 @@ def train_classifier(train: ImageDataset, progress: bool = True) -> MnistClassif
     return model.eval()
 
 
-def mnist_classifier(path: Path = SHIPPED_PATH, sha256: str = SHIPPED_SHA256) -> MnistClassifier:
-    """The shipped classifier, in eval mode; a missing or altered weights file is refused (CheckpointError)."""
+def load_shipped(path: Path, sha256: str, model: nn.Module, what: str, command: str) -> nn.Module:
+    """``model`` with the weights of the shipped file ``path``, in eval mode, after checking the file's sha256
+    against ``sha256`` (the instrument's digest in the code); a missing or altered file is refused
+    (CheckpointError), naming ``what`` it is and the ``command`` that trains a new one."""
     from safetensors.torch import load_file
 
-    regenerate = ("reinstall difflineage, or restore src/difflineage/eval/mnist-classifier.safetensors from the "
-                  f"repository; to train a new instrument, `{TRAIN_COMMAND}` rewrites that file, and SHIPPED_SHA256 "
-                  "in difflineage/eval/classifier.py and the docs' digit FIDs must then change with it")
+    path = Path(path)
+    try:
+        shown = path.relative_to(Path(__file__).resolve().parents[2])
+    except ValueError:
+        shown = path
+    regenerate = (f"reinstall difflineage, or restore src/{shown} from the repository; to train a new instrument, "
+                  f"`{command}` rewrites that file, and the digest in the code and the docs' scores read with it "
+                  "must then change with it")
     if not path.is_file():
-        raise CheckpointError(f"the MNIST feature classifier's weights {path} are missing; {regenerate}")
+        raise CheckpointError(f"{what}'s weights {path} are missing; {regenerate}")
     found = sha256_of(path)
     if found != sha256:
-        raise CheckpointError(f"the MNIST feature classifier's weights {path} have sha256 {found}, not the shipped "
-                              f"{sha256}: the file was altered, and FIDs on MNIST features read with it would "
-                              f"not be comparable to the docs'; {regenerate}")
-    model = MnistClassifier()
+        raise CheckpointError(f"{what}'s weights {path} have sha256 {found}, not the shipped {sha256}: the file was "
+                              f"altered, and scores read with it would not be comparable to the docs'; {regenerate}")
     model.load_state_dict(load_file(str(path)))
     return model.eval()
+
+
+def mnist_classifier(path: Path = SHIPPED_PATH, sha256: str = SHIPPED_SHA256) -> MnistClassifier:
+    """The shipped classifier, in eval mode; a missing or altered weights file is refused (CheckpointError)."""
+    return load_shipped(path, sha256, MnistClassifier(), "the MNIST feature classifier", TRAIN_COMMAND)

@@ -33,6 +33,24 @@ def find_clip(system, clip: Optional[str | Path] = None):
     return model
 
 
+def instrument_caption_scores(clip, images: torch.Tensor, train: ImageDataset, reference: ImageDataset) -> dict[str, Any]:
+    """OpenMoji's caption scores (eval/openmoji_instrument.py) of uint8 samples drawn for the reference's captions in
+    turn (sample i for caption i mod len(reference), as ``evaluate`` draws them), beside the reference images' own:
+    CLIP score and caption retrieval top-1/top-5 among 100 of the reference's captions, the compositional captions
+    (their parts seen in training, their combination not) reported apart."""
+    from difflineage.data.openmoji import compositional
+    from difflineage.eval.openmoji_instrument import caption_scores
+
+    pool = list(reference.captions)
+    comp = torch.zeros(len(pool), dtype=torch.bool)
+    comp[compositional(list(train.captions), pool)] = True
+    ids = torch.arange(len(images)) % len(pool)
+    real_ids = torch.arange(len(pool))
+    out = caption_scores(clip, to_unit(images), ids, pool, {"compositional": comp[ids]})
+    out.update(caption_scores(clip, to_unit(reference.images), real_ids, pool, {"compositional": comp}, suffix="_real"))
+    return {"caption_instrument": "OpenMoji scoring CLIP (shipped)", **out}
+
+
 def clip_scores(system, images: torch.Tensor, labels: Optional[torch.Tensor], reference: ImageDataset,
                 clip=None) -> dict[str, Any]:
     """``clip_score`` of uint8 samples drawn for ``labels`` against the captions they were drawn for, and
@@ -45,4 +63,4 @@ def clip_scores(system, images: torch.Tensor, labels: Optional[torch.Tensor], re
             "clip_score_real": clip_score(clip, to_unit(reference.images), reference.captions)}
 
 
-__all__ = ["clip_scores", "find_clip"]
+__all__ = ["clip_scores", "find_clip", "instrument_caption_scores"]

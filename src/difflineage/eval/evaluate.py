@@ -3,8 +3,9 @@
 ``evaluate_system`` draws n samples (in batches, spread over processes under torchrun), scores them against the data's
 held-out split with FID, KID, Inception Score and precision/recall on a feature network (the MNIST classifier for
 digits, InceptionV3 for natural images), reports each beside its real-vs-real value at the same count, adds the class
-accuracy of conditional samples, the CLIP score of caption-conditioned ones and the system's own held-out scores (the
-VAE's ELBO and importance-weighted NLL), and writes metrics.json.
+accuracy of conditional samples, the CLIP score of caption-conditioned ones (on OpenMoji, with the shipped scoring CLIP,
+and their caption retrieval) and the system's own held-out scores (the VAE's ELBO and importance-weighted NLL), and
+writes metrics.json.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import torch.distributed as dist
 
 from difflineage.data import ImageDataset, load_dataset
 from difflineage.eval.adm import as_rgb
-from difflineage.eval.clip_score import clip_scores, find_clip
+from difflineage.eval.clip_score import clip_scores, find_clip, instrument_caption_scores
+from difflineage.eval.openmoji_instrument import scoring_clip
 from difflineage.eval.features import FeatureNetwork, feature_network
 from difflineage.eval.metrics import (
     check_enough,
@@ -57,7 +59,7 @@ def score_samples(images: torch.Tensor, labels: Optional[torch.Tensor], referenc
     out["inception_score_real"], _ = inception_score(l_real, splits=min(10, n_real), seed=seed)
     out["precision"], out["recall"] = precision_recall(f_ref, f_fake, dtype=torch.float64)
     out["precision_real"], out["recall_real"] = precision_recall(f_ref, f_real, dtype=torch.float64)
-    if labels is not None and net.kind == "mnist" and class_accuracy:
+    if labels is not None and net.kind in ("mnist", "openmoji") and class_accuracy:
         predicted = l_fake.argmax(1)
         out["class_accuracy"] = (predicted == labels).double().mean().item()
         out["class_accuracy_per_class"] = [(predicted[labels == c] == c).double().mean().item()
@@ -107,13 +109,15 @@ def evaluate_system(system, split: str = "heldout", n: int = 1000, features: str
                               "data": cfg.data.source, "split": split, "seed": seed}
     rank = dist.get_rank() if dist.is_initialized() else 0
     net = None
-    clip_net = find_clip(system, clip) if n > 0 else None  # a wrong path stops the run before any sampling
+    # a wrong path, or the missing shipped instrument, stops the run before any sampling
+    instrument = n > 0 and clip is None and system.caption_conditioned and cfg.data.source == "openmoji"
+    clip_net = (scoring_clip().to(system.device) if instrument else find_clip(system, clip)) if n > 0 else None
     if n > 0:
         # Build the feature network (and read the shipped MNIST classifier or the Inception file) before sampling,
         # so a missing weights file stops the run before any time is spent.
         if rank == 0:
             net = feature_network(features, channels=cfg.data.channels or 1, inception_weights=inception_weights,
-                                  inception_resize=inception_resize,
+                                  inception_resize=inception_resize, source=cfg.data.source,
                                   progress=progress, device=system.device)
         sampling_start = time.perf_counter()
         captions = None
@@ -141,8 +145,11 @@ def evaluate_system(system, split: str = "heldout", n: int = 1000, features: str
         if reference.name.endswith("(spread)"):
             result["reference_note"] = f"a streamed source: {len(reference)} held-out images spread over the split"
         result.update(score_samples(images, labels, reference, real, net, seed=seed, progress=progress,
-                                    class_accuracy=cfg.data.holds_digits()))
-        result.update(clip_scores(system, images, labels, reference, clip_net))
+                                    class_accuracy=cfg.data.holds_digits() or cfg.data.source == "openmoji"))
+        if instrument:
+            result.update(instrument_caption_scores(clip_net, images, load_dataset(cfg.data, "train"), reference))
+        else:
+            result.update(clip_scores(system, images, labels, reference, clip_net))
     elif rank != 0:
         return {}
     dataset = load_dataset(cfg.data, split)

@@ -1,7 +1,8 @@
 """Feature networks for the sample-quality metrics, and batched feature extraction.
 
 ``mnist``: the 128-d penultimate features of difflineage's MNIST classifier ("FID (MNIST features)"),
-the right instrument for 1-channel digit data. ``inception``: the 2048-d pool features of the FID
+the right instrument for 1-channel digit data. ``openmoji``: the 256-d features of the shipped OpenMoji subgroup
+classifier (eval/openmoji_instrument.py), the instrument for OpenMoji. ``inception``: the 2048-d pool features of the FID
 InceptionV3, from the standard weights file given by path, the instrument for natural images.
 """
 
@@ -17,8 +18,9 @@ from tqdm.auto import tqdm
 
 from difflineage.eval.classifier import mnist_classifier
 from difflineage.eval.inception import load_fid_inception
+from difflineage.eval.openmoji_instrument import openmoji_classifier
 
-FEATURE_KINDS = ("auto", "mnist", "inception")
+FEATURE_KINDS = ("auto", "mnist", "openmoji", "inception")
 
 
 @dataclass
@@ -26,7 +28,7 @@ class FeatureNetwork:
     """A network that turns images in [-1, 1] into feature vectors and class logits."""
 
     name: str  # how reports name it, e.g. "MNIST features"
-    kind: str  # mnist | inception
+    kind: str  # mnist | openmoji | inception
     module: nn.Module  # has features(images), logits_from_features(feats), num_features
 
     @torch.no_grad()
@@ -44,14 +46,17 @@ class FeatureNetwork:
 
 def feature_network(kind: str = "auto", channels: int = 1, inception_weights: Optional[str | Path] = None,
                     progress: bool = True, device: str | torch.device = "cpu",
-                    inception_resize: str = "tf") -> FeatureNetwork:
-    """Pick the feature network: ``auto`` is the MNIST classifier for 1-channel data, InceptionV3 otherwise
-    (``inception_resize``: ``tf``, the FID graph's resize, or ``pytorch-fid``'s; eval.inception)."""
+                    inception_resize: str = "tf", source: str = "") -> FeatureNetwork:
+    """Pick the feature network: ``auto`` is the OpenMoji classifier for the ``openmoji`` source, the MNIST
+    classifier for other 1-channel data, InceptionV3 otherwise (``inception_resize``: ``tf``, the FID graph's resize,
+    or ``pytorch-fid``'s; eval.inception)."""
     if kind not in FEATURE_KINDS:
         raise ValueError(f"unknown feature network {kind!r}; choose one of {', '.join(FEATURE_KINDS)}")
     if kind == "auto":
-        kind = "mnist" if channels == 1 else "inception"
+        kind = "openmoji" if source == "openmoji" else "mnist" if channels == 1 else "inception"
     if kind == "mnist":
         return FeatureNetwork("MNIST features", "mnist", mnist_classifier().to(device))
+    if kind == "openmoji":
+        return FeatureNetwork("OpenMoji features", "openmoji", openmoji_classifier().to(device))
     net = load_fid_inception(inception_weights, resize=inception_resize).to(device)
     return FeatureNetwork(f"InceptionV3 features ({inception_resize} resize)", "inception", net)

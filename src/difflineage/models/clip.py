@@ -72,7 +72,7 @@ class CLIP(nn.Module):
 
     def encode_text(self, captions: list[str]) -> torch.Tensor:
         """N captions -> (N, embed), unit length."""
-        return F.normalize(self.text_projection(self.text_encoder(captions)[2]).float(), dim=-1)
+        return F.normalize(self.text_projection(self.text_encoder(captions, trim=True)[2]).float(), dim=-1)
 
     def scale(self) -> torch.Tensor:
         return self.logit_scale.clamp(max=math.log(100)).exp()  # the paper clips the temperature at 100

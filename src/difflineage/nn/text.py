@@ -33,12 +33,14 @@ class TextEncoderConfig:
             raise ConfigError("text.max_length must be at least 2 and text.depth at least 1")
 
 
-def tokenize(captions: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Captions -> (tokens (N, max_length) long, mask (N, max_length) bool, True on real tokens)."""
-    tokens = torch.full((len(captions), max_length), PAD, dtype=torch.long)
-    for i, c in enumerate(captions):
-        ids = [BOS, *c.encode("utf-8")[: max_length - 1]]
-        tokens[i, : len(ids)] = torch.tensor(ids)
+def tokenize(captions: list[str], max_length: int, trim: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Captions -> (tokens (N, L) long, mask (N, L) bool, True on real tokens): L is ``max_length``, or with ``trim``
+    the longest caption's length (what the padding adds is masked out either way)."""
+    ids = [[BOS, *c.encode("utf-8")[: max_length - 1]] for c in captions]
+    length = max((len(i) for i in ids), default=1) if trim else max_length
+    tokens = torch.full((len(captions), length), PAD, dtype=torch.long)
+    for i, row in enumerate(ids):
+        tokens[i, : len(row)] = torch.tensor(row)
     return tokens, tokens != PAD
 
 
@@ -55,11 +57,13 @@ class TextEncoder(nn.Module):
         self.transformer = nn.TransformerEncoder(layer, cfg.depth, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(cfg.width)
 
-    def forward(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, captions: list[str], trim: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``trim``: tokens only up to the longest caption's length (the pooled vector is the same; the token
+        features are then as long as that, not ``max_length``)."""
         device = self.position_embedding.device
-        tokens, mask = tokenize(captions, self.cfg.max_length)
+        tokens, mask = tokenize(captions, self.cfg.max_length, trim)
         tokens, mask = tokens.to(device), mask.to(device)
-        x = self.token_embedding(tokens) + self.position_embedding  # (N, L, W)
+        x = self.token_embedding(tokens) + self.position_embedding[:, : tokens.shape[1]]  # (N, L, W)
         x = self.norm(self.transformer(x, src_key_padding_mask=~mask))
         pooled = (x * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)  # mean over real tokens (N, W)
         return x, mask, pooled

@@ -26,6 +26,7 @@ from difflineage.systems.base import Condition, System
 from difflineage.systems.frozen import FrozenPart
 from difflineage.systems.options import DiffusionOptions
 from difflineage.systems.spaces import LatentSpace, PixelSpace
+from difflineage.systems.text import FrozenTextEncoder, check_text_digest, load_text_encoder, resolve_text_encoder
 
 # Keys of earlier checkpoints -> today's: the first stage and the latent scale now belong to the latent space.
 _LEGACY_PREFIXES = {"first_stage.": "space.first_stage.", "latent_scale": "space.latent_scale"}
@@ -37,12 +38,18 @@ class DiffusionModelConfig:
 
     :param condition: none, class (label embedding) or caption (text encoder + cross-attention).
     :param cond_drop: share of training examples whose condition is replaced by the null one (guidance).
-    :param text: the caption encoder (``condition: caption`` only; null otherwise)."""
+    :param text: the caption encoder (``condition: caption`` only; null otherwise): trained with the denoiser, or
+        with ``text_encoder`` the architecture of that CLIP's text tower (filled in when training starts).
+    :param text_encoder: a DALL-E CLIP stage (run or checkpoint, ``model.stage=clip``) whose text tower, frozen,
+        encodes the captions (Stable Diffusion's design); empty: a byte-level encoder trained with the denoiser.
+    :param text_encoder_digest: sha256 of that tower's weights, recorded when training starts."""
 
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     text: Optional[TextEncoderConfig] = None
     condition: Literal["none", "class", "caption"] = "class"
     cond_drop: float = 0.1
+    text_encoder: str = ""
+    text_encoder_digest: str = ""
 
     def __post_init__(self) -> None:
         # a text encoder exists only for captions: a class-conditional run's config carries none
@@ -91,6 +98,7 @@ class DiffusionSystem(System):
         space = self.space_class(config)
         self.channels, self.side = space.shape_of(config)
         self.text = TextEncoder(m.text) if m.condition == "caption" else None
+        self.text_part = FrozenTextEncoder(self.text, m.text_encoder) if self.text is not None and m.text_encoder else None
         out_channels = self.channels * (2 if m.diffusion.variance == "learned_range" else 1)
         setattr(self, self.network_name, self.build_network(
             out_channels, num_classes=(d.num_classes or 0) if m.condition == "class" else 0,
@@ -118,8 +126,9 @@ class DiffusionSystem(System):
 
     @classmethod
     def resolve_config(cls, config: Config) -> Config:
-        """What the space reads from elsewhere (a first stage's architecture) filled in."""
-        return cls.space_class(config).resolve_config(config)
+        """What the space reads from elsewhere (a first stage's architecture) and a frozen text encoder's
+        architecture and digest, filled in."""
+        return cls.space_class(config).resolve_config(resolve_text_encoder(config))
 
     @classmethod
     def upgrade_state_dict(cls, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -131,11 +140,19 @@ class DiffusionSystem(System):
         return out
 
     def prepare(self, dataset: Dataset, restored: bool = False) -> None:
-        """Before training: the space's parts loaded (a latent space's first stage, its latent scale measured)."""
+        """Before training: the space's parts loaded (a latent space's first stage, its latent scale measured), and
+        a frozen text encoder's weights (a resumed run's checked against the digest its config recorded)."""
         self.space.prepare(dataset, restored)
+        if self.text_part is not None:
+            digest = self.config.model.text_encoder_digest
+            if restored:
+                check_text_digest(self.text_part, digest, "the checkpoint's text tower is not the one this run froze")
+            else:
+                load_text_encoder(self.text_part, digest)
+            self.text_part.attach(dataset.captions)
 
     def frozen_parts(self) -> list[FrozenPart]:
-        return self.space.parts()
+        return self.space.parts() + ([self.text_part] if self.text_part is not None else [])
 
     def pictures(self, dataset: ImageDataset, out_dir, generator: Optional[torch.Generator] = None) -> dict:
         return self.space.pictures(dataset, out_dir, self.device)
@@ -159,7 +176,7 @@ class DiffusionSystem(System):
             if train and m.cond_drop > 0:
                 drop = torch.rand(len(captions)) < m.cond_drop
                 captions = ["" if dr else c for c, dr in zip(captions, drop.tolist())]
-            context, mask, pooled = self.text(captions)
+            context, mask, pooled = (self.text_part or self.text)(captions)
             return {"context": context, "context_mask": mask, "pooled": pooled}
         return {}
 

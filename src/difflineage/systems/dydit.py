@@ -263,4 +263,5 @@ def inherit_from_base(recipe: DyDiTSystemConfig, base: DiTSystemConfig) -> DyDiT
     bd, rd = base.diffusion, recipe.diffusion
     diffusion = replace(rd, schedule=bd.schedule, timesteps=bd.timesteps, prediction=bd.prediction, variance=bd.variance)
     return replace(recipe, dit=dit, diffusion=diffusion, first_stage=base.first_stage, autoencoder=base.autoencoder,
-                   sd_vae_norm_groups=base.sd_vae_norm_groups, text=base.text, condition=base.condition)
+                   sd_vae_norm_groups=base.sd_vae_norm_groups, text=base.text, condition=base.condition,
+                   text_encoder=base.text_encoder, text_encoder_digest=base.text_encoder_digest)

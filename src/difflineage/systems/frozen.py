@@ -70,7 +70,7 @@ class FrozenPart:
 
     def __init__(self, module: nn.Module, spec: str):
         self.module, self.spec = module, spec
-        module.requires_grad_(False)
+        module.requires_grad_(False).eval()
 
     @property
     def digest(self) -> str:

@@ -19,7 +19,7 @@ from typing import Callable, Optional, Sequence
 from difflineage.checkpoint import latest_checkpoint
 from difflineage.config import Config
 from difflineage.data import load_dataset
-from difflineage.data.sources import caption_file
+from difflineage.data.sources import own_captions
 from difflineage.errors import ConfigError
 from difflineage.systems import build_system, load_config, reading_stages_once, system_for
 from difflineage.train.rundir import holds_run
@@ -87,7 +87,7 @@ def fit_recipe(recipe: str | Path, source: str, overrides: Sequence[str] = (),
     described += f", {classes} classes" if classes else ", no classes"
     model = config.model
     if dataclasses.is_dataclass(model) and hasattr(model, "condition") and not _given(overrides, "model.condition"):
-        condition = "caption" if caption_file(source) is not None else "class" if classes else "none"
+        condition = "caption" if own_captions(source) else "class" if classes else "none"
         if condition != model.condition:
             model = replace(model, condition=condition)  # __post_init__: a text encoder for captions, none otherwise
             why = {"caption": "the folder has a captions file", "class": "the folder has class subfolders",

@@ -34,7 +34,7 @@ from difflineage.checkpoint import checkpoints_of, latest_checkpoint, resolve_ch
 from difflineage.config import Config
 from difflineage.data import BatchStream, ImageDataset, check_source, load_dataset, stream_workers
 from difflineage.data.dataset import to_device
-from difflineage.data.sources import caption_file
+from difflineage.data.sources import own_captions
 from difflineage.data.store import open_store_dataset
 from difflineage.errors import CheckpointError, ConfigError, StorageError, TrainingDiverged
 from difflineage.images import save_grid
@@ -77,7 +77,7 @@ def resolve_data(config: Config, dataset: ImageDataset) -> Config:
         raise ConfigError(f"data.num_classes={data.num_classes} but {data.source} has {dataset.num_classes} classes; "
                           f"set data.num_classes={dataset.num_classes} or leave it null")
     names = data.class_names if data.class_names is not None else dataset.class_names
-    captions = "file" if caption_file(data.source) is not None else "classes" if names is not None else None
+    captions = "file" if own_captions(data.source) else "classes" if names is not None else None
     return replace(config, data=replace(data, channels=channels, image_size=dataset.shape[-1], captions=captions,
                                         num_classes=data.num_classes if data.num_classes is not None else dataset.num_classes,
                                         class_names=names))
