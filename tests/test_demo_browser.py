@@ -53,7 +53,9 @@ def _free_port() -> int:
 def runs(tmp_path_factory) -> dict[str, str]:
     root = tiny_runs(tmp_path_factory)
     return {"dit": os.environ.get("DIFFLINEAGE_DEMO_DIT", str(root / "dit")),
-            "dydit": os.environ.get("DIFFLINEAGE_DEMO_DYDIT", str(root / "dydit"))}
+            "dydit": os.environ.get("DIFFLINEAGE_DEMO_DYDIT", str(root / "dydit")),
+            "dalle": os.environ.get("DIFFLINEAGE_DEMO_CAPTION", str(Path(__file__).parent / "fixtures" / "systems" /
+                                                                    "dalle_prior"))}
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +64,7 @@ def server(runs, tmp_path_factory):
     port = _free_port()
     log = tmp_path_factory.mktemp("demo-server") / "server.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "difflineage", "demo", runs["dydit"], runs["dit"],
+        proc = subprocess.Popen([sys.executable, "-m", "difflineage", "demo", runs["dydit"], runs["dit"], runs["dalle"],
                                  "--port", str(port)], stdout=out, stderr=subprocess.STDOUT, cwd=Path.cwd())
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + 180
@@ -230,3 +232,23 @@ def test_bad_requests_are_messages_and_the_page_keeps_serving(browser, server, r
     assert page.images("gallery-0").count() == 3
     expect(page.page.locator("#stats-0")).to_contain_text("sampler dpmpp_2m, steps 5")
     page.shot("demo_errors", tmp_path, docs=False)
+
+
+def test_a_caption_run_suggests_captions_takes_free_text_and_reranks(browser, server, runs, tmp_path):
+    page = Page(browser, server)
+    page.choose("run", runs["dalle"])
+    expect(page.page.locator("#about")).to_contain_text("condition: caption")
+    expect(page.page.locator("#class")).to_be_hidden()
+    expect(page.page.locator("#rerank")).to_be_visible()  # a DALL-E prior carrying a CLIP reranks
+    page.page.click("#caption input")
+    expect(page.page.get_by_role("option", name="a handwritten digit two", exact=True)).to_be_visible()  # suggested
+    page.page.keyboard.press("Escape")
+    page.type_into("caption", "a handwritten zebra")  # free text, with a word no caption holds
+    page.set_number("n", 2)
+    page.page.click("#generate")
+    wait_for_images(page, "gallery-0", 2)
+    expect(page.page.locator("#status")).to_contain_text("'zebra' never occurs in the captions this run was trained on")
+    assert "a handwritten zebra" in page.page.inner_text("#gallery-0")  # each image is captioned with its caption
+    assert "Traceback" not in page.page.inner_text("body")
+    page.shot("demo_caption", tmp_path, docs=False)
+    assert page.elsewhere == [], f"the page fetched from elsewhere: {page.elsewhere}"

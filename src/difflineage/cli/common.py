@@ -83,10 +83,17 @@ def format_metrics(m: dict) -> str:
                      f"{m['split']} images (real-vs-real: {m['real_baseline_images']} training images):")
         pairs = [("FID", "fid", "fid_real"), ("KID", "kid", "kid_real"), ("Inception Score", "inception_score",
                  "inception_score_real"), ("precision", "precision", "precision_real"), ("recall", "recall", "recall_real"),
-                 ("class accuracy", "class_accuracy", "class_accuracy_real"), ("CLIP score", "clip_score", "clip_score_real")]
+                 ("class accuracy", "class_accuracy", "class_accuracy_real"), ("CLIP score", "clip_score", "clip_score_real"),
+                 ("retrieval top-1", "retrieval_top1", "retrieval_top1_real"),
+                 ("retrieval top-5", "retrieval_top5", "retrieval_top5_real"),
+                 ("  compositional", "retrieval_compositional_top5", "retrieval_compositional_top5_real")]
         for label, key, real in pairs:
             if key in m:
-                lines.append(f"  {label:<16}{m[key]:>10.4f}   real-vs-real {m[real]:.4f}")
+                beside = "real images" if key.startswith("retrieval") else "real-vs-real"
+                lines.append(f"  {label:<16}{m[key]:>10.4f}   {beside} {m[real]:.4f}")
+        if "retrieval_candidates" in m:
+            lines.append(f"  (caption retrieval: each image's own caption ranked among {m['retrieval_candidates']} by the "
+                         "shipped scoring CLIP; chance is 1% top-1, 5% top-5)")
     for key in ("neg_elbo_nats", "nll_iw_nats", "nll_iw_bits_per_dim", "bits_per_dim", "recon_l1", "recon_psnr_db",
                 "prior_nll_bits_per_image_token", "clip_retrieval_image_to_caption", "clip_retrieval_caption_to_image",
                 "clip_score_real_pairs"):

@@ -13,9 +13,9 @@ from difflineage.train.recipes import DEFAULT_SYSTEM, QUICKSTART_RECIPES
 
 def add_parsers(sub) -> None:
     q = sub.add_parser("quickstart", help="train the default recipe of a system on mnist5k, then sample and score it",
-                       description="Train a system's ready-made recipe on the embedded mnist5k digits, write a sample "
-                                   "grid, pictures and held-out metrics, and print where they are. Re-running resumes "
-                                   "an interrupted quickstart.")
+                       description="Train a system's ready-made recipe on the embedded mnist5k digits (text-to-image: "
+                                   "on OpenMoji's captioned emoji), write a sample grid, pictures and held-out metrics, "
+                                   "and print where they are. Re-running resumes an interrupted quickstart.")
     q.add_argument("--system", default=DEFAULT_SYSTEM, choices=list(QUICKSTART_RECIPES),
                    help=f"which system (default: {DEFAULT_SYSTEM}, the flagship)")
     q.add_argument("--out", type=Path, default=None, help="run directory (default: runs/quickstart-SYSTEM)")
@@ -141,7 +141,8 @@ def cmd_quickstart(args) -> int:
     system = load(result.checkpoint)
     pictures = system.pictures(heldout(system), run_dir)
     n = args.eval_n
-    if (system.config.data.channels or 1) != 1:  # colour images are scored on InceptionV3, whose weights are the user's
+    if (system.config.data.channels or 1) != 1 and system.config.data.source != "openmoji":
+        # colour images are scored on InceptionV3, whose weights are the user's (OpenMoji has its own, shipped)
         print(f"sample scores of colour images need InceptionV3's weights (a file of yours): difflineage evaluate "
               f"{run_dir} --inception-weights FILE; here, the held-out scores only")
         n = 0

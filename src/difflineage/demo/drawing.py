@@ -59,6 +59,7 @@ class Result:
     drawn: list[Drawn]
     out_dir: Path
     counted: bool = False
+    note: str = ""  # said beside the images (words of the caption that no training caption holds)
 
     @property
     def files(self) -> list[Path]:
@@ -120,8 +121,9 @@ def draw(run: DemoRun, request: Request, out_dir: Path,
         drawn.append(write_images(model, images, seconds, said, bf16, opts, trace, seed, labels, out_dir))
     if progress:
         progress(1.0, "done")
+    note = run.caption_note(request.condition) if run.condition_kind == "caption" else ""
     return Result(run=str(run.path), seed=seed, randomized=bool(request.randomize), condition=condition,
-                  captions=captions, drawn=drawn, out_dir=out_dir)
+                  captions=captions, drawn=drawn, out_dir=out_dir, note=note)
 
 
 @contextmanager

@@ -115,7 +115,9 @@ def build_app(demo: Demo):
                                      elem_id="preset")
                 class_box = gr.Dropdown(choices=[EVERY_CLASS], value=EVERY_CLASS, allow_custom_value=True,
                                         label="class (by name)", elem_id="class")
-                caption_box = gr.Textbox(label="caption", visible=False, elem_id="caption")
+                caption_box = gr.Dropdown(choices=[], value="", allow_custom_value=True, visible=False,
+                                          label="caption (type your own, or choose one of the data's: held-out first)",
+                                          elem_id="caption")
                 n_box = gr.Slider(1, MAX_IMAGES, value=16, step=1, label="number of images", elem_id="n")
                 with gr.Row():
                     seed_box = gr.Number(value=0, precision=0, minimum=0, label="seed", elem_id="seed")
@@ -180,7 +182,7 @@ def build_app(demo: Demo):
                     preset: gr.update(visible=True, choices=list(run.presets()), value=PRESET_OWN),
                     class_box: gr.update(visible=kind == "class", choices=[EVERY_CLASS] + run.class_names,
                                          value=d["condition"] if kind == "class" else EVERY_CLASS),
-                    caption_box: gr.update(visible=kind == "caption",
+                    caption_box: gr.update(visible=kind == "caption", choices=run.caption_suggestions,
                                            value=d["condition"] if kind == "caption" else ""),
                     guidance: gr.update(visible=run.takes_guidance, value=d["guidance"]),
                     steps: gr.update(visible=run.diffusion, value=d.get("steps", 50), maximum=d.get("max_steps", 1000)),
@@ -230,7 +232,7 @@ def build_app(demo: Demo):
             except Exception as exc:  # noqa: BLE001
                 yield [message(exc)] + unchanged
                 return
-            yield page_outputs(run, result, key, status="counting FLOPs...")
+            yield page_outputs(run, result, key, status=" ".join(filter(None, [result.note, "counting FLOPs..."])))
             try:
                 with demo.lock:
                     count(run, result)
@@ -238,7 +240,7 @@ def build_app(demo: Demo):
             except Exception as exc:  # noqa: BLE001
                 yield page_outputs(run, result, key, status=message(exc))
                 return
-            yield page_outputs(run, result, key, status="", pictures=pictures)
+            yield page_outputs(run, result, key, status=result.note, pictures=pictures)
 
         def page_outputs(run, result, key, status, pictures=(None, None)):
             galleries = [[(str(f), c) for f, c in zip(d.image_files, result.captions)] for d in result.drawn]

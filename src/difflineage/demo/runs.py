@@ -2,6 +2,8 @@
 the controls its family takes) and a request in the page's words (``Request``) turned into sampling arguments,
 every bad one a ``DemoError`` that says what to give instead."""
 
+import functools
+import re
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -11,6 +13,7 @@ import torch
 
 from difflineage.checkpoint import checkpoints_of, resolve_checkpoint
 from difflineage.config import unknown
+from difflineage.data import load_dataset
 from difflineage.diffusion.gaussian import SAMPLERS
 from difflineage.errors import CheckpointError, ConfigError, DataError
 from difflineage.eval.sampling import FAST_STEPS, fast_sampling
@@ -165,6 +168,49 @@ class DemoRun:
             return "caption"
         return "class" if self.system.num_classes else "none"
 
+    @functools.cached_property
+    def training_captions(self) -> list[str]:
+        """The distinct captions this run was trained on (its data's training split; the class captions of a run
+        trained on class names); empty when its data is not at hand."""
+        if self.condition_kind != "caption":
+            return []
+        s = self.system
+        if s.num_classes and not s.captions_from_file:
+            return s.captions_for(torch.arange(s.num_classes))
+        try:
+            return list(dict.fromkeys(load_dataset(s.config.data, "train").captions or []))
+        except Exception as exc:  # noqa: BLE001 - suggestions are a help: without the data the box takes free text
+            print(f"difflineage demo: no caption suggestions for {self.path}: {exc}", file=sys.stderr)
+            return []
+
+    @functools.cached_property
+    def caption_suggestions(self) -> list[str]:
+        """What the caption box suggests: the held-out captions first (the run never saw them drawn), then the
+        training captions."""
+        if self.condition_kind != "caption":
+            return []
+        held: list[str] = []
+        if self.system.captions_from_file:
+            try:
+                held = list(load_dataset(self.system.config.data, "heldout").captions or [])
+            except Exception:  # noqa: BLE001 - as above
+                held = []
+        return list(dict.fromkeys(held + self.training_captions))
+
+    def caption_note(self, caption: str) -> str:
+        """A note on the words of ``caption`` that no training caption holds (empty when there are none): the text
+        encoder still reads them, byte by byte, but the images were never drawn for them."""
+        known = {w for c in self.training_captions for w in words(c)}
+        if not known:
+            return ""
+        new = [w for w in dict.fromkeys(words(caption)) if w not in known]
+        if not new:
+            return ""
+        listed = ", ".join(repr(w) for w in new[:5]) + (" ..." if len(new) > 5 else "")
+        return (f"note: {listed} never occur{'s' if len(new) == 1 else ''} in the captions this run was trained on; its "
+                "text encoder reads them letter by letter, but no image was drawn for them, so expect them to be "
+                "ignored or misread")
+
     @property
     def class_names(self) -> list[str]:
         """The names a class is asked for by (the data's, as captions use them; numbers where it has none)."""
@@ -196,6 +242,8 @@ class DemoRun:
         if self.condition_kind == "caption" and self.system.num_classes and not self.system.captions_from_file:
             # the caption of a class, as an example (a run trained on a captions file never saw such captions)
             out["condition"] = self.system.captions_for(torch.tensor([self.system.num_classes - 1]))[0]
+        elif self.condition_kind == "caption" and self.caption_suggestions:
+            out["condition"] = self.caption_suggestions[0]  # the data's own captions: the first held-out one
         if self.diffusion:
             dc = m.diffusion
             out.update(guidance=dc.guidance, steps=dc.sample_steps, sampler=dc.sampler, max_steps=dc.timesteps)
@@ -303,6 +351,11 @@ class DemoRun:
                 raise DemoError(f"rerank {request.rerank}: at most {MAX_RERANK} candidates per image")
             options["rerank"] = int(request.rerank)
         return options
+
+
+def words(caption: str) -> list[str]:
+    """A caption's words, lower-cased, split at spaces and punctuation (":", ",", ...)."""
+    return re.findall(r"[\w'-]+", caption.lower())
 
 
 def describe_options(options: dict[str, Any]) -> str:

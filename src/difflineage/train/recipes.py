@@ -38,6 +38,10 @@ QUICKSTART_RECIPES = {
     "vqvae2": [("vqvae2-mnist", "autoencoder", []), ("vqvae2-prior-mnist", "", ["model.first_stage={autoencoder}"])],
     "dalle": [("dalle-dvae-mnist", "dvae", []), ("dalle-clip-mnist", "clip", []),
               ("dalle-mnist", "", ["model.first_stage={dvae}", "model.clip_stage={clip}"])],
+    # text-to-image on OpenMoji as Stable Diffusion is made: a CLIP (its text tower then frozen), an autoencoder, a
+    # caption-conditioned latent DiT over its latents
+    "text-to-image": [("dalle-clip-openmoji", "clip", []), ("autoencoder-openmoji", "autoencoder", []),
+                      ("dit-openmoji", "", ["model.first_stage={autoencoder}", "model.text_encoder={clip}"])],
 }
 DEFAULT_SYSTEM = next(iter(QUICKSTART_RECIPES))
 
