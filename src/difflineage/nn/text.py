@@ -33,11 +33,16 @@ class TextEncoderConfig:
             raise ConfigError("text.max_length must be at least 2 and text.depth at least 1")
 
 
+def token_length(captions: list[str], max_length: int) -> int:
+    """The tokens the longest of ``captions`` takes (BOS included, at most ``max_length``), from the text alone."""
+    return min(max_length, 1 + max((len(c.encode("utf-8")) for c in captions), default=0))
+
+
 def tokenize(captions: list[str], max_length: int, trim: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Captions -> (tokens (N, L) long, mask (N, L) bool, True on real tokens): L is ``max_length``, or with ``trim``
     the longest caption's length (what the padding adds is masked out either way)."""
     ids = [[BOS, *c.encode("utf-8")[: max_length - 1]] for c in captions]
-    length = max((len(i) for i in ids), default=1) if trim else max_length
+    length = token_length(captions, max_length) if trim else max_length
     tokens = torch.full((len(captions), length), PAD, dtype=torch.long)
     for i, row in enumerate(ids):
         tokens[i, : len(row)] = torch.tensor(row)

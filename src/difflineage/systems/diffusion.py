@@ -21,7 +21,7 @@ from difflineage.data import Batch, Dataset, ImageDataset
 from difflineage.diffusion import DiffusionConfig, GaussianDiffusion, Sampler, dpm_solver_timesteps, guided
 from difflineage.errors import ConfigError
 from difflineage.models.autoencoder_kl import AutoencoderKLConfig
-from difflineage.nn.text import TextEncoder, TextEncoderConfig
+from difflineage.nn.text import TextEncoder, TextEncoderConfig, token_length
 from difflineage.systems.base import Condition, System
 from difflineage.systems.frozen import FrozenPart
 from difflineage.systems.options import DiffusionOptions
@@ -177,6 +177,9 @@ class DiffusionSystem(System):
                 drop = torch.rand(len(captions)) < m.cond_drop
                 captions = ["" if dr else c for c, dr in zip(captions, drop.tolist())]
             context, mask, pooled = (self.text_part or self.text)(captions)
+            if train:  # the padding past the batch's longest caption is masked out anyway: dropped, it costs nothing
+                keep = token_length(captions, m.text.max_length)
+                context, mask = context[:, :keep], mask[:, :keep]
             return {"context": context, "context_mask": mask, "pooled": pooled}
         return {}
 
