@@ -93,4 +93,5 @@ def test_evaluate_scores_a_caption_system_on_openmoji_with_the_instrument(tmp_pa
     assert m["feature_network"] == "OpenMoji features" and m["caption_instrument"].startswith("OpenMoji scoring CLIP")
     for key in ("fid", "class_accuracy", "clip_score", "retrieval_top1", "retrieval_top5", "retrieval_compositional_top5"):
         assert key in m and f"{key}_real" in m
-    assert m["retrieval_top5_real"] > 0.5 and 0 <= m["retrieval_top5"] <= 1
+    # the real images at this run's 8 px, brought up to 32: blurred, but still far above chance (5%)
+    assert m["retrieval_top5_real"] > 0.15 and 0 <= m["retrieval_top5"] <= 1

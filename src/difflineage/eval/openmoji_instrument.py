@@ -43,7 +43,7 @@ _HERE = Path(__file__).resolve()
 CLASSIFIER_PATH = _HERE.with_name("openmoji-classifier.safetensors")
 CLASSIFIER_SHA256 = "8888ba6eb4a4f544d309415d5df20b33f5ba0e78d6dbbd5975054749677bd4bd"
 CLIP_PATH = _HERE.with_name("openmoji-clip.safetensors")
-CLIP_SHA256 = ""
+CLIP_SHA256 = "85782f55dc3a2e19ac760919beeae7a33c3030b07ae270d733b14d2e643c2a89"
 TRAIN_COMMAND = "python benchmarks/train_openmoji_instrument.py"
 
 
