@@ -5,7 +5,7 @@ from helpers import tiny_autoencoder_dict
 import difflineage
 from difflineage.data import load_dataset
 from difflineage.errors import ConfigError
-from difflineage.systems import config_from_dict
+from difflineage.systems import build_system, config_from_dict
 from difflineage.systems.spaces import LatentSpace, PixelSpace
 from difflineage.train import Trainer
 
@@ -84,11 +84,11 @@ def _caption_dit(block: str):
     return system
 
 
-@pytest.mark.parametrize("block", ["adaln_zero", "adaln", "cross_attention", "in_context"])
+@pytest.mark.parametrize("block", ["adaln_zero", "adaln", "cross_attention", "in_context", "adaln_zero_cross"])
 def test_caption_conditioned_dit_reads_the_text(block):
     system = _caption_dit(block)
     assert not hasattr(system.dit, "y_embedder") and hasattr(system.dit, "text_pooled")
-    assert hasattr(system.dit, "text_tokens") == (block == "cross_attention")
+    assert hasattr(system.dit, "text_tokens") == (block in ("cross_attention", "adaln_zero_cross"))
     g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
     a = system.sample(2, condition=["a handwritten digit one"] * 2, generator=g())
     b = system.sample(2, condition=["a handwritten digit two"] * 2, generator=g())
@@ -100,8 +100,17 @@ def test_caption_conditioned_dit_reads_the_text(block):
     assert all(p.grad is not None for p in system.text.parameters())
 
 
-def test_cross_attention_ignores_padding_tokens():
-    system = _caption_dit("cross_attention")
+def test_the_text_block_is_for_captions_only():
+    d = tiny_dit_dict()
+    d["data"]["num_classes"] = 10
+    d["model"]["dit"]["block"] = "adaln_zero_cross"
+    with pytest.raises(ConfigError, match="adaln_zero_cross attends to a caption's tokens: it needs model.condition=caption"):
+        build_system(config_from_dict(d))
+
+
+@pytest.mark.parametrize("block", ["cross_attention", "adaln_zero_cross"])
+def test_cross_attention_ignores_padding_tokens(block):
+    system = _caption_dit(block)
     cond = system.condition_kwargs(None, ["a handwritten digit one"])
     x, t = torch.randn(1, 1, 8, 8), torch.tensor([10])
     out = system.dit(x, t, **cond)

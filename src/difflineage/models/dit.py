@@ -12,7 +12,11 @@ timestep and a class label through one of four block designs of the paper:
 
 Caption conditioning (for text-conditioned DiT): the pooled text embedding, projected (``text_pooled``), takes the
 label's place in the condition vector (adaLN) and in the two condition tokens (in-context, cross-attention), and
-the cross-attention block attends to the projected text tokens (``text_tokens``) as well.
+the cross-attention block attends to the projected text tokens (``text_tokens``) as well. A fifth block, for captions
+only, is the text-to-image DiT block of PixArt-alpha (Chen et al. 2024):
+
+- ``adaln_zero_cross``: adaLN-Zero conditioned on t and the pooled caption, with a cross-attention layer to the
+  caption's tokens between self-attention and the MLP.
 
 Parameter names follow the official code (timm names), so its checkpoints load with no renaming:
 ``pos_embed``, ``x_embedder.proj``, ``t_embedder.mlp.{0,2}``, ``y_embedder.embedding_table``,
@@ -38,7 +42,11 @@ from difflineage.nn.embeddings import LabelEmbedder, TimestepEmbedder
 # The paper's configurations: depth, hidden size, heads (patch size is the /N suffix).
 DIT_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
 DIT_CONFIGS = {f"DiT-{s}/{p}": (*DIT_SIZES[s], p) for s in DIT_SIZES for p in (2, 4, 8)}
-BLOCK_TYPES = ("adaln_zero", "adaln", "cross_attention", "in_context")
+BLOCK_TYPES = ("adaln_zero", "adaln", "cross_attention", "in_context")  # the paper's four
+# For captions: adaLN-Zero conditioned on the timestep and the pooled caption, with a cross-attention layer to the
+# caption's tokens between self-attention and the MLP (the text-to-image DiT block of PixArt-alpha).
+TEXT_BLOCK = "adaln_zero_cross"
+ADALN_ZERO = ("adaln_zero", TEXT_BLOCK)
 
 
 @dataclass
@@ -53,7 +61,7 @@ class DiTConfig:
     heads: int = 4
     patch: int = 2
     mlp_ratio: float = 4.0
-    block: Literal["adaln_zero", "adaln", "cross_attention", "in_context"] = "adaln_zero"
+    block: Literal["adaln_zero", "adaln", "cross_attention", "in_context", "adaln_zero_cross"] = "adaln_zero"
     learn_sigma: bool = True
     class_dropout: float = 0.1
     grad_checkpointing: bool = False
@@ -126,10 +134,10 @@ class DiTBlock(nn.Module):
         self.attn = Attention(hidden, heads)
         self.norm2 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(hidden, int(hidden * mlp_ratio))
-        if block in ("adaln_zero", "adaln"):
-            n = 6 if block == "adaln_zero" else 4  # shift, scale, (gate) for attention, then for the MLP
+        if block in ("adaln_zero", "adaln", TEXT_BLOCK):
+            n = 6 if block in ADALN_ZERO else 4  # shift, scale, (gate) for attention, then for the MLP
             self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, n * hidden))
-        if block == "cross_attention":
+        if block in ("cross_attention", TEXT_BLOCK):
             self.norm_cross = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
             self.cross_attn = Attention(hidden, heads, context_dim=hidden)
 
@@ -139,6 +147,11 @@ class DiTBlock(nn.Module):
         ``cond_mask`` (N, L) True where a token may be attended (None: all)."""
         if self.block == "adaln_zero":
             return self.adaln_zero(x, c, self.attn, lambda x, h, gate: torch.addcmul(x, gate[:, None], self.mlp(h)))
+        if self.block == TEXT_BLOCK:
+            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+            x = torch.addcmul(x, gate_msa[:, None], self.attn(modulate(self.norm1(x), shift_msa, scale_msa)))
+            x = x + self.cross_attn(self.norm_cross(x), cond_tokens, cond_mask)
+            return torch.addcmul(x, gate_mlp[:, None], self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
         if self.block == "adaln":
             shift_msa, scale_msa, shift_mlp, scale_mlp = self.adaLN_modulation(c).chunk(4, dim=1)
             x = x + self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
@@ -202,14 +215,17 @@ class DiT(nn.Module):
         self.captions = context_dim is not None
         if self.captions:
             self.text_pooled = nn.Linear(context_dim, hidden)
-            if cfg.block == "cross_attention":
+            if cfg.block in ("cross_attention", TEXT_BLOCK):
                 self.text_tokens = nn.Linear(context_dim, hidden)
         else:
+            if cfg.block == TEXT_BLOCK:
+                raise ConfigError(f"DiT block {TEXT_BLOCK} attends to a caption's tokens: it needs model.condition="
+                                  "caption (for classes, adaln_zero is the paper's best block)")
             self.y_embedder = LabelEmbedder(num_classes, hidden, cfg.class_dropout)
         pos = torch.from_numpy(sincos_pos_embed_2d(hidden, self.grid)).float()[None].to(self.x_embedder.proj.weight.device)
         self.pos_embed = nn.Parameter(pos, requires_grad=False)  # fixed, but in the state dict as DiT keeps it
         self.blocks = nn.ModuleList([self.make_block(hidden, heads) for _ in range(depth)])
-        self.final_layer = FinalLayer(hidden, patch, self.out_channels, adaptive=cfg.block in ("adaln_zero", "adaln"))
+        self.final_layer = FinalLayer(hidden, patch, self.out_channels, adaptive=cfg.block in ("adaln_zero", "adaln", TEXT_BLOCK))
         self.initialize_weights()
 
     def make_block(self, hidden: int, heads: int) -> nn.Module:
@@ -232,7 +248,7 @@ class DiT(nn.Module):
             nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        if self.cfg.block == "adaln_zero":
+        if self.cfg.block in ADALN_ZERO:
             for block in self.blocks:
                 nn.init.zeros_(block.adaLN_modulation[-1].weight)
                 nn.init.zeros_(block.adaLN_modulation[-1].bias)
@@ -269,6 +285,8 @@ class DiT(nn.Module):
             cond_tokens = torch.cat([cond_tokens, self.text_tokens(context)], dim=1)
             if context_mask is not None:
                 cond_mask = torch.cat([torch.ones_like(context_mask[:, :2]), context_mask.bool()], dim=1)
+        elif self.cfg.block == TEXT_BLOCK:  # t and the pooled caption go through adaLN; the tokens are attended
+            cond_tokens, cond_mask = self.text_tokens(context), None if context_mask is None else context_mask.bool()
         n_image = tokens.shape[1]
         if self.cfg.block == "in_context":
             tokens = torch.cat([tokens, cond_tokens], dim=1)  # (N, T + 2, D)
