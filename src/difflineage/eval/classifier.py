@@ -53,10 +53,36 @@ def to_classifier_input(images: torch.Tensor) -> torch.Tensor:
     return x
 
 
-class MnistClassifier(nn.Module):
+class FeatureClassifier(nn.Module):
+    """A shipped classifier instrument: ``body`` (images brought to its input by ``prepare``) -> penultimate features,
+    ``head`` -> class logits, ``dropout`` between them in training. Subclasses build the three."""
+
+    num_features: int
+    body: nn.Module
+    dropout: nn.Module
+    head: nn.Module
+
+    @staticmethod
+    def prepare(images: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) in [-1, 1] -> what ``body`` reads."""
+        raise NotImplementedError
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) in [-1, 1] -> (N, num_features) penultimate activations."""
+        return self.body(self.prepare(images))
+
+    def logits_from_features(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.head(feats)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.dropout(self.features(images)))
+
+
+class MnistClassifier(FeatureClassifier):
     """Conv(16)x2 - pool - Conv(32)x2 - pool - Conv(64) - pool - Linear(128) - Linear(10), ReLU throughout."""
 
     num_features = 128
+    prepare = staticmethod(to_classifier_input)
 
     def __init__(self, num_classes: int = 10):
         super().__init__()
@@ -72,16 +98,6 @@ class MnistClassifier(nn.Module):
         )
         self.dropout = nn.Dropout(0.3)
         self.head = nn.Linear(self.num_features, num_classes)
-
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        """(N, C, H, W) in [-1, 1] -> (N, 128) penultimate activations."""
-        return self.body(to_classifier_input(images))
-
-    def logits_from_features(self, feats: torch.Tensor) -> torch.Tensor:
-        return self.head(feats)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.dropout(self.features(images)))
 
 
 def content_hash(train: ImageDataset) -> str:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from difflineage.data import ImageDataset
-from difflineage.eval.classifier import load_shipped, random_shift
+from difflineage.eval.classifier import FeatureClassifier, load_shipped, random_shift
 from difflineage.models.clip import CLIP, CLIPConfig, clip_score
 from difflineage.nn.text import TextEncoderConfig
 
@@ -61,10 +61,11 @@ def to_instrument_input(images: torch.Tensor) -> torch.Tensor:
     return x
 
 
-class OpenMojiClassifier(nn.Module):
+class OpenMojiClassifier(FeatureClassifier):
     """Conv(32)x2 - pool - Conv(64)x2 - pool - Conv(128)x2 - pool - Linear(256) - Linear(98); GroupNorm, ReLU."""
 
     num_features = 256
+    prepare = staticmethod(to_instrument_input)
 
     def __init__(self, num_classes: int = NUM_SUBGROUPS):
         super().__init__()
@@ -80,16 +81,6 @@ class OpenMojiClassifier(nn.Module):
         )
         self.dropout = nn.Dropout(0.4)
         self.head = nn.Linear(self.num_features, num_classes)
-
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        """(N, C, H, W) in [-1, 1] -> (N, 256) penultimate activations."""
-        return self.body(to_instrument_input(images))
-
-    def logits_from_features(self, feats: torch.Tensor) -> torch.Tensor:
-        return self.head(feats)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.dropout(self.features(images)))
 
 
 def _epochs(recipe: dict, n: int, what: str, progress: bool):
