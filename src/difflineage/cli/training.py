@@ -131,6 +131,7 @@ def _train_stages(args, run_dir: Path, system: str, command: list[str]):
 
 def cmd_quickstart(args) -> int:
     from difflineage.eval import evaluate_system
+    from difflineage.eval.features import data_instrument
     from difflineage.systems import load
 
     run_dir = args.out or Path("runs") / (f"quickstart-{args.system}" if args.data is None
@@ -141,7 +142,7 @@ def cmd_quickstart(args) -> int:
     system = load(result.checkpoint)
     pictures = system.pictures(heldout(system), run_dir)
     n = args.eval_n
-    if (system.config.data.channels or 1) != 1 and system.config.data.source != "openmoji":
+    if (system.config.data.channels or 1) != 1 and data_instrument(system.config.data.source) is None:
         # colour images are scored on InceptionV3, whose weights are the user's (OpenMoji has its own, shipped)
         print(f"sample scores of colour images need InceptionV3's weights (a file of yours): difflineage evaluate "
               f"{run_dir} --inception-weights FILE; here, the held-out scores only")

@@ -23,7 +23,7 @@ from difflineage.data import ImageDataset, load_dataset
 from difflineage.eval.adm import as_rgb
 from difflineage.eval.clip_score import clip_scores, find_clip, instrument_caption_scores
 from difflineage.eval.openmoji_instrument import scoring_clip
-from difflineage.eval.features import FeatureNetwork, feature_network
+from difflineage.eval.features import FeatureNetwork, data_instrument, feature_network
 from difflineage.eval.metrics import (
     check_enough,
     frechet_distance,
@@ -110,7 +110,8 @@ def evaluate_system(system, split: str = "heldout", n: int = 1000, features: str
     rank = dist.get_rank() if dist.is_initialized() else 0
     net = None
     # a wrong path, or the missing shipped instrument, stops the run before any sampling
-    instrument = n > 0 and clip is None and system.caption_conditioned and cfg.data.source == "openmoji"
+    own = data_instrument(cfg.data.source, digits=cfg.data.holds_digits())
+    instrument = n > 0 and clip is None and system.caption_conditioned and own == "openmoji"
     clip_net = (scoring_clip().to(system.device) if instrument else find_clip(system, clip)) if n > 0 else None
     if n > 0:
         # Build the feature network (and read the shipped MNIST classifier or the Inception file) before sampling,
@@ -145,7 +146,7 @@ def evaluate_system(system, split: str = "heldout", n: int = 1000, features: str
         if reference.name.endswith("(spread)"):
             result["reference_note"] = f"a streamed source: {len(reference)} held-out images spread over the split"
         result.update(score_samples(images, labels, reference, real, net, seed=seed, progress=progress,
-                                    class_accuracy=cfg.data.holds_digits() or cfg.data.source == "openmoji"))
+                                    class_accuracy=own == net.kind))
         if instrument:
             result.update(instrument_caption_scores(clip_net, images, load_dataset(cfg.data, "train"), reference))
         else:

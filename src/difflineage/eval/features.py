@@ -44,6 +44,14 @@ class FeatureNetwork:
         return f, self.module.logits_from_features(f.to(device)).float().cpu()
 
 
+def data_instrument(source: str, digits: bool = False) -> Optional[str]:
+    """The shipped instrument made for a data set (``openmoji`` for OpenMoji, ``mnist`` for digits), or None: its
+    classes are the data's, so its class accuracy and (OpenMoji's) caption scores apply."""
+    if source == "openmoji":
+        return "openmoji"
+    return "mnist" if digits else None
+
+
 def feature_network(kind: str = "auto", channels: int = 1, inception_weights: Optional[str | Path] = None,
                     progress: bool = True, device: str | torch.device = "cpu",
                     inception_resize: str = "tf", source: str = "") -> FeatureNetwork:
@@ -53,7 +61,7 @@ def feature_network(kind: str = "auto", channels: int = 1, inception_weights: Op
     if kind not in FEATURE_KINDS:
         raise ValueError(f"unknown feature network {kind!r}; choose one of {', '.join(FEATURE_KINDS)}")
     if kind == "auto":
-        kind = "openmoji" if source == "openmoji" else "mnist" if channels == 1 else "inception"
+        kind = "openmoji" if data_instrument(source) == "openmoji" else "mnist" if channels == 1 else "inception"
     if kind == "mnist":
         return FeatureNetwork("MNIST features", "mnist", mnist_classifier().to(device))
     if kind == "openmoji":
