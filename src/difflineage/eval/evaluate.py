@@ -45,7 +45,7 @@ def score_samples(images: torch.Tensor, labels: Optional[torch.Tensor], referenc
     g = torch.Generator().manual_seed(seed)
     n_real = min(n, len(real))
     real_pick = torch.randperm(len(real), generator=g)[:n_real]
-    f_ref, _ = net.extract(to_unit(reference.images), progress=progress, desc="features: held-out")
+    f_ref, l_ref = net.extract(to_unit(reference.images), progress=progress, desc="features: held-out")
     f_fake, l_fake = net.extract(to_unit(images), progress=progress, desc="features: samples")
     f_real, l_real = net.extract(to_unit(real.images[real_pick]), progress=progress, desc="features: real baseline")
     out: dict[str, Any] = {"feature_network": net.name, "samples": n, "reference_images": len(reference),
@@ -64,7 +64,7 @@ def score_samples(images: torch.Tensor, labels: Optional[torch.Tensor], referenc
         out["class_accuracy"] = (predicted == labels).double().mean().item()
         out["class_accuracy_per_class"] = [(predicted[labels == c] == c).double().mean().item()
                                            for c in range(int(labels.max()) + 1)]
-        ref_pred = net.extract(to_unit(reference.images))[1].argmax(1)
+        ref_pred = l_ref.argmax(1)
         out["class_accuracy_real"] = (ref_pred == reference.labels).double().mean().item()
     return out
 
