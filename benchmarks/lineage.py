@@ -402,7 +402,10 @@ def main(argv=None) -> None:
     grid(study, systems, GRID_CAPTIONS)
     quality_time_plot(study, rows)
     real = next(kept.get(f"{s.name}:default") for s in SYSTEMS if "retrieval_top5_real" in kept.get(f"{s.name}:default"))
-    notes = (f"OpenMoji at 32 px, every system trained for a budget of {args.budget:g} min on this machine "
+    here = machine_description()
+    where = ("this machine" if planned["machine"] == here else
+             f"{planned['machine']} (where the step times were measured; the samples were drawn and timed here)")
+    notes = (f"OpenMoji at 32 px, every system trained for a budget of {args.budget:g} min on {where} "
              f"(shared stages charged in full to each system that uses them; DyDiT: its DiT plus the fine-tuning), "
              f"its own recipe otherwise. {study.n} samples per system and sampling path, scored with the shipped "
              f"instrument against the {real['reference_images']} held-out emoji. Real images under the same "
