@@ -13,7 +13,8 @@ How the budget is spent:
 2. **Each system gets ``--budget`` minutes of training**, its earlier stages included: the CLIP stage (whose text tower
    DDPM, LDM and DALL-E use) and the KL autoencoder (LDM's and DiT's first stage) keep their recipes' steps, are trained
    once and are charged in full to every system that uses them; each system's own stages share what is left, in the
-   proportions of their recipes (VQ-VAE: autoencoder and prior; DALL-E: dVAE and transformer). DyDiT is its DiT
+   proportions of their recipes (VQ-VAE: autoencoder and prior; DALL-E: dVAE and transformer). DALL-E's CLIP is not
+   charged to it: it only reranks, and the table samples without reranking (the recipe's ``rerank: 1``). DyDiT is its DiT
    fine-tuned at its recipe's steps: its training time is the DiT's plus the fine-tuning, said in the table.
    The plan (steps of every stage, seconds per step, machine) is kept in ``ROOT/plan.json`` and reused, so an
    interrupted run continues with the same steps: a complete stage is reused, a cut one resumed.
@@ -93,7 +94,9 @@ SYSTEMS = (
     System("VAE", "vae.md", ("vae",), "conv VAE, 64-d latent, discretized Gaussian pixels"),
     System("VQ-VAE", "vqvae.md", ("vqvae", "vqvae-prior"), "VQ codes (8x8), PixelCNN prior over subgroups"),
     System("VQ-VAE-2", "vqvae.md", ("vqvae2", "vqvae2-prior"), "two code levels, PixelCNN priors over subgroups"),
-    System("DALL-E", "dalle.md", ("dvae", "clip", "dalle"), "dVAE tokens, transformer over BPE caption + image"),
+    # DALL-E's CLIP stage reranks its samples; the table samples it without reranking (its recipe's rerank 1), so the
+    # CLIP is not charged to its budget (it is the CLIP stage that DDPM and LDM pay for)
+    System("DALL-E", "dalle.md", ("dvae", "dalle"), "dVAE tokens, transformer over BPE caption + image"),
     System("DDPM", "ddpm.md", ("clip", "ddpm"), "pixel UNet, cross-attention to the frozen CLIP text"),
     System("LDM", "ldm.md", ("clip", "autoencoder", "ldm"), "latent UNet, cross-attention to the frozen CLIP text"),
     System("DiT", "dit.md", ("autoencoder", "dit"), "latent DiT (6 x 256, patch 2), adaLN-Zero, subgroups"),
@@ -152,10 +155,16 @@ class Lineage:
 def stage_order() -> list[str]:
     """Every stage once, each after the stages it reads."""
     order: list[str] = []
+
+    def add(key: str) -> None:
+        for earlier in STAGES[key].reads.values():
+            add(earlier)
+        if key not in order:
+            order.append(key)
+
     for s in SYSTEMS:
         for key in s.stages:
-            if key not in order:
-                order.append(key)
+            add(key)
     return order
 
 
