@@ -348,16 +348,17 @@ def quality_time_plot(study: Lineage, rows: list[dict[str, Any]]) -> Path:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for r in rows:
+    for i, r in enumerate(rows):
         name = r["system"].split("]")[0].lstrip("[")
+        colour = plt.get_cmap("tab10")(i % 10)  # one colour per system in both panels
         for ax, (plain, fast) in zip(axes, (("FID", "FID fast"), ("subgroup accuracy", "subgroup accuracy fast"))):
             if r.get(plain) is None:
                 continue
             xs = [r["sampling (s / image)"], r["fast path (s / image)"]]
             ys = [r[plain], r.get(fast, r[plain])]
-            line, = ax.plot(xs, ys, "-", alpha=0.5)
-            ax.plot(xs[0], ys[0], "o", color=line.get_color())
-            ax.plot(xs[1], ys[1], "o", mfc="none", color=line.get_color())
+            ax.plot(xs, ys, "-", alpha=0.5, color=colour)
+            ax.plot(xs[0], ys[0], "o", color=colour)
+            ax.plot(xs[1], ys[1], "o", mfc="none", color=colour)
             ax.annotate(name, (xs[0], ys[0]), textcoords="offset points", xytext=(4, 4), fontsize=8)
     real = rows[0]["FID real"]
     axes[0].axhline(real, ls=":", color="grey", label=f"real vs real ({real})")
