@@ -213,6 +213,18 @@ def finished(result: Any) -> Any:
     return result
 
 
+def train_seconds(run: Path) -> float:
+    """The training steps' own time (checkpoints and grids left out), from the run's logged throughput."""
+    batch = load_config(run / "config.yaml").train.batch_size
+    total, last = 0.0, 0
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if "images_per_s" in row:
+            total += (row["step"] - last) * batch / row["images_per_s"]
+            last = row["step"]
+    return total
+
+
 def trained_run(recipe: str, overrides: list[str], run_dir: Path, steps: int, retrain: bool = False,
                 same: tuple[str, ...] = ()) -> Path:
     """``run_dir`` trained from ``recipe`` with ``overrides`` to ``steps``: reused when it is complete, resumed

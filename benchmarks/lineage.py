@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from harness import REPO, RESULTS, SAMPLER_NAMES, KeptRows, record, trained_run
+from harness import REPO, RESULTS, SAMPLER_NAMES, KeptRows, record, train_seconds, trained_run
 
 import difflineage
 from difflineage.data import load_dataset
@@ -233,18 +233,6 @@ def train_all(study: Lineage, planned: dict[str, Any]) -> dict[str, Path]:
         runs[key] = trained_run(stage.recipe, study.overrides(key), study.root / key, planned["steps"][key],
                                 same=tuple(stage.reads))
     return runs
-
-
-def train_seconds(run: Path) -> float:
-    """The training steps' own time (checkpoints and grids left out), from the run's logged throughput."""
-    batch = load_config(run / "config.yaml").train.batch_size
-    total, last = 0.0, 0
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        if "images_per_s" in row:
-            total += (row["step"] - last) * batch / row["images_per_s"]
-            last = row["step"]
-    return total
 
 
 def likelihood(m: dict[str, Any]) -> str:

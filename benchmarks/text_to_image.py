@@ -19,13 +19,12 @@ frozen CLIP text tower against a byte-level encoder trained with the denoiser, a
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 import torch
-from harness import REPO, record, trained_run
+from harness import REPO, record, train_seconds, trained_run
 
 import difflineage
 from difflineage.data import load_dataset
@@ -54,18 +53,6 @@ def stages(root: Path) -> dict[str, tuple[str, list[str], str]]:
         "dalle": ("dalle-openmoji", [f"model.first_stage={dvae}", f"model.clip_stage={clip}"],
                   "DALL-E: dVAE tokens, transformer prior (its own BPE text tokens)"),
     }
-
-
-def train_seconds(run: Path) -> float:
-    """The training steps' own time (checkpoints and grids left out), from the run's logged throughput."""
-    cfg = difflineage.systems.load_config(run / "config.yaml")
-    total, last = 0.0, 0
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        if "images_per_s" in row:
-            total += (row["step"] - last) * cfg.train.batch_size / row["images_per_s"]
-            last = row["step"]
-    return total
 
 
 def trained(root: Path, name: str, recipe: str, overrides: list[str]) -> Path:
