@@ -1,11 +1,23 @@
-"""The noise predictor of DDPM and latent diffusion: a UNet of residual blocks with a timestep embedding,
-self-attention at low resolution, and conditioning on a class label (added to the timestep embedding) or a
-caption (cross-attention to text tokens, plus the pooled text added to the timestep embedding).
+"""The noise predictor of DDPM, latent diffusion and Stable Diffusion: a UNet of residual blocks with a timestep
+embedding, attention at chosen resolutions, and conditioning on a class label (added to the timestep embedding)
+or a caption (cross-attention to text tokens, plus optionally the pooled text added to the timestep embedding).
 
-Layout as in Ho et al. (2020) and improved-diffusion: ``num_res_blocks`` residual blocks per level, a
-stride-2 convolution between levels, a middle of (res, attention, res), a mirrored decoder that
-concatenates the encoder's skip activations, and zero-initialised output layers so that every residual
-branch starts as the identity.
+Layout as in Ho et al. (2020), improved-diffusion and Stable Diffusion: ``num_res_blocks`` residual blocks per
+level, a stride-2 convolution between levels, a middle of (res, attention, res), a mirrored decoder that
+concatenates the encoder's skip activations (upsampled to each skip's size, so any input side works).
+
+One network, three families of blocks, chosen by the config:
+
+* ``time_conditioning``: ``scale_shift`` (improved-diffusion: the timestep embedding scales and shifts the second
+  norm) or ``add`` (DDPM and Stable Diffusion: it is added after the first convolution);
+* ``attention_block``: ``difflineage`` (self-attention then cross-attention with LayerNorms and a zero-initialised
+  output, so every block starts as the identity), ``plain`` (DDPM: GroupNorm, one self-attention, its output
+  projection) or ``transformer`` (Stable Diffusion: GroupNorm, a 1x1 convolution or linear ``proj_in``,
+  ``transformer_depth`` blocks of self-attention, cross-attention and a GEGLU feed-forward, ``proj_out``);
+* ``timestep_embedding``: ``cos_sin`` (improved-diffusion, DiT, Stable Diffusion) or ``ddpm`` (sin first).
+
+With them the released weights of DDPM (CIFAR-10) and Stable Diffusion 1.x/2.x load into this class
+(``interop/sd_unet.py``); the project's own recipes keep the defaults.
 """
 
 from __future__ import annotations
@@ -19,14 +31,24 @@ import torch.nn.functional as F
 
 from difflineage.errors import ConfigError
 from difflineage.nn.attention import Attention
-from difflineage.nn.embeddings import LabelEmbedder, TimestepEmbedder
+from difflineage.nn.embeddings import TIMESTEP_LAYOUTS, LabelEmbedder, TimestepEmbedder
+
+TIME_CONDITIONING = ("scale_shift", "add")
+ATTENTION_BLOCKS = ("difflineage", "plain", "transformer")
 
 
 @dataclass
 class UNetConfig:
     """:param channels: width of the first level; level i has channels * channel_mult[i].
     :param attention_resolutions: feature-map sides (pixels of the model's input space) that get attention.
-    :param norm_groups: GroupNorm groups (32 in the papers; small widths need fewer)."""
+    :param norm_groups: GroupNorm groups (32 in the papers; small widths need fewer).
+    :param head_channels: when positive, each attention layer has width / head_channels heads (Stable Diffusion
+        2.x: 64); otherwise ``heads`` at every level (SD 1.x: 8; DDPM: 1).
+    :param norm_eps: epsilon of the residual blocks' and the output's GroupNorms (DDPM 1e-6).
+    :param downsample_padding: 1, or 0 for DDPM's padding of one row and column at the bottom-right.
+    :param pooled_text: add the projected pooled caption to the timestep embedding (Stable Diffusion does not).
+    See the module's docstring for ``time_conditioning``, ``attention_block``, ``timestep_embedding``;
+    ``transformer_depth`` and ``linear_projection`` (SD 2.x) shape the ``transformer`` block."""
 
     channels: int = 64
     channel_mult: tuple[int, ...] = (1, 2, 2)
@@ -35,17 +57,39 @@ class UNetConfig:
     heads: int = 4
     dropout: float = 0.0
     norm_groups: int = 8
+    head_channels: int = 0
+    time_conditioning: str = "scale_shift"
+    attention_block: str = "difflineage"
+    timestep_embedding: str = "cos_sin"
+    transformer_depth: int = 1
+    linear_projection: bool = False
+    norm_eps: float = 1e-5
+    downsample_padding: int = 1
+    pooled_text: bool = True
+
+    def heads_at(self, width: int) -> int:
+        return width // self.head_channels if self.head_channels > 0 else self.heads
 
     def check(self) -> None:
         widths = [self.channels * m for m in self.channel_mult]
         if not self.channel_mult or min(widths) < 1:
             raise ConfigError(f"unet.channel_mult={list(self.channel_mult)} must list positive multipliers")
-        bad = [w for w in widths if w % self.norm_groups or w % self.heads]
+        per_head = f"unet.head_channels={self.head_channels}" if self.head_channels > 0 else f"unet.heads={self.heads}"
+        bad = [w for w in widths if w % self.norm_groups or w % (self.head_channels or self.heads)]
         if bad:
             raise ConfigError(f"unet widths {widths} must be divisible by unet.norm_groups={self.norm_groups} and "
-                              f"unet.heads={self.heads}; {bad[0]} is not")
+                              f"{per_head}; {bad[0]} is not")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"unet.dropout={self.dropout} must lie in [0, 1)")
+        for name, value, allowed in (("time_conditioning", self.time_conditioning, TIME_CONDITIONING),
+                                     ("attention_block", self.attention_block, ATTENTION_BLOCKS),
+                                     ("timestep_embedding", self.timestep_embedding, TIMESTEP_LAYOUTS)):
+            if value not in allowed:
+                raise ConfigError(f"unet.{name}={value!r}; choose one of {', '.join(allowed)}")
+        if self.transformer_depth < 1:
+            raise ConfigError(f"unet.transformer_depth={self.transformer_depth} must be at least 1")
+        if self.downsample_padding not in (0, 1):
+            raise ConfigError(f"unet.downsample_padding={self.downsample_padding}; choose 1, or 0 (DDPM's)")
 
 
 def zero(module: nn.Module) -> nn.Module:
@@ -55,49 +99,132 @@ def zero(module: nn.Module) -> nn.Module:
 
 
 class ResBlock(nn.Module):
-    """GroupNorm - SiLU - conv, then the timestep embedding as a per-channel scale and shift of the second
-    norm (improved-diffusion's scale-shift norm), SiLU - dropout - conv (zero-initialised), plus the skip."""
+    """GroupNorm - SiLU - conv, the timestep embedding (as a per-channel scale and shift of the second norm,
+    improved-diffusion's scale-shift norm; or added to the features, DDPM's and SD's), GroupNorm - SiLU - dropout -
+    conv (zero-initialised), plus the skip (a 1x1 conv where the width changes)."""
 
-    def __init__(self, cin: int, cout: int, emb_dim: int, groups: int, dropout: float):
+    def __init__(self, cin: int, cout: int, emb_dim: int, groups: int, dropout: float, scale_shift: bool = True,
+                 eps: float = 1e-5):
         super().__init__()
-        self.norm1 = nn.GroupNorm(groups, cin)
+        self.scale_shift = scale_shift
+        self.norm1 = nn.GroupNorm(groups, cin, eps=eps)
         self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
-        self.emb = nn.Linear(emb_dim, 2 * cout)
-        self.norm2 = nn.GroupNorm(groups, cout)
+        self.emb = nn.Linear(emb_dim, 2 * cout if scale_shift else cout)
+        self.norm2 = nn.GroupNorm(groups, cout, eps=eps)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = zero(nn.Conv2d(cout, cout, 3, padding=1))
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))  # (N, cout, H, W)
-        scale, shift = self.emb(F.silu(emb))[:, :, None, None].chunk(2, dim=1)
-        h = self.norm2(h) * (1 + scale) + shift
+        e = self.emb(F.silu(emb))[:, :, None, None]
+        if self.scale_shift:
+            scale, shift = e.chunk(2, dim=1)
+            h = self.norm2(h) * (1 + scale) + shift
+        else:
+            h = self.norm2(h + e)
         return self.skip(x) + self.conv2(self.dropout(F.silu(h)))
 
 
 class AttentionBlock(nn.Module):
     """Self-attention over the H*W positions, then (captions) cross-attention to the text tokens; the output
-    projection is zero-initialised so the block starts as the identity."""
+    projection is zero-initialised so the block starts as the identity. ``plain``: DDPM's block, GroupNorm and
+    one self-attention (its own output projection) added to the input, no LayerNorms, no extra output layer."""
 
-    def __init__(self, channels: int, heads: int, groups: int, context_dim: Optional[int] = None):
+    def __init__(self, channels: int, heads: int, groups: int, context_dim: Optional[int] = None,
+                 plain: bool = False, eps: float = 1e-5):
         super().__init__()
-        self.norm = nn.GroupNorm(groups, channels)
-        self.ln1 = nn.LayerNorm(channels)
+        self.plain = plain
+        self.norm = nn.GroupNorm(groups, channels, eps=eps)
+        self.ln1 = nn.Identity() if plain else nn.LayerNorm(channels)
         self.attn = Attention(channels, heads)
         self.cross = None
         if context_dim is not None:
+            if plain:
+                raise ConfigError("unet.attention_block=plain has no cross-attention; a caption-conditioned UNet "
+                                  "needs attention_block=difflineage or transformer")
             self.ln2 = nn.LayerNorm(channels)
             self.cross = Attention(channels, heads, context_dim=context_dim)
-        self.out = zero(nn.Linear(channels, channels))
+        self.out = nn.Identity() if plain else zero(nn.Linear(channels, channels))
 
     def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None,
                 context_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         n, c, hgt, wid = x.shape
         h = self.norm(x).flatten(2).transpose(1, 2)  # (N, H*W, C)
+        if self.plain:  # DDPM: the input plus the attention of its normalised positions
+            return x + self.attn(h).transpose(1, 2).reshape(n, c, hgt, wid)
         h = h + self.attn(self.ln1(h))
         if self.cross is not None:
             h = h + self.cross(self.ln2(h), context, context_mask)
         return x + self.out(h).transpose(1, 2).reshape(n, c, hgt, wid)
+
+
+class GEGLU(nn.Module):
+    """Linear to twice the inner width, one half gating the other through GELU, back to the width (Shazeer 2020;
+    Stable Diffusion's feed-forward)."""
+
+    def __init__(self, dim: int, inner: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, 2 * inner)
+        self.out = nn.Linear(inner, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, gate = self.proj(x).chunk(2, dim=-1)
+        return self.out(h * F.gelu(gate))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm self-attention, cross-attention to the context (self-attention again without one), GEGLU
+    feed-forward, each added to the stream."""
+
+    def __init__(self, dim: int, heads: int, context_dim: Optional[int]):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, heads, bias=False, out_bias=True)
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn2 = Attention(dim, heads, context_dim=context_dim, bias=False, out_bias=True) \
+            if context_dim is not None else Attention(dim, heads, bias=False, out_bias=True)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = GEGLU(dim, 4 * dim)
+
+    def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None,
+                context_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = x + self.attn1(self.norm1(x))
+        if self.attn2.cross:
+            x = x + self.attn2(self.norm2(x), context, context_mask)
+        else:
+            x = x + self.attn2(self.norm2(x))
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """Stable Diffusion's attention block: GroupNorm, ``proj_in`` (1x1 conv, or linear over the tokens), ``depth``
+    transformer blocks over the H*W positions, ``proj_out`` (zero-initialised), added to the input."""
+
+    def __init__(self, channels: int, heads: int, groups: int, context_dim: Optional[int], depth: int = 1,
+                 linear: bool = False):
+        super().__init__()
+        self.linear = linear
+        self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
+        self.proj_in = nn.Linear(channels, channels) if linear else nn.Conv2d(channels, channels, 1)
+        self.blocks = nn.ModuleList([TransformerBlock(channels, heads, context_dim) for _ in range(depth)])
+        self.proj_out = zero(nn.Linear(channels, channels) if linear else nn.Conv2d(channels, channels, 1))
+
+    def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None,
+                context_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        n, c, hgt, wid = x.shape
+        h = self.norm(x)
+        if self.linear:
+            h = self.proj_in(h.flatten(2).transpose(1, 2))  # (N, H*W, C)
+        else:
+            h = self.proj_in(h).flatten(2).transpose(1, 2)
+        for block in self.blocks:
+            h = block(h, context, context_mask)
+        if self.linear:
+            h = self.proj_out(h).transpose(1, 2).reshape(n, c, hgt, wid)
+        else:
+            h = self.proj_out(h.transpose(1, 2).reshape(n, c, hgt, wid))
+        return x + h
 
 
 class UNet(nn.Module):
@@ -119,70 +246,92 @@ class UNet(nn.Module):
                               f"{image_size} px); --set model.unet.attention_resolutions=[{','.join(map(str, fit))}] "
                               "(or [] for none)")
         self.cfg = cfg
-        ch, g = cfg.channels, cfg.norm_groups
+        ch, g, eps = cfg.channels, cfg.norm_groups, cfg.norm_eps
         emb_dim = 4 * ch
-        self.t_embedder = TimestepEmbedder(emb_dim, frequency_dim=ch)
+        self.t_embedder = TimestepEmbedder(emb_dim, frequency_dim=ch, layout=cfg.timestep_embedding)
         self.y_embedder = LabelEmbedder(num_classes, emb_dim, class_drop) if num_classes else None
-        self.text_proj = nn.Linear(context_dim, emb_dim) if context_dim is not None else None
+        self.text_proj = nn.Linear(context_dim, emb_dim) if context_dim is not None and cfg.pooled_text else None
+
+        def res(cin: int, cout: int) -> ResBlock:
+            return ResBlock(cin, cout, emb_dim, g, cfg.dropout, cfg.time_conditioning == "scale_shift", eps)
+
+        def attention(width: int) -> nn.Module:
+            heads = cfg.heads_at(width)
+            if cfg.attention_block == "transformer":
+                return SpatialTransformer(width, heads, g, context_dim, cfg.transformer_depth, cfg.linear_projection)
+            return AttentionBlock(width, heads, g, context_dim, plain=cfg.attention_block == "plain", eps=eps)
+
+        def downsample(width: int) -> list[nn.Module]:
+            if cfg.downsample_padding == 0:  # DDPM: one zero row and column at the bottom-right, then no padding
+                return [nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(width, width, 3, stride=2)]
+            return [nn.Conv2d(width, width, 3, stride=2, padding=1)]
 
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
         self.down = nn.ModuleList()
         skips, width, side = [ch], ch, image_size
         for level, mult in enumerate(cfg.channel_mult):
             for _ in range(cfg.num_res_blocks):
-                blocks = nn.ModuleList([ResBlock(width, ch * mult, emb_dim, g, cfg.dropout)])
+                blocks = nn.ModuleList([res(width, ch * mult)])
                 width = ch * mult
                 if side in cfg.attention_resolutions:
-                    blocks.append(AttentionBlock(width, cfg.heads, g, context_dim))
+                    blocks.append(attention(width))
                 self.down.append(blocks)
                 skips.append(width)
             if level < levels - 1:
-                self.down.append(nn.ModuleList([nn.Conv2d(width, width, 3, stride=2, padding=1)]))
+                self.down.append(nn.ModuleList(downsample(width)))
                 skips.append(width)
                 side //= 2
-        self.mid = nn.ModuleList([ResBlock(width, width, emb_dim, g, cfg.dropout),
-                                  AttentionBlock(width, cfg.heads, g, context_dim),
-                                  ResBlock(width, width, emb_dim, g, cfg.dropout)])
+        self.mid = nn.ModuleList([res(width, width), attention(width), res(width, width)])
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
             for i in range(cfg.num_res_blocks + 1):
-                blocks = nn.ModuleList([ResBlock(width + skips.pop(), ch * mult, emb_dim, g, cfg.dropout)])
+                blocks = nn.ModuleList([res(width + skips.pop(), ch * mult)])
                 width = ch * mult
                 if side in cfg.attention_resolutions:
-                    blocks.append(AttentionBlock(width, cfg.heads, g, context_dim))
+                    blocks.append(attention(width))
                 if level > 0 and i == cfg.num_res_blocks:
                     blocks.append(nn.Upsample(scale_factor=2, mode="nearest"))
                     blocks.append(nn.Conv2d(width, width, 3, padding=1))
                     side *= 2
                 self.up.append(blocks)
-        self.norm_out = nn.GroupNorm(g, width)
+        self.norm_out = nn.GroupNorm(g, width, eps=eps)
         self.conv_out = zero(nn.Conv2d(width, out_channels, 3, padding=1))
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: Optional[torch.Tensor] = None,
-                context: Optional[torch.Tensor] = None, context_mask: Optional[torch.Tensor] = None,
-                pooled: Optional[torch.Tensor] = None) -> torch.Tensor:
-        emb = self.t_embedder(t)  # (N, 4ch)
+    def embed(self, t: torch.Tensor, labels: Optional[torch.Tensor] = None,
+              pooled: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The embedding every residual block reads: timestep, plus the class or the pooled caption, (N, 4ch)."""
+        emb = self.t_embedder(t)
         if self.y_embedder is not None:
             emb = emb + self.y_embedder(labels)
         if self.text_proj is not None:
             emb = emb + self.text_proj(pooled)
+        return emb
 
-        def run(blocks: nn.ModuleList, h: torch.Tensor) -> torch.Tensor:
-            for block in blocks:
-                if isinstance(block, ResBlock):
-                    h = block(h, emb)
-                elif isinstance(block, AttentionBlock):
-                    h = block(h, context, context_mask)
-                else:
-                    h = block(h)
-            return h
+    def run(self, blocks: nn.ModuleList, h: torch.Tensor, emb: torch.Tensor, context: Optional[torch.Tensor],
+            context_mask: Optional[torch.Tensor], size: Optional[torch.Size] = None) -> torch.Tensor:
+        """One entry of ``down``, ``mid`` or ``up``; ``size``: the side the upsampler reaches (the next skip's)."""
+        for block in blocks:
+            if isinstance(block, ResBlock):
+                h = block(h, emb)
+            elif isinstance(block, (AttentionBlock, SpatialTransformer)):
+                h = block(h, context, context_mask)
+            elif isinstance(block, nn.Upsample) and size is not None:
+                h = F.interpolate(h, size=size, mode="nearest")
+            else:
+                h = block(h)
+        return h
 
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                context: Optional[torch.Tensor] = None, context_mask: Optional[torch.Tensor] = None,
+                pooled: Optional[torch.Tensor] = None) -> torch.Tensor:
+        emb = self.embed(t, labels, pooled)
         h = self.conv_in(x)  # (N, ch, S, S)
         hs = [h]
         for blocks in self.down:
-            h = run(blocks, h)
+            h = self.run(blocks, h, emb, context, context_mask)
             hs.append(h)
-        h = run(self.mid, h)  # (N, ch * mult[-1], S / 2^(L-1), ...)
+        h = self.run(self.mid, h, emb, context, context_mask)  # (N, ch * mult[-1], S / 2^(L-1), ...)
         for blocks in self.up:
-            h = run(blocks, torch.cat([h, hs.pop()], dim=1))
+            h = torch.cat([h, hs.pop()], dim=1)
+            h = self.run(blocks, h, emb, context, context_mask, hs[-1].shape[-2:] if hs else None)
         return self.conv_out(F.silu(self.norm_out(h)))  # (N, out_channels, S, S)

@@ -20,18 +20,23 @@ class Attention(nn.Module):
     cross-attention has ``q`` from the input and ``kv`` from the context.
     """
 
-    def __init__(self, dim: int, heads: int, context_dim: Optional[int] = None, bias: bool = True):
+    def __init__(self, dim: int, heads: int, context_dim: Optional[int] = None, bias: bool = True,
+                 out_bias: Optional[bool] = None, causal: bool = False):
+        """``bias``: biases on the q/k/v projections; ``out_bias`` on the output projection (default: ``bias``;
+        Stable Diffusion has none on q/k/v and one on the output). ``causal``: each position attends only to itself
+        and those before it (CLIP's text tower)."""
         super().__init__()
         if dim % heads:
             raise ValueError(f"attention width {dim} does not split into {heads} heads")
         self.heads = heads
+        self.causal = causal
         self.cross = context_dim is not None
         if self.cross:
             self.q = nn.Linear(dim, dim, bias=bias)
             self.kv = nn.Linear(context_dim, 2 * dim, bias=bias)
         else:
             self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
-        self.proj = nn.Linear(dim, dim, bias=bias)
+        self.proj = nn.Linear(dim, dim, bias=bias if out_bias is None else out_bias)
 
     def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None,
                 context_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -46,6 +51,9 @@ class Attention(nn.Module):
         else:
             q, k, v = self.qkv(x).view(n, t, 3, h, d // h).permute(2, 0, 3, 1, 4)  # each (N, h, T, d/h)
         mask = context_mask[:, None, None, :] if context_mask is not None else None
+        if self.causal:
+            order = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()  # (T, T), True = may attend
+            mask = order if mask is None else mask & order
         out = attention(q, k, v, mask)  # (N, h, T, d/h)
         return self.proj(out.transpose(1, 2).reshape(n, t, d))
 

@@ -7,14 +7,23 @@ import math
 import torch
 import torch.nn as nn
 
+TIMESTEP_LAYOUTS = ("cos_sin", "ddpm")
 
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding of (possibly fractional) timesteps, as DiT and improved-diffusion compute it:
-    freqs_i = exp(-ln(max_period) * i / (dim / 2)), output [cos(t freqs), sin(t freqs)], (N, dim)."""
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0, layout: str = "cos_sin") -> torch.Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps, (N, dim).
+
+    ``layout="cos_sin"`` as DiT, improved-diffusion and Stable Diffusion compute it: freqs_i = exp(-ln(max_period) *
+    i / (dim / 2)), output [cos(t freqs), sin(t freqs)]. ``"ddpm"`` as Ho et al.'s code (and the released DDPM
+    weights): freqs_i = exp(-ln(max_period) * i / (dim / 2 - 1)), output [sin, cos]."""
+    if layout not in TIMESTEP_LAYOUTS:
+        raise ValueError(f"timestep embedding layout {layout!r}; choose one of {', '.join(TIMESTEP_LAYOUTS)}")
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    steps = half - 1 if layout == "ddpm" else half
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / max(1, steps))
     args = t.float()[:, None] * freqs[None]
-    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    pair = (torch.sin(args), torch.cos(args)) if layout == "ddpm" else (torch.cos(args), torch.sin(args))
+    emb = torch.cat(pair, dim=-1)
     if dim % 2:
         emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
     return emb
@@ -23,13 +32,14 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 class TimestepEmbedder(nn.Module):
     """t -> sinusoidal frequencies -> Linear - SiLU - Linear (DiT's ``t_embedder``: ``mlp.0`` and ``mlp.2``)."""
 
-    def __init__(self, hidden: int, frequency_dim: int = 256):
+    def __init__(self, hidden: int, frequency_dim: int = 256, layout: str = "cos_sin"):
         super().__init__()
         self.frequency_dim = frequency_dim
+        self.layout = layout
         self.mlp = nn.Sequential(nn.Linear(frequency_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.mlp(timestep_embedding(t, self.frequency_dim))  # (N, hidden)
+        return self.mlp(timestep_embedding(t, self.frequency_dim, layout=self.layout))  # (N, hidden)
 
 
 class LabelEmbedder(nn.Module):
