@@ -153,3 +153,23 @@ def fake_imagenet(root, per_class=6, val=2):
                 Image.fromarray(a).save(root / split / w / f"{w}_{i}.JPEG", quality=95)
     (root / "LOC_synset_mapping.txt").write_text("n01 tench, Tinca tinca\nn02 goldfish\nn03 great white shark, white shark\n")
     return root
+
+
+def make_clip_vocab(folder, captions, pad_token: str = "<|endoftext|>", vocab_size: int = 600):
+    """A small byte-level BPE vocabulary with CLIP's conventions (``</w>`` word ends, its start and end tokens),
+    trained on ``captions`` and written as ``vocab.json`` and ``merges.txt`` (a model folder's ``tokenizer/``)."""
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=alphabet + [a + "</w>" for a in alphabet],
+                                  end_of_word_suffix="</w>", show_progress=False,
+                                  special_tokens=["!", "<|startoftext|>", "<|endoftext|>"])
+    tok.train_from_iterator([c.lower() for c in captions], trainer)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.model.save(str(folder))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"pad_token": pad_token, "model_max_length": 77}))
+    return folder

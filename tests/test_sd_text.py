@@ -18,6 +18,7 @@ from difflineage.interop.sd_text import (
 )
 from difflineage.models.clip_text import CLIPTextEncoder
 from difflineage.nn.clip_tokenizer import CLIPTokenizer
+from helpers import make_clip_vocab
 
 transformers = pytest.importorskip("transformers")
 
@@ -106,22 +107,8 @@ def test_another_model_is_refused_by_name():
 
 @pytest.fixture(scope="module")
 def vocab_folder(tmp_path_factory):
-    """A small byte-level BPE vocabulary with CLIP's conventions (``</w>`` word ends, its two special tokens),
-    trained here on captions, written as vocab.json and merges.txt."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
-    folder = tmp_path_factory.mktemp("tokenizer")
-    tok = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    trainer = trainers.BpeTrainer(vocab_size=600, initial_alphabet=alphabet + [a + "</w>" for a in alphabet],
-                                  end_of_word_suffix="</w>", show_progress=False,
-                                  special_tokens=["!", "<|startoftext|>", "<|endoftext|>"])
-    tok.train_from_iterator([c.lower() for c in CAPTIONS] * 20 + ["the quick brown fox jumps over the lazy dog"] * 5,
-                            trainer)
-    tok.model.save(str(folder))
-    (folder / "tokenizer_config.json").write_text(json.dumps({"pad_token": "<|endoftext|>"}))
-    return folder
+    return make_clip_vocab(tmp_path_factory.mktemp("tokenizer"), CAPTIONS * 20
+                           + ["the quick brown fox jumps over the lazy dog"] * 5)
 
 
 def test_tokenizer_ids_equal_transformers(vocab_folder):

@@ -12,14 +12,14 @@ from difflineage.errors import ConfigError
 
 @dataclass
 class DiffusionConfig:
-    """:param schedule: linear (1e-4..0.02, DDPM and DiT) or cosine.
+    """:param schedule: linear (1e-4..0.02, DDPM and DiT), cosine, or scaled_linear (Stable Diffusion's).
     :param prediction: what the network predicts: eps (noise), x0 or v.
     :param variance: fixed_small, fixed_large, or learned_range (the hybrid loss of improved-diffusion and DiT).
     :param loss_weighting: none, or min_snr (Hang et al. 2023, faster convergence).
     :param sampler, sample_steps, eta, guidance: sampling defaults (overridable per call); sampler ddpm, ddim or
         dpmpp_2m (DPM-Solver++(2M), for 10-20 steps)."""
 
-    schedule: Literal["linear", "cosine"] = "linear"
+    schedule: Literal["linear", "cosine", "scaled_linear"] = "linear"
     timesteps: int = 1000
     prediction: Literal["eps", "x0", "v"] = "eps"
     variance: Literal["fixed_small", "fixed_large", "learned_range"] = "fixed_small"

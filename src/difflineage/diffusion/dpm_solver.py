@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from difflineage.diffusion.schedules import diffusers_timesteps
+
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -34,10 +36,10 @@ def dpm_solver_timesteps(num_timesteps: int, steps: int) -> list[int]:
     """The K timesteps the solver visits, ascending: diffusers' ``linspace`` spacing (the top one is T - 1)."""
     if not 1 <= steps <= num_timesteps:
         raise ValueError(f"DPM-Solver++ takes 1 to {num_timesteps} steps, not {steps}")
-    picked = np.linspace(0, num_timesteps - 1, steps + 1).round()[::-1][:-1].astype(np.int64)
-    if len(set(picked.tolist())) != steps:
-        raise ValueError(f"{steps} steps do not fit in {num_timesteps} timesteps without repeating one")
-    return sorted(picked.tolist())
+    try:
+        return diffusers_timesteps(num_timesteps, steps, "linspace", solver=True)
+    except ValueError:
+        raise ValueError(f"{steps} steps do not fit in {num_timesteps} timesteps without repeating one") from None
 
 
 def data_prediction(chain, out: torch.Tensor, x: torch.Tensor, i: int,

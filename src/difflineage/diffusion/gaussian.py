@@ -97,9 +97,12 @@ class GaussianDiffusion:
 
     # -- respacing ------------------------------------------------------------------------------
 
-    def respaced(self, steps: int | str | list[int]) -> "GaussianDiffusion":
+    def respaced(self, steps: int | str | list[int], final_alpha_cumprod: Optional[float] = None) -> "GaussianDiffusion":
         """The chain that visits only some timesteps: betas recomputed so that abar at each kept step is
-        unchanged (improved-diffusion's SpacedDiffusion). ``steps``: K, "K", "ddimK", or a list of timesteps."""
+        unchanged (improved-diffusion's SpacedDiffusion). ``steps``: K, "K", "ddimK", or a list of timesteps.
+
+        ``final_alpha_cumprod``: the abar the last DDIM step lands on (default 1: clean data). Stable Diffusion's
+        scheduler lands on timestep 0's (diffusers' ``set_alpha_to_one=False``): ``self.alphas_cumprod[0]``."""
         keep = sorted(steps) if isinstance(steps, list) else space_timesteps(self.num_timesteps, steps)
         if not keep or keep[0] < 0 or keep[-1] >= self.num_timesteps:
             raise ValueError(f"timesteps must lie in 0..{self.num_timesteps - 1}")
@@ -107,9 +110,12 @@ class GaussianDiffusion:
         for i in keep:
             new_betas.append(1.0 - self.alphas_cumprod[i] / last)
             last = self.alphas_cumprod[i]
-        return GaussianDiffusion(np.array(new_betas), self.prediction.value, self.variance.value,
-                                 self.loss_weighting.value, timestep_map=self.timestep_map[keep],
-                                 original_num_timesteps=self.original_num_timesteps)
+        chain = GaussianDiffusion(np.array(new_betas), self.prediction.value, self.variance.value,
+                                  self.loss_weighting.value, timestep_map=self.timestep_map[keep],
+                                  original_num_timesteps=self.original_num_timesteps)
+        if final_alpha_cumprod is not None:  # only DDIM's step reads it at the last step (ancestral sampling does not)
+            chain.alphas_cumprod_prev = np.append(float(final_alpha_cumprod), chain.alphas_cumprod[:-1])
+        return chain
 
     def model_timesteps(self, t: torch.Tensor) -> torch.Tensor:
         """Indices into this chain -> the original timesteps the network was trained with."""

@@ -24,12 +24,50 @@ def cosine_betas(num_timesteps: int = 1000, s: float = 0.008, max_beta: float = 
                      for i in range(num_timesteps)], dtype=np.float64)
 
 
+def scaled_linear_betas(num_timesteps: int = 1000, start: float = 0.00085, end: float = 0.012) -> np.ndarray:
+    """Latent diffusion's and Stable Diffusion's: betas whose square roots rise linearly from sqrt(start) to
+    sqrt(end) (diffusers' ``scaled_linear``)."""
+    return np.linspace(start ** 0.5, end ** 0.5, num_timesteps, dtype=np.float64) ** 2
+
+
 def make_betas(schedule: str, num_timesteps: int) -> np.ndarray:
     if schedule == "linear":
         return linear_betas(num_timesteps)
     if schedule == "cosine":
         return cosine_betas(num_timesteps)
-    raise ValueError(f"unknown beta schedule {schedule!r}; choose linear or cosine")
+    if schedule == "scaled_linear":
+        return scaled_linear_betas(num_timesteps)
+    raise ValueError(f"unknown beta schedule {schedule!r}; choose linear, cosine or scaled_linear")
+
+
+SPACINGS = ("leading", "linspace", "trailing")
+
+
+def diffusers_timesteps(num_timesteps: int, steps: int, spacing: str = "leading", offset: int = 1,
+                        solver: bool = False) -> list[int]:
+    """The timesteps diffusers' schedulers visit, ascending, by their ``timestep_spacing`` (T train steps, K steps):
+
+    * ``leading``: r, 2r, ..., plus ``steps_offset``: for DDIM r = T // K starting at 0 (SD's 20 steps: 1, 51, ...,
+      951); for DPM-Solver++ (``solver``) r = T // (K + 1) starting at r;
+    * ``linspace``: round(linspace(0, T - 1, K)) for DDIM; for the solver the top K of round(linspace(0, T - 1, K + 1));
+    * ``trailing``: round(arange(T, 0, -T / K)) - 1.
+    """
+    if spacing not in SPACINGS:
+        raise ValueError(f"timestep_spacing={spacing!r}; choose one of {', '.join(SPACINGS)}")
+    if not 1 <= steps <= num_timesteps:
+        raise ValueError(f"cannot take {steps} steps out of {num_timesteps}")
+    t = num_timesteps
+    if spacing == "leading":
+        ratio = t // (steps + 1) if solver else t // steps
+        picked = [k * ratio + offset for k in range(1 if solver else 0, steps + (1 if solver else 0))]
+    elif spacing == "linspace":
+        picked = np.linspace(0, t - 1, steps + 1 if solver else steps).round().astype(np.int64).tolist()
+        picked = picked[1:] if solver else picked
+    else:
+        picked = sorted((np.round(np.arange(t, 0, -t / steps)).astype(np.int64) - 1).tolist())
+    if len(set(picked)) != steps or picked[0] < 0 or picked[-1] >= t:
+        raise ValueError(f"{steps} steps with {spacing} spacing (offset {offset}) do not fit in {t} timesteps")
+    return sorted(picked)
 
 
 def space_timesteps(num_timesteps: int, steps: int | str) -> list[int]:

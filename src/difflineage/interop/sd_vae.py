@@ -184,16 +184,21 @@ def load_sd_vae(path: str | Path, norm_groups: int = 32) -> AutoencoderKL:
     raw = _read(path)
     if isinstance(raw.get("state_dict"), dict):
         raw = raw["state_dict"]
+    return sd_vae_from_state(raw, str(path), norm_groups)
+
+
+def sd_vae_from_state(raw: dict, source: str, norm_groups: int = 32) -> AutoencoderKL:
+    """:func:`load_sd_vae` on weights already read (a full model's ``first_stage_model.*`` among them)."""
     state = _vae_weights(raw)
     if not state:
         shown = ", ".join(sorted(str(k) for k in raw)[:5]) or "nothing"
-        raise CheckpointError(f"{path}: holds no VAE weights (expected encoder.*, decoder.*, quant_conv.*, "
+        raise CheckpointError(f"{source}: holds no VAE weights (expected encoder.*, decoder.*, quant_conv.*, "
                               f"post_quant_conv.*, optionally under first_stage_model. or vae.; found {shown})")
     if detect_layout(state) == "diffusers":
         state = diffusers_to_ldm(state)
-    cfg, image_channels = infer_sd_vae_config(state, norm_groups, source=str(path))
+    cfg, image_channels = infer_sd_vae_config(state, norm_groups, source=source)
     model = AutoencoderKL(cfg, image_channels)
-    load_state_dict_strict(model, state, str(path))
+    load_state_dict_strict(model, state, source)
     return model.eval()
 
 

@@ -1,0 +1,163 @@
+"""Stable Diffusion 1.x/2.x from its released weights: our UNet, CLIP text tower, tokenizer, ``AutoencoderKL`` and
+samplers, put together as Stable Diffusion's pipelines do.
+
+A caption and the negative caption (default "", SD's unconditional prompt) are tokenized to 77 ids and encoded by the
+frozen text tower; the UNet denoises ``(4, size / 8, size / 8)`` latents with classifier-free guidance applied as SD
+applies it (``uncond + s (cond - uncond)`` on the network's output, eps or v, both halves in one batch); the VAE
+decodes ``latents / 0.18215``. The samplers visit the timesteps diffusers' schedulers visit for SD, so that the same
+initial latents give the same image as ``StableDiffusionPipeline``:
+
+* ``ddim``: the ``leading`` spacing plus ``steps_offset`` (1, 51, ..., 951 for 20 steps) and a last step onto
+  timestep 0's noise level (``set_alpha_to_one=False``), as ``DDIMScheduler`` with SD's scheduler config;
+* ``dpmpp_2m``: DPM-Solver++(2M) over the ``linspace`` spacing, as ``DPMSolverMultistepScheduler``;
+* ``ddpm``: ancestral sampling over evenly spread timesteps.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+
+from difflineage.diffusion.gaussian import GaussianDiffusion
+from difflineage.diffusion.guidance import guided
+from difflineage.diffusion.schedules import diffusers_timesteps, linear_betas, scaled_linear_betas
+from difflineage.errors import CheckpointError, ConfigError
+from difflineage.interop.stable_diffusion import SDWeights, read_stable_diffusion
+from difflineage.models.clip_text import CLIPTextEncoder
+from difflineage.models.unet import UNet
+from difflineage.nn.clip_tokenizer import CLIPTokenizer
+from difflineage.weights import load_state_dict_strict
+
+SD_SAMPLERS = ("ddim", "dpmpp_2m", "ddpm")
+
+
+def _betas(scheduler: dict) -> "torch.Tensor":
+    kind = scheduler.get("beta_schedule", "scaled_linear")
+    n = int(scheduler.get("num_train_timesteps", 1000))
+    start, end = float(scheduler.get("beta_start", 0.00085)), float(scheduler.get("beta_end", 0.012))
+    if kind == "scaled_linear":
+        return scaled_linear_betas(n, start, end)
+    if kind == "linear":
+        return linear_betas(n, start * n / 1000, end * n / 1000)
+    raise CheckpointError(f"beta_schedule={kind!r}: difflineage runs Stable Diffusion's scaled_linear (or linear)")
+
+
+class StableDiffusion(nn.Module):
+    """A Stable Diffusion model in difflineage's networks. Build with :meth:`from_pretrained`."""
+
+    def __init__(self, weights: SDWeights):
+        super().__init__()
+        io = weights.unet_io
+        self.version = weights.version
+        self.unet = UNet(weights.unet, io["in_channels"], io["out_channels"], io["sample_size"],
+                         context_dim=io["context_dim"])
+        load_state_dict_strict(self.unet, weights.unet_state, f"{weights.source} (UNet)")
+        self.text_encoder = CLIPTextEncoder(weights.text)
+        load_state_dict_strict(self.text_encoder, weights.text_state, f"{weights.source} (text encoder)")
+        self.vae = weights.vae
+        self.requires_grad_(False).eval()
+        self.tokenizer_folder = weights.tokenizer
+        self._tokenizer: Optional[CLIPTokenizer] = None
+        self.scheduler = dict(weights.scheduler)
+        self.latent_scale = weights.latent_scale
+        self.diffusion = GaussianDiffusion(_betas(self.scheduler), weights.prediction)
+        self.vae_factor = 2 ** (len(self.vae.cfg.channels) - 1)
+        self.default_size = io["sample_size"] * self.vae_factor
+        self.source = weights.source
+
+    @classmethod
+    def from_pretrained(cls, path: Union[str, Path], version: Optional[str] = None, prediction: Optional[str] = None,
+                        tokenizer: Optional[Union[str, Path]] = None) -> "StableDiffusion":
+        """From a diffusers folder or an original single file (see ``interop/stable_diffusion.py``)."""
+        return cls(read_stable_diffusion(path, version, prediction, tokenizer))
+
+    @property
+    def tokenizer(self) -> CLIPTokenizer:
+        if self._tokenizer is None:
+            if self.tokenizer_folder is None:
+                raise CheckpointError(f"{self.source}: no tokenizer; a single file holds none, so give the model's "
+                                      "tokenizer/ folder (vocab.json, merges.txt): tokenizer=PATH (--tokenizer PATH)")
+            self._tokenizer = CLIPTokenizer.from_folder(self.tokenizer_folder, self.text_encoder.cfg.max_length)
+        return self._tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.conv_in.weight.device
+
+    @torch.no_grad()
+    def encode_text(self, captions: Sequence[str]) -> torch.Tensor:
+        """Captions -> the token features the UNet reads, (N, 77, width)."""
+        return self.text_encoder(self.tokenizer(list(captions)).to(self.device))
+
+    def chain(self, sampler: str, steps: int) -> GaussianDiffusion:
+        """The respaced process whose steps are the timesteps diffusers' scheduler visits for SD: the folder's
+        ``timestep_spacing`` where its scheduler config names one, else each scheduler's default (DDIM leading,
+        DPM-Solver++ linspace)."""
+        t = self.diffusion.num_timesteps
+        offset = int(self.scheduler.get("steps_offset", 1))
+        spacing = self.scheduler.get("timestep_spacing")
+        if sampler == "ddim":
+            if spacing not in (None, "leading"):  # diffusers' DDIM then steps to t - T // K, which it never visits
+                raise ConfigError(f"DDIM with timestep_spacing={spacing!r}: difflineage's DDIM follows SD's leading "
+                                  "spacing; use sampler dpmpp_2m, or set the scheduler's timestep_spacing to leading")
+            final = 1.0 if self.scheduler.get("set_alpha_to_one", False) else float(self.diffusion.alphas_cumprod[0])
+            return self.diffusion.respaced(diffusers_timesteps(t, steps, "leading", offset), final_alpha_cumprod=final)
+        if sampler == "dpmpp_2m":
+            return self.diffusion.respaced(diffusers_timesteps(t, steps, spacing or "linspace", offset, solver=True))
+        if sampler == "ddpm":
+            return self.diffusion.respaced(steps)
+        raise ValueError(f"sampler={sampler!r}; choose one of {', '.join(SD_SAMPLERS)}")
+
+    def latent_shape(self, n: int, size: Union[int, tuple[int, int]]) -> tuple[int, int, int, int]:
+        h, w = (size, size) if isinstance(size, int) else size
+        f = self.vae_factor
+        for side in (h, w):
+            if side % f:
+                raise ConfigError(f"image size {side} is not divisible by {f} (the VAE's downsampling); use "
+                                  f"{side // f * f} or {math.ceil(side / f) * f}")
+        return n, self.unet.conv_in.in_channels, h // f, w // f
+
+    @torch.no_grad()
+    def sample(self, captions: Union[str, Sequence[str]], negative: Union[str, Sequence[str], None] = None,
+               steps: int = 50, guidance: float = 7.5, sampler: str = "ddim", seed: Optional[int] = 0,
+               size: Union[int, tuple[int, int], None] = None, latents: Optional[torch.Tensor] = None,
+               generator: Optional[torch.Generator] = None, progress: bool = True,
+               return_latents: bool = False) -> torch.Tensor:
+        """Images (N, 3, H, W) in [-1, 1] for the captions. ``latents``: the initial noise (N, 4, H/8, W/8), else
+        drawn from ``generator`` or ``seed`` on the CPU (the same images on any device)."""
+        captions = [captions] if isinstance(captions, str) else list(captions)
+        n = len(captions)
+        negative = [negative or ""] * n if negative is None or isinstance(negative, str) else list(negative)
+        if len(negative) != n:
+            raise ValueError(f"{len(negative)} negative captions for {n} captions")
+        shape = self.latent_shape(n, size if size is not None else self.default_size) if latents is None \
+            else tuple(latents.shape)
+        if latents is None:
+            generator = generator or (torch.Generator().manual_seed(seed) if seed is not None else None)
+            latents = torch.randn(shape, generator=generator)
+        context = self.encode_text(captions)
+
+        def model_fn(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+            return self.unet(x, t, context=context)
+
+        if guidance != 1.0:
+            fn = guided(model_fn, guidance, {"context": context}, {"context": self.encode_text(negative)})
+        else:
+            fn = lambda x, t: model_fn(x, t, context)  # noqa: E731
+        chain = self.chain(sampler, steps)
+        z = chain.sample(fn, shape, sampler=sampler, device=self.device, clip_denoised=False, progress=progress,
+                         noise=latents.to(self.device), generator=generator)
+        if return_latents:
+            return z
+        return self.decode(z)
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(z / self.latent_scale).float().clamp(-1, 1)
+
+
+__all__ = ["SD_SAMPLERS", "StableDiffusion"]
