@@ -149,3 +149,24 @@ def test_a_file_of_another_model_is_named():
         config_from_diffusers({**dict(ref.config), "addition_embed_type": "text_time"})
     with pytest.raises(CheckpointError, match="a VQModel"):
         config_from_diffusers({"_class_name": "VQModel"})
+
+
+@pytest.mark.parametrize("branch", [0, 1, 3])
+def test_feature_cache_reuses_exactly_what_a_full_pass_computed(branch):
+    """A reuse call on the same input as the refresh before it gives the plain network's output (the shallow path
+    and the cached deep features fit together); interval 1 is the plain network; the reuses are counted."""
+    from difflineage.models.unet import FeatureCache
+
+    ours, extra = _ours(_sd_unet(1))
+    ours = ours.to(memory_format=torch.channels_last)
+    x = torch.randn(2, 4, 16, 16).contiguous(memory_format=torch.channels_last)
+    t, ctx = torch.tensor([10, 500]), torch.randn(2, 7, extra["context_dim"])
+    with torch.no_grad():
+        plain = ours(x, t, context=ctx)
+        cache = FeatureCache(interval=3, branch=branch)
+        outs = [ours(x, t, context=ctx, feature_cache=cache) for _ in range(4)]
+        assert cache.reused == 2 and cache.calls == 4
+        for out in outs:
+            assert (out - plain).abs().max().item() < 1e-5
+        other = ours(torch.randn_like(x), t, context=ctx, feature_cache=FeatureCache(interval=1))
+        assert not torch.allclose(other, plain)

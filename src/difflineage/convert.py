@@ -71,3 +71,65 @@ def save_as_checkpoint(model: DiT, out: Union[str, Path], vae: Optional[Union[st
         system.space.latent_scale.fill_(latent_scale)
     state = system.state_dict()
     return save_checkpoint(Path(out), config, state, state, {"step": 0, "converted_from_layout": "dit"})
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# DDPM's released models (diffusers' UNet2DModel folders)
+
+_VARIANCE = {"fixed_large": "fixed_large", "fixed_small": "fixed_small", "fixed_small_log": "fixed_small"}
+
+
+def ddpm_as_checkpoint(source: Union[str, Path], out: Union[str, Path], data_source: str = "folder:data") -> Path:
+    """A DDPM model in diffusers' layout (``google/ddpm-cifar10-32``'s UNet2DModel and scheduler config) as a runnable
+    difflineage ``ddpm`` checkpoint: ``difflineage sample`` draws from it with DDPM-1000 (the paper's, the default),
+    DDIM or DPM-Solver++; ``evaluate`` scores it against ``data_source``."""
+    from dataclasses import asdict
+
+    from difflineage.interop.ddpm import read_ddpm_folder
+    from difflineage.systems import DDPMSystem
+
+    cfg, io, state, scheduler = read_ddpm_folder(source)
+    if scheduler.get("beta_schedule") != "linear" or (scheduler.get("beta_start"), scheduler.get("beta_end")) != (1e-4, 0.02):
+        raise CheckpointError(f"{source}: betas {scheduler.get('beta_schedule')} {scheduler.get('beta_start')}.."
+                              f"{scheduler.get('beta_end')}; difflineage's DDPM runs the paper's linear 1e-4..0.02")
+    variance = _VARIANCE.get(scheduler.get("variance_type", "fixed_large"))
+    prediction = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}.get(scheduler.get("prediction_type", "epsilon"))
+    if variance is None or prediction is None:
+        raise CheckpointError(f"{source}: variance_type={scheduler.get('variance_type')!r}, prediction_type="
+                              f"{scheduler.get('prediction_type')!r}: not a DDPM difflineage samples")
+    if io["in_channels"] != io["out_channels"]:
+        raise CheckpointError(f"{source}: {io['in_channels']} input and {io['out_channels']} output channels; a pixel DDPM "
+                              "predicts as many as it reads")
+    timesteps = int(scheduler.get("num_train_timesteps", 1000))
+    config = config_from_dict({
+        "system": "ddpm",
+        "data": {"source": data_source, "image_size": io["sample_size"], "channels": io["in_channels"]},
+        "model": {"unet": asdict(cfg), "condition": "none", "cond_drop": 0.0,
+                  "diffusion": {"schedule": "linear", "timesteps": timesteps, "prediction": prediction,
+                                "variance": variance, "sampler": "ddpm", "sample_steps": timesteps}},
+    })
+    system = DDPMSystem(config)
+    load_state_dict_strict(system.unet, state, str(source))
+    state = system.state_dict()
+    return save_checkpoint(Path(out), config, state, state, {"step": 0, "converted_from_layout": "diffusers"})
+
+
+def checkpoint_as_ddpm_folder(checkpoint: Union[str, Path], out: Union[str, Path]) -> Path:
+    """A difflineage pixel ``ddpm`` checkpoint (its EMA weights) as a diffusers ``DDPMPipeline`` folder. Only UNets with
+    the released models' blocks have that layout (``unet.attention_block=plain``, ``time_conditioning=add``)."""
+    from difflineage.interop.ddpm import write_ddpm_folder
+
+    system = load(Path(checkpoint))
+    m, d = system.config.model, system.config.data
+    if system.config.system != "ddpm" or m.condition != "none":
+        raise CheckpointError(f"{checkpoint}: a {system.config.system} checkpoint with condition {m.condition}; the "
+                              "diffusers DDPM layout holds unconditional pixel DDPMs")
+    if m.unet.attention_block != "plain" or m.unet.time_conditioning != "add" or m.diffusion.schedule != "linear":
+        raise CheckpointError(f"{checkpoint}: its UNet (attention_block={m.unet.attention_block}, time_conditioning="
+                              f"{m.unet.time_conditioning}) has no diffusers layout; only DDPM's own blocks (plain, add) "
+                              "do")
+    scheduler = {"num_train_timesteps": m.diffusion.timesteps, "beta_start": 0.0001, "beta_end": 0.02,
+                 "beta_schedule": "linear", "variance_type": m.diffusion.variance, "clip_sample": True,
+                 "prediction_type": {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}[m.diffusion.prediction]}
+    io = {"in_channels": d.channels, "out_channels": d.channels, "sample_size": d.image_size}
+    return write_ddpm_folder(m.unet, io, system.unet.state_dict(), scheduler, out)

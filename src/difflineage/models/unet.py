@@ -126,6 +126,20 @@ class ResBlock(nn.Module):
         return self.skip(x) + self.conv2(self.dropout(F.silu(h)))
 
 
+def to_tokens(x: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) -> (N, H*W, C): a view when ``x`` is channels-last (the layout convolutions run fastest in on the
+    CPU), one copy otherwise."""
+    n, c, h, w = x.shape
+    return x.permute(0, 2, 3, 1).reshape(n, h * w, c)
+
+
+def from_tokens(h: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(N, H*W, C) -> (N, C, H, W) shaped and laid out as ``like`` (channels-last stays channels-last for free)."""
+    n, c, hgt, wid = like.shape
+    out = h.reshape(n, hgt, wid, c).permute(0, 3, 1, 2)  # channels-last strides
+    return out if like.is_contiguous(memory_format=torch.channels_last) else out.contiguous()
+
+
 class AttentionBlock(nn.Module):
     """Self-attention over the H*W positions, then (captions) cross-attention to the text tokens; the output
     projection is zero-initialised so the block starts as the identity. ``plain``: DDPM's block, GroupNorm and
@@ -150,13 +164,13 @@ class AttentionBlock(nn.Module):
     def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None,
                 context_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         n, c, hgt, wid = x.shape
-        h = self.norm(x).flatten(2).transpose(1, 2)  # (N, H*W, C)
+        h = to_tokens(self.norm(x))  # (N, H*W, C)
         if self.plain:  # DDPM: the input plus the attention of its normalised positions
-            return x + self.attn(h).transpose(1, 2).reshape(n, c, hgt, wid)
+            return x + from_tokens(self.attn(h), x)
         h = h + self.attn(self.ln1(h))
         if self.cross is not None:
             h = h + self.cross(self.ln2(h), context, context_mask)
-        return x + self.out(h).transpose(1, 2).reshape(n, c, hgt, wid)
+        return x + from_tokens(self.out(h), x)
 
 
 class GEGLU(nn.Module):
@@ -214,16 +228,10 @@ class SpatialTransformer(nn.Module):
                 context_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         n, c, hgt, wid = x.shape
         h = self.norm(x)
-        if self.linear:
-            h = self.proj_in(h.flatten(2).transpose(1, 2))  # (N, H*W, C)
-        else:
-            h = self.proj_in(h).flatten(2).transpose(1, 2)
+        h = self.proj_in(to_tokens(h)) if self.linear else to_tokens(self.proj_in(h))  # (N, H*W, C)
         for block in self.blocks:
             h = block(h, context, context_mask)
-        if self.linear:
-            h = self.proj_out(h).transpose(1, 2).reshape(n, c, hgt, wid)
-        else:
-            h = self.proj_out(h.transpose(1, 2).reshape(n, c, hgt, wid))
+        h = from_tokens(self.proj_out(h), x) if self.linear else self.proj_out(from_tokens(h, x))
         return x + h
 
 
@@ -323,15 +331,54 @@ class UNet(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels: Optional[torch.Tensor] = None,
                 context: Optional[torch.Tensor] = None, context_mask: Optional[torch.Tensor] = None,
-                pooled: Optional[torch.Tensor] = None) -> torch.Tensor:
+                pooled: Optional[torch.Tensor] = None, feature_cache: Optional["FeatureCache"] = None) -> torch.Tensor:
+        """``feature_cache``: reuse the deep features of an earlier sampler step where its schedule says (DeepCache)."""
         emb = self.embed(t, labels, pooled)
         h = self.conv_in(x)  # (N, ch, S, S)
         hs = [h]
-        for blocks in self.down:
-            h = self.run(blocks, h, emb, context, context_mask)
-            hs.append(h)
-        h = self.run(self.mid, h, emb, context, context_mask)  # (N, ch * mult[-1], S / 2^(L-1), ...)
-        for blocks in self.up:
+        reuse = feature_cache is not None and feature_cache.next_call()
+        branch = feature_cache.branch if feature_cache is not None else 0
+        if reuse:  # only the shallow path: the first `branch` down entries, then the cached deep features
+            for blocks in self.down[:branch]:
+                h = self.run(blocks, h, emb, context, context_mask)
+                hs.append(h)
+            h = feature_cache.features
+            up = self.up[len(self.up) - 1 - branch:]
+        else:
+            for blocks in self.down:
+                h = self.run(blocks, h, emb, context, context_mask)
+                hs.append(h)
+            h = self.run(self.mid, h, emb, context, context_mask)  # (N, ch * mult[-1], S / 2^(L-1), ...)
+            up = self.up
+        for i, blocks in enumerate(up):
+            if feature_cache is not None and not reuse and i == len(self.up) - 1 - branch:
+                feature_cache.features = h  # what the shallow up entries read from below
             h = torch.cat([h, hs.pop()], dim=1)
             h = self.run(blocks, h, emb, context, context_mask, hs[-1].shape[-2:] if hs else None)
         return self.conv_out(F.silu(self.norm_out(h)))  # (N, out_channels, S, S)
+
+
+class FeatureCache:
+    """DeepCache (Ma et al. 2024) for the UNet: the deep part of the network (every level below the shallowest
+    ``branch + 1`` skip connections, and the middle) changes little from one sampler step to the next, so it is
+    computed on refresh steps only; between them a step runs the first ``branch`` down entries and the last
+    ``branch + 1`` up entries on the features cached at the last refresh. ``interval`` N: a refresh every N network
+    calls (the first always). One cache serves one sampling run (it counts calls; with guidance both halves run in
+    one call); ``reset`` before another. ``interval=1`` is the plain network, exactly."""
+
+    def __init__(self, interval: int = 3, branch: int = 0):
+        if interval < 1 or branch < 0:
+            raise ValueError(f"feature cache interval={interval} (at least 1), branch={branch} (at least 0)")
+        self.interval, self.branch = interval, branch
+        self.reset()
+
+    def reset(self) -> None:
+        self.calls, self.features = 0, None
+        self.reused = 0
+
+    def next_call(self) -> bool:
+        """Whether this network call reuses the cache (and count it)."""
+        reuse = self.calls % self.interval != 0 and self.features is not None
+        self.calls += 1
+        self.reused += int(reuse)
+        return reuse
