@@ -5,6 +5,7 @@ read back; other files and bad input are refused in one line."""
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -170,3 +171,30 @@ def test_timesteps_as_diffusers_schedulers_visit_them(spacing, steps):
         sched = cls(timestep_spacing=spacing, steps_offset=1)
         sched.set_timesteps(steps)
         assert diffusers_timesteps(1000, steps, spacing, 1, solver=solver) == sorted(sched.timesteps.tolist())
+
+
+def test_command_line_samples_and_converts(tiny, tmp_path, capsys):
+    """`difflineage sample sd:PATH` from the folder, `convert` to the single file and back, the single file sampled
+    with its tokenizer given; the same image from each."""
+    from PIL import Image
+
+    from difflineage.cli import main
+
+    version, folder, _ = tiny
+    args = ["--caption", CAPTIONS[0], "--negative", CAPTIONS[3], "--steps", "3", "--seed", "5", "--size", "16"]
+    assert main(["sample", f"sd:{folder}", *args, "--out", str(tmp_path / "a.png")]) == 0
+    assert "Stable Diffusion" in capsys.readouterr().out
+    single = tmp_path / "model.safetensors"
+    assert main(["convert", str(folder), str(single), "--to", "official"]) == 0
+    assert main(["sample", f"sd:{single}", *args, "--out", str(tmp_path / "b.png"),
+                 "--tokenizer", str(folder / "tokenizer")]) == 0
+    assert main(["convert", str(single), str(tmp_path / "back"), "--to", "diffusers", "--tokenizer",
+                 str(folder / "tokenizer")]) == 0
+    assert main(["sample", f"sd:{tmp_path / 'back'}", *args, "--out", str(tmp_path / "c.png"), "--sampler",
+                 "dpmpp_2m", "--fast"]) == 0
+    a, b = (np.asarray(Image.open(tmp_path / f"{x}.png")).astype(int) for x in "ab")
+    assert a.shape == b.shape and a.shape[2] == 3 and np.abs(a - b).max() <= 1
+    assert main(["sample", f"sd:{single}", "--caption", "x", "--out", str(tmp_path / "d.png")]) == 2  # no tokenizer
+    assert "no tokenizer" in capsys.readouterr().err
+    assert main(["sample", f"sd:{folder}", "--out", str(tmp_path / "e.png")]) == 2
+    assert "--caption" in capsys.readouterr().err

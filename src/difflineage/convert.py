@@ -1,6 +1,7 @@
 """``difflineage convert``: a DiT from any layout (a difflineage checkpoint, the official files, diffusers) into
-any other, including a runnable difflineage checkpoint. The weight-layout translations themselves live in
-``interop/``; this module sits above the systems, since a runnable checkpoint is a system's."""
+any other, including a runnable difflineage checkpoint; DDPM's released diffusers folders to and from runnable
+checkpoints; and ``model_kind``, which tells them and Stable Diffusion's files apart. The weight-layout translations
+themselves live in ``interop/``; this module sits above the systems, since a runnable checkpoint is a system's."""
 
 from __future__ import annotations
 
@@ -14,6 +15,47 @@ from difflineage.models.dit import DiT
 from difflineage.systems import DiTSystem, config_from_dict, load
 from difflineage.systems.spaces import autoencoder_architecture, autoencoder_weights
 from difflineage.weights import load_state_dict_strict
+
+
+def model_kind(path: Union[str, Path]) -> str:
+    """What ``path`` holds, from its layout: ``stable-diffusion`` (a diffusers folder with unet/ and text_encoder/, or
+    a single file of ``model.diffusion_model.*``), ``ddpm-diffusers`` (a UNet2DModel folder), ``ddpm-difflineage`` (a
+    difflineage ddpm checkpoint), else ``dit`` (what the DiT readers take, refusing by name what they do not)."""
+    import json
+
+    path = Path(path)
+    if path.is_dir():
+        if (path / "unet").is_dir() and (path / "text_encoder").is_dir():
+            return "stable-diffusion"
+        for config in (path / "config.json", path / "unet" / "config.json"):
+            if config.is_file() and json.loads(config.read_text()).get("_class_name") == "UNet2DModel":
+                return "ddpm-diffusers"
+        if (path / "config.yaml").is_file() or (path / "checkpoints").is_dir():
+            try:
+                if load_config_of(path).system == "ddpm":
+                    return "ddpm-difflineage"
+            except (CheckpointError, ValueError, OSError):
+                pass
+        return "dit"
+    if path.suffix == ".safetensors" and path.is_file():
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), "pt") as fh:
+                if any(k.startswith("model.diffusion_model.") for k in fh.keys()):
+                    return "stable-diffusion"
+        except Exception:  # not readable: the DiT reader names the problem
+            return "dit"
+    elif path.suffix == ".ckpt":
+        return "stable-diffusion"  # the original single file's suffix (read with weights_only; others refused by name)
+    return "dit"
+
+
+def load_config_of(path: Path):
+    from difflineage.checkpoint import resolve_checkpoint
+    from difflineage.systems import load_config
+
+    return load_config(resolve_checkpoint(path) / "config.yaml")
 
 
 def read_any_dit(path: Union[str, Path], heads: Optional[int] = None) -> tuple[DiT, str]:

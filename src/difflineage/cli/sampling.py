@@ -11,10 +11,15 @@ from difflineage.cli.common import add_device_option, add_sampling_options, held
 
 def add_parsers(sub) -> None:
     s = sub.add_parser("sample", help="draw samples from a checkpoint into a grid PNG",
-                       description="Draw samples from a checkpoint (or a run directory's latest one).")
-    s.add_argument("checkpoint", type=Path, help="checkpoint directory or run directory")
-    s.add_argument("--n", "--num-samples", dest="n", type=int, default=64,
-                   help="number of samples (default 64; without --label, a whole number per class, one row each)")
+                       description="Draw samples from a checkpoint (or a run directory's latest one), or from Stable "
+                                   "Diffusion's released weights: sd:PATH, a diffusers folder or an original single "
+                                   "file (docs/stable-diffusion.md).")
+    s.add_argument("checkpoint", type=Path,
+                   help="checkpoint directory, run directory, or sd:PATH (a Stable Diffusion 1.x/2.x diffusers folder or "
+                        ".safetensors/.ckpt file)")
+    s.add_argument("--n", "--num-samples", dest="n", type=int, default=None,
+                   help="number of samples (default 64, Stable Diffusion 1; without --label, a whole number per "
+                        "class, one row each)")
     s.add_argument("--label", "--class", dest="label", default=None, metavar="CLASS",
                    help="class to draw, by name (seven) or number (class-conditional systems); default: all classes "
                         "in turn")
@@ -22,7 +27,8 @@ def add_parsers(sub) -> None:
     s.add_argument("--npz", type=Path, default=None,
                    help="also write the samples in ADM's layout (arr_0: uint8 N x H x W x 3; arr_1: the labels)")
     s.add_argument("--nrow", type=int, default=None, help="images per grid row (default: one row per class, or square)")
-    s.add_argument("--scale", type=int, default=2, help="enlarge the grid this many times, pixel by pixel (default 2)")
+    s.add_argument("--scale", type=int, default=None,
+                   help="enlarge the grid this many times, pixel by pixel (default 2; Stable Diffusion 1)")
     s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     add_sampling_options(s)
     s.add_argument("--caption", default=None, help="caption to draw (caption-conditioned systems)")
@@ -35,6 +41,17 @@ def add_parsers(sub) -> None:
                    help="the fastest sampling here: DPM-Solver++ (20 steps unless --steps), a step cache for DiT and "
                         "DyDiT calibrated on the model, bf16 autocast where native; also draws the plain samples and "
                         "prints the difference")
+    sd = s.add_argument_group("Stable Diffusion (sd:PATH)")
+    sd.add_argument("--negative", default=None, help="negative caption (default: the empty one, SD's unconditional)")
+    sd.add_argument("--size", type=int, nargs="+", default=None, metavar="PX",
+                    help="image side, or height and width, divisible by 8 (default: the model's, 512 or 768)")
+    sd.add_argument("--tokenizer", type=Path, default=None, metavar="DIR",
+                    help="the model's tokenizer/ folder (vocab.json, merges.txt): needed with a single file")
+    sd.add_argument("--prediction", choices=["eps", "v"], default=None,
+                    help="what the UNet predicts, where the files do not say (a 2.x single file: v for the 768-px "
+                         "models, eps for the 512-px base)")
+    sd.add_argument("--sd-version", choices=["1.x", "2.x"], default=None,
+                    help="refuse the files unless they are this version")
     add_device_option(s)
     s.set_defaults(func=cmd_sample)
 
@@ -49,6 +66,10 @@ def cmd_sample(args) -> int:
     from difflineage.images import save_grid, to_uint8
     from difflineage.systems import load
 
+    if str(args.checkpoint).startswith("sd:"):
+        return cmd_sample_sd(args)
+    args.n = 64 if args.n is None else args.n
+    args.scale = 2 if args.scale is None else args.scale
     system = load(args.checkpoint, use_ema=not args.no_ema, device=args.device)
     options = sampling_options(args)
     if args.label is not None and not system.num_classes:
@@ -106,4 +127,41 @@ def cmd_sample(args) -> int:
     if args.pictures:
         for name, p in system.pictures(heldout(system), args.pictures, torch.Generator().manual_seed(args.seed)).items():
             print(f"wrote {name}: {p}")
+    return 0
+
+
+def cmd_sample_sd(args) -> int:
+    """``difflineage sample sd:PATH --caption ...``: Stable Diffusion from its released files."""
+
+    from difflineage.images import save_grid
+    from difflineage.systems.stable_diffusion import StableDiffusion
+
+    path = Path(str(args.checkpoint)[3:])
+    if args.caption is None:
+        print("error: Stable Diffusion draws from a caption: give --caption \"...\"", file=sys.stderr)
+        return 2
+    n = 1 if args.n is None else args.n
+    if n < 1:
+        print("error: --n must be at least 1", file=sys.stderr)
+        return 2
+    unused = [f"--{k}" for k in ("label", "npz", "pictures") if getattr(args, k) is not None] + \
+        (["--no-ema"] if args.no_ema else [])
+    if unused:
+        print(f"error: {', '.join(unused)} do not apply to Stable Diffusion", file=sys.stderr)
+        return 2
+    size = None if args.size is None else (args.size[0] if len(args.size) == 1 else tuple(args.size[:2]))
+    model = StableDiffusion.from_pretrained(path, args.sd_version, args.prediction, args.tokenizer).to(args.device)
+    options = sampling_options(args)
+    try:
+        images = model.sample([args.caption] * n, args.negative, steps=options.get("steps"),
+                              guidance=options.get("guidance", 7.5), sampler=options.get("sampler"), seed=args.seed,
+                              size=size, fast=args.fast, bf16=True if args.bf16 else None, progress=True)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"Stable Diffusion {model.version} from {path}" + (" on the fast path (DPM-Solver++ 20 steps unless --steps, "
+                                                              "the UNet's feature cache, bf16 where native)"
+                                                              if args.fast else ""))
+    out = save_grid(images.float(), args.out, nrow=args.nrow, scale=1 if args.scale is None else args.scale)
+    print(f"wrote {n} image{'s' if n > 1 else ''} to {out}")
     return 0

@@ -35,11 +35,16 @@ def add_parsers(sub) -> None:
     x.add_argument("--no-progress", action="store_true", help="no progress bar")
     x.set_defaults(func=cmd_extract)
 
-    c = sub.add_parser("convert", help="convert DiT weights between the official, diffusers and difflineage layouts",
-                       description="Read a DiT from an official checkpoint (DiT-XL-2-256x256.pt style), a diffusers "
-                                   "DiTTransformer2DModel folder or file, or a difflineage checkpoint, and write it in "
-                                   "another layout. Keys are checked strictly; nothing is downloaded or unpickled.")
-    c.add_argument("source", type=Path, help="official .pt/.safetensors file, diffusers folder/file, or difflineage checkpoint")
+    c = sub.add_parser("convert", help="convert DiT, Stable Diffusion and DDPM weights between the official, diffusers "
+                                       "and difflineage layouts",
+                       description="Read a model and write it in another layout. DiT: an official checkpoint "
+                                   "(DiT-XL-2-256x256.pt style), a diffusers DiTTransformer2DModel folder or file, or a "
+                                   "difflineage checkpoint. Stable Diffusion 1.x/2.x: a diffusers folder <-> the "
+                                   "original single file (--to official). DDPM: a diffusers UNet2DModel folder "
+                                   "(google/ddpm-cifar10-32) <-> a runnable difflineage checkpoint. Keys are checked "
+                                   "strictly; nothing is downloaded or unpickled.")
+    c.add_argument("source", type=Path, help="official .pt/.safetensors/.ckpt file, diffusers folder/file, or "
+                                             "difflineage checkpoint")
     c.add_argument("dest", type=Path, help="output: a file (official), a folder (diffusers) or a checkpoint directory")
     c.add_argument("--to", required=True, choices=["official", "diffusers", "difflineage"], help="layout to write")
     c.add_argument("--vae", type=Path, default=None, metavar="FILE",
@@ -49,6 +54,11 @@ def add_parsers(sub) -> None:
     c.add_argument("--data", default="folder:data", metavar="SOURCE",
                    help="--to difflineage: data.source to record (the dataset evaluate compares against)")
     c.add_argument("--heads", type=int, default=None, help="attention heads, when not the paper's for this width")
+    c.add_argument("--tokenizer", type=Path, default=None, metavar="DIR",
+                   help="Stable Diffusion single file -> diffusers: the tokenizer/ folder to put in the output")
+    c.add_argument("--prediction", choices=["eps", "v"], default=None,
+                   help="Stable Diffusion 2.x single file: what its UNet predicts (v: the 768-px models; eps: the 512-px "
+                        "base)")
     c.set_defaults(func=cmd_convert)
 
     i = sub.add_parser("info", help="show a checkpoint's config, parameter count and steps trained",
@@ -89,6 +99,48 @@ def cmd_extract(args) -> int:
     return 0
 
 def cmd_convert(args) -> int:
+    from difflineage.convert import model_kind
+
+    kind = model_kind(args.source)
+    if kind == "stable-diffusion":
+        return _convert_sd(args)
+    if kind in ("ddpm-diffusers", "ddpm-difflineage"):
+        return _convert_ddpm(args, kind)
+    return _convert_dit(args)
+
+
+def _convert_sd(args) -> int:
+    from difflineage.interop.stable_diffusion import read_stable_diffusion, write_diffusers_folder, write_single_file
+
+    if args.to == "difflineage":
+        print("error: Stable Diffusion runs from its own files (difflineage sample sd:PATH); convert it --to diffusers "
+              "or --to official (the single file)", file=sys.stderr)
+        return 2
+    weights = read_stable_diffusion(args.source, prediction=args.prediction, tokenizer=args.tokenizer)
+    out = write_diffusers_folder(weights, args.dest) if args.to == "diffusers" else write_single_file(weights, args.dest)
+    print(f"read Stable Diffusion {weights.version} ({weights.prediction} prediction) from {args.source}")
+    print(f"wrote the {'diffusers folder' if args.to == 'diffusers' else 'original single file'} to {out}"
+          + ("" if args.to != "diffusers" or weights.tokenizer else "; it has no tokenizer/: give --tokenizer DIR"))
+    return 0
+
+
+def _convert_ddpm(args, kind: str) -> int:
+    from difflineage.convert import checkpoint_as_ddpm_folder, ddpm_as_checkpoint
+
+    if kind == "ddpm-diffusers" and args.to == "difflineage":
+        out = ddpm_as_checkpoint(args.source, args.dest, data_source=args.data)
+    elif kind == "ddpm-difflineage" and args.to == "diffusers":
+        out = checkpoint_as_ddpm_folder(args.source, args.dest)
+    else:
+        have = "a diffusers DDPM folder" if kind == "ddpm-diffusers" else "a difflineage DDPM checkpoint"
+        print(f"error: {args.source} is {have}; convert it --to "
+              f"{'difflineage' if kind == 'ddpm-diffusers' else 'diffusers'}", file=sys.stderr)
+        return 2
+    print(f"wrote the {args.to} DDPM to {out}")
+    return 0
+
+
+def _convert_dit(args) -> int:
     from difflineage.convert import read_any_dit, save_as_checkpoint
     from difflineage.errors import CheckpointError
     from difflineage.interop.dit import save_diffusers_dit, save_official_dit
