@@ -173,3 +173,46 @@ def make_clip_vocab(folder, captions, pad_token: str = "<|endoftext|>", vocab_si
     tok.model.save(str(folder))
     (folder / "tokenizer_config.json").write_text(json.dumps({"pad_token": pad_token, "model_max_length": 77}))
     return folder
+
+
+def make_tiny_sd(version: int, folder, captions):
+    """A tiny Stable Diffusion ``StableDiffusionPipeline`` (1.x or 2.x) with random weights: UNet 32/64 (64/128 for
+    2.x's 64-wide heads), a 2-layer text tower, a 2-level VAE, 32 GroupNorm groups (which a single file cannot record),
+    its tokenizer a CLIP-style vocabulary trained on ``captions``; saved as a diffusers folder; the pipeline returned."""
+    import diffusers
+    import transformers
+
+    torch.manual_seed(0)
+    if version == 1:
+        unet = diffusers.UNet2DConditionModel(
+            sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=64, attention_head_dim=8, norm_num_groups=32)
+        act, pad = "quick_gelu", "<|endoftext|>"
+    else:
+        unet = diffusers.UNet2DConditionModel(
+            sample_size=8, in_channels=4, out_channels=4, block_out_channels=(64, 128), layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=64, attention_head_dim=(1, 2), use_linear_projection=True, norm_num_groups=32)
+        act, pad = "gelu", "!"
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    tok_dir = make_clip_vocab(folder / "tokenizer", captions, pad_token=pad)
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(str(tok_dir))
+    text = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=1, max_position_embeddings=77, hidden_act=act, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)).eval()
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 64),
+                                  latent_channels=4, norm_num_groups=32, sample_size=16).eval()
+    sched_cfg = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                     set_alpha_to_one=False, steps_offset=1,
+                     prediction_type="epsilon" if version == 1 else "v_prediction")
+    pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
+                                             scheduler=diffusers.DDIMScheduler(**sched_cfg), safety_checker=None,
+                                             feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.save_pretrained(str(folder))
+    return pipe

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from difflineage.errors import CheckpointError, ConfigError
 from difflineage.interop.stable_diffusion import read_stable_diffusion, write_diffusers_folder, write_single_file
 from difflineage.systems.stable_diffusion import StableDiffusion
-from helpers import make_clip_vocab
+from helpers import make_tiny_sd
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
@@ -22,49 +22,10 @@ CAPTIONS = ["a red apple on a table", "an astronaut riding a horse", "thumbs up:
             "blurry, low quality"]
 
 
-def _pipeline(version: int, folder):
-    """A tiny SD pipeline (UNet 32/64 or 64/128, a 2-layer text tower, a 2-level VAE; 32 GroupNorm groups, which a
-    single file cannot record), saved as a diffusers folder."""
-    torch.manual_seed(0)
-    if version == 1:
-        unet = diffusers.UNet2DConditionModel(
-            sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=64, attention_head_dim=8, norm_num_groups=32)
-        act, pad = "quick_gelu", "<|endoftext|>"
-    else:
-        unet = diffusers.UNet2DConditionModel(
-            sample_size=8, in_channels=4, out_channels=4, block_out_channels=(64, 128), layers_per_block=1,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=64, attention_head_dim=(1, 2), use_linear_projection=True, norm_num_groups=32)
-        act, pad = "gelu", "!"
-    with torch.no_grad():
-        for p in unet.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    tok_dir = make_clip_vocab(folder / "tokenizer", CAPTIONS * 20, pad_token=pad)
-    tokenizer = transformers.CLIPTokenizer.from_pretrained(str(tok_dir))
-    text = transformers.CLIPTextModel(transformers.CLIPTextConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=1, max_position_embeddings=77, hidden_act=act, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)).eval()
-    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 64),
-                                  latent_channels=4, norm_num_groups=32, sample_size=16).eval()
-    sched_cfg = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                     set_alpha_to_one=False, steps_offset=1,
-                     prediction_type="epsilon" if version == 1 else "v_prediction")
-    pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
-                                             scheduler=diffusers.DDIMScheduler(**sched_cfg), safety_checker=None,
-                                             feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    pipe.save_pretrained(str(folder))
-    return pipe
-
-
 @pytest.fixture(scope="module", params=[1, 2], ids=["sd1", "sd2"])
 def tiny(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(f"sd{request.param}")
-    return request.param, folder, _pipeline(request.param, folder)
+    return request.param, folder, make_tiny_sd(request.param, folder, CAPTIONS * 20)
 
 
 def _theirs(pipe, folder, scheduler, caption, negative, latents, steps=20, guidance=7.5):

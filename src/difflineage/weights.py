@@ -110,14 +110,15 @@ def load_state_dict_strict(module: nn.Module, state: StateDict, source: str) -> 
 
 def state_digest(state: StateDict) -> str:
     """sha256 over a state dict's names, dtypes, shapes and values (the identity of a frozen stage's weights: a
-    latent store records the digest of the first stage that made it)."""
+    latent store records the digest of the first stage that made it). The values are read in their logical order,
+    so a network held channels-last has the digest it has in the default layout."""
     import hashlib
 
     h = hashlib.sha256()
     for k in sorted(state):
-        t = state[k].detach().to("cpu").contiguous()
+        t = state[k].detach().to("cpu")
         h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update((t.view(torch.uint8) if t.dim() else t.reshape(1).view(torch.uint8)).numpy().tobytes())
+        h.update(t.flatten().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 

@@ -22,13 +22,14 @@ from difflineage.systems.ddpm import DDPMSystem
 from difflineage.systems.dit import DiTSystem
 from difflineage.systems.dydit import DyDiTSystem
 from difflineage.systems.ldm import LDMSystem
+from difflineage.systems.stable_diffusion import StableDiffusionSystem
 from difflineage.systems.vae import VAESystem
 from difflineage.systems.vqvae import VQVAE2System, VQVAESystem
 from difflineage.weights import load_state_dict_strict
 
 SYSTEMS: dict[str, type[System]] = {cls.name: cls for cls in (VAESystem, DDPMSystem, AutoencoderKLSystem, LDMSystem,
                                                               DiTSystem, DyDiTSystem, VQVAESystem, VQVAE2System,
-                                                              DalleSystem)}
+                                                              DalleSystem, StableDiffusionSystem)}
 
 
 def system_class(name: str) -> type[System]:

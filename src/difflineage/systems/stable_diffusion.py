@@ -21,8 +21,9 @@ fastest in (the same numbers to float rounding).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -33,8 +34,15 @@ from difflineage.diffusion.schedules import diffusers_timesteps, linear_betas, s
 from difflineage.errors import CheckpointError, ConfigError
 from difflineage.interop.stable_diffusion import SDWeights, read_stable_diffusion
 from difflineage.models.clip_text import CLIPTextEncoder
-from difflineage.models.unet import FeatureCache, UNet
+from difflineage.config import Config
+from difflineage.data import Batch, Dataset
+from difflineage.models.unet import FeatureCache, SpatialTransformer, UNet
+from difflineage.nn.lora import add_lora, lora_state_dict, merge_lora
 from difflineage.nn.precision import native_bf16
+from difflineage.systems.base import Condition, System
+from difflineage.systems.frozen import FrozenPart, GaussianStage, read_once
+from difflineage.systems.options import DiffusionOptions
+from difflineage.weights import state_digest
 from difflineage.nn.clip_tokenizer import CLIPTokenizer
 from difflineage.weights import load_state_dict_strict
 
@@ -195,4 +203,192 @@ class StableDiffusion(nn.Module):
             return self.vae.decode((z / self.latent_scale).contiguous(memory_format=layout)).float().clamp(-1, 1)
 
 
-__all__ = ["SD_SAMPLERS", "StableDiffusion"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Fine-tuning: Stable Diffusion as a system the trainer trains
+
+
+@dataclass
+class SDTuneConfig:
+    """Fine-tuning a released Stable Diffusion on your own captioned images (``system: stable_diffusion``).
+
+    :param pretrained: the model's diffusers folder or original single file (with ``tokenizer``: its tokenizer/
+        folder; ``prediction``: eps or v where the files do not say; ``version``: 1.x or 2.x to insist on).
+    :param tune: ``lora`` (rank-``lora_rank`` adapters on every attention projection, scaled by ``lora_alpha`` /
+        rank; only the adapters are trained and saved) or ``unet`` (the whole UNet).
+    :param cond_drop: share of training captions replaced by the empty one (what guidance needs).
+    :param sampler, sample_steps, guidance: the sampling defaults (SD's pipelines: DDIM 50, 7.5).
+    :param pretrained_digest: sha256 of the pretrained UNet's weights, recorded when the run begins; a run or
+        checkpoint whose files have changed since is refused."""
+
+    pretrained: str = ""
+    tokenizer: str = ""
+    prediction: str = ""
+    version: str = ""
+    tune: str = "lora"
+    lora_rank: int = 4
+    lora_alpha: float = 0.0
+    cond_drop: float = 0.1
+    sampler: str = "ddim"
+    sample_steps: int = 50
+    guidance: float = 7.5
+    pretrained_digest: str = ""
+
+    def check(self) -> None:
+        if not self.pretrained:
+            raise ConfigError("model.pretrained is empty: name the Stable Diffusion model to fine-tune, "
+                              "--set model.pretrained=/models/stable-diffusion-v1-5 (a diffusers folder or a single file)")
+        if self.tune not in ("lora", "unet"):
+            raise ConfigError(f"model.tune={self.tune!r}; choose lora (adapters) or unet (the whole UNet)")
+        if self.lora_rank < 1:
+            raise ConfigError(f"model.lora_rank={self.lora_rank} must be at least 1")
+        if not 0 <= self.cond_drop < 1:
+            raise ConfigError(f"model.cond_drop={self.cond_drop} must lie in [0, 1)")
+        if self.sampler not in SD_SAMPLERS:
+            raise ConfigError(f"model.sampler={self.sampler!r}; choose one of {', '.join(SD_SAMPLERS)}")
+        if self.prediction not in ("", "eps", "v"):
+            raise ConfigError(f"model.prediction={self.prediction!r}; choose eps or v (or leave it empty)")
+
+
+def _pretrained(m: SDTuneConfig) -> SDWeights:
+    return read_once(("stable-diffusion", str(Path(m.pretrained).resolve()), m.prediction, m.version, m.tokenizer),
+                     lambda: read_stable_diffusion(m.pretrained, m.version or None, m.prediction or None,
+                                                   m.tokenizer or None))
+
+
+class StableDiffusionSystem(System):
+    """A released Stable Diffusion fine-tuned with the project's trainer: the VAE and the text encoder are frozen
+    parts (latents from the images, or from a store made by ``difflineage extract --first-stage
+    sd-vae:MODEL/vae/diffusion_pytorch_model.safetensors``), the UNet or its LoRA adapters train on SD's objective
+    (noise or v at a uniform timestep, MSE), with EMA and exact resume as every system. Checkpoints keep what trains:
+    the adapters alone, or the UNet; the rest is read from ``model.pretrained``, checked by its digest."""
+
+    name = "stable_diffusion"
+    title = "Stable Diffusion"
+    ModelConfig = SDTuneConfig
+    SampleOptions = DiffusionOptions
+
+    def __init__(self, config: Config):
+        super().__init__(config)
+        m = config.model
+        weights = _pretrained(m)
+        self.sd = StableDiffusion(weights)
+        if m.pretrained_digest and state_digest(weights.unet_state) != m.pretrained_digest:
+            raise CheckpointError(f"model.pretrained={m.pretrained} changed since this run began (its UNet's weights "
+                                  f"differ from sha256 {m.pretrained_digest[:12]}); point it at the files the run "
+                                  "started from")
+        size = config.data.image_size
+        if size is not None:
+            self.sd.latent_shape(1, size)  # refused here, by name, when not divisible by the VAE's factor
+        if m.tune == "lora":
+            add_lora(self.sd.unet, m.lora_rank, m.lora_alpha or None, only=[SpatialTransformer])
+        else:
+            self.sd.unet.requires_grad_(True)
+        self.sd.unet.train()
+        self.first_stage = GaussianStage(self.sd.vae, f"sd-vae:{m.pretrained}", self.sd.vae.image_channels)
+        self.text = FrozenPart(self.sd.text_encoder, f"sd-text:{m.pretrained}")
+        self._saved = sorted(lora_state_dict(self.sd.unet)) if m.tune == "lora" else None
+        self._saved = [f"sd.unet.{k}" for k in self._saved] if self._saved is not None else \
+            [f"sd.unet.{k}" for k in self.sd.unet.state_dict()]
+
+    @classmethod
+    def resolve_config(cls, config: Config) -> Config:
+        """The pretrained UNet's digest recorded (what a resumed run or a loaded checkpoint checks the files against)."""
+        m = config.model
+        if m.pretrained_digest:
+            return config
+        from dataclasses import replace
+
+        return replace(config, model=replace(m, pretrained_digest=state_digest(_pretrained(m).unet_state)))
+
+    @property
+    def conditioning(self) -> str:
+        return "caption"
+
+    def frozen_parts(self) -> list[FrozenPart]:
+        return [self.first_stage, self.text]
+
+    # checkpoints keep what trains ----------------------------------------------------------------
+
+    def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
+        state = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+        keep = {prefix + k for k in self._saved}
+        for k in [k for k in state if k.startswith(prefix) and k not in keep]:
+            del state[k]  # in place: a wrapper (DistributedDataParallel) passes its own destination
+        return state
+
+    def load_state_dict(self, state, strict: bool = True, assign: bool = False):
+        if strict:
+            missing, extra = sorted(set(self._saved) - set(state)), sorted(set(state) - set(self._saved))
+            if missing or extra:
+                raise CheckpointError(f"the weights do not fit this {self.config.model.tune} fine-tune: missing "
+                                      f"{missing[:4]}, unexpected {extra[:4]}")
+        return super().load_state_dict(state, strict=False, assign=assign)
+
+    # training --------------------------------------------------------------------------------------
+
+    def prepare(self, dataset: Dataset, restored: bool = False) -> None:
+        """A latent store is checked to be this VAE's; an in-memory training set is encoded once."""
+        self.first_stage.attach(dataset, self.device)
+
+    def loss(self, batch: Batch, step: Optional[int] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        mean, std = self.first_stage.encode(batch, training=self.training)
+        z = (mean + std * torch.randn_like(std)) * self.sd.latent_scale
+        captions = list(batch["caption"])
+        m = self.config.model
+        if self.training and m.cond_drop > 0:
+            drop = (torch.rand(len(captions)) < m.cond_drop).tolist()
+            captions = ["" if d else c for c, d in zip(captions, drop)]
+        with torch.no_grad():
+            context = self.sd.text_encoder(self.sd.tokenizer(captions, warn=False).to(self.device))
+        d = self.sd.diffusion
+        t = torch.randint(0, d.num_timesteps, (z.shape[0],), device=z.device)
+        noise = torch.randn_like(z)
+        xt = d.q_sample(z, t, noise)
+        target = noise if d.prediction.value == "eps" else d.v_target(z, t, noise)
+        layout = torch.channels_last if self.device.type == "cpu" else torch.contiguous_format
+        out = self.sd.unet(xt.contiguous(memory_format=layout), t, context=context)
+        loss = (out.float() - target).pow(2).mean()
+        return loss, {"mse": loss.detach()}
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [{"params": [p for p in self.sd.unet.parameters() if p.requires_grad], "lr_scale": 1.0}]
+
+    # sampling --------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def sample(self, n: int, condition: Condition = None, generator: Optional[torch.Generator] = None,
+               options: Optional[DiffusionOptions] = None, **given: Any) -> torch.Tensor:
+        """``n`` images for a caption (each) or a list of ``n`` captions, in [-1, 1]."""
+        o = self.sample_options(options, **given)
+        if isinstance(condition, str):
+            captions = [condition] * n
+        elif isinstance(condition, list) and len(condition) == n:
+            captions = condition
+        else:
+            raise ValueError("Stable Diffusion draws from captions: give a caption, or a list of n captions")
+        m = self.config.model
+        sampler = o.sampler.value if hasattr(o.sampler, "value") else o.sampler
+        return self.sd.sample(captions, steps=o.steps or m.sample_steps, sampler=sampler or m.sampler,
+                              guidance=m.guidance if o.guidance is None else o.guidance, seed=None,
+                              generator=generator, size=self.config.data.image_size, progress=o.progress)
+
+    def forward_passes(self):
+        side = (self.config.data.image_size or self.sd.default_size) // self.sd.vae_factor
+        z = torch.zeros(1, self.sd.unet.conv_in.in_channels, side, side, device=self.device)
+        t = torch.zeros(1, dtype=torch.long, device=self.device)
+        ctx = torch.zeros(1, self.sd.text_encoder.cfg.max_length, self.sd.text_encoder.cfg.width, device=self.device)
+        return {"sampling: unet (one image, one step)": lambda: self.sd.unet(z, t, context=ctx)}
+
+    def merged_unet_state(self) -> dict[str, torch.Tensor]:
+        """The UNet with any adapters folded in, as a plain UNet's state dict (the weights a diffusers folder or a
+        single file takes)."""
+        import copy
+
+        unet = copy.deepcopy(self.sd.unet)
+        merge_lora(unet)
+        return unet.state_dict()
+
+
+__all__ = ["SD_SAMPLERS", "SDTuneConfig", "StableDiffusion", "StableDiffusionSystem"]
