@@ -161,7 +161,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--model", type=Path, default=REPO / "runs" / "sd15-random")
-    ap.add_argument("--only", default="", help="comma-separated case names (default: all)")
+    ap.add_argument("--only", default="", help="comma-separated case names to (re)measure (default: all); the table "
+                                               "keeps the other cases' last measurements at this size")
     ap.add_argument("--case", default=None, help=argparse.SUPPRESS)  # one case, in a child process
     ap.add_argument("--out", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -172,15 +173,19 @@ def main() -> None:
     out = args.model / "images"
     out.mkdir(exist_ok=True)
     names = [n for n in CASES if not args.only or n in args.only.split(",")]
-    rows = []
+    kept = out / f"rows-{args.size}.json"  # each case's row as measured: a rerun of some cases keeps the others'
+    measured = json.loads(kept.read_text()) if kept.is_file() else {}
     for name in names:
         print(f"{name} ...", file=sys.stderr, flush=True)
         done = subprocess.run([sys.executable, __file__, "--case", name, "--model", str(folder), "--size",
                                str(args.size), "--out", str(out)], capture_output=True, text=True)
         if done.returncode:
             raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
-        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-        print(f"  {rows[-1]['seconds']:.1f} s, peak {rows[-1]['peak_mib']:.0f} MiB", file=sys.stderr, flush=True)
+        row = json.loads(done.stdout.strip().splitlines()[-1])
+        measured[name] = {**row, "date": time.strftime("%Y-%m-%d %H:%M")}
+        kept.write_text(json.dumps(measured, indent=2))
+        print(f"  {row['seconds']:.1f} s, peak {row['peak_mib']:.0f} MiB", file=sys.stderr, flush=True)
+    rows = [measured[n] for n in CASES if n in measured]
     seconds = {r["case"]: r["seconds"] for r in rows}
     ref = "diffusers DPM-Solver++ 20"
     ref_image = np.load(out / f"{ref}.npy") if (out / f"{ref}.npy").is_file() else None

@@ -122,3 +122,20 @@ def test_trains_from_a_latent_store_of_its_vae(setup, tmp_path):
     raw["data"]["latents"] = str(store)
     result = Trainer(config_from_dict(raw), tmp_path / "s", progress=False).fit()
     assert result.status == "finished"
+
+
+def test_a_fine_tune_converts_to_a_released_layout(setup, tmp_path):
+    """`convert RUN --to diffusers`: the pretrained files with the fine-tuned UNet (adapters merged), which
+    diffusers loads and which samples as the run does."""
+    from difflineage.cli import main
+    from difflineage.systems.stable_diffusion import StableDiffusion
+
+    run = tmp_path / "run"
+    Trainer(_config(setup, steps=2), run, progress=False).fit()
+    assert main(["convert", str(run), str(tmp_path / "folder"), "--to", "diffusers"]) == 0
+    system = load(run)
+    again = StableDiffusion.from_pretrained(tmp_path / "folder")
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    a = system.sd.sample("a red square", latents=latents, steps=2, progress=False)
+    b = again.sample("a red square", latents=latents, steps=2, progress=False)
+    assert (a - b).abs().max().item() < 1e-4

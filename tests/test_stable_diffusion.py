@@ -159,3 +159,18 @@ def test_command_line_samples_and_converts(tiny, tmp_path, capsys):
     assert "no tokenizer" in capsys.readouterr().err
     assert main(["sample", f"sd:{folder}", "--out", str(tmp_path / "e.png")]) == 2
     assert "--caption" in capsys.readouterr().err
+
+
+def test_demo_serves_a_released_model(tiny, tmp_path):
+    from pathlib import Path
+
+    from difflineage.demo import DemoRun, Request, count, draw
+
+    _, folder, _ = tiny
+    run = DemoRun(Path(f"sd:{folder}"))
+    assert run.condition_kind == "caption" and run.diffusion and "Stable Diffusion" in run.describe()
+    assert run.defaults()["steps"] == 50 and run.defaults()["guidance"] == 7.5
+    heard = []
+    result = count(run, draw(run, Request(condition=CAPTIONS[0], n=2, steps=2), tmp_path / "out",
+                             progress=lambda f, what: heard.append(f)))
+    assert result.drawn[0].images.shape == (2, 3, 16, 16) and heard

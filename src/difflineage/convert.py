@@ -20,7 +20,7 @@ from difflineage.weights import load_state_dict_strict
 def model_kind(path: Union[str, Path]) -> str:
     """What ``path`` holds, from its layout: ``stable-diffusion`` (a diffusers folder with unet/ and text_encoder/, or
     a single file of ``model.diffusion_model.*``), ``ddpm-diffusers`` (a UNet2DModel folder), ``ddpm-difflineage`` (a
-    difflineage ddpm checkpoint), else ``dit`` (what the DiT readers take, refusing by name what they do not)."""
+    difflineage ddpm checkpoint), ``stable-diffusion-run`` (a fine-tune's run or checkpoint), else ``dit`` (what the DiT readers take, refusing by name what they do not)."""
     import json
 
     path = Path(path)
@@ -32,8 +32,11 @@ def model_kind(path: Union[str, Path]) -> str:
                 return "ddpm-diffusers"
         if (path / "config.yaml").is_file() or (path / "checkpoints").is_dir():
             try:
-                if load_config_of(path).system == "ddpm":
+                system = load_config_of(path).system
+                if system == "ddpm":
                     return "ddpm-difflineage"
+                if system == "stable_diffusion":
+                    return "stable-diffusion-run"
             except (CheckpointError, ValueError, OSError):
                 pass
         return "dit"
@@ -175,3 +178,16 @@ def checkpoint_as_ddpm_folder(checkpoint: Union[str, Path], out: Union[str, Path
                  "prediction_type": {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}[m.diffusion.prediction]}
     io = {"in_channels": d.channels, "out_channels": d.channels, "sample_size": d.image_size}
     return write_ddpm_folder(m.unet, io, system.unet.state_dict(), scheduler, out)
+
+
+def fine_tuned_weights(run: Union[str, Path]):
+    """A Stable Diffusion fine-tune (a ``stable_diffusion`` run or checkpoint, its EMA weights) as whole-model weights:
+    its pretrained files with the UNet replaced by the fine-tuned one, adapters merged in, ready for the writers."""
+    from dataclasses import replace
+
+    from difflineage.interop.stable_diffusion import read_stable_diffusion
+
+    system = load(Path(run))
+    m = system.config.model
+    base = read_stable_diffusion(m.pretrained, m.version or None, m.prediction or None, m.tokenizer or None)
+    return replace(base, unet_state=system.merged_unet_state(), source=str(run))

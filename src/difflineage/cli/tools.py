@@ -102,21 +102,23 @@ def cmd_convert(args) -> int:
     from difflineage.convert import model_kind
 
     kind = model_kind(args.source)
-    if kind == "stable-diffusion":
-        return _convert_sd(args)
+    if kind in ("stable-diffusion", "stable-diffusion-run"):
+        return _convert_sd(args, fine_tune=kind == "stable-diffusion-run")
     if kind in ("ddpm-diffusers", "ddpm-difflineage"):
         return _convert_ddpm(args, kind)
     return _convert_dit(args)
 
 
-def _convert_sd(args) -> int:
+def _convert_sd(args, fine_tune: bool = False) -> int:
+    from difflineage.convert import fine_tuned_weights
     from difflineage.interop.stable_diffusion import read_stable_diffusion, write_diffusers_folder, write_single_file
 
     if args.to == "difflineage":
         print("error: Stable Diffusion runs from its own files (difflineage sample sd:PATH); convert it --to diffusers "
               "or --to official (the single file)", file=sys.stderr)
         return 2
-    weights = read_stable_diffusion(args.source, prediction=args.prediction, tokenizer=args.tokenizer)
+    weights = fine_tuned_weights(args.source) if fine_tune else \
+        read_stable_diffusion(args.source, prediction=args.prediction, tokenizer=args.tokenizer)
     out = write_diffusers_folder(weights, args.dest) if args.to == "diffusers" else write_single_file(weights, args.dest)
     print(f"read Stable Diffusion {weights.version} ({weights.prediction} prediction) from {args.source}")
     print(f"wrote the {'diffusers folder' if args.to == 'diffusers' else 'original single file'} to {out}"

@@ -47,8 +47,18 @@ def find_runs(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and checkpoints_of(p))
 
 
+SD_PREFIX = "sd:"  # a released Stable Diffusion (diffusers folder or single file) rather than a run
+
+
 def check_run(path: Path) -> Path:
-    """The checkpoint a run (or checkpoint) directory resolves to; anything else is a ``DemoError``."""
+    """The checkpoint a run (or checkpoint) directory resolves to, or the files of ``sd:PATH``; anything else is a
+    ``DemoError``."""
+    if str(path).startswith(SD_PREFIX):
+        target = Path(str(path)[len(SD_PREFIX):])
+        if not target.exists():
+            raise DemoError(f"{target}: no Stable Diffusion folder or file there (sd:PATH names a diffusers folder or "
+                            "a single file)")
+        return target
     try:
         return resolve_checkpoint(path)
     except CheckpointError as exc:
@@ -114,8 +124,14 @@ class DemoRun:
     def __init__(self, path: Path, device: str = "cpu"):
         self.path = Path(path)
         self.checkpoint = check_run(self.path)
+        self.released = str(path).startswith(SD_PREFIX)
         try:
-            system = load(self.checkpoint, device=device)
+            if self.released:
+                from difflineage.systems.stable_diffusion import StableDiffusionSystem
+
+                system = StableDiffusionSystem.released(self.checkpoint).to(device).eval()
+            else:
+                system = load(self.checkpoint, device=device)
         except (CheckpointError, ConfigError, DataError) as exc:
             # the reason goes to the server's log only: it may quote the run's files (a line of its config.yaml)
             print(f"difflineage demo: {self.path} could not be loaded: {exc}", file=sys.stderr)
@@ -280,6 +296,9 @@ class DemoRun:
         lines = [f"**{self.path}**: {s.title} ({s.config.system}), {params / 1e6:.2f}M parameters, "
                  f"checkpoint {self.checkpoint.name} ({step} steps), {s.config.data.source} "
                  f"{s.config.data.image_size}px; condition: {self.condition_kind}."]
+        if self.released:
+            lines = [f"**{self.path}**: Stable Diffusion {s.sd.version}, released weights ({params / 1e6:.0f}M "
+                     f"parameters), {s.sd.default_size}px; condition: caption."]
         if len(self.models) > 1:
             lines.append(f"Drawn beside its base DiT, `{self.models[1].source}`, with the same seed and settings.")
         if self.base_note:

@@ -235,6 +235,15 @@ class SDTuneConfig:
     guidance: float = 7.5
     pretrained_digest: str = ""
 
+    @property
+    def diffusion(self) -> Any:
+        """The sampling defaults in the shape every diffusion system's ``model.diffusion`` has (what the demo and
+        ``info`` read): sampler, steps, guidance, and the 1,000 training timesteps of SD's schedule."""
+        from types import SimpleNamespace
+
+        return SimpleNamespace(sampler=self.sampler, sample_steps=self.sample_steps, guidance=self.guidance,
+                               timesteps=1000, eta=0.0)
+
     def check(self) -> None:
         if not self.pretrained:
             raise ConfigError("model.pretrained is empty: name the Stable Diffusion model to fine-tune, "
@@ -293,6 +302,21 @@ class StableDiffusionSystem(System):
             [f"sd.unet.{k}" for k in self.sd.unet.state_dict()]
 
     @classmethod
+    def released(cls, path: Union[str, Path], tokenizer: Optional[str] = None,
+                 prediction: Optional[str] = None) -> "StableDiffusionSystem":
+        """The released model as it is (no adapters), as a system the demo and evaluation serve."""
+        from difflineage.config import from_dict
+
+        return cls(from_dict({
+            "system": cls.name, "data": {"source": f"folder:{path}", "channels": 3, "image_size": None},
+            "model": {"pretrained": str(path), "tokenizer": str(tokenizer or ""), "prediction": prediction or "",
+                      "tune": "unet"}}, lambda name, model: SDTuneConfig))
+
+    def chain(self, steps: Optional[int], sampler: str = "ddim") -> GaussianDiffusion:
+        """The timesteps ``sampler`` visits at ``steps`` (``Respaces``)."""
+        return self.sd.chain(sampler, steps or self.config.model.sample_steps)
+
+    @classmethod
     def resolve_config(cls, config: Config) -> Config:
         """The pretrained UNet's digest recorded (what a resumed run or a loaded checkpoint checks the files against)."""
         m = config.model
@@ -305,6 +329,11 @@ class StableDiffusionSystem(System):
     @property
     def conditioning(self) -> str:
         return "caption"
+
+    @property
+    def net(self) -> nn.Module:
+        """The denoiser (``Denoises``): what the demo's step progress and FLOPs counts hook."""
+        return self.sd.unet
 
     def frozen_parts(self) -> list[FrozenPart]:
         return [self.first_stage, self.text]
@@ -360,9 +389,12 @@ class StableDiffusionSystem(System):
     @torch.no_grad()
     def sample(self, n: int, condition: Condition = None, generator: Optional[torch.Generator] = None,
                options: Optional[DiffusionOptions] = None, **given: Any) -> torch.Tensor:
-        """``n`` images for a caption (each) or a list of ``n`` captions, in [-1, 1]."""
+        """``n`` images for a caption (each) or a list of ``n`` captions, in [-1, 1]; None: the empty caption (SD's
+        unconditional)."""
         o = self.sample_options(options, **given)
-        if isinstance(condition, str):
+        if condition is None:
+            captions = [""] * n
+        elif isinstance(condition, str):
             captions = [condition] * n
         elif isinstance(condition, list) and len(condition) == n:
             captions = condition
