@@ -1,6 +1,6 @@
 """Stable Diffusion on the CPU: difflineage's pipeline against diffusers' on the same weights, one image, side by side.
 
-    python benchmarks/bench_sd.py [--size 512] [--model runs/sd15-random] [--only CASE,...]
+    python benchmarks/bench_sd.py [--size 512] [--model runs/sd15-random] [--only "CASE" ...]
 
 The weights are random at Stable Diffusion 1.5's size (UNet 860M, CLIP ViT-L/14 text tower, the f8 VAE; nothing is
 downloaded), written once as a diffusers folder that both pipelines load; the tokenizer is a small CLIP-style BPE
@@ -12,6 +12,8 @@ image from the same initial latents and caption, guidance 7.5:
 * ``diffusers DPM-Solver++ 20``: the same sampler, steps and precision as ours;
 * ``diffusers DPM-Solver++ 20, channels-last``: what diffusers gains from the layout ours uses (not its default);
 * ``difflineage DPM-Solver++ 20``: ours, fp32 (channels-last on the CPU);
+* ``difflineage DPM-Solver++ 20, compiled``: the same with the UNet under ``torch.compile`` (compiled during the
+  warm-up, whose time is given apart);
 * ``difflineage --fast``: DPM-Solver++ 20, the UNet's feature cache (deep levels every third step), bf16 where native.
 
 Then how far each image is from ``diffusers DPM-Solver++ 20`` (pixels in [0, 1]), and, on a tiny configuration with
@@ -39,6 +41,7 @@ CASES = {
     "diffusers DPM-Solver++ 20, channels-last": {"who": "diffusers", "scheduler": "DPMSolverMultistepScheduler",
                                                  "steps": 20, "channels_last": True},
     "difflineage DPM-Solver++ 20": {"who": "ours", "sampler": "dpmpp_2m", "steps": 20},
+    "difflineage DPM-Solver++ 20, compiled": {"who": "ours", "sampler": "dpmpp_2m", "steps": 20, "compile": True},
     "difflineage --fast": {"who": "ours", "fast": True},
 }
 SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280),
@@ -123,15 +126,17 @@ def run_case(name: str, folder: Path, size: int, out: Path) -> dict:
 
         def draw(steps):
             return (model.sample(CAPTION, latents=latents, guidance=7.5, progress=False, fast=case.get("fast", False),
-                                 sampler=case.get("sampler"), steps=steps) + 1) / 2
+                                 sampler=case.get("sampler"), steps=steps, compile=case.get("compile", False)) + 1) / 2
     loaded = time.perf_counter() - t0
+    t0 = time.perf_counter()
     draw(2)
+    warm = time.perf_counter() - t0
     with Peak(torch.device("cpu")) as peak:
         start = time.perf_counter()
         image = draw(case.get("steps"))
         seconds = time.perf_counter() - start
     np.save(out / f"{name}.npy", image.float().numpy())
-    return {"case": name, "seconds": seconds, "load_s": loaded, "peak_mib": peak.mib}
+    return {"case": name, "seconds": seconds, "load_s": loaded, "warm_up_s": warm, "peak_mib": peak.mib}
 
 
 def tiny_fast_distance(root: Path, seeds: int = 8) -> dict:
@@ -161,8 +166,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--model", type=Path, default=REPO / "runs" / "sd15-random")
-    ap.add_argument("--only", default="", help="comma-separated case names to (re)measure (default: all); the table "
-                                               "keeps the other cases' last measurements at this size")
+    ap.add_argument("--only", nargs="+", default=None, metavar="CASE",
+                    help="case names to (re)measure, each quoted (default: all); the table keeps the other cases' last "
+                         "measurements at this size")
     ap.add_argument("--case", default=None, help=argparse.SUPPRESS)  # one case, in a child process
     ap.add_argument("--out", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -172,7 +178,10 @@ def main() -> None:
     folder = make_pipeline(args.model, SD15_UNET, SD15_VAE, VIT_L_TEXT)
     out = args.model / "images"
     out.mkdir(exist_ok=True)
-    names = [n for n in CASES if not args.only or n in args.only.split(",")]
+    unknown = [n for n in args.only or () if n not in CASES]
+    if unknown:
+        raise SystemExit(f"--only: no case {unknown[0]!r}; the cases are: " + "; ".join(CASES))
+    names = [n for n in CASES if not args.only or n in args.only]
     kept = out / f"rows-{args.size}.json"  # each case's row as measured: a rerun of some cases keeps the others'
     measured = json.loads(kept.read_text()) if kept.is_file() else {}
     for name in names:
@@ -200,6 +209,7 @@ def main() -> None:
             if "diffusers default" in seconds else None,
             "speed-up vs diffusers DPM-Solver++ 20": round(seconds[ref] / r["seconds"], 2) if ref in seconds else None,
             "peak memory (MiB)": round(r["peak_mib"]),
+            "2-step warm-up (s)": round(r["warm_up_s"], 1) if "warm_up_s" in r else None,
             f"max |image - {ref}|": round(float(np.abs(image - ref_image).max()), 4) if ref_image is not None else None,
         })
     tiny = tiny_fast_distance(args.model.parent)
