@@ -14,6 +14,7 @@ from difflineage.interop.sd_unet import (
     to_ours,
 )
 from difflineage.models.unet import UNet
+from difflineage.nn.attention import Attention
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -170,3 +171,27 @@ def test_feature_cache_reuses_exactly_what_a_full_pass_computed(branch):
             assert (out - plain).abs().max().item() < 1e-5
         other = ours(torch.randn_like(x), t, context=ctx, feature_cache=FeatureCache(interval=1))
         assert not torch.allclose(other, plain)
+
+
+def test_upcast_attention_runs_in_float32_under_autocast():
+    """SD 2.1 sets upcast_attention: its attention in float32 even under bf16 autocast; fp32 results unchanged."""
+    ref = _sd_unet(2)
+    ref.register_to_config(upcast_attention=True)
+    ours, extra = _ours(ref)
+    assert ours.cfg.upcast_attention
+    seen = []
+    attn = next(m for m in ours.modules() if isinstance(m, Attention))
+    attn.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    x, t, ctx = torch.randn(1, 4, 16, 16), torch.tensor([5]), torch.randn(1, 7, extra["context_dim"])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ours(x, t, context=ctx)
+    assert seen and seen[0] == torch.float32
+    plain, _ = _ours(_sd_unet(2))
+    seen.clear()
+    attn = next(m for m in plain.modules() if isinstance(m, Attention))
+    attn.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        plain(x, t, context=ctx)
+    assert seen[0] == torch.bfloat16
+    with torch.no_grad():
+        assert torch.equal(ours(x, t, context=ctx), plain(x, t, context=ctx))

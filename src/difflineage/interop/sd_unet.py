@@ -254,7 +254,8 @@ def config_from_diffusers(config: dict[str, Any], source: str = "config.json") -
                       time_conditioning="scale_shift" if config.get("resnet_time_scale_shift") == "scale_shift" else "add",
                       attention_block="transformer" if conditional else "plain", timestep_embedding=layout,
                       transformer_depth=int(depth), linear_projection=bool(config.get("use_linear_projection", False)),
-                      downsample_padding=int(config.get("downsample_padding", 1)), pooled_text=False)
+                      downsample_padding=int(config.get("downsample_padding", 1)), pooled_text=False,
+                      upcast_attention=bool(config.get("upcast_attention", False)))
     unet.check()
     extra = {"in_channels": int(config.get("in_channels", 4)), "out_channels": int(config.get("out_channels", 4)),
              "sample_size": sample,
@@ -283,6 +284,7 @@ def config_to_diffusers(cfg: UNetConfig, in_channels: int, out_channels: int, sa
                 "mid_block_type": "UNetMidBlock2DCrossAttn",
                 "attention_head_dim": heads if len(set(heads)) > 1 else heads[0],
                 "use_linear_projection": cfg.linear_projection, "transformer_layers_per_block": cfg.transformer_depth,
+                "upcast_attention": cfg.upcast_attention,
                 "center_input_sample": False}
     return {"_class_name": "UNet2DModel", **common,
             "down_block_types": ["AttnDownBlock2D" if a else "DownBlock2D" for a in attn],

@@ -47,6 +47,7 @@ class UNetConfig:
     :param norm_eps: epsilon of the residual blocks' and the output's GroupNorms (DDPM 1e-6).
     :param downsample_padding: 1, or 0 for DDPM's padding of one row and column at the bottom-right.
     :param pooled_text: add the projected pooled caption to the timestep embedding (Stable Diffusion does not).
+    :param upcast_attention: the transformer blocks' attention in float32 under autocast (SD 2.1's).
     See the module's docstring for ``time_conditioning``, ``attention_block``, ``timestep_embedding``;
     ``transformer_depth`` and ``linear_projection`` (SD 2.x) shape the ``transformer`` block."""
 
@@ -66,6 +67,7 @@ class UNetConfig:
     norm_eps: float = 1e-5
     downsample_padding: int = 1
     pooled_text: bool = True
+    upcast_attention: bool = False
 
     def heads_at(self, width: int) -> int:
         return width // self.head_channels if self.head_channels > 0 else self.heads
@@ -191,8 +193,9 @@ class TransformerBlock(nn.Module):
     """Pre-norm self-attention, cross-attention to the context (self-attention again without one), GEGLU
     feed-forward, each added to the stream."""
 
-    def __init__(self, dim: int, heads: int, context_dim: Optional[int]):
+    def __init__(self, dim: int, heads: int, context_dim: Optional[int], upcast: bool = False):
         super().__init__()
+        self.upcast = upcast
         self.norm1 = nn.LayerNorm(dim)
         self.attn1 = Attention(dim, heads, bias=False, out_bias=True)
         self.norm2 = nn.LayerNorm(dim)
@@ -201,13 +204,23 @@ class TransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
         self.ff = GEGLU(dim, 4 * dim)
 
+    def attend(self, attn: Attention, x: torch.Tensor, *context) -> torch.Tensor:
+        """``attn(x, *context)``; with ``upcast`` in float32 even under autocast (SD 2.1's ``upcast_attention``:
+        its attention overflows in half precision), the result cast back to the stream's type."""
+        if not (self.upcast and torch.is_autocast_enabled(x.device.type)):
+            return attn(x, *context)
+        with torch.autocast(x.device.type, enabled=False):
+            out = attn(x.float(), *(c.float() if isinstance(c, torch.Tensor) and c.is_floating_point() else c
+                                    for c in context))
+        return out.to(x.dtype)
+
     def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None,
                 context_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        x = x + self.attn1(self.norm1(x))
+        x = x + self.attend(self.attn1, self.norm1(x))
         if self.attn2.cross:
-            x = x + self.attn2(self.norm2(x), context, context_mask)
+            x = x + self.attend(self.attn2, self.norm2(x), context, context_mask)
         else:
-            x = x + self.attn2(self.norm2(x))
+            x = x + self.attend(self.attn2, self.norm2(x))
         return x + self.ff(self.norm3(x))
 
 
@@ -216,12 +229,12 @@ class SpatialTransformer(nn.Module):
     transformer blocks over the H*W positions, ``proj_out`` (zero-initialised), added to the input."""
 
     def __init__(self, channels: int, heads: int, groups: int, context_dim: Optional[int], depth: int = 1,
-                 linear: bool = False):
+                 linear: bool = False, upcast: bool = False):
         super().__init__()
         self.linear = linear
         self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
         self.proj_in = nn.Linear(channels, channels) if linear else nn.Conv2d(channels, channels, 1)
-        self.blocks = nn.ModuleList([TransformerBlock(channels, heads, context_dim) for _ in range(depth)])
+        self.blocks = nn.ModuleList([TransformerBlock(channels, heads, context_dim, upcast) for _ in range(depth)])
         self.proj_out = zero(nn.Linear(channels, channels) if linear else nn.Conv2d(channels, channels, 1))
 
     def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None,
@@ -266,7 +279,8 @@ class UNet(nn.Module):
         def attention(width: int) -> nn.Module:
             heads = cfg.heads_at(width)
             if cfg.attention_block == "transformer":
-                return SpatialTransformer(width, heads, g, context_dim, cfg.transformer_depth, cfg.linear_projection)
+                return SpatialTransformer(width, heads, g, context_dim, cfg.transformer_depth, cfg.linear_projection,
+                                          cfg.upcast_attention)
             return AttentionBlock(width, heads, g, context_dim, plain=cfg.attention_block == "plain", eps=eps)
 
         def downsample(width: int) -> list[nn.Module]:
