@@ -15,6 +15,7 @@ SD 2.x's 768-px models predict v and its 512-px base eps, which a single file do
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from dataclasses import dataclass, field, replace
@@ -26,11 +27,11 @@ from safetensors.torch import save_file
 
 from difflineage.errors import CheckpointError
 from difflineage.interop import sd_text, sd_unet
-from difflineage.interop.sd_vae import infer_sd_vae_config, ldm_to_diffusers, sd_vae_from_state
+from difflineage.interop.sd_vae import ldm_to_diffusers, sd_vae_from_state
 from difflineage.models.autoencoder_kl import AutoencoderKL
 from difflineage.models.clip_text import CLIPTextConfig
 from difflineage.models.unet import UNetConfig
-from difflineage.weights import plain_tensors, read_weights
+from difflineage.weights import plain_tensors, read_weights, state_digest
 
 SD_SCHEDULER = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
                 "prediction_type": "epsilon", "steps_offset": 1, "set_alpha_to_one": False, "clip_sample": False}
@@ -54,6 +55,11 @@ class SDWeights:
     latent_scale: float = 0.18215
     tokenizer: Optional[Path] = None
     source: str = ""
+
+    @functools.cached_property
+    def unet_digest(self) -> str:
+        """sha256 of the UNet's weights (computed once per read: what a fine-tune records and checks)."""
+        return state_digest(self.unet_state)
 
     @property
     def prediction(self) -> str:
@@ -307,4 +313,4 @@ def write_single_file(weights: SDWeights, path: str | Path) -> Path:
 
 
 __all__ = ["SDWeights", "describe_other", "read_diffusers_folder", "read_single_file", "read_stable_diffusion",
-           "write_diffusers_folder", "write_single_file", "infer_sd_vae_config"]
+           "write_diffusers_folder", "write_single_file"]

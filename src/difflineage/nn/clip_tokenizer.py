@@ -84,8 +84,8 @@ class CLIPTokenizer:
         words are named in a warning (SD's pipelines do the same)."""
         keep = self.max_length - 2
         out = torch.full((len(captions), self.max_length), self.pad_id, dtype=torch.long)
-        for i, caption in enumerate(captions):
-            ids = self.tokens(caption)
+        encoded = self.tokenizer.encode_batch(list(captions), add_special_tokens=False)  # one call (a training step's)
+        for i, ids in enumerate(enc.ids for enc in encoded):
             if len(ids) > keep and warn:
                 dropped = self._text(ids[keep:])
                 warnings.warn(f"caption cut to {self.max_length} tokens (CLIP's limit); dropped: {dropped!r}",

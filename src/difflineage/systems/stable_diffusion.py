@@ -28,22 +28,21 @@ from typing import Any, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
+from difflineage.config import Config
+from difflineage.data import Batch, Dataset
 from difflineage.diffusion.gaussian import GaussianDiffusion
 from difflineage.diffusion.guidance import guided
 from difflineage.diffusion.schedules import diffusers_timesteps, linear_betas, scaled_linear_betas
 from difflineage.errors import CheckpointError, ConfigError
 from difflineage.interop.stable_diffusion import SDWeights, read_stable_diffusion
 from difflineage.models.clip_text import CLIPTextEncoder
-from difflineage.config import Config
-from difflineage.data import Batch, Dataset
 from difflineage.models.unet import FeatureCache, SpatialTransformer, UNet
+from difflineage.nn.clip_tokenizer import CLIPTokenizer
 from difflineage.nn.lora import add_lora, lora_state_dict, merge_lora
 from difflineage.nn.precision import native_bf16
 from difflineage.systems.base import Condition, System
 from difflineage.systems.frozen import FrozenPart, GaussianStage, read_once
 from difflineage.systems.options import DiffusionOptions
-from difflineage.weights import state_digest
-from difflineage.nn.clip_tokenizer import CLIPTokenizer
 from difflineage.weights import load_state_dict_strict
 
 SD_SAMPLERS = ("ddim", "dpmpp_2m", "ddpm")
@@ -86,11 +85,14 @@ class StableDiffusion(nn.Module):
         self.source = weights.source
         self._layout()
 
-    def _layout(self) -> None:
+    @property
+    def layout(self) -> torch.memory_format:
         """Channels-last on the CPU (oneDNN's fastest convolution layout), contiguous elsewhere."""
-        fmt = torch.channels_last if self.device.type == "cpu" else torch.contiguous_format
-        self.unet.to(memory_format=fmt)
-        self.vae.to(memory_format=fmt)
+        return torch.channels_last if self.device.type == "cpu" else torch.contiguous_format
+
+    def _layout(self) -> None:
+        self.unet.to(memory_format=self.layout)
+        self.vae.to(memory_format=self.layout)
 
     def to(self, *args, **kwargs) -> "StableDiffusion":
         super().to(*args, **kwargs)
@@ -181,7 +183,7 @@ class StableDiffusion(nn.Module):
             generator = generator or (torch.Generator().manual_seed(seed) if seed is not None else None)
             latents = torch.randn(shape, generator=generator)
         context = self.encode_text(captions)
-        layout = torch.channels_last if self.device.type == "cpu" else torch.contiguous_format
+        layout = self.layout
         if compile and feature_cache is not None:
             raise ValueError("compile applies to the plain path; the feature cache's steps differ from call to call")
         unet = self.compiled_unet() if compile else self.unet
@@ -211,9 +213,8 @@ class StableDiffusion(nn.Module):
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor, bf16: bool = False) -> torch.Tensor:
-        layout = torch.channels_last if self.device.type == "cpu" else torch.contiguous_format
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
-            return self.vae.decode((z / self.latent_scale).contiguous(memory_format=layout)).float().clamp(-1, 1)
+            return self.vae.decode((z / self.latent_scale).contiguous(memory_format=self.layout)).float().clamp(-1, 1)
 
 
 
@@ -296,7 +297,7 @@ class StableDiffusionSystem(System):
         m = config.model
         weights = _pretrained(m)
         self.sd = StableDiffusion(weights)
-        if m.pretrained_digest and state_digest(weights.unet_state) != m.pretrained_digest:
+        if m.pretrained_digest and weights.unet_digest != m.pretrained_digest:
             raise CheckpointError(f"model.pretrained={m.pretrained} changed since this run began (its UNet's weights "
                                   f"differ from sha256 {m.pretrained_digest[:12]}); point it at the files the run "
                                   "started from")
@@ -310,9 +311,8 @@ class StableDiffusionSystem(System):
         self.sd.unet.train()
         self.first_stage = GaussianStage(self.sd.vae, f"sd-vae:{m.pretrained}", self.sd.vae.image_channels)
         self.text = FrozenPart(self.sd.text_encoder, f"sd-text:{m.pretrained}")
-        self._saved = sorted(lora_state_dict(self.sd.unet)) if m.tune == "lora" else None
-        self._saved = [f"sd.unet.{k}" for k in self._saved] if self._saved is not None else \
-            [f"sd.unet.{k}" for k in self.sd.unet.state_dict()]
+        trained = lora_state_dict(self.sd.unet) if m.tune == "lora" else self.sd.unet.state_dict()
+        self._saved = sorted(f"sd.unet.{k}" for k in trained)
 
     @classmethod
     def released(cls, path: Union[str, Path], tokenizer: Optional[str] = None,
@@ -337,7 +337,7 @@ class StableDiffusionSystem(System):
             return config
         from dataclasses import replace
 
-        return replace(config, model=replace(m, pretrained_digest=state_digest(_pretrained(m).unet_state)))
+        return replace(config, model=replace(m, pretrained_digest=_pretrained(m).unet_digest))
 
     @property
     def conditioning(self) -> str:
@@ -389,8 +389,7 @@ class StableDiffusionSystem(System):
         noise = torch.randn_like(z)
         xt = d.q_sample(z, t, noise)
         target = noise if d.prediction.value == "eps" else d.v_target(z, t, noise)
-        layout = torch.channels_last if self.device.type == "cpu" else torch.contiguous_format
-        out = self.sd.unet(xt.contiguous(memory_format=layout), t, context=context)
+        out = self.sd.unet(xt.contiguous(memory_format=self.sd.layout), t, context=context)
         loss = (out.float() - target).pow(2).mean()
         return loss, {"mse": loss.detach()}
 
