@@ -24,8 +24,9 @@ How the budget is spent:
    shipped instrument against the held-out emoji, every score beside the real images'. Scores are kept as each is
    measured (``ROOT/scores.jsonl``).
 
-Writes docs/lineage.md (its generated sections), benchmarks/results/lineage.json, docs/images/lineage_grid.png and
-docs/images/lineage_quality_time.png. ``--toy`` runs the whole thing with tiny networks in seconds (the test).
+Writes docs/lineage.md (its generated sections), benchmarks/results/lineage.json, docs/images/lineage_grid.png,
+docs/images/lineage_quality_time.png, and the README's results opening (its ``bench:lineage-readme`` section).
+``--toy`` runs the whole thing with tiny networks in seconds (the test).
 """
 
 from __future__ import annotations
@@ -40,8 +41,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import lineage_claims
 import torch
-from harness import REPO, RESULTS, SAMPLER_NAMES, KeptRows, record, train_seconds, trained_run
+from harness import (REPO, RESULTS, SAMPLER_NAMES, KeptRows, markdown_table, record, train_seconds,
+                     trained_run, write_section)
 
 import difflineage
 from difflineage.data import load_dataset
@@ -53,6 +56,7 @@ from difflineage.systems import load_config
 
 LINEAGE_MD = REPO / "docs" / "lineage.md"
 IMAGES = REPO / "docs" / "images"
+README = REPO / "README.md"
 
 
 @dataclass(frozen=True)
@@ -363,6 +367,32 @@ def quality_time_plot(study: Lineage, rows: list[dict[str, Any]]) -> Path:
     return out
 
 
+README_COLUMNS = ("system", "condition", "parameters (M)", "training (min)", "sampling (s / image)",
+                  "fast path (s / image)", "FID", "FID fast", "subgroup accuracy", "retrieval top-5")
+
+
+def readme_summary(rows: list[dict[str, Any]], claims: dict[str, Any] | None, machine: str, budget_min: float,
+                   readme: Path) -> Path:
+    """The README's results open with the lineage: a short form of the table (each system linked to its page), the
+    picture, and the claims' verdicts, written between the README's ``bench:lineage-readme`` markers."""
+    short = [{key: (r[key].replace("](", "](docs/") if key == "system" else r[key]) for key in README_COLUMNS}
+             for r in rows]
+    real = rows[0]["FID real"]
+    lines = [f"Every system of the lineage trained for the same {budget_min:g} minutes on one machine ({machine}), "
+             "on OpenMoji's captioned colour emoji at 32 px, and scored with one instrument "
+             f"(`python benchmarks/lineage.py`; FID of real held-out emoji against the training ones: {real}; "
+             "caption retrieval: the drawn image's own caption in the scoring CLIP's top 5 of 100, chance 0.05). "
+             "The full table, with training steps, precision and recall, CLIP score and likelihoods, and a plot of "
+             "quality against sampling time, is in [docs/lineage.md](docs/lineage.md). Each figure is one training "
+             "run and one draw of samples: read FID gaps of a few points as ties.", "",
+             markdown_table(short).rstrip(), "",
+             "![every system drawing the same captions or their subgroups](docs/images/lineage_grid.png)", ""]
+    if claims:
+        lines += ["The seed's DiT and DyDiT claims, rechecked on this data ([docs/lineage.md](docs/lineage.md)):", ""]
+        lines += [f"- **{lineage_claims.TITLES[k]}**: {v['said']}" for k, v in claims.items()] + [""]
+    return write_section("lineage-readme", "\n".join(lines), readme)
+
+
 GRID_CAPTIONS = ["red heart", "cat face", "rocket", "red apple", "flag: Japan", "woman: dark skin tone"]
 
 
@@ -379,6 +409,7 @@ def main(argv=None) -> None:
     ap.add_argument("--docs", type=Path, default=LINEAGE_MD, help="the page whose generated sections are written")
     ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--images", type=Path, default=IMAGES)
+    ap.add_argument("--readme", type=Path, default=README, help="whose bench:lineage-readme section is written")
     args = ap.parse_args(argv)
     study = Lineage(args.root, args.budget * 60, args.measure_steps, args.n, args.toy, args.docs, args.results,
                     args.images)
@@ -414,13 +445,12 @@ def main(argv=None) -> None:
     out = record("lineage", "The lineage on OpenMoji: every system, one budget, one instrument", rows, notes=notes,
                  command=command.strip(), docs=study.docs, results=study.results)
     if not args.skip_claims:
-        import lineage_claims
-
         found = lineage_claims.run_all(study, runs, planned, systems, table, args.claim_steps, args.claim_n)
         payload = json.loads(out.read_text())
         payload["plan"] = planned
         payload["claims"] = {k: {"said": v["said"], "rows": v["rows"]} for k, v in found.items()}
         out.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    readme_summary(rows, json.loads(out.read_text()).get("claims"), here, args.budget, args.readme)
     print(f"done in {(time.perf_counter() - started) / 60:.1f} min", file=sys.stderr)
 
 

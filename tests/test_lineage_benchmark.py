@@ -32,7 +32,8 @@ def test_the_whole_lineage_study_runs_at_toy_size_and_a_rerun_reuses_it(tmp_path
     lineage = load_lineage()
     args = ["--toy", "--budget", "0.05", "--measure-steps", "3", "--n", "8", "--claim-steps", "2", "--claim-n", "8",
             "--root", str(tmp_path / "runs"), "--docs", str(tmp_path / "lineage.md"),
-            "--results", str(tmp_path / "results"), "--images", str(tmp_path / "images")]
+            "--results", str(tmp_path / "results"), "--images", str(tmp_path / "images"),
+            "--readme", str(tmp_path / "README.md")]
     lineage.main(args)
     out = json.loads((tmp_path / "results" / "lineage.json").read_text())
     rows = out["rows"]
@@ -57,6 +58,9 @@ def test_the_whole_lineage_study_runs_at_toy_size_and_a_rerun_reuses_it(tmp_path
     page = (tmp_path / "lineage.md").read_text()
     for section in ("lineage", "lineage-gflops", "lineage-blocks", "lineage-steps_vs_size", "lineage-dydit"):
         assert f"<!-- bench:{section} -->" in page
+    readme = (tmp_path / "README.md").read_text()  # the README's results open with the short table and the picture
+    assert "<!-- bench:lineage-readme -->" in readme and "[DyDiT](docs/dydit.md)" in readme
+    assert "docs/images/lineage_grid.png" in readme and readme.count("does not hold") + readme.count("holds") >= 4
     for picture in ("lineage_grid.png", "lineage_quality_time.png", "lineage_dit_gflops.png"):
         assert (tmp_path / "images" / picture).stat().st_size > 1000
 
