@@ -14,7 +14,9 @@ image from the same initial latents and caption, guidance 7.5:
 * ``difflineage DPM-Solver++ 20``: ours, fp32 (channels-last on the CPU);
 * ``difflineage DPM-Solver++ 20, compiled``: the same with the UNet under ``torch.compile`` (compiled during the
   warm-up, whose time is given apart);
-* ``difflineage --fast``: DPM-Solver++ 20, the UNet's feature cache (deep levels every third step), bf16 where native.
+* ``difflineage --fast``: DPM-Solver++ 20, the UNet's feature cache (deep levels every third step), bf16 where native;
+* ``diffusers DPM-Solver++ 20, bf16`` and ``difflineage DPM-Solver++ 20, bf16``: both with bf16 weights (diffusers'
+  ``torch_dtype``, our ``dtype``), the same sampler and steps: measured only on a CPU with native bf16.
 
 Then how far each image is from ``diffusers DPM-Solver++ 20`` (pixels in [0, 1]), and, on a tiny configuration with
 random weights, how far ``--fast`` moves the image from the plain path over several seeds.
@@ -34,6 +36,9 @@ import torch
 
 from harness import REPO, Peak, record
 
+from difflineage.machine import machine_description
+from difflineage.nn.precision import native_bf16
+
 CAPTION = "a photograph of an astronaut riding a horse on the moon, highly detailed"
 CASES = {
     "diffusers default": {"who": "diffusers", "scheduler": "PNDMScheduler", "steps": 50},
@@ -43,6 +48,10 @@ CASES = {
     "difflineage DPM-Solver++ 20": {"who": "ours", "sampler": "dpmpp_2m", "steps": 20},
     "difflineage DPM-Solver++ 20, compiled": {"who": "ours", "sampler": "dpmpp_2m", "steps": 20, "compile": True},
     "difflineage --fast": {"who": "ours", "fast": True},
+    # both pipelines with bf16 weights (diffusers' torch_dtype, our dtype=): measured only where bf16 is native
+    "diffusers DPM-Solver++ 20, bf16": {"who": "diffusers", "scheduler": "DPMSolverMultistepScheduler", "steps": 20,
+                                        "dtype": "bf16"},
+    "difflineage DPM-Solver++ 20, bf16": {"who": "ours", "sampler": "dpmpp_2m", "steps": 20, "dtype": "bf16"},
 }
 SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280),
                  layers_per_block=2, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
@@ -102,12 +111,13 @@ def run_case(name: str, folder: Path, size: int, out: Path) -> dict:
     """One case in this process: load, warm up (2 steps), then one timed image. Writes the image as .npy."""
     case = CASES[name]
     latents = torch.randn(1, 4, size // 8, size // 8, generator=torch.Generator().manual_seed(0))
+    dtype = torch.bfloat16 if case.get("dtype") == "bf16" else torch.float32
     t0 = time.perf_counter()
     if case["who"] == "diffusers":
         import diffusers
 
         pipe = diffusers.StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None,
-                                                                 requires_safety_checker=False)
+                                                                 requires_safety_checker=False, torch_dtype=dtype)
         pipe.scheduler = getattr(diffusers, case["scheduler"]).from_config(
             diffusers.PNDMScheduler.load_config(str(folder), subfolder="scheduler"))
         pipe.set_progress_bar_config(disable=True)
@@ -117,12 +127,12 @@ def run_case(name: str, folder: Path, size: int, out: Path) -> dict:
 
         def draw(steps):
             with torch.no_grad():
-                return pipe(CAPTION, num_inference_steps=steps, guidance_scale=7.5, latents=latents.clone(),
+                return pipe(CAPTION, num_inference_steps=steps, guidance_scale=7.5, latents=latents.to(dtype),
                             height=size, width=size, output_type="pt").images
     else:
         from difflineage.systems.stable_diffusion import StableDiffusion
 
-        model = StableDiffusion.from_pretrained(folder)
+        model = StableDiffusion.from_pretrained(folder, dtype=dtype)
 
         def draw(steps):
             return (model.sample(CAPTION, latents=latents, guidance=7.5, progress=False, fast=case.get("fast", False),
@@ -182,8 +192,13 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"--only: no case {unknown[0]!r}; the cases are: " + "; ".join(CASES))
     names = [n for n in CASES if not args.only or n in args.only]
+    if not native_bf16(torch.device("cpu")):
+        names = [n for n in names if CASES[n].get("dtype") != "bf16"]
+        print("this CPU has no native bf16: the bf16 cases are left out", file=sys.stderr)
     kept = out / f"rows-{args.size}.json"  # each case's row as measured: a rerun of some cases keeps the others'
-    measured = json.loads(kept.read_text()) if kept.is_file() else {}
+    machine = machine_description()  # (measured on this machine: rows of another are not mixed into its table)
+    measured = {k: v for k, v in (json.loads(kept.read_text()) if kept.is_file() else {}).items()
+                if v.get("machine") == machine}
     for name in names:
         print(f"{name} ...", file=sys.stderr, flush=True)
         done = subprocess.run([sys.executable, __file__, "--case", name, "--model", str(folder), "--size",
@@ -191,7 +206,7 @@ def main() -> None:
         if done.returncode:
             raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
         row = json.loads(done.stdout.strip().splitlines()[-1])
-        measured[name] = {**row, "date": time.strftime("%Y-%m-%d %H:%M")}
+        measured[name] = {**row, "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine}
         kept.write_text(json.dumps(measured, indent=2))
         print(f"  {row['seconds']:.1f} s, peak {row['peak_mib']:.0f} MiB", file=sys.stderr, flush=True)
     rows = [measured[n] for n in CASES if n in measured]
@@ -207,7 +222,8 @@ def main() -> None:
             "steps": case.get("steps", 20), "s/image": round(r["seconds"], 1),
             "speed-up vs diffusers default": round(seconds["diffusers default"] / r["seconds"], 2)
             if "diffusers default" in seconds else None,
-            "speed-up vs diffusers DPM-Solver++ 20": round(seconds[ref] / r["seconds"], 2) if ref in seconds else None,
+            "speed-up vs diffusers, same sampler and precision": round(seconds[same] / r["seconds"], 2)
+            if (same := ref + (", bf16" if case.get("dtype") == "bf16" else "")) in seconds else None,
             "peak memory (MiB)": round(r["peak_mib"]),
             "2-step warm-up (s)": round(r["warm_up_s"], 1) if "warm_up_s" in r else None,
             f"max |image - {ref}|": round(float(np.abs(image - ref_image).max()), 4) if ref_image is not None else None,

@@ -50,6 +50,25 @@ def test_pipeline_matches_diffusers(tiny, sampler, scheduler):
     assert (got - want).abs().max().item() < 1e-4
 
 
+def test_half_precision_weights(tiny, tmp_path, capsys):
+    """Loaded in bf16 (diffusers' ``torch_dtype``, ``--dtype bf16``): every network's weights in bf16, the sampler's
+    state in float32, the image near the float32 one; ``--dtype`` is refused for a difflineage run."""
+    from difflineage.cli import main
+
+    version, folder, _ = tiny
+    full = StableDiffusion.from_pretrained(folder)
+    half = StableDiffusion.from_pretrained(folder, dtype=torch.bfloat16)
+    assert half.dtype == torch.bfloat16 and {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    a, b = (m.sample(CAPTIONS[0], latents=latents, steps=8, sampler="dpmpp_2m", progress=False) for m in (full, half))
+    assert b.dtype == torch.float32 and b.shape == a.shape
+    assert 0 < (a - b).abs().mean().item() < 0.03  # bf16's rounding (3 significant digits), not another image
+    assert main(["sample", f"sd:{folder}", "--caption", CAPTIONS[0], "--steps", "2", "--size", "16", "--dtype", "bf16",
+                 "--out", str(tmp_path / "half.png")]) == 0
+    assert main(["sample", str(tmp_path / "run"), "--dtype", "bf16"]) == 2
+    assert "--dtype applies to Stable Diffusion" in capsys.readouterr().err
+
+
 def test_layouts_written_and_read_back(tiny, tmp_path):
     """Our diffusers folder loads in diffusers and draws its image; our single file loads back in ours."""
     version, folder, pipe = tiny

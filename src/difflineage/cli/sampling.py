@@ -8,6 +8,8 @@ from pathlib import Path
 
 from difflineage.cli.common import add_device_option, add_sampling_options, heldout, sampling_options
 
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # --dtype: torch's names
+
 
 def add_parsers(sub) -> None:
     s = sub.add_parser("sample", help="draw samples from a checkpoint into a grid PNG",
@@ -52,6 +54,9 @@ def add_parsers(sub) -> None:
                          "models, eps for the 512-px base)")
     sd.add_argument("--sd-version", choices=["1.x", "2.x"], default=None,
                     help="refuse the files unless they are this version")
+    sd.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                    help="the networks' weight type (diffusers' torch_dtype): fp16 on a GPU, bf16 on a CPU or GPU "
+                         "with native bf16 (default fp32; the sampler's arithmetic stays fp32)")
     sd.add_argument("--compile", action="store_true",
                     help="compile the UNet with torch.compile first (minutes; then faster per step; not with --fast)")
     add_device_option(s)
@@ -70,6 +75,10 @@ def cmd_sample(args) -> int:
 
     if str(args.checkpoint).startswith("sd:"):
         return cmd_sample_sd(args)
+    if args.dtype is not None:
+        print("error: --dtype applies to Stable Diffusion (sd:PATH); for a difflineage run, --bf16 samples under "
+              "bf16 autocast", file=sys.stderr)
+        return 2
     args.n = 64 if args.n is None else args.n
     args.scale = 2 if args.scale is None else args.scale
     system = load(args.checkpoint, use_ema=not args.no_ema, device=args.device)
@@ -134,6 +143,7 @@ def cmd_sample(args) -> int:
 
 def cmd_sample_sd(args) -> int:
     """``difflineage sample sd:PATH --caption ...``: Stable Diffusion from its released files."""
+    import torch
 
     from difflineage.images import save_grid
     from difflineage.systems.stable_diffusion import StableDiffusion
@@ -152,7 +162,8 @@ def cmd_sample_sd(args) -> int:
         print(f"error: {', '.join(unused)} do not apply to Stable Diffusion", file=sys.stderr)
         return 2
     size = None if args.size is None else (args.size[0] if len(args.size) == 1 else tuple(args.size[:2]))
-    model = StableDiffusion.from_pretrained(path, args.sd_version, args.prediction, args.tokenizer).to(args.device)
+    model = StableDiffusion.from_pretrained(path, args.sd_version, args.prediction, args.tokenizer,
+                                            dtype=getattr(torch, DTYPES[args.dtype or "fp32"])).to(args.device)
     options = sampling_options(args)
     try:
         images = model.sample([args.caption] * n, args.negative, steps=options.get("steps"),

@@ -39,7 +39,9 @@ class TimestepEmbedder(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(frequency_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.mlp(timestep_embedding(t, self.frequency_dim, layout=self.layout))  # (N, hidden)
+        # the frequencies are computed in float32 and given to the MLP in its weights' type (a half-precision network)
+        freq = timestep_embedding(t, self.frequency_dim, layout=self.layout)
+        return self.mlp(freq.to(self.mlp[0].weight.dtype))  # (N, hidden)
 
 
 class LabelEmbedder(nn.Module):

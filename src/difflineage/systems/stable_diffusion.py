@@ -30,6 +30,7 @@ import torch.nn as nn
 
 from difflineage.config import Config
 from difflineage.data import Batch, Dataset
+from difflineage.diffusion.config import DiffusionConfig
 from difflineage.diffusion.gaussian import GaussianDiffusion
 from difflineage.diffusion.guidance import guided
 from difflineage.diffusion.schedules import diffusers_timesteps, linear_betas, scaled_linear_betas
@@ -101,9 +102,13 @@ class StableDiffusion(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: Union[str, Path], version: Optional[str] = None, prediction: Optional[str] = None,
-                        tokenizer: Optional[Union[str, Path]] = None) -> "StableDiffusion":
-        """From a diffusers folder or an original single file (see ``interop/stable_diffusion.py``)."""
-        return cls(read_stable_diffusion(path, version, prediction, tokenizer))
+                        tokenizer: Optional[Union[str, Path]] = None,
+                        dtype: Optional[torch.dtype] = None) -> "StableDiffusion":
+        """From a diffusers folder or an original single file (see ``interop/stable_diffusion.py``). ``dtype``: the
+        weights' type (diffusers' ``torch_dtype``), e.g. ``torch.float16`` on a GPU or ``torch.bfloat16`` on a CPU
+        with native bf16; the sampler's own arithmetic stays in float32 whatever the networks run in."""
+        model = cls(read_stable_diffusion(path, version, prediction, tokenizer))
+        return model if dtype is None else model.to(dtype)
 
     @property
     def tokenizer(self) -> CLIPTokenizer:
@@ -117,6 +122,11 @@ class StableDiffusion(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.unet.conv_in.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The networks' weight type (float32 unless loaded or moved to another)."""
+        return self.unet.conv_in.weight.dtype
 
     @torch.no_grad()
     def encode_text(self, captions: Sequence[str]) -> torch.Tensor:
@@ -191,7 +201,7 @@ class StableDiffusion(nn.Module):
         def model_fn(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
             kwargs = {"feature_cache": feature_cache} if feature_cache is not None else {}
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
-                out = unet(x.contiguous(memory_format=layout), t, context=context, **kwargs)
+                out = unet(x.to(dtype=self.dtype, memory_format=layout), t, context=context, **kwargs)
             return out.float()
 
         if guidance != 1.0:
@@ -214,7 +224,8 @@ class StableDiffusion(nn.Module):
     @torch.no_grad()
     def decode(self, z: torch.Tensor, bf16: bool = False) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
-            return self.vae.decode((z / self.latent_scale).contiguous(memory_format=self.layout)).float().clamp(-1, 1)
+            z = (z / self.latent_scale).to(dtype=next(self.vae.parameters()).dtype, memory_format=self.layout)
+            return self.vae.decode(z).float().clamp(-1, 1)
 
 
 
@@ -250,13 +261,11 @@ class SDTuneConfig:
     pretrained_digest: str = ""
 
     @property
-    def diffusion(self) -> Any:
-        """The sampling defaults in the shape every diffusion system's ``model.diffusion`` has (what the demo and
-        ``info`` read): sampler, steps, guidance, and the 1,000 training timesteps of SD's schedule."""
-        from types import SimpleNamespace
-
-        return SimpleNamespace(sampler=self.sampler, sample_steps=self.sample_steps, guidance=self.guidance,
-                               timesteps=1000, eta=0.0)
+    def diffusion(self) -> DiffusionConfig:
+        """The sampling defaults as every diffusion system's ``model.diffusion`` holds them (what the demo and
+        ``info`` read): SD's scaled-linear schedule over 1,000 timesteps, its prediction, sampler, steps, guidance."""
+        return DiffusionConfig(schedule="scaled_linear", prediction=self.prediction or "eps", sampler=self.sampler,
+                               sample_steps=self.sample_steps, guidance=self.guidance)
 
     def check(self) -> None:
         if not self.pretrained:
