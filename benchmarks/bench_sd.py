@@ -176,9 +176,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--model", type=Path, default=REPO / "runs" / "sd15-random")
-    ap.add_argument("--only", nargs="+", default=None, metavar="CASE",
+    ap.add_argument("--only", nargs="*", default=None, metavar="CASE",
                     help="case names to (re)measure, each quoted (default: all); the table keeps the other cases' last "
-                         "measurements at this size")
+                         "measurements at this size on this machine (--only alone: the table rebuilt from them)")
     ap.add_argument("--case", default=None, help=argparse.SUPPRESS)  # one case, in a child process
     ap.add_argument("--out", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -191,7 +191,7 @@ def main() -> None:
     unknown = [n for n in args.only or () if n not in CASES]
     if unknown:
         raise SystemExit(f"--only: no case {unknown[0]!r}; the cases are: " + "; ".join(CASES))
-    names = [n for n in CASES if not args.only or n in args.only]
+    names = [n for n in CASES if args.only is None or n in args.only]
     if not native_bf16(torch.device("cpu")):
         names = [n for n in names if CASES[n].get("dtype") != "bf16"]
         print("this CPU has no native bf16: the bf16 cases are left out", file=sys.stderr)
@@ -223,7 +223,9 @@ def main() -> None:
             "speed-up vs diffusers default": round(seconds["diffusers default"] / r["seconds"], 2)
             if "diffusers default" in seconds else None,
             "speed-up vs diffusers, same sampler and precision": round(seconds[same] / r["seconds"], 2)
-            if (same := ref + (", bf16" if case.get("dtype") == "bf16" else "")) in seconds else None,
+            if "steps" in case and case.get("scheduler", "DPMSolverMultistepScheduler") == "DPMSolverMultistepScheduler"
+            and (same := ref + (", bf16" if case.get("dtype") == "bf16" else "")) in seconds
+            else None,  # the DPM-Solver++ 20 rows only (PNDM and --fast are compared to diffusers' default)
             "peak memory (MiB)": round(r["peak_mib"]),
             "2-step warm-up (s)": round(r["warm_up_s"], 1) if "warm_up_s" in r else None,
             f"max |image - {ref}|": round(float(np.abs(image - ref_image).max()), 4) if ref_image is not None else None,
