@@ -217,15 +217,16 @@ def main() -> None:
     for r in rows:
         case = CASES[r["case"]]
         image = np.load(out / f"{r['case']}.npy")
+        # the same-sampler ratio for the DPM-Solver++ 20 rows only (PNDM and --fast are compared to diffusers' default)
+        same = ref + (", bf16" if case.get("dtype") == "bf16" else "")
+        same_sampler = case.get("scheduler", case.get("sampler")) in ("DPMSolverMultistepScheduler", "dpmpp_2m")
         table.append({
             "pipeline": r["case"], "sampler": case.get("scheduler", case.get("sampler", "dpmpp_2m (fast)")),
             "steps": case.get("steps", 20), "s/image": round(r["seconds"], 1),
             "speed-up vs diffusers default": round(seconds["diffusers default"] / r["seconds"], 2)
             if "diffusers default" in seconds else None,
             "speed-up vs diffusers, same sampler and precision": round(seconds[same] / r["seconds"], 2)
-            if "steps" in case and case.get("scheduler", "DPMSolverMultistepScheduler") == "DPMSolverMultistepScheduler"
-            and (same := ref + (", bf16" if case.get("dtype") == "bf16" else "")) in seconds
-            else None,  # the DPM-Solver++ 20 rows only (PNDM and --fast are compared to diffusers' default)
+            if same_sampler and same in seconds else None,
             "peak memory (MiB)": round(r["peak_mib"]),
             "2-step warm-up (s)": round(r["warm_up_s"], 1) if "warm_up_s" in r else None,
             f"max |image - {ref}|": round(float(np.abs(image - ref_image).max()), 4) if ref_image is not None else None,

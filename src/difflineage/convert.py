@@ -20,7 +20,8 @@ from difflineage.weights import load_state_dict_strict
 def model_kind(path: Union[str, Path]) -> str:
     """What ``path`` holds, from its layout: ``stable-diffusion`` (a diffusers folder with unet/ and text_encoder/, or
     a single file of ``model.diffusion_model.*``), ``ddpm-diffusers`` (a UNet2DModel folder), ``ddpm-difflineage`` (a
-    difflineage ddpm checkpoint), ``stable-diffusion-run`` (a fine-tune's run or checkpoint), else ``dit`` (what the DiT readers take, refusing by name what they do not)."""
+    difflineage ddpm checkpoint), ``stable-diffusion-run`` (a fine-tune's run or checkpoint), else ``dit`` (what the
+    DiT readers take, refusing by name what they do not)."""
     import json
 
     path = Path(path)

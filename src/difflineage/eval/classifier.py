@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from abc import ABCMeta, abstractmethod
 from pathlib import Path
 
 import torch
@@ -53,7 +54,7 @@ def to_classifier_input(images: torch.Tensor) -> torch.Tensor:
     return x
 
 
-class FeatureClassifier(nn.Module):
+class FeatureClassifier(nn.Module, metaclass=ABCMeta):
     """A shipped classifier instrument: ``body`` (images brought to its input by ``prepare``) -> penultimate features,
     ``head`` -> class logits, ``dropout`` between them in training. Subclasses build the three."""
 
@@ -63,9 +64,9 @@ class FeatureClassifier(nn.Module):
     head: nn.Module
 
     @staticmethod
+    @abstractmethod
     def prepare(images: torch.Tensor) -> torch.Tensor:
-        """(N, C, H, W) in [-1, 1] -> what ``body`` reads."""
-        raise NotImplementedError
+        """(N, C, H, W) in [-1, 1] -> what ``body`` reads (each instrument says how)."""
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) in [-1, 1] -> (N, num_features) penultimate activations."""

@@ -125,7 +125,7 @@ class StableDiffusion(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        """The networks' weight type (float32 unless loaded or moved to another)."""
+        """The networks' weight type, one for all three (float32 unless loaded or moved to another)."""
         return self.unet.conv_in.weight.dtype
 
     @torch.no_grad()
@@ -193,7 +193,7 @@ class StableDiffusion(nn.Module):
             generator = generator or (torch.Generator().manual_seed(seed) if seed is not None else None)
             latents = torch.randn(shape, generator=generator)
         context = self.encode_text(captions)
-        layout = self.layout
+        layout, dtype = self.layout, self.dtype
         if compile and feature_cache is not None:
             raise ValueError("compile applies to the plain path; the feature cache's steps differ from call to call")
         unet = self.compiled_unet() if compile else self.unet
@@ -201,7 +201,7 @@ class StableDiffusion(nn.Module):
         def model_fn(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
             kwargs = {"feature_cache": feature_cache} if feature_cache is not None else {}
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
-                out = unet(x.to(dtype=self.dtype, memory_format=layout), t, context=context, **kwargs)
+                out = unet(x.to(dtype=dtype, memory_format=layout), t, context=context, **kwargs)
             return out.float()
 
         if guidance != 1.0:
@@ -224,7 +224,7 @@ class StableDiffusion(nn.Module):
     @torch.no_grad()
     def decode(self, z: torch.Tensor, bf16: bool = False) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
-            z = (z / self.latent_scale).to(dtype=next(self.vae.parameters()).dtype, memory_format=self.layout)
+            z = (z / self.latent_scale).to(dtype=self.dtype, memory_format=self.layout)
             return self.vae.decode(z).float().clamp(-1, 1)
 
 
